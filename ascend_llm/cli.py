@@ -1,0 +1,127 @@
+"""`ascend-llm generate | chat | serve`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from ascend_llm.engine.arg_utils import EngineArgs
+
+logger = logging.getLogger("ascend_llm")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--max-tokens", type=int, default=128)
+    add("--temperature", type=float, default=0.0)
+    add("--top-p", type=float, default=1.0)
+    add("--top-k", type=int, default=0)
+    add("--min-p", type=float, default=0.0)
+    add("--repetition-penalty", type=float, default=1.0)
+    add("--sampling-seed", dest="sampling_seed", type=int, default=None, help="per-request sampling seed")
+    add("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from ascend_llm.sampling_params import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.sampling_seed, stop=args.stop)
+
+
+def _make_llm(args: argparse.Namespace):
+    from ascend_llm.llm import LLM
+    engine_args = EngineArgs.from_cli_args(args)
+    kwargs = {k: v for k, v in vars(engine_args).items() if k != "model"}
+    return LLM(engine_args.model, **kwargs)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    for out in outputs:
+        sys.stdout.write(out.outputs[0].text + "\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling_params(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    turns = args.message or []
+    interactive = not turns
+    while True:
+        if interactive:
+            try:
+                user = input("user> ")
+            except EOFError:
+                return 0
+            if user.strip() in ("/exit", "/quit"):
+                return 0
+        elif turns:
+            user = turns.pop(0)
+        else:
+            return 0
+        messages.append({"role": "user", "content": user})
+        reply = llm.chat(messages, params, use_tqdm=False)[0].outputs[0].text
+        messages.append({"role": "assistant", "content": reply})
+        sys.stdout.write(("assistant> " if interactive else "") + reply + "\n")
+        sys.stdout.flush()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ascend_llm.server.api_server import run_server
+    return run_server(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ascend-llm", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = EngineArgs.add_cli_args(sub.add_parser("generate", help="complete prompts and print the text"))
+    gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    chat = EngineArgs.add_cli_args(sub.add_parser("chat", help="chat with the model's chat template"))
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--message", action="append", default=None,
+                      help="user turn(s) to send non-interactively (repeatable)")
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    _add_serve_parser(sub)
+    return parser
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    try:
+        from ascend_llm.server.args import add_server_args
+    except ImportError as exc:   # server extras missing: the other commands still work
+        serve.set_defaults(func=lambda args: _missing_server(exc))
+        return
+    add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+def _missing_server(exc: Exception) -> int:
+    logger.error("the server is unavailable: %s", exc)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Sizing and allocation of the paged KV cache."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ascend_llm.config import CacheConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_GB = 0.5
+# above glibc's largest mmap threshold (32 MiB) an allocation always comes from fresh mmap pages
+_FRESH_PAGES_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    """Shape of one layer's cache: [num_blocks, block_size, num_kv_heads, head_dim] for K and for V."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        return cls(hf_config.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+
+def num_kv_blocks(spec: KVCacheSpec, cache_config: CacheConfig, backend: str, max_model_len: int) -> int:
+    """Blocks that fit the budget: explicit count, else the CPU budget or free device memory."""
+    if cache_config.num_gpu_blocks is not None:
+        num_blocks = cache_config.num_gpu_blocks
+    else:
+        num_blocks = int(_budget_bytes(cache_config, backend) // spec.bytes_per_block)
+    needed = -(-max_model_len // spec.block_size)
+    if num_blocks < needed:
+        raise ValueError(
+            f"KV cache holds {num_blocks} blocks of {spec.block_size} tokens, fewer than the "
+            f"{needed} one sequence of max_model_len={max_model_len} needs; raise the KV cache "
+            f"budget (kv_cache_memory_gb / gpu_memory_utilization) or lower max_model_len")
+    return num_blocks
+
+
+def _budget_bytes(cache_config: CacheConfig, backend: str) -> float:
+    if cache_config.kv_cache_memory_gb is not None:
+        return cache_config.kv_cache_memory_gb * 2**30
+    if backend == "cpu":
+        return DEFAULT_CPU_KV_CACHE_GB * 2**30
+    device_mod = getattr(torch, backend)
+    free, total = device_mod.mem_get_info()
+    return max(0.0, free - (1 - cache_config.gpu_memory_utilization) * total)
+
+
+def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (K, V) views of num_blocks + 1 blocks; the extra last one is the null block
+    that block-table padding points at.
+
+    Attention reads whole blocks and masks positions past each sequence's end, so cache
+    memory must never hold NaN/inf: it starts zeroed. On CPU one large allocation is
+    served by fresh (zero-filled, lazily committed) pages from the OS, so untouched blocks
+    cost no resident memory; elsewhere it is zeroed explicitly.
+    """
+    shape = (2, spec.num_layers, num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    nbytes = (num_blocks + 1) * spec.bytes_per_block
+    logger.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, spec.block_size,
+                num_blocks * spec.bytes_per_block / 2**20)
+    if device.type == "cpu" and nbytes >= _FRESH_PAGES_BYTES:
+        cache = torch.empty(shape, dtype=spec.dtype, device=device)
+    else:
+        cache = torch.zeros(shape, dtype=spec.dtype, device=device)
+    return [(cache[0, i], cache[1, i]) for i in range(spec.num_layers)]

@@ -1,0 +1,178 @@
+"""LLMEngine: add_request / step / abort. step() = schedule -> execute -> update."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+from ascend_llm.engine.arg_utils import EngineArgs
+from ascend_llm.engine.model_runner import ModelRunner
+from ascend_llm.engine.request_state import RequestState
+from ascend_llm.engine.scheduler import Scheduler, SchedulerOutput
+from ascend_llm.engine.sequence import Sequence, SequenceStatus
+from ascend_llm.loader import load_hf_config, load_tokenizer, resolve_model_path
+from ascend_llm.outputs import RequestMetrics, RequestOutput
+from ascend_llm.platform import resolve_device
+from ascend_llm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model replica."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        model_config, cache_config = args.model_config(), args.cache_config()
+        args.parallel_config()
+        device_config = args.device_config()
+        self.model_dir = resolve_model_path(model_config.model)
+        self.hf_config = load_hf_config(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, model_config.tokenizer)
+        self.max_model_len = _max_model_len(self.hf_config, model_config.max_model_len)
+        self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer)
+        self.vocab_size = self.hf_config.vocab_size
+        self.backend = resolve_device(device_config.device)
+        self.served_model_name = model_config.served_model_name or model_config.model
+        self.model_runner = ModelRunner(model_config, cache_config, self.hf_config, self.model_dir,
+                                        self.backend, self.max_model_len, self.eos_token_ids)
+        self.scheduler_config = args.scheduler_config(self.max_model_len)
+        self.scheduler = Scheduler(self.scheduler_config, cache_config, self.model_runner.num_blocks,
+                                   self.eos_token_ids)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+        logger.info("engine ready: %s on %s, max_model_len=%d", self.model_dir, self.backend,
+                    self.max_model_len)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
+                    prompt_token_ids: list[int] | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params: expected a SamplingParams instance")
+        token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
+        arrival = time.time() if arrival_time is None else arrival_time
+        seqs = [Sequence(next(self._seq_ids), request_id, i, list(token_ids), params, arrival)
+                for i in range(params.n)]
+        self.requests[request_id] = RequestState(request_id, prompt, token_ids, params, seqs,
+                                                 RequestMetrics(arrival, num_prompt_tokens=len(token_ids)))
+        for seq in seqs:
+            self.scheduler.add_seq(seq)
+
+    def _prompt_token_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("prompt: must be a string (or pass prompt_token_ids)")
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        token_ids = list(prompt_token_ids)
+        if not token_ids:
+            raise ValueError("prompt: must not be empty")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids: {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate within "
+                             f"max_model_len={self.max_model_len} (the prompt must be shorter)")
+        return token_ids
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown ids are ignored."""
+        state = self.requests.pop(request_id, None)
+        for seq in self.scheduler.abort_request(request_id):
+            self.model_runner.free_seq_state(seq.seq_id)
+        if state is not None:
+            for seq in state.seqs:
+                self.model_runner.free_seq_state(seq.seq_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns outputs of requests that made progress."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        now = time.time()
+        sampled = self.model_runner.execute_model(out)
+        tokens = _align_sampled(out, sampled.sampled_token_ids)
+        self.scheduler.update(out, tokens)
+        touched: dict[str, RequestState] = {}
+        rows = iter(range(len(sampled.sampled_token_ids)))
+        for item, token in zip(out.scheduled, tokens):
+            state = self.requests.get(item.seq.request_id)
+            if state is None:
+                continue
+            _mark_scheduled(state, now)
+            if token is not None:
+                row = next(rows)
+                self._on_token(state, item.seq, token, sampled.logprobs[row], sampled.ranks[row])
+            touched[state.request_id] = state
+        return [self._emit(state) for state in touched.values()]
+
+    def _on_token(self, state: RequestState, seq: Sequence, token: int,
+                  logprobs: dict[int, float] | None, ranks: dict[int, int] | None) -> None:
+        now = time.time()
+        state.metrics.first_token_time = state.metrics.first_token_time or now
+        state.metrics.last_token_time = now
+        state.metrics.num_generation_tokens += 1
+        state.record_logprobs(seq, token, logprobs, ranks, self.tokenizer)
+        stop = state.update_text(seq, self.tokenizer)
+        if stop is not None and not seq.is_finished:
+            self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED, stop)
+        elif stop is not None:
+            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+        if seq.is_finished:
+            self.model_runner.free_seq_state(seq.seq_id)
+
+    def _emit(self, state: RequestState) -> RequestOutput:
+        output = state.to_output()
+        if output.finished:
+            self.requests.pop(state.request_id, None)
+        return output
+
+    def stats(self) -> dict[str, Any]:
+        """Gauges and counters for metrics endpoints and benchmarks."""
+        return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+                "kv_cache_usage": self.scheduler.kv_cache_usage,
+                "num_preemptions": self.scheduler.num_preemptions}
+
+
+def _align_sampled(out: SchedulerOutput, sampled: list[int]) -> list[int | None]:
+    it = iter(sampled)
+    return [next(it) if item.do_sample else None for item in out.scheduled]
+
+
+def _mark_scheduled(state: RequestState, now: float) -> None:
+    if state.metrics.first_scheduled_time is None:
+        state.metrics.first_scheduled_time = now
+        state.metrics.time_in_queue = now - state.metrics.arrival_time
+
+
+def _max_model_len(hf_config: Any, requested: int | None) -> int:
+    limit = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len: {requested} exceeds the model's max_position_embeddings ({limit})")
+    return requested
+
+
+def _eos_token_ids(hf_config: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

@@ -1,0 +1,97 @@
+"""Owns the device, the model and the KV cache; turns a SchedulerOutput into sampled tokens."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ascend_llm.config import CacheConfig, ModelConfig
+from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches, num_kv_blocks
+from ascend_llm.engine.scheduler import SchedulerOutput
+from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from ascend_llm.loader import iter_safetensors_weights
+from ascend_llm.models.forward_batch import ForwardBatch
+from ascend_llm.models.registry import get_model_class
+from ascend_llm.ops import AttentionMetadata, build_op_set
+from ascend_llm.platform import resolve_dtype
+from ascend_llm.quant.registry import get_quant_config
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Builds the model on `backend`, sizes the paged KV cache, runs forward + sampling."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any,
+                 model_dir: Path, backend: str, max_model_len: int, eos_token_ids: set[int]) -> None:
+        self.backend = backend
+        self.device = torch.device(backend)
+        self.dtype = resolve_dtype(model_config.dtype, backend, hf_config)
+        self.block_size = cache_config.block_size
+        self.eos_token_ids = eos_token_ids
+        torch.manual_seed(model_config.seed)
+        self.model = self._load_model(model_config, hf_config, model_dir)
+        spec = KVCacheSpec.from_hf_config(hf_config, self.block_size, self.dtype)
+        self.num_blocks = num_kv_blocks(spec, cache_config, backend, max_model_len)
+        self.kv_caches = allocate_kv_caches(spec, self.num_blocks, self.device)
+        self.null_block = self.num_blocks   # the extra zeroed block padding points at
+        self.sampler = Sampler()
+        self.generators: dict[int, torch.Generator] = {}
+
+    def _load_model(self, model_config: ModelConfig, hf_config: Any, model_dir: Path) -> nn.Module:
+        model_cls = get_model_class(hf_config)
+        quant_config = get_quant_config(model_config.quantization, hf_config)
+        ops = build_op_set(self.backend)
+        with torch.device(self.device):
+            model = model_cls(hf_config, ops, quant_config, self.dtype)
+        weights = tqdm(iter_safetensors_weights(model_dir), desc="Loading weights", unit="tensor",
+                       leave=False)
+        model.load_weights((name, t.to(self.dtype) if t.is_floating_point() else t)
+                           for name, t in weights)
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+        return model.eval()
+
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> SamplerOutput:
+        """Run one step; the result has one entry per scheduled sequence with do_sample."""
+        batch = self._prepare(out)
+        hidden = self.model(batch)                                   # [num_tokens, hidden]
+        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        seqs = [s.seq for s in out.scheduled if s.do_sample]
+        metadata = SamplingMetadata.build(seqs, self.eos_token_ids, self.generators, self.device)
+        return self.sampler(logits, metadata)
+
+    def _prepare(self, out: SchedulerOutput) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        logits_indices: list[int] = []
+        query_lens, context_lens, block_tables = [], [], []
+        bs = self.block_size
+        for item in out.scheduled:
+            seq, start, end = item.seq, item.start_pos, item.start_pos + item.num_new_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(end - start)
+            context_lens.append(end)
+            block_tables.append(table)
+            if item.do_sample:
+                logits_indices.append(len(input_ids) - 1)
+        meta = AttentionMetadata.build(query_lens, context_lens, block_tables, slot_mapping, bs,
+                                       self.null_block, self.device)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return ForwardBatch(as_tensor(input_ids), as_tensor(positions), meta, self.kv_caches,
+                            as_tensor(logits_indices))
+
+    def free_seq_state(self, seq_id: int) -> None:
+        """Forget per-sequence sampler state (seeded generators) of a finished sequence."""
+        self.generators.pop(seq_id, None)

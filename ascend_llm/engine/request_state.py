@@ -1,0 +1,83 @@
+"""Per-request bookkeeping on the engine side: detokenized text, logprobs, stop strings, metrics."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ascend_llm.engine.sequence import Sequence
+from ascend_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from ascend_llm.sampling_params import SamplingParams
+
+
+@dataclass
+class SeqOutputState:
+    """What one sequence has produced so far, as the user sees it."""
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestState:
+    """A request's sequences and their outputs."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    outputs: list[SeqOutputState] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        want_logprobs = self.params.logprobs is not None
+        self.outputs = [SeqOutputState(logprobs=[] if want_logprobs else None,
+                                       cumulative_logprob=0.0 if want_logprobs else None)
+                        for _ in self.seqs]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    def record_logprobs(self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None,
+                        ranks: dict[int, int] | None, tokenizer: Any) -> None:
+        state = self.outputs[seq.index]
+        if state.logprobs is None or logprobs is None:
+            return
+        entry = {tid: Logprob(lp, (ranks or {}).get(tid), tokenizer.decode([tid]))
+                 for tid, lp in logprobs.items()}
+        state.logprobs.append(entry)
+        state.cumulative_logprob += logprobs[token_id]
+
+    def update_text(self, seq: Sequence, tokenizer: Any) -> str | None:
+        """Re-detokenize seq's output; returns the stop string that ended it, if any."""
+        params = self.params
+        if not params.detokenize:
+            return None
+        text = tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        stop, cut = _find_stop(text, params.stop, len(self.outputs[seq.index].text))
+        if stop is not None:
+            text = text[:cut + len(stop)] if params.include_stop_str_in_output else text[:cut]
+        self.outputs[seq.index].text = text
+        return stop
+
+    def to_output(self) -> RequestOutput:
+        if self.finished and self.metrics.finished_time is None:
+            self.metrics.finished_time = time.time()
+        outs = [CompletionOutput(seq.index, state.text, list(seq.output_token_ids),
+                                 state.cumulative_logprob, state.logprobs,
+                                 seq.status.finish_reason, seq.stop_reason)
+                for seq, state in zip(self.seqs, self.outputs)]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outs,
+                             self.finished, self.metrics,
+                             max(seq.num_cached_tokens for seq in self.seqs))
+
+
+def _find_stop(text: str, stops: list[str], prev_len: int) -> tuple[str | None, int]:
+    """First stop string in text that ends in the newly added part: (stop, index)."""
+    best: tuple[str | None, int] = (None, len(text))
+    for stop in stops:
+        idx = text.find(stop, max(0, prev_len - len(stop) + 1))
+        if idx != -1 and idx < best[1]:
+            best = (stop, idx)
+    return best

@@ -1,0 +1,35 @@
+"""Token embedding and LM head."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class VocabEmbedding(nn.Module):
+    """input_ids [num_tokens] -> [num_tokens, hidden]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, params_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=params_dtype),
+                                   requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """hidden [num_tokens, hidden] -> fp32 logits [num_tokens, vocab]; may share the embedding."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, params_dtype: torch.dtype,
+                 tied: VocabEmbedding | None = None) -> None:
+        super().__init__()
+        if tied is not None:
+            self.weight = tied.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=params_dtype),
+                                       requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight).float()

@@ -1,0 +1,137 @@
+"""Linear layers: replicated, column-/row-parallel, fused QKV and merged gate/up.
+
+Each layer owns its sharding (the `weight_loader` attached to every parameter);
+its quantization method owns tensor layout and math.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.unquantized import UnquantizedLinearMethod
+
+
+class LinearBase(nn.Module):
+    """Common part: pick the quant method, create weights, forward = method.apply."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
+                 params_dtype: torch.dtype, quant_config: QuantConfig | None, prefix: str,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        self.input_size, self.output_sizes = input_size, output_sizes
+        self.tp_rank, self.tp_size, self.prefix = tp_rank, tp_size, prefix
+        method = quant_config.get_quant_method(self, prefix) if quant_config else None
+        self.quant_method: QuantMethod = method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_size, output_sizes, params_dtype)
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(sum(output_sizes), dtype=params_dtype),
+                                     requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        _copy_checked(param.data, loaded, self.prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(src.shape)}, "
+                         f"expected {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class ReplicatedLinear(LinearBase):
+    """Full weight on every rank."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
+                 prefix: str = "") -> None:
+        super().__init__(input_size, [output_size], bias, params_dtype, quant_config, prefix)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output dim split across ranks; the loader takes this rank's rows of each shard."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
+                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1) -> None:
+        for size in output_sizes:
+            if size % tp_size:
+                raise ValueError(f"{prefix}: output size {size} is not divisible by tp_size {tp_size}")
+        self.full_output_sizes = output_sizes
+        super().__init__(input_size, [s // tp_size for s in output_sizes], bias, params_dtype,
+                         quant_config, prefix, tp_rank, tp_size)
+
+    def shard_offset(self, shard_index: int) -> tuple[int, int]:
+        """(offset, size) of fused shard `shard_index` in this rank's output rows."""
+        return sum(self.output_sizes[:shard_index]), self.output_sizes[shard_index]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        index = self.shard_index(shard_id)
+        offset, size = self.shard_offset(index)
+        part = loaded.narrow(0, self.tp_rank * size, size)
+        _copy_checked(param.data.narrow(0, offset, size), part, f"{self.prefix}[{shard_id}]")
+
+    def shard_index(self, shard_id: str | int | None) -> int:
+        if shard_id is None:
+            if len(self.output_sizes) != 1:
+                raise ValueError(f"{self.prefix}: fused layer needs a shard id")
+            return 0
+        return int(shard_id)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs fused into one weight (e.g. gate_up_proj)."""
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused; KV heads are replicated when fewer than ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, params_dtype: torch.dtype = torch.float32,
+                 quant_config: QuantConfig | None = None, prefix: str = "",
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        kv_replicas = max(1, tp_size // num_kv_heads)
+        sizes = [num_heads * head_dim, num_kv_heads * kv_replicas * head_dim,
+                 num_kv_heads * kv_replicas * head_dim]
+        self.kv_replicas = kv_replicas
+        super().__init__(hidden_size, sizes, bias, params_dtype, quant_config, prefix, tp_rank, tp_size)
+
+    def shard_index(self, shard_id: str | int | None) -> int:
+        return {"q": 0, "k": 1, "v": 2}[shard_id]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        index = self.shard_index(shard_id)
+        offset, size = self.shard_offset(index)
+        rank = self.tp_rank if index == 0 else self.tp_rank // self.kv_replicas
+        part = loaded.narrow(0, rank * size, size)
+        _copy_checked(param.data.narrow(0, offset, size), part, f"{self.prefix}[{shard_id}]")
+
+
+class RowParallelLinear(LinearBase):
+    """Input dim split across ranks; outputs are summed by an all-reduce (tp_size > 1)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
+                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1) -> None:
+        if input_size % tp_size:
+            raise ValueError(f"{prefix}: input size {input_size} is not divisible by tp_size {tp_size}")
+        super().__init__(input_size // tp_size, [output_size], bias, params_dtype, quant_config,
+                         prefix, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | int | None = None) -> None:
+        if param.dim() == 2 and param is not self.bias:
+            size = self.input_size
+            loaded = loaded.narrow(1, self.tp_rank * size, size)
+        _copy_checked(param.data, loaded, self.prefix)

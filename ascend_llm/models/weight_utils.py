@@ -1,0 +1,64 @@
+"""Map checkpoint tensor names onto (possibly fused) model parameters."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+# checkpoint tensors that carry no weights we use
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def load_weights_into(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                      packed_modules_mapping: dict[str, tuple[str, str | int]]) -> set[str]:
+    """Load `weights` into `model`; fused layers get each shard through their weight_loader.
+
+    Raises ValueError for unknown tensor names, shape mismatches and missing parameters.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if name.endswith(_SKIPPED_SUFFIXES):
+            continue
+        target, shard_id = _resolve_name(name, packed_modules_mapping)
+        param = params.get(target)
+        if param is None:
+            if _is_tied_head(model, target):
+                continue
+            raise ValueError(f"checkpoint tensor {name!r} matches no model parameter")
+        loader = getattr(param, "weight_loader", None)
+        if loader is not None:
+            loader(param, tensor, shard_id)
+        else:
+            _default_loader(param, tensor, name)
+        loaded.add(target)
+    _check_all_loaded(model, params, loaded)
+    return loaded
+
+
+def _resolve_name(name: str, mapping: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
+    for ckpt_part, (fused_part, shard_id) in mapping.items():
+        if f".{ckpt_part}." in name:
+            return name.replace(f".{ckpt_part}.", f".{fused_part}."), shard_id
+    return name, None
+
+
+def _is_tied_head(model: nn.Module, target: str) -> bool:
+    return target == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _default_loader(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(tensor.shape)}, "
+                         f"expected {tuple(param.shape)}")
+    param.data.copy_(tensor)
+
+
+def _check_all_loaded(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+    tied = {n for n, p in params.items() if n == "lm_head.weight"
+            and p is params.get("model.embed_tokens.weight")}
+    missing = sorted(set(params) - loaded - tied)
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")

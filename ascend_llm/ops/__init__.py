@@ -1,0 +1,45 @@
+"""Backend op registry. `build_registry()` returns a fresh registry with every
+available backend's kernels; backends whose runtime is missing register nothing."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from ascend_llm.ops.attention_metadata import AttentionMetadata
+from ascend_llm.ops.registry import Kernel, OpRegistry, OpSet
+
+logger = logging.getLogger(__name__)
+
+# backend -> module holding a `register(registry)` function; imported only when asked for
+_BACKEND_MODULES = {"cpu": "ascend_llm.ops.cpu"}
+# Until a backend's own kernels land, it runs the plain-torch reference kernels on its device.
+_REFERENCE_FALLBACK = ("cuda", "npu")
+
+
+def build_registry(backends: tuple[str, ...] = ("cpu",)) -> OpRegistry:
+    """A registry holding the kernels of `backends` (unknown or unavailable ones are skipped)."""
+    registry = OpRegistry()
+    for backend in backends:
+        module_name = _BACKEND_MODULES.get(backend)
+        if module_name is not None:
+            importlib.import_module(module_name).register(registry)
+        if backend in _REFERENCE_FALLBACK:
+            _register_reference_fallback(registry, backend)
+    return registry
+
+
+def _register_reference_fallback(registry: OpRegistry, backend: str) -> None:
+    reference = OpRegistry()
+    importlib.import_module(_BACKEND_MODULES["cpu"]).register(reference)
+    for (op, _), kernels in reference.kernels.items():
+        for k in kernels:
+            registry.register(Kernel(op, backend, f"{backend}.torch_reference.{op}", k.run,
+                                     k.supports, k.prepare, priority=-100))
+
+
+def build_op_set(backend: str) -> OpSet:
+    """The op set that layers use on `backend`."""
+    return OpSet(build_registry((backend,)), backend)
+
+
+__all__ = ["AttentionMetadata", "Kernel", "OpRegistry", "OpSet", "build_op_set", "build_registry"]

@@ -1,0 +1,105 @@
+"""CPU reference kernels for every op. Plain torch, fp32 math; every other backend
+is tested against these."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ascend_llm.ops.attention_metadata import AttentionMetadata
+from ascend_llm.ops.registry import Kernel, OpRegistry
+
+BACKEND = "cpu"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [num_tokens, hidden] -> same shape, normalised in fp32."""
+    x32 = x.float()
+    variance = x32.pow(2).mean(dim=-1, keepdim=True)
+    return (x32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, 1, head_dim // 2]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+         cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (HF Llama / Qwen2 layout).
+
+    positions: [num_tokens]; query: [num_tokens, num_heads, head_dim];
+    key: [num_tokens, num_kv_heads, head_dim]; cos_sin_cache: [max_pos, head_dim] (cos | sin halves).
+    """
+    cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+    q = _rotate_neox(query.float(), cos, sin).to(query.dtype)
+    k = _rotate_neox(key.float(), cos, sin).to(key.dtype)
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, 2 * d] (gate | up) -> [num_tokens, d]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into the paged caches
+    [num_blocks, block_size, num_kv_heads, head_dim] at flat slots [num_tokens]."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole cached context.
+
+    query: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
+    The KV of this step must already be in the cache (reshape_and_cache first).
+    """
+    num_heads = query.shape[1]
+    num_kv_heads = k_cache.shape[-2]
+    k = _gather_context(k_cache, meta)   # [num_seqs, num_kv_heads, max_context_len, head_dim]
+    v = _gather_context(v_cache, meta)
+    q = _pad_queries(query, meta)        # [num_seqs, num_heads, max_query_len, head_dim]
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=meta.attn_mask,
+                                         scale=scale, enable_gqa=num_heads != num_kv_heads)
+    return _unpad_queries(out, meta)
+
+
+def _gather_context(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    # whole blocks are copied (contiguous chunks), then trimmed to the longest context
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    blocks = cache.index_select(0, meta.kv_block_ids)
+    ctx = blocks.view(meta.num_seqs, -1, num_kv_heads, head_dim)[:, :meta.max_context_len]
+    return ctx.transpose(1, 2)
+
+
+def _pad_queries(query: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    if meta.max_query_len == 1:   # decode only: one query per sequence, already dense
+        return query.unsqueeze(2)
+    padded = torch.cat([query, query.new_zeros(1, *query.shape[1:])])[meta.query_pad_index]
+    return padded.transpose(1, 2)
+
+
+def _unpad_queries(out: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    if meta.max_query_len == 1:
+        return out.squeeze(2)
+    # [num_seqs, num_heads, max_query_len, head_dim] -> [num_tokens, num_heads, head_dim]
+    flat = out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1])
+    return flat.index_select(0, meta.query_unpad_index)
+
+
+def register(registry: OpRegistry) -> None:
+    """Register the CPU reference kernel of every op."""
+    for fn in (rms_norm, add_rms_norm, rope, silu_and_mul, reshape_and_cache, paged_attention):
+        registry.register(Kernel(fn.__name__, BACKEND, f"cpu.{fn.__name__}", fn))

@@ -1,0 +1,96 @@
+"""Op registry: op name -> per-backend kernels, selected once per layer.
+
+A `Kernel` says whether it can run a given configuration (`supports`), may
+re-layout a layer's weights for its backend (`prepare`), and computes (`run`).
+`select` returns the first supporting kernel in priority order, or raises with
+every rejection reason so a user sees why nothing fits.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+SupportsFn = Callable[..., "str | None"]
+
+
+def _always(**traits: Any) -> str | None:
+    return None
+
+
+def _no_prepare(layer: nn.Module) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """One backend's implementation of an op."""
+    op: str
+    backend: str
+    name: str
+    run: Callable[..., Any]
+    supports: SupportsFn = _always
+    prepare: Callable[[nn.Module], None] = _no_prepare
+    priority: int = 0
+
+
+@dataclass(slots=True)
+class OpRegistry:
+    """Holds kernels per (op, backend), highest priority first."""
+    kernels: dict[tuple[str, str], list[Kernel]] = field(default_factory=dict)
+
+    def register(self, kernel: Kernel) -> Kernel:
+        entries = self.kernels.setdefault((kernel.op, kernel.backend), [])
+        entries.append(kernel)
+        entries.sort(key=lambda k: -k.priority)
+        return kernel
+
+    def ops(self, backend: str) -> list[str]:
+        return sorted(op for op, b in self.kernels if b == backend)
+
+    def select(self, op: str, backend: str, **traits: Any) -> Kernel:
+        disabled = _disabled_kernels()
+        reasons: list[str] = []
+        for kernel in self.kernels.get((op, backend), []):
+            if kernel.name in disabled:
+                reasons.append(f"{kernel.name}: disabled by ASCEND_LLM_DISABLE_KERNELS")
+                continue
+            reason = kernel.supports(**traits)
+            if reason is None:
+                return kernel
+            reasons.append(f"{kernel.name}: {reason}")
+        if not reasons:
+            reasons.append(f"no kernel registered for op {op!r} on backend {backend!r}")
+        raise ValueError(f"no kernel can run op {op!r} on backend {backend!r} with "
+                         f"{traits}: " + "; ".join(reasons))
+
+
+def _disabled_kernels() -> set[str]:
+    value = os.environ.get("ASCEND_LLM_DISABLE_KERNELS", "")
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def kernel(registry: OpRegistry, op: str, backend: str, *, name: str | None = None,
+           supports: SupportsFn = _always, prepare: Callable[[nn.Module], None] = _no_prepare,
+           priority: int = 0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register the decorated function as `op` on `backend`."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        registry.register(Kernel(op, backend, name or f"{backend}.{fn.__name__}", fn,
+                                 supports, prepare, priority))
+        return fn
+    return wrap
+
+
+@dataclass(frozen=True, slots=True)
+class OpSet:
+    """The kernels of one backend, as handed to layers: `ops.get("rms_norm")` -> callable."""
+    registry: OpRegistry
+    backend: str
+
+    def select(self, op: str, **traits: Any) -> Kernel:
+        return self.registry.select(op, self.backend, **traits)
+
+    def get(self, op: str, **traits: Any) -> Callable[..., Any]:
+        return self.select(op, **traits).run

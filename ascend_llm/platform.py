@@ -1,0 +1,48 @@
+"""Backend detection: auto picks npu (torch_npu importable and a device present), then cuda, then cpu."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def npu_available() -> bool:
+    """True when torch_npu is installed and reports a device. Imports torch_npu only if installed."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except Exception as exc:  # a broken CANN install must not take the CPU path down
+        logger.warning("torch_npu is installed but failed to import: %s", exc)
+        return False
+    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+
+
+def resolve_device(device: str) -> str:
+    """Map `auto|npu|cuda|cpu` to an available backend name, or raise ValueError."""
+    if device == "auto":
+        if npu_available():
+            return "npu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "npu" and not npu_available():
+        raise ValueError("device: 'npu' requested but torch_npu is not installed or sees no NPU")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype: str, backend: str, hf_config: object) -> torch.dtype:
+    """`auto`: float32 on CPU (fast and exact there), the checkpoint's dtype elsewhere."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if backend == "cpu":
+        return torch.float32
+    config_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = getattr(torch, config_dtype, None)
+    if config_dtype in (torch.float16, torch.bfloat16):
+        return config_dtype
+    return torch.bfloat16

@@ -1,0 +1,39 @@
+"""The quantization-method interface (vLLM's three verbs)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn as nn
+
+
+class QuantMethod(ABC):
+    """Declares a layer's checkpoint tensors, post-processes them after loading, and computes.
+
+    State (tensors) lives on the layer; the method object holds only configuration.
+    """
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        """Register the checkpoint-layout parameters on `layer` (each with a `weight_loader`)."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Quantize online, re-layout or select kernels once all weights are loaded."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [num_tokens, input_size] -> [num_tokens, sum(output_sizes)]."""
+
+
+class QuantConfig(ABC):
+    """Checkpoint- or user-level quantization settings; picks a method per layer."""
+
+    @classmethod
+    @abstractmethod
+    def get_name(cls) -> str:
+        """The `--quantization` name."""
+
+    @abstractmethod
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        """The method for the layer at `prefix`, or None to keep it unquantized."""

@@ -1,0 +1,112 @@
+"""Offline decode benchmark: our engine vs HF transformers `generate`, measured in the same run.
+
+Reports batch-1 decode tokens/s and aggregate throughput of N concurrent requests
+(prompt_len prompt + output_len new tokens each), the ratios to HF's batch-1 rate,
+and writes JSON under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from ascend_llm import LLM, SamplingParams
+from ascend_llm.loader import resolve_model_path
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval_tempest.txt"
+
+
+def make_prompts(tokenizer, num: int, prompt_len: int) -> list[list[int]]:
+    """`num` different real-text windows of exactly prompt_len tokens."""
+    text = DATA.read_text() if DATA.exists() else "The quick brown fox jumps over the lazy dog. " * 2000
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    stride = max(1, (len(ids) - prompt_len) // max(1, num))
+    return [ids[i * stride: i * stride + prompt_len] for i in range(num)]
+
+
+def hf_decode_rate(model_dir: Path, prompt: list[int], output_len: int) -> dict:
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    kwargs = dict(do_sample=False, min_new_tokens=output_len, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, **kwargs | {"min_new_tokens": 4})   # warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **kwargs | {"min_new_tokens": 1})
+        t_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=output_len, **kwargs)
+        t_total = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    return {"new_tokens": new, "seconds": t_total,
+            "decode_tok_s": (new - 1) / max(1e-9, t_total - t_prefill)}
+
+
+def ours_run(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    new = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttfts = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
+    return {"new_tokens": new, "seconds": seconds, "tok_s": new / seconds,
+            "mean_ttft_s": sum(ttfts) / len(ttfts)}
+
+
+def ours_decode_rate(llm: LLM, prompt: list[int], output_len: int) -> dict:
+    ours_run(llm, [prompt], 4)                       # warm-up
+    t_prefill = ours_run(llm, [prompt], 1)["seconds"]
+    run = ours_run(llm, [prompt], output_len)
+    run["decode_tok_s"] = (run["new_tokens"] - 1) / max(1e-9, run["seconds"] - t_prefill)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(torch.get_num_threads())
+    model_dir = resolve_model_path(args.model)
+    llm = LLM(args.model, dtype="float32", max_model_len=2048, enable_prefix_caching=False)
+    prompts = make_prompts(llm.get_tokenizer(), args.num_requests, args.prompt_len)
+    ours_b1 = ours_decode_rate(llm, prompts[0], args.output_len)
+    ours_batch = ours_run(llm, prompts, args.output_len)
+    del llm
+    hf_b1 = hf_decode_rate(model_dir, prompts[0], args.output_len)
+    rows = [("HF transformers generate, batch 1 decode", hf_b1["decode_tok_s"], 1.0),
+            ("ascend-llm, batch 1 decode", ours_b1["decode_tok_s"], ours_b1["decode_tok_s"] / hf_b1["decode_tok_s"]),
+            (f"ascend-llm, {args.num_requests} concurrent (aggregate)", ours_batch["tok_s"],
+             ours_batch["tok_s"] / hf_b1["decode_tok_s"])]
+    print(f"\n{'run':<48} {'tok/s':>9} {'x HF b1':>8}")
+    for name, rate, ratio in rows:
+        print(f"{name:<48} {rate:9.1f} {ratio:8.2f}")
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+              "num_threads": torch.get_num_threads(), "model": args.model, "dtype": "float32",
+              "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "num_requests": args.num_requests, "hf_batch1": hf_b1, "ours_batch1": ours_b1,
+              "ours_concurrent": ours_batch,
+              "ratio_batch1_vs_hf": ours_b1["decode_tok_s"] / hf_b1["decode_tok_s"],
+              "ratio_concurrent_vs_hf_batch1": ours_batch["tok_s"] / hf_b1["decode_tok_s"],
+              "peak_rss_gib_whole_benchmark": peak_rss_gib}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"offline_cpu_{result['date']}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()
