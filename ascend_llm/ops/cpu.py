@@ -12,10 +12,11 @@ BACKEND = "cpu"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [num_tokens, hidden] -> same shape, normalised in fp32."""
-    x32 = x.float()
-    variance = x32.pow(2).mean(dim=-1, keepdim=True)
-    return (x32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+    """x: [num_tokens, hidden] -> same shape; normalised in fp32, cast back, then scaled (HF order)."""
+    shape = (x.shape[-1],)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, shape, weight, eps)           # fused kernel, same math
+    return F.rms_norm(x.float(), shape, None, eps).to(x.dtype) * weight
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -46,8 +47,8 @@ def rope(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, 2 * d] (gate | up) -> [num_tokens, d]."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]).mul_(x[..., d:])
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
