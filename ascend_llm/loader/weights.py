@@ -70,18 +70,25 @@ def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is not public
 
 
 def _iter_file(path: Path, names: list[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the tensors of one safetensors file (only ``names``, in that order, when given)."""
+    """Yield the tensors of one safetensors file (only ``names``, in that order, when given).
+
+    The file is re-opened for every tensor: safetensors maps the file, and pages of a mapping
+    count as resident memory until it is closed, so one long-lived handle would hold the whole
+    checkpoint resident next to the model's own copy (doubling peak memory while loading).
+    """
     with _open(path) as handle:
         available = set(handle.keys())
-        missing = sorted(set(names or ()) - available)
-        if missing:
-            raise ValueError(f"safetensors file {str(path)!r} lacks tensors its index lists: {missing[:5]}")
-        for name in names or sorted(available):
+    missing = sorted(set(names or ()) - available)
+    if missing:
+        raise ValueError(f"safetensors file {str(path)!r} lacks tensors its index lists: {missing[:5]}")
+    for name in names or sorted(available):
+        with _open(path) as handle:
             try:
                 tensor = handle.get_tensor(name)
             except _READ_ERRORS as exc:
                 raise _corrupt(path, exc) from exc
-            yield name, tensor
+        yield name, tensor
+        del tensor
 
 
 def iter_safetensors_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
