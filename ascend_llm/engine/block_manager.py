@@ -97,7 +97,9 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = 0
         if not self.enable_prefix_caching:
             return
-        block_ids, hashes = self._match_prefix(seq.token_ids)
+        # prompt logprobs need logits at every prompt position, so such requests compute it all
+        wants_prompt_logprobs = getattr(seq.sampling_params, "prompt_logprobs", None) is not None
+        block_ids, hashes = ([], []) if wants_prompt_logprobs else self._match_prefix(seq.token_ids)
         for block_id in block_ids:
             self._acquire(block_id)
         seq.block_table = block_ids

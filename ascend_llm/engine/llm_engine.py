@@ -104,7 +104,8 @@ class LLMEngine:
         if out.is_empty:
             return []
         now = time.time()
-        sampled = self.model_runner.execute_model(out)
+        result = self.model_runner.execute_model(out)
+        sampled = result.sampler_output
         tokens = _align_sampled(out, sampled.sampled_token_ids)
         self.scheduler.update(out, tokens)
         touched: dict[str, RequestState] = {}
@@ -114,6 +115,9 @@ class LLMEngine:
             if state is None:
                 continue
             _mark_scheduled(state, now)
+            chunk = result.prompt_logprobs.get(item.seq.seq_id)
+            if chunk is not None:
+                state.record_prompt_logprobs(chunk.first_pos, chunk.logprobs, chunk.ranks, self.tokenizer)
             if token is not None:
                 row = next(rows)
                 self._on_token(state, item.seq, token, sampled.logprobs[row], sampled.ranks[row])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from ascend_llm.config import CacheConfig, ModelConfig
 from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches, num_kv_blocks
 from ascend_llm.engine.scheduler import SchedulerOutput
-from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
@@ -21,6 +22,21 @@ from ascend_llm.platform import resolve_dtype
 from ascend_llm.quant.registry import get_quant_config
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PromptLogprobsChunk:
+    """Logprobs of prompt tokens first_pos .. first_pos + len(logprobs) - 1 of one sequence."""
+    first_pos: int
+    logprobs: list[dict[int, float]]
+    ranks: list[dict[int, int]]
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """Sampled tokens (one per sampling sequence) and any prompt logprobs, keyed by seq_id."""
+    sampler_output: SamplerOutput
+    prompt_logprobs: dict[int, PromptLogprobsChunk] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -59,14 +75,32 @@ class ModelRunner:
         return model.eval()
 
     @torch.inference_mode()
-    def execute_model(self, out: SchedulerOutput) -> SamplerOutput:
-        """Run one step; the result has one entry per scheduled sequence with do_sample."""
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step; one sampled token per scheduled sequence with do_sample."""
         batch = self._prepare(out)
         hidden = self.model(batch)                                   # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
         seqs = [s.seq for s in out.scheduled if s.do_sample]
         metadata = SamplingMetadata.build(seqs, self.eos_token_ids, self.generators, self.device)
-        return self.sampler(logits, metadata)
+        result = ModelRunnerOutput(self.sampler(logits, metadata))
+        self._prompt_logprobs(out, hidden, result.prompt_logprobs)
+        return result
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
+                         result: dict[int, PromptLogprobsChunk]) -> None:
+        """Position p's logits score prompt token p + 1 (vLLM's prompt_logprobs)."""
+        row = 0
+        for item in out.scheduled:
+            seq, start, n = item.seq, item.start_pos, item.num_new_tokens
+            k = seq.sampling_params.prompt_logprobs
+            last = min(start + n, seq.num_prompt_tokens - 1)     # exclusive end of scoring positions
+            if k is not None and seq.index == 0 and start < last:
+                rows = torch.arange(row, row + last - start, device=self.device)
+                logits = self.model.compute_logits(hidden.index_select(0, rows))
+                targets = torch.tensor(seq.token_ids[start + 1:last + 1], device=self.device)
+                lps, ranks = compute_logprobs(logits, targets, [k] * (last - start))
+                result[seq.seq_id] = PromptLogprobsChunk(start + 1, lps, ranks)
+            row += n
 
     def _prepare(self, out: SchedulerOutput) -> ForwardBatch:
         input_ids: list[int] = []

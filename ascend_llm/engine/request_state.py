@@ -28,8 +28,11 @@ class RequestState:
     seqs: list[Sequence]
     metrics: RequestMetrics
     outputs: list[SeqOutputState] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]     # the first prompt token has nothing before it
         want_logprobs = self.params.logprobs is not None
         self.outputs = [SeqOutputState(logprobs=[] if want_logprobs else None,
                                        cumulative_logprob=0.0 if want_logprobs else None)
@@ -48,6 +51,17 @@ class RequestState:
                  for tid, lp in logprobs.items()}
         state.logprobs.append(entry)
         state.cumulative_logprob += logprobs[token_id]
+
+    def record_prompt_logprobs(self, first_pos: int, logprobs: list[dict[int, float]],
+                               ranks: list[dict[int, int]], tokenizer: Any) -> None:
+        """Append logprobs of prompt positions first_pos...; positions already recorded (a
+        recompute after preemption) are skipped."""
+        if self.prompt_logprobs is None:
+            return
+        for offset, (lps, rks) in enumerate(zip(logprobs, ranks)):
+            if first_pos + offset == len(self.prompt_logprobs):
+                self.prompt_logprobs.append({tid: Logprob(lp, rks.get(tid), tokenizer.decode([tid]))
+                                             for tid, lp in lps.items()})
 
     def update_text(self, seq: Sequence, tokenizer: Any) -> str | None:
         """Re-detokenize seq's output; returns the stop string that ended it, if any."""
@@ -68,7 +82,7 @@ class RequestState:
                                  state.cumulative_logprob, state.logprobs,
                                  seq.status.finish_reason, seq.stop_reason)
                 for seq, state in zip(self.seqs, self.outputs)]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outs,
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs, outs,
                              self.finished, self.metrics,
                              max(seq.num_cached_tokens for seq in self.seqs))
 

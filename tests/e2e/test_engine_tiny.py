@@ -193,3 +193,32 @@ def test_unknown_engine_argument_and_values(tiny_llama_dir):
         LLM(str(tiny_llama_dir), quantization="int3")
     with pytest.raises(ValueError, match="dtype"):
         LLM(str(tiny_llama_dir), dtype="float64")
+
+
+def test_prompt_logprobs_match_a_full_forward(llm, tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+    prompt = list(range(10, 41))
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2)
+    # run twice: the second request must not be served from the prefix cache (it needs all logits)
+    for _ in range(2):
+        out = llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0]
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    for pos in range(1, len(prompt)):
+        entry = out.prompt_logprobs[pos]
+        assert prompt[pos] in entry and len(entry) <= 3
+        assert entry[prompt[pos]].logprob == pytest.approx(want[pos - 1, prompt[pos]].item(), abs=1e-4)
+        top = int(want[pos - 1].argmax())
+        assert entry[top].rank == 1
+
+
+def test_prompt_logprobs_survive_chunked_prefill(tiny_llama_dir):
+    chunked = LLM(str(tiny_llama_dir), max_model_len=256, max_num_batched_tokens=8)
+    prompt = list(range(10, 41))
+    out = chunked.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0),
+                           use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == len(prompt)
+    assert all(set(e) == {t} for e, t in zip(out.prompt_logprobs[1:], prompt[1:]))
