@@ -17,6 +17,7 @@ from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, 
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
+from ascend_llm.models.weight_utils import process_weights_after_loading
 from ascend_llm.ops import AttentionMetadata, build_op_set
 from ascend_llm.platform import resolve_dtype
 from ascend_llm.quant.registry import get_quant_config
@@ -68,10 +69,7 @@ class ModelRunner:
                        leave=False)
         model.load_weights((name, t.to(self.dtype) if t.is_floating_point() else t)
                            for name, t in weights)
-        for module in model.modules():
-            method = getattr(module, "quant_method", None)
-            if method is not None:
-                method.process_weights_after_loading(module)
+        process_weights_after_loading(model)
         return model.eval()
 
     @torch.inference_mode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ascend_llm.ops.registry import OpSet
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.unquantized import UnquantizedLinearMethod
 
@@ -17,8 +18,9 @@ class LinearBase(nn.Module):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
                  params_dtype: torch.dtype, quant_config: QuantConfig | None, prefix: str,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None) -> None:
         super().__init__()
+        self.ops = ops              # backend kernels; the quant method binds one after loading
         self.input_size, self.output_sizes = input_size, output_sizes
         self.tp_rank, self.tp_size, self.prefix = tp_rank, tp_size, prefix
         method = quant_config.get_quant_method(self, prefix) if quant_config else None
@@ -53,8 +55,8 @@ class ReplicatedLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
-                 prefix: str = "") -> None:
-        super().__init__(input_size, [output_size], bias, params_dtype, quant_config, prefix)
+                 prefix: str = "", ops: OpSet | None = None) -> None:
+        super().__init__(input_size, [output_size], bias, params_dtype, quant_config, prefix, ops=ops)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -62,13 +64,13 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
-                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1) -> None:
+                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None) -> None:
         for size in output_sizes:
             if size % tp_size:
                 raise ValueError(f"{prefix}: output size {size} is not divisible by tp_size {tp_size}")
         self.full_output_sizes = output_sizes
         super().__init__(input_size, [s // tp_size for s in output_sizes], bias, params_dtype,
-                         quant_config, prefix, tp_rank, tp_size)
+                         quant_config, prefix, tp_rank, tp_size, ops)
 
     def shard_offset(self, shard_index: int) -> tuple[int, int]:
         """(offset, size) of fused shard `shard_index` in this rank's output rows."""
@@ -99,12 +101,12 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, params_dtype: torch.dtype = torch.float32,
                  quant_config: QuantConfig | None = None, prefix: str = "",
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None) -> None:
         kv_replicas = max(1, tp_size // num_kv_heads)
         sizes = [num_heads * head_dim, num_kv_heads * kv_replicas * head_dim,
                  num_kv_heads * kv_replicas * head_dim]
         self.kv_replicas = kv_replicas
-        super().__init__(hidden_size, sizes, bias, params_dtype, quant_config, prefix, tp_rank, tp_size)
+        super().__init__(hidden_size, sizes, bias, params_dtype, quant_config, prefix, tp_rank, tp_size, ops)
 
     def shard_index(self, shard_id: str | int | None) -> int:
         return {"q": 0, "k": 1, "v": 2}[shard_id]
@@ -123,11 +125,11 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
-                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1) -> None:
+                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None) -> None:
         if input_size % tp_size:
             raise ValueError(f"{prefix}: input size {input_size} is not divisible by tp_size {tp_size}")
         super().__init__(input_size // tp_size, [output_size], bias, params_dtype, quant_config,
-                         prefix, tp_rank, tp_size)
+                         prefix, tp_rank, tp_size, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: str | int | None = None) -> None:

@@ -32,9 +32,9 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
                                           self.num_kv_heads, qkv_bias, dtype, quant_config,
-                                          f"{prefix}.qkv_proj")
+                                          f"{prefix}.qkv_proj", ops=ops)
         self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, o_bias, dtype,
-                                        quant_config, f"{prefix}.o_proj")
+                                        quant_config, f"{prefix}.o_proj", ops=ops)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings,
                                           rope_parameters(config), ops)
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
@@ -61,9 +61,9 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias, dtype, quant_config,
-            f"{prefix}.gate_up_proj")
+            f"{prefix}.gate_up_proj", ops=ops)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias,
-                                           dtype, quant_config, f"{prefix}.down_proj")
+                                           dtype, quant_config, f"{prefix}.down_proj", ops=ops)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act: {config.hidden_act!r} is not supported (silu only)")
         self.act_fn = SiluAndMul(ops)

@@ -62,3 +62,11 @@ def _check_all_loaded(model: nn.Module, params: dict[str, nn.Parameter], loaded:
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every layer's quant method quantize / re-layout its weights and bind its kernel."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)

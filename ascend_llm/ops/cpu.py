@@ -3,12 +3,19 @@ is tested against these."""
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from ascend_llm.ops import cpu_onednn as onednn
 from ascend_llm.ops.attention_metadata import AttentionMetadata
 from ascend_llm.ops.registry import Kernel, OpRegistry
 
 BACKEND = "cpu"
+
+
+def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: [num_tokens, in] -> [num_tokens, out] with layer.weight [out, in]."""
+    return F.linear(x, layer.weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,5 +109,6 @@ def _unpad_queries(out: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
 
 def register(registry: OpRegistry) -> None:
     """Register the CPU reference kernel of every op."""
-    for fn in (rms_norm, add_rms_norm, rope, silu_and_mul, reshape_and_cache, paged_attention):
+    for fn in (linear, rms_norm, add_rms_norm, rope, silu_and_mul, reshape_and_cache, paged_attention):
         registry.register(Kernel(fn.__name__, BACKEND, f"cpu.{fn.__name__}", fn))
+    onednn.register(registry)

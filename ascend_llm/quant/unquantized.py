@@ -9,13 +9,24 @@ from ascend_llm.quant.base import QuantMethod
 
 
 class UnquantizedLinearMethod(QuantMethod):
-    """weight [out, in] in the model dtype; y = x @ weight.T + bias."""
+    """weight [out, in] in the model dtype; y = x @ weight.T + bias via the backend's `linear` kernel."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype),
                               requires_grad=False)
         layer.register_parameter("weight", weight)
+        layer.linear_kernel = None
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        ops = getattr(layer, "ops", None)
+        if ops is None:
+            return
+        kernel = ops.select("linear", dtype=layer.weight.dtype)
+        kernel.prepare(layer)
+        layer.linear_kernel = kernel
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        if layer.linear_kernel is None:
+            return F.linear(x, layer.weight, bias)
+        return layer.linear_kernel.run(layer, x, bias)

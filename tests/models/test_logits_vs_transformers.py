@@ -9,15 +9,18 @@ from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches
 from ascend_llm.loader import iter_safetensors_weights, load_hf_config
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
+from ascend_llm.models.weight_utils import process_weights_after_loading
 from ascend_llm.ops import AttentionMetadata, build_op_set
 
 BLOCK_SIZE = 4   # small blocks so sequences span several of them
 
 
 def build_ours(model_dir):
+    """Load as the engine does: weights, then per-layer kernel selection and re-layout."""
     config = load_hf_config(model_dir)
     model = get_model_class(config)(config, build_op_set("cpu"), None, torch.float32)
     model.load_weights(iter_safetensors_weights(model_dir))
+    process_weights_after_loading(model)
     return config, model.eval()
 
 

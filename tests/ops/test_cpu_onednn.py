@@ -1,0 +1,52 @@
+"""oneDNN linear (packed weights) against the F.linear reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ascend_llm.ops import cpu, cpu_onednn
+
+pytestmark = pytest.mark.skipif(cpu_onednn._supports_linear(torch.float32) is not None,
+                                reason="oneDNN linear unavailable in this torch build")
+
+
+class _Layer(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 17, 33, 1025])
+@pytest.mark.parametrize("out_features, in_features", [(96, 64), (130, 576), (17, 31)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_onednn_linear_matches_reference_fp32(num_tokens, out_features, in_features, with_bias):
+    torch.manual_seed(num_tokens * out_features)
+    weight = torch.randn(out_features, in_features)
+    x = torch.randn(num_tokens, in_features)
+    bias = torch.randn(out_features) if with_bias else None
+    want = cpu.linear(_Layer(weight), x, bias)
+    layer = _Layer(weight.clone())
+    cpu_onednn.prepare_linear(layer)
+    got = cpu_onednn.linear(layer, x, bias)
+    # fp32 accumulation in a different order: |error| ~ eps * sqrt(k) * |values| (values ~ sqrt(k))
+    assert torch.allclose(got, want, atol=2e-4 * in_features ** 0.5 / 24, rtol=1e-5), (got - want).abs().max()
+
+
+def test_onednn_linear_bf16_close_to_fp32_reference():
+    weight, x = torch.randn(64, 96), torch.randn(9, 96)
+    want = cpu.linear(_Layer(weight), x, None)
+    layer = _Layer(weight.bfloat16())
+    cpu_onednn.prepare_linear(layer)
+    got = cpu_onednn.linear(layer, x.bfloat16(), None)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max() / 8   # bf16 rounding of inputs
+
+
+def test_kernel_selected_for_fp32_and_can_be_disabled(monkeypatch):
+    from ascend_llm.ops import build_op_set
+    ops = build_op_set("cpu")
+    assert ops.select("linear", dtype=torch.float32).name == "cpu.onednn_linear"
+    assert ops.select("linear", dtype=torch.float16).name == "cpu.linear"
+    monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.onednn_linear")
+    assert ops.select("linear", dtype=torch.float32).name == "cpu.linear"
