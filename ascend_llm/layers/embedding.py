@@ -5,6 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ascend_llm.ops.registry import OpSet
+from ascend_llm.quant.unquantized import UnquantizedLinearMethod
+
 
 class VocabEmbedding(nn.Module):
     """input_ids [num_tokens] -> [num_tokens, hidden]."""
@@ -20,16 +23,20 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """hidden [num_tokens, hidden] -> fp32 logits [num_tokens, vocab]; may share the embedding."""
+    """hidden [num_tokens, hidden] -> fp32 logits [num_tokens, vocab]; may share the embedding.
+
+    Runs through the backend's `linear` kernel like any float linear layer; a kernel that
+    re-lays the weight out (e.g. oneDNN packing) gives the head its own copy, untying it.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int, params_dtype: torch.dtype,
-                 tied: VocabEmbedding | None = None) -> None:
+                 tied: VocabEmbedding | None = None, ops: OpSet | None = None) -> None:
         super().__init__()
+        self.ops = ops
+        self.quant_method = UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, hidden_size, [vocab_size], params_dtype)
         if tied is not None:
             self.weight = tied.weight
-        else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=params_dtype),
-                                       requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        return self.quant_method.apply(self, hidden, None).float()

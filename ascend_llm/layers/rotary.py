@@ -7,7 +7,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ascend_llm.ops.registry import OpSet
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -46,17 +45,20 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """forward(positions [T], q [T, H, D], k [T, Hkv, D]) -> rotated (q, k)."""
+    """Holds the cos/sin table; forward(positions [T]) -> (cos, sin), each [T, 1, head_dim // 2].
 
-    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], ops: OpSet) -> None:
+    One instance serves every layer: the table lookup happens once per forward pass, and
+    each attention layer applies the `rope` op with the result.
+    """
+
+    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
         inv_freq = _inv_freq(head_dim, params)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         # [max_position, head_dim]: cos half | sin half
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1),
                              persistent=False)
-        self._rope = ops.get("rope")
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rope(positions, q, k, self.cos_sin_cache)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+        return cos.contiguous(), sin.contiguous()

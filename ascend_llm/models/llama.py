@@ -35,19 +35,18 @@ class LlamaAttention(nn.Module):
                                           f"{prefix}.qkv_proj", ops=ops)
         self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, o_bias, dtype,
                                         quant_config, f"{prefix}.o_proj", ops=ops)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings,
-                                          rope_parameters(config), ops)
+        self._rope = ops.get("rope")
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
                               self.head_dim ** -0.5, ops)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)                      # [T, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self._rope(q, k, *cos_sin)
         out = self.attn(q, k, v, kv_cache, batch.attn_metadata)
         return self.o_proj(out)
 
@@ -83,14 +82,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
+                residual: torch.Tensor | None,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, batch)
+        hidden = self.self_attn(cos_sin, hidden, kv_cache, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -106,12 +106,15 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, ops, quant_config, f"model.layers.{i}", dtype, biases)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)      # [T, hidden]
+        cos_sin = self.rotary_emb(batch.positions)       # shared by every layer
         residual = None
         for layer, kv_cache in zip(self.layers, batch.kv_caches):
-            hidden, residual = layer(batch.positions, hidden, residual, kv_cache, batch)
+            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -137,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, ops, quant_config, dtype, self.attention_biases(config))
         tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied, ops)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)

@@ -35,18 +35,23 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, 1, head_dim // 2]
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
+    return out
 
 
-def rope(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-         cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding (HF Llama / Qwen2 layout).
+def rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (HF Llama / Qwen2 "rotate_half" layout), computed in fp32.
 
-    positions: [num_tokens]; query: [num_tokens, num_heads, head_dim];
-    key: [num_tokens, num_kv_heads, head_dim]; cos_sin_cache: [max_pos, head_dim] (cos | sin halves).
+    query: [num_tokens, num_heads, head_dim]; key: [num_tokens, num_kv_heads, head_dim];
+    cos/sin: [num_tokens, 1, head_dim // 2] for each token's position.
     """
-    cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+    if query.dtype == torch.float32:
+        return _rotate_neox(query, cos, sin), _rotate_neox(key, cos, sin)
     q = _rotate_neox(query.float(), cos, sin).to(query.dtype)
     k = _rotate_neox(key.float(), cos, sin).to(key.dtype)
     return q, k

@@ -86,7 +86,8 @@ def test_rope_matches_transformers_rotate_half():
     freqs = torch.outer(torch.arange(128).float(), inv_freq)
     cache = torch.cat((freqs.cos(), freqs.sin()), -1)
     q, k = torch.randn(4, 6, head_dim), torch.randn(4, 2, head_dim)
-    got_q, got_k = cpu.rope(positions, q, k, cache)
+    cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    got_q, got_k = cpu.rope(q, k, cos, sin)
     emb = torch.cat((freqs[positions], freqs[positions]), -1)
     want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                           emb.cos().unsqueeze(0), emb.sin().unsqueeze(0))
