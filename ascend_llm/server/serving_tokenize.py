@@ -1,0 +1,30 @@
+"""POST /tokenize and /detokenize."""
+from __future__ import annotations
+
+from ascend_llm.server.errors import bad_request
+from ascend_llm.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from ascend_llm.server.serving_chat import ChatServing
+from ascend_llm.server.serving_engine import ServingContext
+
+
+class TokenizeServing:
+    """Tokenizes a prompt (or chat messages through the template) and detokenizes token ids."""
+
+    def __init__(self, ctx: ServingContext, chat: ChatServing) -> None:
+        self.ctx = ctx
+        self.chat = chat
+
+    def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+        self.ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of `prompt` and `messages`", "prompt")
+        if req.messages is not None:
+            ids = self.chat.render(req.messages, req.add_generation_prompt).token_ids
+        else:
+            ids = self.ctx.encode(req.prompt, "prompt", req.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=self.ctx.max_model_len, tokens=ids)
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.ctx.check_model(req.model)
+        ids = self.ctx.check_token_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.ctx.tokenizer.decode(ids))
