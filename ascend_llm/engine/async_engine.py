@@ -374,14 +374,7 @@ class AsyncLLMEngine:
                 logger.exception("stats listener %r failed in %s", listener, method)
 
     def _read_stats(self) -> dict[str, Any]:
-        engine = self._engine
-        stats = dict(engine.stats())
-        bm = engine.scheduler.block_manager
-        stats.update(prefix_queries_tokens=bm.num_prefix_queries_tokens,
-                     prefix_hit_tokens=bm.num_prefix_hit_tokens,
-                     num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
-                     num_unfinished=engine.get_num_unfinished_requests())
-        return stats
+        return dict(self._engine.stats())
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:

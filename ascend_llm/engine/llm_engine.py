@@ -147,9 +147,13 @@ class LLMEngine:
 
     def stats(self) -> dict[str, Any]:
         """Gauges and counters for metrics endpoints and benchmarks."""
-        return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
-                "kv_cache_usage": self.scheduler.kv_cache_usage,
-                "num_preemptions": self.scheduler.num_preemptions}
+        scheduler, bm = self.scheduler, self.scheduler.block_manager
+        return {"num_running": scheduler.num_running, "num_waiting": scheduler.num_waiting,
+                "num_unfinished": len(self.requests),
+                "kv_cache_usage": scheduler.kv_cache_usage, "num_preemptions": scheduler.num_preemptions,
+                "prefix_queries_tokens": bm.num_prefix_queries_tokens,
+                "prefix_hit_tokens": bm.num_prefix_hit_tokens,
+                "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks}
 
 
 def _align_sampled(out: SchedulerOutput, sampled: list[int]) -> list[int | None]:
