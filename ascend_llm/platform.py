@@ -1,6 +1,7 @@
 """Backend detection: auto picks npu (torch_npu importable and a device present), then cuda, then cpu."""
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 
@@ -46,3 +47,11 @@ def resolve_dtype(dtype: str, backend: str, hf_config: object) -> torch.dtype:
     if config_dtype in (torch.float16, torch.bfloat16):
         return config_dtype
     return torch.bfloat16
+
+
+def release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        logger.debug("malloc_trim unavailable; freed heap stays resident until reused")

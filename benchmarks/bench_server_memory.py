@@ -68,10 +68,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--budget-gib", type=float, default=1.5)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    args, server_args = parser.parse_known_args()   # anything else goes to the server
     base = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen([sys.executable, "-m", "ascend_llm.server.api_server", "--model", args.model,
-                             "--host", "127.0.0.1", "--port", str(args.port)],
+                             "--host", "127.0.0.1", "--port", str(args.port), *server_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(base, proc, timeout=600)
@@ -95,7 +95,7 @@ def main() -> None:
     result = {"date": dt.date.today().isoformat(), "machine": platform.machine(), "cpus": os.cpu_count(),
               "model": args.model, "num_requests": args.num_requests, "output_len": args.output_len,
               "idle_rss_gib": idle["VmRSS"] / 2**20, "peak_rss_gib": peak_gib,
-              "budget_gib": args.budget_gib, "output_tok_s": tokens / seconds}
+              "budget_gib": args.budget_gib, "output_tok_s": tokens / seconds, "server_args": server_args}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"server_memory_cpu_{result['date']}.json"

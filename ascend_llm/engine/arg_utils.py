@@ -85,6 +85,6 @@ class EngineArgs:
         add("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
         add("--num-gpu-blocks-override", type=int, default=None)
         add("--kv-cache-memory-gb", type=float, default=None,
-            help="KV cache size on CPU in GiB (default 0.5)")
+            help="KV cache size on CPU in GiB (default 0.3)")
         add("--distributed-executor-backend", default=d.distributed_executor_backend, choices=["mp", "ray"])
         return parser

@@ -11,7 +11,9 @@ from ascend_llm.config import CacheConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_CACHE_GB = 0.5
+# CPU KV budget: 0.3 GiB holds ~7k fp32 tokens of SmolLM2-135M and keeps a serving process
+# of that model under 1.5 GiB peak RSS (benchmarks/bench_server_memory.py).
+DEFAULT_CPU_KV_CACHE_GB = 0.3
 # above glibc's largest mmap threshold (32 MiB) an allocation always comes from fresh mmap pages
 _FRESH_PAGES_BYTES = 64 * 2**20
 
@@ -37,19 +39,30 @@ class KVCacheSpec:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
 
-def num_kv_blocks(spec: KVCacheSpec, cache_config: CacheConfig, backend: str, max_model_len: int) -> int:
+def num_kv_blocks(spec: KVCacheSpec, cache_config: CacheConfig, backend: str) -> int:
     """Blocks that fit the budget: explicit count, else the CPU budget or free device memory."""
     if cache_config.num_gpu_blocks is not None:
-        num_blocks = cache_config.num_gpu_blocks
-    else:
-        num_blocks = int(_budget_bytes(cache_config, backend) // spec.bytes_per_block)
-    needed = -(-max_model_len // spec.block_size)
-    if num_blocks < needed:
+        return cache_config.num_gpu_blocks
+    return int(_budget_bytes(cache_config, backend) // spec.bytes_per_block)
+
+
+def fit_max_model_len(max_model_len: int, explicit: bool, num_blocks: int, block_size: int) -> int:
+    """The context length the cache can serve: one sequence must fit in all the blocks.
+
+    A model default that does not fit is lowered (with a warning); an explicit
+    `max_model_len` that does not fit is an error.
+    """
+    capacity = num_blocks * block_size
+    if capacity >= max_model_len:
+        return max_model_len
+    if explicit or capacity < block_size:
         raise ValueError(
-            f"KV cache holds {num_blocks} blocks of {spec.block_size} tokens, fewer than the "
-            f"{needed} one sequence of max_model_len={max_model_len} needs; raise the KV cache "
-            f"budget (kv_cache_memory_gb / gpu_memory_utilization) or lower max_model_len")
-    return num_blocks
+            f"max_model_len={max_model_len} needs {-(-max_model_len // block_size)} KV blocks of "
+            f"{block_size} tokens but the cache holds {num_blocks}; raise the KV cache budget "
+            f"(kv_cache_memory_gb / gpu_memory_utilization / num_gpu_blocks_override) or lower max_model_len")
+    logger.warning("max_model_len lowered from %d to %d to fit the KV cache (%d blocks); raise "
+                   "kv_cache_memory_gb for longer contexts", max_model_len, capacity, num_blocks)
+    return capacity
 
 
 def _budget_bytes(cache_config: CacheConfig, backend: str) -> float:

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ascend_llm.engine.arg_utils import EngineArgs
+from ascend_llm.engine.kv_cache import fit_max_model_len
 from ascend_llm.engine.model_runner import ModelRunner
 from ascend_llm.engine.request_state import RequestState
 from ascend_llm.engine.scheduler import Scheduler, SchedulerOutput
@@ -35,7 +36,9 @@ class LLMEngine:
         self.backend = resolve_device(device_config.device)
         self.served_model_name = model_config.served_model_name or model_config.model
         self.model_runner = ModelRunner(model_config, cache_config, self.hf_config, self.model_dir,
-                                        self.backend, self.max_model_len, self.eos_token_ids)
+                                        self.backend, self.eos_token_ids)
+        self.max_model_len = fit_max_model_len(self.max_model_len, model_config.max_model_len is not None,
+                                               self.model_runner.num_blocks, cache_config.block_size)
         self.scheduler_config = args.scheduler_config(self.max_model_len)
         self.scheduler = Scheduler(self.scheduler_config, cache_config, self.model_runner.num_blocks,
                                    self.eos_token_ids)

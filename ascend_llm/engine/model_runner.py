@@ -19,7 +19,7 @@ from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.models.weight_utils import process_weights_after_loading
 from ascend_llm.ops import AttentionMetadata, build_op_set
-from ascend_llm.platform import resolve_dtype
+from ascend_llm.platform import release_free_heap, resolve_dtype
 from ascend_llm.quant.registry import get_quant_config
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class ModelRunner:
     """Builds the model on `backend`, sizes the paged KV cache, runs forward + sampling."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any,
-                 model_dir: Path, backend: str, max_model_len: int, eos_token_ids: set[int]) -> None:
+                 model_dir: Path, backend: str, eos_token_ids: set[int]) -> None:
         self.backend = backend
         self.device = torch.device(backend)
         self.dtype = resolve_dtype(model_config.dtype, backend, hf_config)
@@ -53,7 +53,7 @@ class ModelRunner:
         torch.manual_seed(model_config.seed)
         self.model = self._load_model(model_config, hf_config, model_dir)
         spec = KVCacheSpec.from_hf_config(hf_config, self.block_size, self.dtype)
-        self.num_blocks = num_kv_blocks(spec, cache_config, backend, max_model_len)
+        self.num_blocks = num_kv_blocks(spec, cache_config, backend)
         self.kv_caches = allocate_kv_caches(spec, self.num_blocks, self.device)
         self.null_block = self.num_blocks   # the extra zeroed block padding points at
         self.sampler = Sampler()
@@ -70,6 +70,8 @@ class ModelRunner:
         model.load_weights((name, t.to(self.dtype) if t.is_floating_point() else t)
                            for name, t in weights)
         process_weights_after_loading(model)
+        if self.backend == "cpu":
+            release_free_heap()   # loading left hundreds of MiB of freed, still-resident heap
         return model.eval()
 
     @torch.inference_mode()

@@ -25,8 +25,8 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """hidden [num_tokens, hidden] -> fp32 logits [num_tokens, vocab]; may share the embedding.
 
-    Runs through the backend's `linear` kernel like any float linear layer; a kernel that
-    re-lays the weight out (e.g. oneDNN packing) gives the head its own copy, untying it.
+    Runs through the backend's `linear` kernel like any float linear layer; when tied, the
+    kernel is told the weight is shared so it keeps the embedding's dense layout (no copy).
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, params_dtype: torch.dtype,
@@ -35,6 +35,7 @@ class LMHead(nn.Module):
         self.ops = ops
         self.quant_method = UnquantizedLinearMethod()
         self.quant_method.create_weights(self, hidden_size, [vocab_size], params_dtype)
+        self.shared_weight = tied is not None
         if tied is not None:
             self.weight = tied.weight
 

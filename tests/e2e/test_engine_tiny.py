@@ -222,3 +222,11 @@ def test_prompt_logprobs_survive_chunked_prefill(tiny_llama_dir):
                            use_tqdm=False)[0]
     assert len(out.prompt_logprobs) == len(prompt)
     assert all(set(e) == {t} for e, t in zip(out.prompt_logprobs[1:], prompt[1:]))
+
+
+def test_context_length_follows_the_kv_cache(tiny_llama_dir):
+    # the model allows 256 positions; 10 blocks of 16 hold only 160 tokens
+    lowered = LLM(str(tiny_llama_dir), num_gpu_blocks_override=10)
+    assert lowered.llm_engine.max_model_len == 160
+    with pytest.raises(ValueError, match="max_model_len=256 needs 16 KV blocks"):
+        LLM(str(tiny_llama_dir), max_model_len=256, num_gpu_blocks_override=10)

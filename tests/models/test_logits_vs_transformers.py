@@ -70,17 +70,18 @@ def test_qwen2_has_qkv_bias_and_no_o_bias(tiny_qwen2_dir):
     assert attn.qkv_proj.bias.abs().sum() > 0   # loaded, not left at init
 
 
-def test_tied_embeddings_share_storage(tiny_qwen2_tied_dir, tiny_qwen2_dir, monkeypatch):
-    # with the plain reference kernel nothing is re-laid out, so the tie survives loading
-    monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.onednn_linear")
+@pytest.mark.parametrize("disabled", ["", "cpu.onednn_linear,cpu.onednn_dense_linear"])
+def test_tied_embeddings_share_storage(tiny_qwen2_tied_dir, tiny_qwen2_dir, monkeypatch, disabled):
+    # the tied head keeps the embedding's storage whichever kernel runs it
+    monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", disabled)
     _, tied = build_ours(tiny_qwen2_tied_dir)
     _, untied = build_ours(tiny_qwen2_dir)
     assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
-    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("disabled", ["", "cpu.onednn_linear"])
-def test_both_cpu_linear_kernels_match_transformers(tiny_qwen2_tied_dir, disabled, monkeypatch):
+@pytest.mark.parametrize("disabled", ["", "cpu.onednn_linear", "cpu.onednn_linear,cpu.onednn_dense_linear"])
+def test_every_cpu_linear_kernel_match_transformers(tiny_qwen2_tied_dir, disabled, monkeypatch):
     monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", disabled)
     token_ids = list(range(5, 30))
     config, ours = build_ours(tiny_qwen2_tied_dir)

@@ -43,10 +43,20 @@ def test_onednn_linear_bf16_close_to_fp32_reference():
     assert (got.float() - want).abs().max() < 0.1 * want.abs().max() / 8   # bf16 rounding of inputs
 
 
+@pytest.mark.parametrize("num_tokens", [1, 5, 64])
+def test_onednn_dense_linear_matches_reference(num_tokens):
+    weight, x, bias = torch.randn(200, 96), torch.randn(num_tokens, 96), torch.randn(200)
+    layer = _Layer(weight)
+    got = cpu_onednn.dense_linear(layer, x, bias)
+    assert torch.allclose(got, cpu.linear(layer, x, bias), atol=1e-4, rtol=1e-5)
+    assert layer.weight.data_ptr() == weight.data_ptr()    # nothing re-laid out
+
+
 def test_kernel_selected_for_fp32_and_can_be_disabled(monkeypatch):
     from ascend_llm.ops import build_op_set
     ops = build_op_set("cpu")
     assert ops.select("linear", dtype=torch.float32).name == "cpu.onednn_linear"
+    assert ops.select("linear", dtype=torch.float32, shared_weight=True).name == "cpu.onednn_dense_linear"
     assert ops.select("linear", dtype=torch.float16).name == "cpu.linear"
-    monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.onednn_linear")
+    monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.onednn_linear,cpu.onednn_dense_linear")
     assert ops.select("linear", dtype=torch.float32).name == "cpu.linear"
