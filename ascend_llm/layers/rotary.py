@@ -45,7 +45,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the cos/sin table; forward(positions [T]) -> (cos, sin), each [T, 1, head_dim // 2].
+    """Holds the cos/sin table; forward(positions [T]) -> (cos, sin), each [T, 1, head_dim]:
+    cos = (cos | cos) and sin = (-sin | sin), the form the `rope` op takes.
 
     One instance serves every layer: the table lookup happens once per forward pass, and
     each attention layer applies the `rope` op with the result.
@@ -61,4 +62,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
-        return cos.contiguous(), sin.contiguous()
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)

@@ -34,13 +34,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, 1, head_dim // 2]
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty_like(x)
-    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=out[..., half:]).addcmul_(x1, sin)
-    return out
+    # x: [num_tokens, num_heads, head_dim]; cos/sin: [num_tokens, 1, head_dim]
+    # x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x) with the sign in sin
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 def rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -48,7 +44,8 @@ def rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.T
     """Neox-style rotary embedding (HF Llama / Qwen2 "rotate_half" layout), computed in fp32.
 
     query: [num_tokens, num_heads, head_dim]; key: [num_tokens, num_kv_heads, head_dim];
-    cos/sin: [num_tokens, 1, head_dim // 2] for each token's position.
+    cos: [num_tokens, 1, head_dim] = (cos | cos); sin: [num_tokens, 1, head_dim] = (-sin | sin),
+    the sign of rotate_half folded in (see RotaryEmbedding.forward).
     """
     if query.dtype == torch.float32:
         return _rotate_neox(query, cos, sin), _rotate_neox(key, cos, sin)

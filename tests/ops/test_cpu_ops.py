@@ -87,7 +87,7 @@ def test_rope_matches_transformers_rotate_half():
     cache = torch.cat((freqs.cos(), freqs.sin()), -1)
     q, k = torch.randn(4, 6, head_dim), torch.randn(4, 2, head_dim)
     cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
-    got_q, got_k = cpu.rope(q, k, cos, sin)
+    got_q, got_k = cpu.rope(q, k, torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1))
     emb = torch.cat((freqs[positions], freqs[positions]), -1)
     want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                                           emb.cos().unsqueeze(0), emb.sin().unsqueeze(0))
