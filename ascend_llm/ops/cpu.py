@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ascend_llm.ops import cpu_onednn as onednn
+from ascend_llm.ops import cpu_quant as quant_kernels
 from ascend_llm.ops.attention_metadata import AttentionMetadata
 from ascend_llm.ops.registry import Kernel, OpRegistry
 
@@ -114,3 +115,4 @@ def register(registry: OpRegistry) -> None:
     for fn in (linear, rms_norm, add_rms_norm, rope, silu_and_mul, reshape_and_cache, paged_attention):
         registry.register(Kernel(fn.__name__, BACKEND, f"cpu.{fn.__name__}", fn))
     onednn.register(registry)
+    quant_kernels.register(registry)
