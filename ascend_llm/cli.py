@@ -73,6 +73,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
 
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ascend_llm.eval.perplexity import perplexity
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"file: cannot read {args.file!r}: {exc}") from exc
+    if args.max_model_len is None:
+        args.max_model_len = args.window + 1   # room for the one generated token
+    llm = _make_llm(args)
+    token_ids = llm.get_tokenizer().encode(text, add_special_tokens=False)[:args.max_tokens]
+    result = perplexity(llm, token_ids, args.window)
+    sys.stdout.write(f"scored {result.num_scored} tokens in {result.num_windows} windows of "
+                     f"{args.window}; perplexity {result.perplexity:.4f}\n")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ascend_llm.server.api_server import run_server
     return run_server(args)
@@ -93,7 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
     _add_serve_parser(sub)
+    _add_eval_parser(sub)
     return parser
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser("eval", help="evaluate a model")
+    kinds = evaluate.add_subparsers(dest="eval_kind", required=True)
+    ppl = EngineArgs.add_cli_args(kinds.add_parser("ppl", help="perplexity on a text file"))
+    ppl.add_argument("--file", required=True, help="UTF-8 text to score")
+    ppl.add_argument("--max-tokens", type=int, default=16384, help="score the first N tokens")
+    ppl.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
+    ppl.set_defaults(func=cmd_eval_ppl)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:

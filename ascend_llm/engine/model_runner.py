@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ascend_llm.config import CacheConfig, ModelConfig
 from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches, num_kv_blocks
 from ascend_llm.engine.scheduler import SchedulerOutput
+from ascend_llm.engine.sequence import Sequence
 from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
@@ -23,6 +24,8 @@ from ascend_llm.platform import release_free_heap, resolve_dtype
 from ascend_llm.quant.registry import get_quant_config
 
 logger = logging.getLogger(__name__)
+
+_PROMPT_LOGITS_ROWS = 256
 
 
 @dataclass(slots=True)
@@ -95,12 +98,24 @@ class ModelRunner:
             k = seq.sampling_params.prompt_logprobs
             last = min(start + n, seq.num_prompt_tokens - 1)     # exclusive end of scoring positions
             if k is not None and seq.index == 0 and start < last:
-                rows = torch.arange(row, row + last - start, device=self.device)
-                logits = self.model.compute_logits(hidden.index_select(0, rows))
-                targets = torch.tensor(seq.token_ids[start + 1:last + 1], device=self.device)
-                lps, ranks = compute_logprobs(logits, targets, [k] * (last - start))
-                result[seq.seq_id] = PromptLogprobsChunk(start + 1, lps, ranks)
+                result[seq.seq_id] = self._score_prompt(seq, hidden, row, start, last, k)
             row += n
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, row: int, start: int, last: int,
+                      k: int) -> PromptLogprobsChunk:
+        """Logprobs of prompt tokens start+1..last from hidden rows row..; vocab-wide logits are
+        made _PROMPT_LOGITS_ROWS rows at a time to bound memory ([rows, vocab] fp32)."""
+        lps: list[dict[int, float]] = []
+        ranks: list[dict[int, int]] = []
+        for pos in range(start, last, _PROMPT_LOGITS_ROWS):
+            end = min(pos + _PROMPT_LOGITS_ROWS, last)
+            rows = torch.arange(row + pos - start, row + end - start, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))    # [rows, vocab]
+            targets = torch.tensor(seq.token_ids[pos + 1:end + 1], device=self.device)
+            chunk_lps, chunk_ranks = compute_logprobs(logits, targets, [k] * (end - pos))
+            lps += chunk_lps
+            ranks += chunk_ranks
+        return PromptLogprobsChunk(start + 1, lps, ranks)
 
     def _prepare(self, out: SchedulerOutput) -> ForwardBatch:
         input_ids: list[int] = []
