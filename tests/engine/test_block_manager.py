@@ -1,32 +1,13 @@
 """BlockManager: ref counts, prefix caching by chained hash, LRU eviction, failure atomicity."""
 from __future__ import annotations
 
-import itertools
 import random
-from dataclasses import dataclass, field
 
 import pytest
 
 from ascend_llm.engine.block_manager import BlockManager, hash_block_tokens
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class Params:
-    """Stand-in for SamplingParams (vLLM field names)."""
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-
-
-_ids = itertools.count()
-
-
-def make_seq(tokens: list[int]) -> Sequence:
-    seq_id = next(_ids)
-    return Sequence(seq_id=seq_id, request_id=f"req-{seq_id}", index=0,
-                    prompt_token_ids=list(tokens), sampling_params=Params())
+from tests.engine.fakes import make_seq
 
 
 def admit(bm: BlockManager, seq: Sequence) -> bool:

@@ -8,37 +8,18 @@ failed read or as a token stream that differs from the single-sequence reference
 """
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 
 from ascend_llm.config import CacheConfig, SchedulerConfig
 from ascend_llm.engine.scheduler import Scheduler, SchedulerOutput
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
+from tests.engine.fakes import Params, make_seq
 
 EOS = 0
 VOCAB = 64
-
-
-@dataclass
-class Params:
-    """Stand-in for SamplingParams (vLLM field names)."""
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-
-
-_ids = itertools.count()
-
-
-def make_seq(prompt: list[int], request_id: str | None = None, **params) -> Sequence:
-    seq_id = next(_ids)
-    return Sequence(seq_id=seq_id, request_id=request_id or f"req-{seq_id}", index=0,
-                    prompt_token_ids=list(prompt), sampling_params=Params(**params))
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
