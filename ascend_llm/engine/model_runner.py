@@ -18,7 +18,7 @@ from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, 
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
-from ascend_llm.models.weight_utils import process_weights_after_loading
+from ascend_llm.models.weight_utils import fused_shards, process_weights_after_loading
 from ascend_llm.ops import AttentionMetadata, build_op_set
 from ascend_llm.platform import release_free_heap, resolve_dtype
 from ascend_llm.quant.registry import get_quant_config
@@ -64,7 +64,8 @@ class ModelRunner:
 
     def _load_model(self, model_config: ModelConfig, hf_config: Any, model_dir: Path) -> nn.Module:
         model_cls = get_model_class(hf_config)
-        quant_config = get_quant_config(model_config.quantization, hf_config)
+        quant_config = get_quant_config(model_config.quantization, hf_config, model_dir,
+                                        fused_shards(model_cls.packed_modules_mapping))
         ops = build_op_set(self.backend)
         with torch.device(self.device):
             model = model_cls(hf_config, ops, quant_config, self.dtype)

@@ -26,14 +26,16 @@ class LinearBase(nn.Module):
         method = quant_config.get_quant_method(self, prefix) if quant_config else None
         self.quant_method: QuantMethod = method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, input_size, output_sizes, params_dtype)
-        for param in self.parameters(recurse=False):
-            param.weight_loader = self.weight_loader
-        if bias:
-            self.bias = nn.Parameter(torch.empty(sum(output_sizes), dtype=params_dtype),
+        # a quantized checkpoint may carry a bias the float model lacks (anti-outlier shifts);
+        # zeros so that fused shards without one stay neutral
+        if bias or getattr(self.quant_method, "checkpoint_bias", False):
+            self.bias = nn.Parameter(torch.zeros(sum(output_sizes), dtype=params_dtype),
                                      requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        for param in self.parameters(recurse=False):
+            if not hasattr(param, "weight_loader"):   # methods may give their tensors their own
+                param.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: str | int | None = None) -> None:

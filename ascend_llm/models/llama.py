@@ -79,8 +79,11 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, ops, quant_config, f"{prefix}.self_attn", dtype, biases)
         self.mlp = LlamaMLP(config, ops, quant_config, f"{prefix}.mlp", dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
+        norm_bias = getattr(quant_config, "norm_has_bias", lambda prefix: False)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype,
+                                       norm_bias(f"{prefix}.input_layernorm"))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype,
+                                                norm_bias(f"{prefix}.post_attention_layernorm"))
 
     def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
                 residual: torch.Tensor | None,

@@ -70,3 +70,11 @@ def process_weights_after_loading(model: nn.Module) -> None:
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+
+
+def fused_shards(packed_modules_mapping: dict[str, tuple[str, str | int]]) -> dict[str, tuple[str, ...]]:
+    """{fused name: checkpoint shard names in shard order}, e.g. qkv_proj -> (q_proj, k_proj, v_proj)."""
+    shards: dict[str, list[str]] = {}
+    for ckpt_name, (fused_name, _) in packed_modules_mapping.items():
+        shards.setdefault(fused_name, []).append(ckpt_name)
+    return {name: tuple(parts) for name, parts in shards.items()}

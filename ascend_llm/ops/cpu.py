@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ascend_llm.ops import cpu_onednn as onednn
+from ascend_llm.ops import cpu_int8 as int8_kernels
 from ascend_llm.ops import cpu_quant as quant_kernels
 from ascend_llm.ops.attention_metadata import AttentionMetadata
 from ascend_llm.ops.registry import Kernel, OpRegistry
@@ -116,3 +117,4 @@ def register(registry: OpRegistry) -> None:
         registry.register(Kernel(fn.__name__, BACKEND, f"cpu.{fn.__name__}", fn))
     onednn.register(registry)
     quant_kernels.register(registry)
+    int8_kernels.register(registry)

@@ -103,7 +103,9 @@ def test_silu_and_mul():
 def test_registry_has_cpu_reference_for_every_op():
     registry = build_registry(("cpu",))
     assert set(registry.ops("cpu")) >= {"rms_norm", "add_rms_norm", "rope", "silu_and_mul",
-                                        "reshape_and_cache", "paged_attention"}
+                                        "reshape_and_cache", "paged_attention", "linear", "quantize_per_tensor",
+                                        "dynamic_quant_per_token", "quant_matmul", "weight_only_matmul",
+                                        "fp8_matmul"}
 
 
 def test_registry_selects_by_priority_and_explains_rejections(monkeypatch):

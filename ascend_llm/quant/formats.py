@@ -1,0 +1,125 @@
+"""Detect a checkpoint's quantization format (msModelSlim description files, `quantization_config`).
+
+msModelSlim (ascendV1) writes `quant_model_description.json`; its `--mindie_format` path writes
+`quant_model_description_<type>.json` (e.g. `_w8a8`) and adds a `quantization_config` without
+`quant_method` to config.json. A description file wins over config.json, as in vllm-ascend.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DESCRIPTION_FILE = "quant_model_description.json"
+DESCRIPTION_GLOB = "quant_model_description_*.json"
+
+# Every type string msModelSlim writes (model-level or per tensor); see the format reference §1-2.
+KNOWN_QUANT_TYPES = frozenset({
+    "FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S", "W8A8SC",
+    "W4A16", "W4A8_DYNAMIC", "W4A4_DYNAMIC", "W4A4_FLATQUANT_DYNAMIC", "W8A8_MXFP8",
+    "W4A8_MXFP", "W4A4_MXFP4", "WFP8AFP8_DYNAMIC", "C8", "FAQuant", "FAKQuant", "INT8_DYNAMIC",
+})
+# Top-level description keys that are not tensor names.
+DESCRIPTION_META_KEYS = frozenset({
+    "model_quant_type", "version", "group_size", "metadata", "optional", "kv_cache_type",
+    "kv_quant_type", "fa_quant_type", "reduce_quant_type",
+})
+
+
+def detect_quant_format(model_dir: str | Path) -> dict[str, Any] | None:
+    """The quantization format of `model_dir`, or None for a float checkpoint.
+
+    Returns `{"format": "ascend", "path", "model_quant_type", "description"}` for msModelSlim
+    checkpoints, or `{"format": <quant_method>, "path", "config"}` for a `quantization_config`
+    in config.json. Raises ValueError for malformed files and unknown quant types.
+    """
+    directory = Path(model_dir)
+    description_path = _find_description(directory)
+    if description_path is not None:
+        description = load_description(description_path)
+        return {"format": "ascend", "path": str(description_path),
+                "model_quant_type": description["model_quant_type"], "description": description}
+    return _config_json_format(directory)
+
+
+def load_description(path: str | Path) -> dict[str, Any]:
+    """Read and validate one msModelSlim description file (flat dict: tensor name -> type)."""
+    path = Path(path)
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable quant description: {exc}") from exc
+    validate_description(description, str(path))
+    return description
+
+
+def validate_description(description: Any, source: str) -> None:
+    """ValueError naming `source` and the key unless `description` is a well-formed description."""
+    if not isinstance(description, dict):
+        raise ValueError(f"{source}: quant description must be a JSON object, "
+                         f"got {type(description).__name__}")
+    model_type = description.get("model_quant_type")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{source}: missing or non-string 'model_quant_type'")
+    if model_type not in KNOWN_QUANT_TYPES:
+        raise ValueError(f"{source}: unknown model_quant_type {model_type!r}; "
+                         f"known: {', '.join(sorted(KNOWN_QUANT_TYPES))}")
+    group_size = description.get("group_size", 0)
+    if not isinstance(group_size, int) or group_size < 0:
+        raise ValueError(f"{source}: group_size must be a non-negative integer, got {group_size!r}")
+    tensors = {k: v for k, v in description.items() if k not in DESCRIPTION_META_KEYS}
+    if not tensors:
+        raise ValueError(f"{source}: quant description lists no tensors")
+    for name, quant_type in tensors.items():
+        if not isinstance(quant_type, str) or quant_type not in KNOWN_QUANT_TYPES:
+            raise ValueError(f"{source}: tensor {name!r} has unknown quant type {quant_type!r}")
+
+
+def _find_description(directory: Path) -> Path | None:
+    """`quant_model_description.json`, else the single (or config-`quantize`-named) variant."""
+    main = directory / DESCRIPTION_FILE
+    if main.is_file():
+        return main
+    variants = sorted(p for p in directory.glob(DESCRIPTION_GLOB) if p.is_file())
+    if len(variants) <= 1:
+        return variants[0] if variants else None
+    quantize = _read_config(directory).get("quantize")
+    if isinstance(quantize, str):
+        named = directory / f"quant_model_description_{quantize}.json"
+        if named.is_file():
+            return named
+    raise ValueError(f"{directory}: several quant descriptions "
+                     f"({', '.join(p.name for p in variants)}) and no config.json 'quantize' "
+                     f"naming one of them")
+
+
+def _config_json_format(directory: Path) -> dict[str, Any] | None:
+    """The `quantization_config` of config.json (top level or under text_config), if any."""
+    config = _read_config(directory)
+    quant = config.get("quantization_config")
+    if quant is None and isinstance(config.get("text_config"), dict):
+        quant = config["text_config"].get("quantization_config")
+    if quant is None:
+        return None
+    source = str(directory / "config.json")
+    if not isinstance(quant, dict):
+        raise ValueError(f"{source}: quantization_config must be an object, got {type(quant).__name__}")
+    method = quant.get("quant_method")
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"{source}: quantization_config has no 'quant_method' and there is no "
+                         f"{DESCRIPTION_FILE} (an msModelSlim mindie_format leftover?)")
+    return {"format": method.lower(), "path": source, "config": quant}
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    """config.json as a dict ({} when absent)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable config.json: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: config.json must be a JSON object")
+    return config

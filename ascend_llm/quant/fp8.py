@@ -1,0 +1,120 @@
+"""Online FP8 (e4m3) quantization from a float checkpoint.
+
+- `fp8` (vLLM online): one float32 scale per layer, s_w = amax(|W|) / 448, weight e4m3 [n, k];
+  activations quantized dynamically per tensor at every call.
+- `block_wise_fp8` (FastDeploy / DeepSeek): 128x128 weight blocks, `weight_scale_inv` float32
+  [ceil(n/128), ceil(k/128)] (a dequant multiplier despite the name); activations quantized
+  dynamically per token per 128 channels. Partial edge blocks (576 = 4.5 x 128) are handled.
+
+Both load the float weight through the layer's weight_loader, then quantize in
+`process_weights_after_loading` and free the float copy. Op: `fp8_matmul` with trait `scheme`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ascend_llm.ops import cpu_quant
+from ascend_llm.quant import primitives as P
+from ascend_llm.quant.base import QuantConfig, QuantMethod
+
+
+def _create_float_weight(layer: nn.Module, input_size: int, output_sizes: list[int],
+                         params_dtype: torch.dtype) -> None:
+    weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype),
+                          requires_grad=False)                      # [n, k] float until quantized
+    layer.register_parameter("weight", weight)
+    layer.fp8_kernel = None
+
+
+def _check_float(layer: nn.Module) -> None:
+    if layer.weight.dtype == P.FP8_DTYPE:
+        raise ValueError(f"{getattr(layer, 'prefix', 'layer')}.weight: already fp8; "
+                         "process_weights_after_loading ran twice")
+
+
+def _bind_kernel(layer: nn.Module, scheme: str, act_dtype: torch.dtype) -> None:
+    ops = getattr(layer, "ops", None)
+    if ops is None:
+        return
+    kernel = ops.select("fp8_matmul", scheme=scheme, dtype=act_dtype)
+    kernel.prepare(layer)
+    layer.fp8_kernel = kernel
+
+
+def _run(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+         reference: Callable[..., torch.Tensor]) -> torch.Tensor:
+    if layer.fp8_kernel is None:                      # a bare layer (no backend): the CPU reference
+        return reference(layer, x, bias)
+    return layer.fp8_kernel.run(layer, x, bias)
+
+
+class Fp8LinearMethod(QuantMethod):
+    """Per-tensor e4m3 weight (`weight_scale` 0-dim float32), dynamic per-tensor e4m3 activations."""
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        _create_float_weight(layer, input_size, output_sizes, params_dtype)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        _check_float(layer)
+        act_dtype = layer.weight.dtype                               # the model dtype
+        q, scale = P.quantize_fp8_per_tensor(layer.weight.data)      # [n, k] e4m3, 0-dim
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        _bind_kernel(layer, "per_tensor", act_dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _run(layer, x, bias, cpu_quant.fp8_matmul_per_tensor)
+
+
+class BlockFp8LinearMethod(QuantMethod):
+    """e4m3 weight in (bn, bk) blocks with `weight_scale_inv` [NB, KB]; activations per token per bk."""
+
+    def __init__(self, block_size: tuple[int, int] = (128, 128)) -> None:
+        if len(block_size) != 2 or min(block_size) < 1:
+            raise ValueError(f"weight_block_size: expected two positive ints, got {block_size}")
+        self.block_size = (int(block_size[0]), int(block_size[1]))
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        _create_float_weight(layer, input_size, output_sizes, params_dtype)
+        layer.weight_block_size = self.block_size
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        _check_float(layer)
+        act_dtype = layer.weight.dtype                               # the model dtype
+        q, scale_inv = P.quantize_fp8_block(layer.weight.data, self.block_size)   # [n, k], [NB, KB]
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
+        _bind_kernel(layer, "block", act_dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _run(layer, x, bias, cpu_quant.fp8_matmul_block)
+
+
+class Fp8Config(QuantConfig):
+    """`fp8`: vLLM's online dynamic FP8 (per-tensor weights and activations)."""
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "fp8"
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        return Fp8LinearMethod()
+
+
+class BlockWiseFp8Config(QuantConfig):
+    """`block_wise_fp8`: FastDeploy's online 128x128 block FP8 (W8A8-FP8)."""
+
+    def __init__(self, block_size: tuple[int, int] = (128, 128)) -> None:
+        self.block_size = block_size
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "block_wise_fp8"
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        return BlockFp8LinearMethod(self.block_size)

@@ -1,0 +1,402 @@
+"""msModelSlim (ascendV1) W8A8 static, W8A8_DYNAMIC and W8A16 linear methods.
+
+Checkpoint layout and math: /work/shared/reference/ascend_w8a8_format.md. The CPU reference
+kernels of the NPU ops (`npu_quantize`, `npu_quant_matmul`, `npu_dynamic_quant`,
+`npu_weight_quant_batchmatmul`) live in `ascend_llm/ops/cpu_int8.py` and are bound through the op
+registry (`quantize_per_tensor`, `dynamic_quant_per_token`, `quant_matmul`).
+
+Fused layers (qkv_proj, gate_up_proj): msModelSlim gives each of q/k/v (gate/up) its own
+per-tensor `input_scale`/`input_offset`. We keep one (scale, offset) per shard ([num_shards]
+parameters). After loading, adjacent shards with equal values are merged; in msModelSlim output
+they are always equal (the shards see the same input tensor, so calibration gives the same
+range), which leaves a single group = one activation quantization and one matmul, as on the NPU.
+Unequal shards are still computed exactly as the unfused layers would: the activation is
+quantized once per group and multiplied by that group's rows of the weight.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ascend_llm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference kernels)
+    INT8_MAX, INT8_MIN, MAX_EXACT_K, dynamic_quant_matmul_reference, dynamic_quant_per_token_reference,
+    int8_matmul_reference, quant_matmul_reference, quantize_per_tensor_reference,
+    weight_only_matmul_reference)
+from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.formats import DESCRIPTION_META_KEYS, detect_quant_format, validate_description
+
+DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+SUPPORTED_LINEAR_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16")
+
+
+# ---------------------------------------------------------------------------------------------
+# deq_scale encoding
+# ---------------------------------------------------------------------------------------------
+
+def encode_deq_scale_int64(scale: torch.Tensor) -> torch.Tensor:
+    """float32 scales [n] -> int64 [n] whose low 32 bits are the IEEE-754 float32 bits.
+
+    Same as msModelSlim's `np.frombuffer(fp32.tobytes(), np.int32).astype(np.int64)`.
+    """
+    return scale.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+
+
+def decode_deq_scale(deq_scale: torch.Tensor) -> torch.Tensor:
+    """A checkpoint `deq_scale` (int64 float32-bits, or a float tensor) -> float32 values."""
+    if deq_scale.dtype == torch.int64:
+        low = deq_scale & 0xFFFFFFFF                               # the low 32 bits, unsigned
+        low = torch.where(low >= 1 << 31, low - (1 << 32), low)     # as signed int32
+        return low.to(torch.int32).view(torch.float32)
+    if deq_scale.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return deq_scale.to(torch.float32)
+    raise ValueError(f"deq_scale: unsupported dtype {deq_scale.dtype} (int64 or float expected)")
+
+
+def _convert_deq_scale(loaded: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Re-express a checkpoint deq_scale in the parameter's dtype by value, never by a raw cast."""
+    values = decode_deq_scale(loaded)
+    return encode_deq_scale_int64(values) if dtype == torch.int64 else values.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference kernels (the NPU's arithmetic)
+# ---------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+class AscendW8A8Config(QuantConfig):
+    """msModelSlim ascendV1 checkpoint: the quant type of each layer comes from its description.
+
+    `description` is the parsed `quant_model_description*.json`; `packed_modules` maps a fused
+    layer name to its checkpoint shards (all shards must share one type).
+    """
+
+    def __init__(self, description: Mapping[str, Any],
+                 packed_modules: Mapping[str, Sequence[str]] | None = None,
+                 source: str = "quant description") -> None:
+        validate_description(description, source)
+        self.description = dict(description)
+        self.packed_modules = {k: tuple(v) for k, v in (packed_modules or DEFAULT_PACKED_MODULES).items()}
+        self.source = source
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "ascend"
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path,
+                       packed_modules: Mapping[str, Sequence[str]] | None = None) -> "AscendW8A8Config":
+        """Build from the description file in `model_dir`; ValueError if there is none."""
+        found = detect_quant_format(model_dir)
+        if found is None or found["format"] != "ascend":
+            raise ValueError(f"{model_dir}: no msModelSlim quant_model_description*.json found")
+        return cls(found["description"], packed_modules, found["path"])
+
+    @property
+    def model_quant_type(self) -> str:
+        return self.description["model_quant_type"]
+
+    @property
+    def group_size(self) -> int:
+        return int(self.description.get("group_size", 0))
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor name the description lists."""
+        return [k for k in self.description if k not in DESCRIPTION_META_KEYS]
+
+    def layer_quant_type(self, prefix: str) -> str:
+        """The type of the layer at `prefix`, resolving fused layers through their shards."""
+        key = f"{prefix}.weight"
+        if key in self.description:
+            return self.description[key]
+        parent, _, name = prefix.rpartition(".")
+        shards = self.packed_modules.get(name)
+        if shards is None:
+            raise ValueError(f"{prefix}: {key!r} is not in {self.source}")
+        types = {}
+        for shard in shards:
+            shard_key = f"{parent}.{shard}.weight" if parent else f"{shard}.weight"
+            if shard_key not in self.description:
+                raise ValueError(f"{prefix}: shard {shard_key!r} is not in {self.source}")
+            types[shard] = self.description[shard_key]
+        if len(set(types.values())) != 1:
+            raise ValueError(f"{prefix}: fused shards have different quant types {types}; "
+                             f"all shards of a fused layer must share one")
+        return next(iter(types.values()))
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        quant_type = self.layer_quant_type(prefix)
+        if quant_type == "FLOAT":
+            return None
+        if quant_type == "W8A8":
+            method: _AscendLinearMethod = W8A8StaticLinearMethod()
+        elif quant_type == "W8A8_DYNAMIC":
+            method = W8A8DynamicLinearMethod(self.group_size, prefix)
+        elif quant_type == "W8A16":
+            method = W8A16LinearMethod(self.group_size, prefix)
+        else:
+            raise ValueError(f"{prefix}: quant type {quant_type!r} is not supported for linear "
+                             f"layers (supported: {', '.join(SUPPORTED_LINEAR_TYPES)})")
+        method.checkpoint_bias = self.layer_has_bias(prefix)
+        return method
+
+    def layer_has_bias(self, prefix: str) -> bool:
+        """Whether the checkpoint holds a float `bias` for the layer (or any of its fused shards).
+
+        Anti-outlier shifts add one even to Linears without a bias in the float model
+        (per-token layers carry the compensation there; MindIE anti_outlier.md).
+        """
+        parent, _, name = prefix.rpartition(".")
+        shards = self.packed_modules.get(name, ())
+        keys = [f"{prefix}.bias"] + [f"{parent}.{s}.bias" if parent else f"{s}.bias" for s in shards]
+        return any(key in self.description for key in keys)
+
+    def norm_has_bias(self, prefix: str) -> bool:
+        """Whether the norm at `prefix` has an anti-outlier `bias` in the checkpoint."""
+        return f"{prefix}.bias" in self.description
+
+    @property
+    def any_norm_bias(self) -> bool:
+        """Whether any `*norm.bias` is listed (vllm-ascend then gives every RMSNorm a zero bias)."""
+        return any(name.endswith("norm.bias") for name in self.tensor_names())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter creation and loading
+# ---------------------------------------------------------------------------------------------
+
+# `quant_kind` tags how a parameter is loaded:
+#   "weight"    - [n, k]: the layer's own loader (rows per fused shard / TP rank, or k for row-parallel)
+#   "channel"   - per output channel ([n] or [n, 1]): rows like the weight, never split along dim 1
+#   "deq_scale" - "channel", converted by value between int64 float-bits and float32
+#   "tensor"    - one value per fused shard ([num_shards]); the checkpoint gives [1] per shard
+
+
+def _add_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+               kind: str) -> None:
+    """Register a zero-filled, frozen parameter tagged with its loading kind."""
+    param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+    param.quant_kind = kind
+    param.quant_name = name
+    layer.register_parameter(name, param)
+
+
+def _install_loader(layer: nn.Module) -> None:
+    """Route the layer's checkpoint loading through `_load_quant_param`.
+
+    LinearBase assigns `self.weight_loader` to every parameter right after create_weights, so an
+    instance attribute set here is what all of them get; untagged parameters (bias) and int8
+    weights still go to the layer's own (class) loader.
+    """
+    default = layer.weight_loader
+    layer.weight_loader = functools.partial(_load_quant_param, layer, default)
+
+
+def _load_quant_param(layer: nn.Module, default: Callable[..., None], param: nn.Parameter,
+                      loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+    """Load one checkpoint tensor into `param` according to its `quant_kind`."""
+    kind = getattr(param, "quant_kind", None)
+    name = f"{layer.prefix}.{getattr(param, 'quant_name', '?')}"
+    if kind == "deq_scale":
+        loaded, kind = _convert_deq_scale(loaded, param.dtype), "channel"
+    if kind is None or kind == "weight":
+        default(param, loaded, shard_id)
+    elif kind == "channel":
+        _load_channel(layer, default, param, loaded, shard_id, name)
+    elif kind == "tensor":
+        _load_per_shard_scalar(layer, param, loaded, shard_id, name)
+    else:
+        raise ValueError(f"{name}: unknown quant_kind {kind!r}")
+
+
+def _load_channel(layer: nn.Module, default: Callable[..., None], param: nn.Parameter,
+                  loaded: torch.Tensor, shard_id: str | int | None, name: str) -> None:
+    """Per-output-channel tensors: rows like the weight; row-parallel layers take them whole."""
+    if isinstance(layer, ColumnParallelLinear):
+        default(param, loaded, shard_id)
+        return
+    if loaded.shape != param.shape:
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"expected {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def _load_per_shard_scalar(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
+                           shard_id: str | int | None, name: str) -> None:
+    """A per-tensor value ([1] or scalar) into this fused shard's slot of `param` [num_shards]."""
+    if loaded.numel() != 1:
+        raise ValueError(f"{name}[{shard_id}]: expected a per-tensor value of shape [1], "
+                         f"got {tuple(loaded.shape)}")
+    if shard_id is None and param.numel() != 1:
+        raise ValueError(f"{name}: fused layer needs a shard id")
+    index = layer.shard_index(shard_id) if isinstance(layer, ColumnParallelLinear) else 0
+    param.data[index] = loaded.reshape(()).to(param.dtype)
+
+
+def _adds_quant_bias(layer: nn.Module) -> bool:
+    """quant_bias holds the zero-point correction over all of k: add it on one TP rank only."""
+    return not (isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) != 0)
+
+
+def _flatten_x(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., k] -> [T, k]."""
+    return x.reshape(-1, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+
+class _AscendLinearMethod(QuantMethod):
+    """Base of the msModelSlim methods; `checkpoint_bias` says the checkpoint has a float bias
+    for this layer (LinearBase must then create `bias` even if the float model has none)."""
+
+    checkpoint_bias: bool = False
+
+
+class W8A8StaticLinearMethod(_AscendLinearMethod):
+    """msModelSlim W8A8: int8 per-channel weights, static per-tensor asymmetric int8 activations.
+
+    y[t, n] = ((sum_k q_x[t, k] * W[n, k]) + quant_bias[n]) * deq_scale[n], with
+    q_x = clamp(round(x / input_scale + input_offset), -128, 127). The checkpoint's float `bias`
+    (if any) is already folded into quant_bias, so `apply` ignores the layer bias, as the NPU path.
+    """
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        n, shards = sum(output_sizes), len(output_sizes)
+        deq_dtype = torch.float32 if params_dtype == torch.bfloat16 else torch.int64
+        _add_param(layer, "weight", (n, input_size), torch.int8, "weight")          # [n, k]
+        _add_param(layer, "input_scale", (shards,), torch.float32, "tensor")        # [shards]
+        _add_param(layer, "input_offset", (shards,), torch.float32, "tensor")       # [shards]
+        _add_param(layer, "deq_scale", (n,), deq_dtype, "deq_scale")                # [n]
+        _add_param(layer, "quant_bias", (n,), torch.int32, "channel")               # [n]
+        _install_loader(layer)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        scale, offset = layer.input_scale.data, layer.input_offset.data
+        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"{layer.prefix}.input_scale: must be finite and > 0, got {scale.tolist()}")
+        if not bool((offset == offset.round()).all() and (offset >= INT8_MIN).all()
+                    and (offset <= INT8_MAX).all()):
+            raise ValueError(f"{layer.prefix}.input_offset: must be integers in [-128, 127], "
+                             f"got {offset.tolist()}")
+        layer.register_buffer("deq_scale_fp32", decode_deq_scale(layer.deq_scale.data), persistent=False)
+        layer.w8a8_groups = _activation_groups(list(layer.output_sizes), scale, offset)
+        layer.w8a8_add_quant_bias = _adds_quant_bias(layer)
+        layer.w8a8_quantize = _kernel(layer, "quantize_per_tensor", quantize_per_tensor_reference)
+        layer.w8a8_matmul = _kernel(layer, "quant_matmul", quant_matmul_static)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = _flatten_x(x, layer.weight.shape[1])                                    # [T, k]
+        quant_bias = layer.quant_bias if layer.w8a8_add_quant_bias else None
+        outs = []
+        for start, end, index in layer.w8a8_groups:
+            q_x = layer.w8a8_quantize(x2, layer.input_scale[index], layer.input_offset[index])
+            outs.append(layer.w8a8_matmul(
+                q_x, layer.weight[start:end], layer.deq_scale_fp32[start:end],
+                None if quant_bias is None else quant_bias[start:end], x.dtype))   # [T, end - start]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def quant_matmul_static(q_x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """quant_matmul without a registry (layers built without an op set)."""
+    return quant_matmul_reference(q_x, weight, scale, bias, out_dtype)
+
+
+def quant_matmul_dynamic(q_x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype,
+                         pertoken_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-token form of quant_matmul without a registry."""
+    return dynamic_quant_matmul_reference(q_x, weight, scale, pertoken_scale, bias, out_dtype)
+
+
+def _kernel(layer: nn.Module, op: str, fallback: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The backend's kernel for `op` (chosen once, after loading), or the reference without an op set."""
+    ops = getattr(layer, "ops", None)
+    return fallback if ops is None else ops.get(op)
+
+
+def _activation_groups(output_sizes: list[int], scale: torch.Tensor,
+                       offset: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
+    """(row start, row end, shard index) runs of adjacent shards sharing (scale, offset)."""
+    groups: list[list[int]] = []
+    start = 0
+    for index, size in enumerate(output_sizes):
+        same = groups and bool(scale[groups[-1][2]] == scale[index]) \
+            and bool(offset[groups[-1][2]] == offset[index])
+        if same:
+            groups[-1][1] = start + size
+        else:
+            groups.append([start, start + size, index])
+        start += size
+    return tuple((a, b, i) for a, b, i in groups)
+
+
+class _PerChannelScaleMethod(_AscendLinearMethod):
+    """Shared part of W8A8_DYNAMIC and W8A16: int8 weight [n, k], weight_scale/offset [n, 1]."""
+
+    def __init__(self, group_size: int = 0, prefix: str = "") -> None:
+        if group_size:
+            raise ValueError(f"{prefix}: per-group scales (group_size={group_size}) are not "
+                             f"supported; per-channel only")
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        n = sum(output_sizes)
+        _add_param(layer, "weight", (n, input_size), torch.int8, "weight")          # [n, k]
+        _add_param(layer, "weight_scale", (n, 1), torch.float32, "channel")         # [n, 1]
+        _add_param(layer, "weight_offset", (n, 1), torch.float32, "channel")        # [n, 1]
+        _install_loader(layer)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        scale = layer.weight_scale.data
+        if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
+            raise ValueError(f"{layer.prefix}.weight_scale: must be finite and >= 0")
+        layer.register_buffer("weight_scale_fp32", scale.reshape(-1).to(torch.float32), persistent=False)
+        layer.register_buffer("weight_offset_fp32", layer.weight_offset.data.reshape(-1).to(torch.float32),
+                              persistent=False)
+
+
+class W8A8DynamicLinearMethod(_PerChannelScaleMethod):
+    """W8A8_DYNAMIC: int8 per-channel symmetric weights, per-token symmetric int8 activations.
+
+    y[t, n] = (sum_k q_x[t, k] * W[n, k]) * weight_scale[n] * token_scale[t] + bias[n].
+    """
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        if bool((layer.weight_offset_fp32 != 0).any()):
+            raise ValueError(f"{layer.prefix}.weight_offset: W8A8_DYNAMIC weights must be "
+                             f"symmetric (all offsets 0)")
+        layer.w8a8_quantize = _kernel(layer, "dynamic_quant_per_token", dynamic_quant_per_token_reference)
+        layer.w8a8_matmul = _kernel(layer, "quant_matmul", quant_matmul_dynamic)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = _flatten_x(x, layer.weight.shape[1])                                    # [T, k]
+        q_x, token_scale = layer.w8a8_quantize(x2)                                   # [T, k], [T]
+        out = layer.w8a8_matmul(q_x, layer.weight, layer.weight_scale_fp32, bias, x.dtype,
+                                pertoken_scale=token_scale)                          # [T, n]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class W8A16LinearMethod(_PerChannelScaleMethod):
+    """W8A16: int8 weights dequantized as (W - weight_offset) * weight_scale; float activations."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return weight_only_matmul_reference(x, layer.weight, layer.weight_scale_fp32,
+                                            layer.weight_offset_fp32, bias)
