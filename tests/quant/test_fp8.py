@@ -7,28 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from ascend_llm.layers.linear import QKVParallelLinear, ReplicatedLinear
-from ascend_llm.ops import build_op_set
+from tests.quant.linear_fixtures import OPS, gen as _gen
+from tests.quant.linear_fixtures import loaded_linear as _loaded_linear
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant.fp8 import BlockWiseFp8Config, Fp8Config
 from ascend_llm.quant.registry import get_quant_config
 
-OPS = build_op_set("cpu")
 SHAPES = [(576, 96), (96, 130), (130, 576), (33, 7)]   # (k, n)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _loaded_linear(config, k: int, n: int, bias: bool, seed: int, ops=OPS) -> tuple:
-    layer = ReplicatedLinear(k, n, bias=bias, quant_config=config, prefix="model.layers.0.self_attn.o_proj", ops=ops)
-    w = torch.randn(n, k, generator=_gen(seed)) * 0.1                  # [n, k]
-    layer.weight.weight_loader(layer.weight, w)
-    b = torch.randn(n, generator=_gen(seed + 1)) if bias else None
-    if bias:
-        layer.bias.weight_loader(layer.bias, b)
-    layer.quant_method.process_weights_after_loading(layer)
-    return layer, w, b
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -8,27 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from ascend_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear
-from ascend_llm.ops import build_op_set
+from tests.quant.linear_fixtures import OPS, gen as _gen
+from tests.quant.linear_fixtures import loaded_linear
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant.registry import get_quant_config
 from ascend_llm.quant.weight_only import WeightOnlyLinearMethod, WInt4Config, WInt8Config
 
-OPS = build_op_set("cpu")
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _loaded_linear(config, k: int, n: int, bias: bool, seed: int, ops=OPS) -> tuple:
-    layer = ReplicatedLinear(k, n, bias=bias, quant_config=config, prefix="model.layers.0.mlp.down_proj", ops=ops)
-    w = torch.randn(n, k, generator=_gen(seed)) * 0.1                  # [n, k]
-    layer.weight.weight_loader(layer.weight, w)
-    b = torch.randn(n, generator=_gen(seed + 1)) if bias else None
-    if bias:
-        layer.bias.weight_loader(layer.bias, b)
-    layer.quant_method.process_weights_after_loading(layer)
-    return layer, w, b
 
 
 def _dequantized(layer, bits: int, k: int) -> torch.Tensor:
@@ -113,3 +98,7 @@ def test_unsupported_bits_rejected():
 def test_registry_names(name, cls):
     config = get_quant_config(name, None)
     assert isinstance(config, cls) and config.get_name() == name.lower()
+
+
+def _loaded_linear(config, k: int, n: int, bias: bool, seed: int, ops=OPS) -> tuple:
+    return loaded_linear(config, k, n, bias, seed, ops, prefix="model.layers.0.mlp.down_proj")
