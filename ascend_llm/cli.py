@@ -130,14 +130,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     try:
         from ascend_llm.server.args import add_server_args
     except ImportError as exc:   # server extras missing: the other commands still work
-        serve.set_defaults(func=lambda args: _missing_server(exc))
+        reason = str(exc)        # `exc` itself is unbound once the except block ends
+        serve.set_defaults(func=lambda args: _missing_server(reason))
         return
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
 
-def _missing_server(exc: Exception) -> int:
-    logger.error("the server is unavailable: %s", exc)
+def _missing_server(reason: str) -> int:
+    logger.error("the server is unavailable: %s", reason)
     return 2
 
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ascend_llm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference kernels)

@@ -37,3 +37,11 @@ def test_invalid_sampling_value_is_a_clear_error(tiny_llama_dir):
     proc = run_cli("generate", "--model", str(tiny_llama_dir), "--prompt", "x", "--temperature", "nan")
     assert proc.returncode == 2
     assert "temperature" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_without_server_dependencies_fails_cleanly(monkeypatch, caplog):
+    from ascend_llm import cli
+    monkeypatch.setitem(sys.modules, "ascend_llm.server.args", None)   # import now raises ImportError
+    args = cli.build_parser().parse_args(["serve"])
+    assert args.func(args) == 2
+    assert "the server is unavailable" in caplog.text
