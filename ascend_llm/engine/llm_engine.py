@@ -88,11 +88,9 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown ids are ignored."""
         state = self.requests.pop(request_id, None)
-        for seq in self.scheduler.abort_request(request_id):
+        self.scheduler.abort_request(request_id)
+        for seq in state.seqs if state is not None else ():
             self.model_runner.free_seq_state(seq.seq_id)
-        if state is not None:
-            for seq in state.seqs:
-                self.model_runner.free_seq_state(seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -135,10 +133,8 @@ class LLMEngine:
         state.metrics.num_generation_tokens += 1
         state.record_logprobs(seq, token, logprobs, ranks, self.tokenizer)
         stop = state.update_text(seq, self.tokenizer)
-        if stop is not None and not seq.is_finished:
+        if stop is not None:   # also overrides an eos/length finish this same token caused
             self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED, stop)
-        elif stop is not None:
-            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
         if seq.is_finished:
             self.model_runner.free_seq_state(seq.seq_id)
 
