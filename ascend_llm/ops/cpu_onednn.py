@@ -1,8 +1,9 @@
 """Optimised CPU kernels through oneDNN (bundled with PyTorch). Tested against ops/cpu.py.
 
-oneDNN's linear with a weight pre-packed into its blocked layout runs 2-3x faster than
-the MKL sgemm behind F.linear on batched inputs (measured on the CI's 2-core AMD EPYC:
-~300-400 vs ~120-180 GFLOP/s at 32-2048 tokens) and stays IEEE fp32.
+On AMD EPYC, oneDNN's linear with a weight pre-packed into its blocked layout runs 2-3x faster
+than the MKL sgemm behind F.linear on batched inputs (~300-400 vs ~120-180 GFLOP/s at 32-2048
+tokens) and stays IEEE fp32. On Intel CPUs MKL is faster at decode and these kernels step
+aside (ops/cpu_linear_choice.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ascend_llm.ops.cpu_linear_choice import ENV_VAR, cpu_vendor, onednn_preferred
 from ascend_llm.ops.registry import Kernel, OpRegistry
 
 _PACK_BATCH_HINT = 32   # oneDNN picks the blocked layout for this many rows; any row count works
@@ -24,6 +26,15 @@ def _supports_linear(dtype: torch.dtype | None = None, shared_weight: bool = Fal
 
 
 def _supports_dense_linear(dtype: torch.dtype | None = None, **traits: Any) -> str | None:
+    reason = onednn_unavailable(dtype)
+    if reason is None and not onednn_preferred():
+        reason = (f"MKL's F.linear is faster on this CPU ({cpu_vendor() or 'unknown vendor'}); "
+                  f"{ENV_VAR}=onednn forces oneDNN")
+    return reason
+
+
+def onednn_unavailable(dtype: torch.dtype | None) -> str | None:
+    """Why this torch build cannot run oneDNN linear in `dtype`, or None if it can."""
     if not torch.backends.mkldnn.is_available():
         return "oneDNN (mkldnn) is not available in this torch build"
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):

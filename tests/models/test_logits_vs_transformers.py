@@ -73,6 +73,7 @@ def test_qwen2_has_qkv_bias_and_no_o_bias(tiny_qwen2_dir):
 @pytest.mark.parametrize("disabled", ["", "cpu.onednn_linear,cpu.onednn_dense_linear"])
 def test_tied_embeddings_share_storage(tiny_qwen2_tied_dir, tiny_qwen2_dir, monkeypatch, disabled):
     # the tied head keeps the embedding's storage whichever kernel runs it
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "onednn")   # whatever this machine's CPU is
     monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", disabled)
     _, tied = build_ours(tiny_qwen2_tied_dir)
     _, untied = build_ours(tiny_qwen2_dir)
@@ -82,6 +83,7 @@ def test_tied_embeddings_share_storage(tiny_qwen2_tied_dir, tiny_qwen2_dir, monk
 
 @pytest.mark.parametrize("disabled", ["", "cpu.onednn_linear", "cpu.onednn_linear,cpu.onednn_dense_linear"])
 def test_every_cpu_linear_kernel_match_transformers(tiny_qwen2_tied_dir, disabled, monkeypatch):
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "onednn")   # whatever this machine's CPU is
     monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", disabled)
     token_ids = list(range(5, 30))
     config, ours = build_ours(tiny_qwen2_tied_dir)

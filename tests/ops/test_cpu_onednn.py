@@ -1,13 +1,15 @@
 """oneDNN linear (packed weights) against the F.linear reference."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
 
-from ascend_llm.ops import cpu, cpu_onednn
+from ascend_llm.ops import cpu, cpu_linear_choice, cpu_onednn
 
-pytestmark = pytest.mark.skipif(cpu_onednn._supports_linear(torch.float32) is not None,
+pytestmark = pytest.mark.skipif(cpu_onednn.onednn_unavailable(torch.float32) is not None,
                                 reason="oneDNN linear unavailable in this torch build")
 
 
@@ -54,9 +56,41 @@ def test_onednn_dense_linear_matches_reference(num_tokens):
 
 def test_kernel_selected_for_fp32_and_can_be_disabled(monkeypatch):
     from ascend_llm.ops import build_op_set
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "onednn")
     ops = build_op_set("cpu")
     assert ops.select("linear", dtype=torch.float32).name == "cpu.onednn_linear"
     assert ops.select("linear", dtype=torch.float32, shared_weight=True).name == "cpu.onednn_dense_linear"
     assert ops.select("linear", dtype=torch.float16).name == "cpu.linear"
     monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.onednn_linear,cpu.onednn_dense_linear")
     assert ops.select("linear", dtype=torch.float32).name == "cpu.linear"
+
+
+def test_mkl_choice_steps_onednn_aside(monkeypatch):
+    from ascend_llm.ops import build_op_set
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "mkl")
+    ops = build_op_set("cpu")
+    assert ops.select("linear", dtype=torch.float32).name == "cpu.linear"
+    assert ops.select("linear", dtype=torch.float32, shared_weight=True).name == "cpu.linear"
+
+
+@pytest.mark.parametrize("vendor, want", [("GenuineIntel", "cpu.linear"), ("AuthenticAMD", "cpu.onednn_linear"),
+                                          ("", "cpu.onednn_linear")])
+def test_auto_choice_follows_cpu_vendor(monkeypatch, vendor, want):
+    from ascend_llm.ops import build_op_set
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "auto")
+    monkeypatch.setattr(cpu_linear_choice, "cpu_vendor", lambda: vendor)
+    assert build_op_set("cpu").select("linear", dtype=torch.float32).name == want
+
+
+def test_bad_choice_is_named(monkeypatch):
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "fastest")
+    with pytest.raises(ValueError, match="ASCEND_LLM_CPU_LINEAR='fastest'"):
+        cpu_linear_choice.onednn_preferred()
+
+
+def test_cpu_vendor_reads_proc_cpuinfo():
+    vendor = cpu_linear_choice.cpu_vendor()
+    assert isinstance(vendor, str)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        assert vendor and vendor in cpuinfo.read_text()

@@ -1,0 +1,46 @@
+"""Which float linear kernel suits this CPU: MKL's GEMM/GEMV (F.linear) or oneDNN's.
+
+Measured on the two machine kinds this project runs on (benchmarks/results/NOTES_cpu.md):
+- AMD EPYC (2 vCPUs): MKL takes its generic code path; oneDNN's packed two-row GEMV streams
+  weights ~2x faster (25 vs 12 GB/s), and its packed GEMM is 2-3x faster on batches.
+- Intel Xeon (2 vCPUs): MKL's one-row GEMV is ~20% faster than oneDNN at decode (14.5 vs
+  18.2 ms for SmolLM2's 30 layers), oneDNN's packed GEMM is 5-20% faster at 4-32 rows.
+Decode at small batch is what users wait on, so oneDNN is used unless the CPU is an Intel
+one. `ASCEND_LLM_CPU_LINEAR=onednn|mkl` overrides the choice.
+
+The choice is by vendor, not by a start-up micro-benchmark: timings taken while other
+processes load the CPU are off by 10x (OpenMP threads spin), which would make the kernel,
+and so the exact fp32 outputs, depend on the load at start-up.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+ENV_VAR = "ASCEND_LLM_CPU_LINEAR"
+_CHOICES = ("auto", "onednn", "mkl")
+
+
+def onednn_preferred() -> bool:
+    """True when float linear layers should run on oneDNN (the env override, else by vendor)."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ENV_VAR}={choice!r}: expected one of {', '.join(_CHOICES)}")
+    if choice != "auto":
+        return choice == "onednn"
+    return cpu_vendor() != "GenuineIntel"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The `vendor_id` of /proc/cpuinfo (e.g. GenuineIntel, AuthenticAMD), or "" if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
