@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda", "npu")
-_KV_CACHE_DTYPES = ("auto",)   # fp8 / int8 arrive with the quantized KV cache
+# vLLM's CacheDType names (fp8 = fp8_e4m3) plus int8 (msModelSlim C8 / FastDeploy cache_int8)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -41,12 +42,14 @@ class CacheConfig:
     num_gpu_blocks: int | None = None      # explicit block count overrides the memory budget
     kv_cache_memory_gb: float | None = None  # CPU budget (vLLM's VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.9
+    calculate_kv_scales: bool = False        # KV scales from the first batch (vLLM)
+    quantization_param_path: str | None = None   # legacy vLLM JSON of per-layer fp8 KV scales
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and self.block_size % 8 == 0 or self.block_size in (1, 2, 4),
                  f"block_size: must be a power of two >= 1 (8, 16, 32 ...), got {self.block_size}")
-        _require(self.kv_cache_dtype in _KV_CACHE_DTYPES,
-                 f"kv_cache_dtype: {self.kv_cache_dtype!r} is not supported yet; choose one of {_KV_CACHE_DTYPES}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
         _require(self.num_gpu_blocks is None or self.num_gpu_blocks > 0,
                  f"num_gpu_blocks: must be positive, got {self.num_gpu_blocks}")
         _require(self.kv_cache_memory_gb is None or self.kv_cache_memory_gb > 0,

@@ -2,24 +2,60 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import importlib.util
 import logging
+import sys
+from types import ModuleType
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 
-def npu_available() -> bool:
-    """True when torch_npu is installed and reports a device. Imports torch_npu only if installed."""
+def import_torch_npu() -> ModuleType | None:
+    """The torch_npu module, or None when it is not installed or fails to import.
+
+    The only place the process imports torch_npu (installing it without CANN breaks
+    `import torch`, so it is never a hard dependency). A module already in `sys.modules`
+    (the real one, or the test emulation) is returned as is.
+    """
+    module = sys.modules.get("torch_npu")
+    if module is not None:
+        return module
     if importlib.util.find_spec("torch_npu") is None:
-        return False
+        return None
     try:
-        import torch_npu  # noqa: F401  (registers torch.npu)
+        return importlib.import_module("torch_npu")   # registers torch.npu
     except Exception as exc:  # a broken CANN install must not take the CPU path down
         logger.warning("torch_npu is installed but failed to import: %s", exc)
+        return None
+
+
+def npu_available() -> bool:
+    """True when torch_npu imports and reports a device."""
+    if import_torch_npu() is None:
         return False
-    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+    npu = getattr(torch, "npu", None)
+    return bool(npu is not None and npu.is_available())
+
+
+def torch_device(backend: str) -> torch.device:
+    """The torch device that holds a backend's tensors.
+
+    npu: `npu:<current device>` from torch_npu; a stand-in torch_npu (the test emulation) may
+    name another device through its `emulated_device` attribute (the emulation keeps tensors
+    on the CPU).
+    """
+    if backend != "npu":
+        return torch.device(backend)
+    torch_npu = import_torch_npu()
+    if torch_npu is None:
+        raise ValueError("device: 'npu' requested but torch_npu is not installed or fails to import")
+    emulated = getattr(torch_npu, "emulated_device", None)
+    if emulated is not None:
+        return torch.device(emulated)
+    return torch.device("npu", torch.npu.current_device())
 
 
 def resolve_device(device: str) -> str:

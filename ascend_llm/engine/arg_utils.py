@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, fields
 
-from ascend_llm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from ascend_llm.config import KV_CACHE_DTYPES, CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from ascend_llm.loader import DEFAULT_MODEL
 
 
@@ -17,6 +18,8 @@ class EngineArgs:
     dtype: str = "auto"
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
+    quantization_param_path: str | None = None
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     max_num_seqs: int = 64
@@ -39,7 +42,8 @@ class EngineArgs:
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.kv_cache_dtype, self.enable_prefix_caching,
                            self.num_gpu_blocks_override, self.kv_cache_memory_gb,
-                           self.gpu_memory_utilization)
+                           self.gpu_memory_utilization, self.calculate_kv_scales,
+                           self.quantization_param_path)
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         batched = self.max_num_batched_tokens
@@ -59,7 +63,11 @@ class EngineArgs:
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        quantization = values.get("quantization")
+        if isinstance(quantization, str) and quantization.lstrip().startswith("{"):
+            values.update(fastdeploy_quantization(quantization, values.get("kv_cache_dtype", "auto")))
+        return cls(**values)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,7 +79,14 @@ class EngineArgs:
         add("--served-model-name", default=None, help="model name the API reports")
         add("--dtype", default=d.dtype, choices=["auto", "float32", "float16", "bfloat16"])
         add("--quantization", "-q", default=None, help="quantization method (e.g. wint8, w8a8, fp8)")
-        add("--kv-cache-dtype", default=d.kv_cache_dtype)
+        add("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+            help="KV cache storage: auto (model dtype), fp8 (= fp8_e4m3), fp8_e5m2 or int8; "
+                 "quantized caches hold twice the tokens of a 16-bit one (default: %(default)s)")
+        add("--calculate-kv-scales", action="store_true",
+            help="compute fp8/int8 KV scales from the first batch instead of using 1.0 "
+                 "(int8 without checkpoint scales always does)")
+        add("--quantization-param-path", default=None,
+            help="legacy vLLM JSON of per-layer fp8 KV cache scales (kv_cache.scaling_factor)")
         add("--tensor-parallel-size", "--tp", "-tp", type=int, default=d.tensor_parallel_size)
         add("--max-model-len", type=int, default=None, help="context length (default: the model's)")
         add("--max-num-seqs", type=int, default=d.max_num_seqs)
@@ -88,3 +103,33 @@ class EngineArgs:
             help="KV cache size on CPU in GiB (default 0.3)")
         add("--distributed-executor-backend", default=d.distributed_executor_backend, choices=["mp", "ray"])
         return parser
+
+
+# FastDeploy kv_cache_quant_type -> --kv-cache-dtype (zero-point and dynamic block-wise variants unsupported)
+_FD_KV_CACHE_TYPES = {"int8": "int8", "float8_e4m3fn": "fp8"}
+
+
+def fastdeploy_quantization(text: str, kv_cache_dtype: str) -> dict[str, str | None]:
+    """FastDeploy's JSON `--quantization '{"quantization": ..., "kv_cache_quant_type": "int8"}'`
+    -> {"quantization": method or None, "kv_cache_dtype": ...}; mix_quant uses dense_quant_type."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"quantization: not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"quantization: JSON form must be an object, got {text!r}")
+    method = config.get("quantization")
+    if method == "mix_quant":
+        method = config.get("dense_quant_type")
+    result: dict[str, str | None] = {"quantization": method}
+    kv_type = config.get("kv_cache_quant_type")
+    if kv_type is not None:
+        if kv_type not in _FD_KV_CACHE_TYPES:
+            raise ValueError(f"quantization: kv_cache_quant_type {kv_type!r} is not supported; "
+                             f"use one of {sorted(_FD_KV_CACHE_TYPES)}")
+        wanted = _FD_KV_CACHE_TYPES[kv_type]
+        if kv_cache_dtype not in ("auto", wanted):
+            raise ValueError(f"quantization: kv_cache_quant_type {kv_type!r} conflicts with "
+                             f"--kv-cache-dtype {kv_cache_dtype}")
+        result["kv_cache_dtype"] = wanted
+    return result

@@ -16,6 +16,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_GB = 0.3
 # above glibc's largest mmap threshold (32 MiB) an allocation always comes from fresh mmap pages
 _FRESH_PAGES_BYTES = 64 * 2**20
+# --kv-cache-dtype -> storage dtype of a quantized cache ("auto" stores the model dtype)
+_KV_STORAGE_DTYPES = {
+    "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2, "int8": torch.int8,
+}
+
+
+def kv_cache_storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the paged KV cache is allocated in for `--kv-cache-dtype`."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in _KV_STORAGE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: {kv_cache_dtype!r} is not one of "
+                         f"{('auto', *_KV_STORAGE_DTYPES)}")
+    return _KV_STORAGE_DTYPES[kv_cache_dtype]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +102,8 @@ def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device
     """
     shape = (2, spec.num_layers, num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim)
     nbytes = (num_blocks + 1) * spec.bytes_per_block
-    logger.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num_blocks, spec.block_size,
-                num_blocks * spec.bytes_per_block / 2**20)
+    logger.info("KV cache: %d blocks x %d tokens in %s (%.1f MiB)", num_blocks, spec.block_size,
+                str(spec.dtype).removeprefix("torch."), num_blocks * spec.bytes_per_block / 2**20)
     if device.type == "cpu" and nbytes >= _FRESH_PAGES_BYTES:
         cache = torch.empty(shape, dtype=spec.dtype, device=device)
     else:

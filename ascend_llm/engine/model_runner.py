@@ -11,16 +11,19 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ascend_llm.config import CacheConfig, ModelConfig
-from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches, num_kv_blocks
+from ascend_llm.engine.kv_cache import (KVCacheSpec, allocate_kv_caches, kv_cache_storage_dtype,
+                                        num_kv_blocks)
 from ascend_llm.engine.scheduler import SchedulerOutput
 from ascend_llm.engine.sequence import Sequence
+from ascend_llm.layers.attention import Attention
+from ascend_llm.layers.kv_scales import bind_kv_cache_scales, checkpoint_kv_cache_dtype, load_kv_scales_json
 from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.models.weight_utils import fused_shards, process_weights_after_loading
 from ascend_llm.ops import AttentionMetadata, build_op_set
-from ascend_llm.platform import release_free_heap, resolve_dtype
+from ascend_llm.platform import release_free_heap, resolve_dtype, torch_device
 from ascend_llm.quant.registry import get_quant_config
 
 logger = logging.getLogger(__name__)
@@ -49,13 +52,16 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any,
                  model_dir: Path, backend: str, eos_token_ids: set[int]) -> None:
         self.backend = backend
-        self.device = torch.device(backend)
+        self.device = torch_device(backend)
         self.dtype = resolve_dtype(model_config.dtype, backend, hf_config)
         self.block_size = cache_config.block_size
         self.eos_token_ids = eos_token_ids
         torch.manual_seed(model_config.seed)
+        self.kv_cache_dtype = checkpoint_kv_cache_dtype(cache_config.kv_cache_dtype, model_dir)
         self.model = self._load_model(model_config, hf_config, model_dir)
-        spec = KVCacheSpec.from_hf_config(hf_config, self.block_size, self.dtype)
+        self._bind_kv_cache(cache_config, hf_config)
+        spec = KVCacheSpec.from_hf_config(hf_config, self.block_size,
+                                          kv_cache_storage_dtype(self.kv_cache_dtype, self.dtype))
         self.num_blocks = num_kv_blocks(spec, cache_config, backend)
         self.kv_caches = allocate_kv_caches(spec, self.num_blocks, self.device)
         self.null_block = self.num_blocks   # the extra zeroed block padding points at
@@ -71,12 +77,27 @@ class ModelRunner:
             model = model_cls(hf_config, ops, quant_config, self.dtype)
         weights = tqdm(iter_safetensors_weights(model_dir), desc="Loading weights", unit="tensor",
                        leave=False)
-        model.load_weights((name, t.to(self.dtype) if t.is_floating_point() else t)
-                           for name, t in weights)
+        model.load_weights((name, t.to(self.dtype) if t.is_floating_point() and t.dim() > 1
+                            and t.dtype.itemsize > 1 else t) for name, t in weights)
         process_weights_after_loading(model)
         if self.backend == "cpu":
             release_free_heap()   # loading left hundreds of MiB of freed, still-resident heap
         return model.eval()
+
+    def _bind_kv_cache(self, cache_config: CacheConfig, hf_config: Any) -> None:
+        """Give every attention layer its KV-cache kernels and scales (checkpoint, JSON, or
+        calculated from the first batch)."""
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        json_scales = None
+        if cache_config.quantization_param_path is not None:
+            if self.kv_cache_dtype == "auto":
+                logger.warning("quantization_param_path is ignored: the KV cache is not quantized "
+                               "(kv_cache_dtype auto)")
+            else:
+                json_scales = load_kv_scales_json(cache_config.quantization_param_path, len(layers),
+                                                  getattr(hf_config, "model_type", None))
+        bind_kv_cache_scales(layers, self.kv_cache_dtype, cache_config.calculate_kv_scales,
+                             json_scales, self.device)
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:

@@ -6,6 +6,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from ascend_llm.layers.kv_scales import load_kv_scale
+
 # checkpoint tensors that carry no weights we use
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
@@ -20,6 +22,8 @@ def load_weights_into(model: nn.Module, weights: Iterable[tuple[str, torch.Tenso
     loaded: set[str] = set()
     for name, tensor in weights:
         if name.endswith(_SKIPPED_SUFFIXES):
+            continue
+        if load_kv_scale(model, name, tensor):     # KV-cache scales go to their attention layer
             continue
         target, shard_id = _resolve_name(name, packed_modules_mapping)
         param = params.get(target)

@@ -69,3 +69,18 @@ def _causal_mask(q_lens: torch.Tensor, ctx_lens: torch.Tensor, valid_q: torch.Te
     mask = key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)                   # [num_seqs, max_q, max_ctx]
     mask &= key_pos.view(1, 1, -1) < ctx_lens.view(-1, 1, 1)
     return mask.unsqueeze(1)
+
+
+@dataclass(slots=True)
+class KVCacheScales:
+    """Per-layer constants of a quantized paged KV cache, handed to the cache kernels.
+
+    Stored value q and real value x relate as x ~= (q - offset) * scale (offset only for int8
+    C8 checkpoints). Scales are float32 and broadcast against [..., num_kv_heads, head_dim]:
+    shape [1] (per layer) or [num_kv_heads, head_dim] (per channel); offsets are None or
+    [num_kv_heads, head_dim] float32 holding integers.
+    """
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    k_offset: torch.Tensor | None = None
+    v_offset: torch.Tensor | None = None

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ascend_llm.ops import cpu_onednn as onednn
 from ascend_llm.ops import cpu_int8 as int8_kernels
+from ascend_llm.ops import cpu_kv_quant as kv_quant_kernels
 from ascend_llm.ops import cpu_quant as quant_kernels
 from ascend_llm.ops.attention_metadata import AttentionMetadata
 from ascend_llm.ops.registry import Kernel, OpRegistry
@@ -111,10 +112,18 @@ def _unpad_queries(out: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     return flat.index_select(0, meta.query_unpad_index)
 
 
+def _supports_float_kv(kv_cache_dtype: str = "auto", **_: object) -> str | None:
+    # a quantized cache needs the scales: cpu_kv_quant's kernels
+    return None if kv_cache_dtype == "auto" else f"kv_cache_dtype={kv_cache_dtype!r} is quantized"
+
+
 def register(registry: OpRegistry) -> None:
     """Register the CPU reference kernel of every op."""
-    for fn in (linear, rms_norm, add_rms_norm, rope, silu_and_mul, reshape_and_cache, paged_attention):
+    for fn in (linear, rms_norm, add_rms_norm, rope, silu_and_mul):
         registry.register(Kernel(fn.__name__, BACKEND, f"cpu.{fn.__name__}", fn))
+    for fn in (reshape_and_cache, paged_attention):
+        registry.register(Kernel(fn.__name__, BACKEND, f"cpu.{fn.__name__}", fn, _supports_float_kv))
     onednn.register(registry)
     quant_kernels.register(registry)
     int8_kernels.register(registry)
+    kv_quant_kernels.register(registry, attend=paged_attention)
