@@ -11,8 +11,8 @@ from ascend_llm.ops.registry import Kernel, OpRegistry, OpSet
 logger = logging.getLogger(__name__)
 
 # backend -> module holding a `register(registry)` function; imported only when asked for
-_BACKEND_MODULES = {"cpu": "ascend_llm.ops.cpu"}
-# Until a backend's own kernels land, it runs the plain-torch reference kernels on its device.
+_BACKEND_MODULES = {"cpu": "ascend_llm.ops.cpu", "cuda": "ascend_llm.ops.cuda", "npu": "ascend_llm.ops.npu"}
+# Ops a backend has no kernel of yet run as the plain-torch reference kernels on its device.
 _REFERENCE_FALLBACK = ("cuda", "npu")
 
 

@@ -28,6 +28,7 @@ from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference
     INT8_MAX, INT8_MIN, MAX_EXACT_K, dynamic_quant_matmul_reference, dynamic_quant_per_token_reference,
     int8_matmul_reference, quant_matmul_reference, quantize_per_tensor_reference,
     weight_only_matmul_reference)
+from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.formats import DESCRIPTION_META_KEYS, detect_quant_format, validate_description
 
@@ -35,7 +36,7 @@ DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
-SUPPORTED_LINEAR_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16")
+SUPPORTED_LINEAR_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "WFP8AFP8_DYNAMIC")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +146,8 @@ class AscendW8A8Config(QuantConfig):
             method = W8A8DynamicLinearMethod(self.group_size, prefix)
         elif quant_type == "W8A16":
             method = W8A16LinearMethod(self.group_size, prefix)
+        elif quant_type == "WFP8AFP8_DYNAMIC":
+            method = WFp8AFp8DynamicLinearMethod(self.group_size, prefix)
         else:
             raise ValueError(f"{prefix}: quant type {quant_type!r} is not supported for linear "
                              f"layers (supported: {', '.join(SUPPORTED_LINEAR_TYPES)})")
@@ -277,6 +280,7 @@ class W8A8StaticLinearMethod(_AscendLinearMethod):
                        params_dtype: torch.dtype) -> None:
         n, shards = sum(output_sizes), len(output_sizes)
         deq_dtype = torch.float32 if params_dtype == torch.bfloat16 else torch.int64
+        layer.params_dtype = params_dtype
         _add_param(layer, "weight", (n, input_size), torch.int8, "weight")          # [n, k]
         _add_param(layer, "input_scale", (shards,), torch.float32, "tensor")        # [shards]
         _add_param(layer, "input_offset", (shards,), torch.float32, "tensor")       # [shards]
@@ -297,8 +301,11 @@ class W8A8StaticLinearMethod(_AscendLinearMethod):
         layer.w8a8_add_quant_bias = _adds_quant_bias(layer)
         layer.w8a8_quantize = _kernel(layer, "quantize_per_tensor", quantize_per_tensor_reference)
         layer.w8a8_matmul = _kernel(layer, "quant_matmul", quant_matmul_static)
+        _bind_layer_kernel(layer, "static")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.w8a8_layer_kernel is not None:
+            return layer.w8a8_layer_kernel.run(layer, x, bias)
         x2 = _flatten_x(x, layer.weight.shape[1])                                    # [T, k]
         quant_bias = layer.quant_bias if layer.w8a8_add_quant_bias else None
         outs = []
@@ -330,6 +337,21 @@ def _kernel(layer: nn.Module, op: str, fallback: Callable[..., torch.Tensor]) ->
     return fallback if ops is None else ops.get(op)
 
 
+def _bind_layer_kernel(layer: nn.Module, scheme: str) -> None:
+    """Bind the backend's whole-layer kernel (op `w8a8_linear`) when it has one.
+
+    The NPU runs a layer as one torch_npu call sequence on weights its `prepare` re-lays out
+    ([k, n], FRACTAL_NZ); backends without such a kernel use the per-op path of `apply`.
+    """
+    layer.w8a8_layer_kernel = None
+    ops = getattr(layer, "ops", None)
+    if ops is None or ("w8a8_linear", ops.backend) not in ops.registry.kernels:
+        return
+    kernel = ops.select("w8a8_linear", scheme=scheme, dtype=layer.params_dtype)
+    kernel.prepare(layer)
+    layer.w8a8_layer_kernel = kernel
+
+
 def _activation_groups(output_sizes: list[int], scale: torch.Tensor,
                        offset: torch.Tensor) -> tuple[tuple[int, int, int], ...]:
     """(row start, row end, shard index) runs of adjacent shards sharing (scale, offset)."""
@@ -357,6 +379,7 @@ class _PerChannelScaleMethod(_AscendLinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         n = sum(output_sizes)
+        layer.params_dtype = params_dtype
         _add_param(layer, "weight", (n, input_size), torch.int8, "weight")          # [n, k]
         _add_param(layer, "weight_scale", (n, 1), torch.float32, "channel")         # [n, 1]
         _add_param(layer, "weight_offset", (n, 1), torch.float32, "channel")        # [n, 1]
@@ -384,8 +407,11 @@ class W8A8DynamicLinearMethod(_PerChannelScaleMethod):
                              f"symmetric (all offsets 0)")
         layer.w8a8_quantize = _kernel(layer, "dynamic_quant_per_token", dynamic_quant_per_token_reference)
         layer.w8a8_matmul = _kernel(layer, "quant_matmul", quant_matmul_dynamic)
+        _bind_layer_kernel(layer, "dynamic")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.w8a8_layer_kernel is not None:
+            return layer.w8a8_layer_kernel.run(layer, x, bias)
         x2 = _flatten_x(x, layer.weight.shape[1])                                    # [T, k]
         q_x, token_scale = layer.w8a8_quantize(x2)                                   # [T, k], [T]
         out = layer.w8a8_matmul(q_x, layer.weight, layer.weight_scale_fp32, bias, x.dtype,
@@ -396,6 +422,60 @@ class W8A8DynamicLinearMethod(_PerChannelScaleMethod):
 class W8A16LinearMethod(_PerChannelScaleMethod):
     """W8A16: int8 weights dequantized as (W - weight_offset) * weight_scale; float activations."""
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        _bind_layer_kernel(layer, "w8a16")
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.w8a8_layer_kernel is not None:
+            return layer.w8a8_layer_kernel.run(layer, x, bias)
         return weight_only_matmul_reference(x, layer.weight, layer.weight_scale_fp32,
                                             layer.weight_offset_fp32, bias)
+
+
+class WFp8AFp8DynamicLinearMethod(_AscendLinearMethod):
+    """WFP8AFP8_DYNAMIC (MoFQ's FP8 layers): float8_e4m3fn weight [n, k] with a float32
+    per-channel `weight_scale` [n, 1]; activations e4m3 per token, computed at every call.
+
+    y[t, n] = (sum_k q_x[t, k] * W[n, k]) * token_scale[t] * weight_scale[n] + bias[n], with
+    token_scale = max(rowmax|x| / 448, 1 / (448 * 512)) (primitives.quantize_fp8_per_token_group).
+    """
+
+    def __init__(self, group_size: int = 0, prefix: str = "") -> None:
+        if group_size:
+            raise ValueError(f"{prefix}: per-group scales (group_size={group_size}) are not "
+                             f"supported for WFP8AFP8_DYNAMIC; per-channel only")
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        n = sum(output_sizes)
+        _add_param(layer, "weight", (n, input_size), P.FP8_DTYPE, "weight")         # [n, k] e4m3
+        _add_param(layer, "weight_scale", (n, 1), torch.float32, "channel")         # [n, 1]
+        _install_loader(layer)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        scale = layer.weight_scale.data
+        if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
+            raise ValueError(f"{layer.prefix}.weight_scale: must be finite and >= 0")
+        if layer.weight.dtype != P.FP8_DTYPE:
+            raise ValueError(f"{layer.prefix}.weight: WFP8AFP8_DYNAMIC needs float8_e4m3fn, "
+                             f"got {layer.weight.dtype}")
+        layer.register_buffer("weight_scale_fp32", scale.reshape(-1).to(torch.float32), persistent=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = _flatten_x(x, layer.weight.shape[1])                                    # [T, k]
+        out = wfp8_dynamic_matmul_reference(x2, layer.weight, layer.weight_scale_fp32, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+def wfp8_dynamic_matmul_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, k] float, weight [n, k] e4m3, weight_scale [n] -> [T, n] float32.
+
+    The e4m3 -> float conversion moves bits (exact, `fp8_to_float16_scaled` gives q / 256).
+    """
+    q_x, token_scale = P.quantize_fp8_per_token_group(x, group_size=x.shape[1])   # [T, k], [T, 1]
+    x16, w16 = P.fp8_to_float16_scaled(q_x), P.fp8_to_float16_scaled(weight)        # q / 256
+    acc = torch.nn.functional.linear(x16.float(), w16.float())                      # [T, n]
+    out = acc * (token_scale * P.FP8_FP16_RESCALE ** 2) * weight_scale.float()[None, :]
+    return out if bias is None else out + bias.float()

@@ -1,0 +1,127 @@
+"""Decode-step graph capture per batch-size bucket (ACL graphs via torch.npu.NPUGraph on Ascend;
+torch.cuda.CUDAGraph plugs into the same runner).
+
+A decode step `fn(inputs) -> out` is captured once per bucket size b on static input buffers
+whose first dimension is b; a batch of n <= b rows is copied into the buffers, the rows n..b-1
+are filled with each input's pad value (e.g. a slot that writes into the null KV block), the
+graph is replayed and the first n output rows are returned. Batches above the largest bucket
+run eagerly.
+
+What a captured step may use: device tensors only. Host values read during capture (Python ints,
+`.tolist()`, shapes that depend on the batch contents) are frozen into the graph, so a step whose
+attention takes host-side sequence lengths (npu_fused_infer_attention_score's
+actual_seq_lengths_kv) needs the graph-parameter update vllm-ascend performs before it can be
+captured; the runner is therefore not yet wired into ModelRunner.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class GraphAPI:
+    """A device's graph primitives: a graph factory, its capture context, a synchronize."""
+    name: str
+    new_graph: Callable[[], Any]
+    capture: Callable[[Any], ContextManager[Any]]
+    synchronize: Callable[[], None]
+
+
+def npu_graph_api() -> GraphAPI:
+    """ACL graph capture (torch.npu.NPUGraph / torch.npu.graph, registered by torch_npu)."""
+    npu = getattr(torch, "npu", None)
+    if npu is None or not hasattr(npu, "NPUGraph"):
+        raise ValueError("graph capture: torch.npu.NPUGraph is unavailable (torch_npu not imported)")
+    return GraphAPI("npu", npu.NPUGraph, npu.graph, npu.synchronize)
+
+
+def cuda_graph_api() -> GraphAPI:
+    """CUDA graph capture (torch.cuda.CUDAGraph / torch.cuda.graph)."""
+    if not torch.cuda.is_available():
+        raise ValueError("graph capture: CUDA is not available")
+    return GraphAPI("cuda", torch.cuda.CUDAGraph, torch.cuda.graph, torch.cuda.synchronize)
+
+
+@dataclass(slots=True)
+class _Captured:
+    graph: Any
+    inputs: dict[str, torch.Tensor]     # static buffers, [bucket, ...] each
+    output: torch.Tensor                # [bucket, ...], rewritten by every replay
+
+
+class DecodeGraphRunner:
+    """Runs `fn` through one captured graph per batch bucket.
+
+    pad_values: per input name, the value padded rows get (inputs not named pad with 0).
+    The returned tensor is a view into the bucket's static output: consume (or clone) it
+    before the next call.
+    """
+
+    def __init__(self, fn: StepFn, api: GraphAPI, buckets: list[int],
+                 pad_values: dict[str, float] | None = None, warmup_runs: int = 1) -> None:
+        if not buckets or any(b < 1 for b in buckets):
+            raise ValueError(f"graph buckets: need positive batch sizes, got {buckets}")
+        self.fn, self.api = fn, api
+        self.buckets = sorted(set(buckets))
+        self.pad_values = dict(pad_values or {})
+        self.warmup_runs = warmup_runs
+        self.graphs: dict[int, _Captured] = {}
+        self.num_eager = 0
+
+    def bucket_for(self, batch_size: int) -> int | None:
+        """The smallest bucket holding `batch_size` rows, None above the largest."""
+        i = bisect.bisect_left(self.buckets, batch_size)
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch_size = _batch_size(inputs)
+        bucket = self.bucket_for(batch_size)
+        if bucket is None:
+            self.num_eager += 1
+            return self.fn(inputs)
+        captured = self.graphs.get(bucket) or self._capture(bucket, inputs)
+        self._fill(captured.inputs, inputs, batch_size)
+        captured.graph.replay()
+        return captured.output[:batch_size]
+
+    def _capture(self, bucket: int, example: dict[str, torch.Tensor]) -> _Captured:
+        static = {name: torch.empty((bucket, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                  for name, t in example.items()}
+        self._fill(static, example, _batch_size(example))
+        for _ in range(self.warmup_runs):        # allocator / lazy-init work stays out of the graph
+            self.fn(static)
+        self.api.synchronize()
+        graph = self.api.new_graph()
+        with self.api.capture(graph):
+            output = self.fn(static)
+        self.api.synchronize()
+        logger.info("captured a %s graph for decode batch bucket %d", self.api.name, bucket)
+        self.graphs[bucket] = _Captured(graph, static, output)
+        return self.graphs[bucket]
+
+    def _fill(self, static: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], n: int) -> None:
+        if static.keys() != inputs.keys():
+            raise ValueError(f"graph inputs: expected {sorted(static)}, got {sorted(inputs)}")
+        for name, buf in static.items():
+            src = inputs[name]
+            if src.shape[1:] != buf.shape[1:] or src.dtype != buf.dtype:
+                raise ValueError(f"graph input {name!r}: {src.dtype}{list(src.shape)} does not fit "
+                                 f"the captured {buf.dtype}{list(buf.shape)}")
+            buf[:n].copy_(src)
+            buf[n:].fill_(self.pad_values.get(name, 0))
+
+
+def _batch_size(inputs: dict[str, torch.Tensor]) -> int:
+    sizes = {t.shape[0] for t in inputs.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"graph inputs: all inputs need the same batch size, got {sorted(sizes)}")
+    return sizes.pop()

@@ -1,0 +1,611 @@
+"""A stand-in `torch_npu` module: the documented semantics of every torch_npu op the NPU
+backend calls, in plain torch on the CPU, plus the argument checks the hardware makes.
+
+Written from the torch_npu / CANN op documentation (Ascend/op-plugin `docs/context/*.md`,
+hiascend "PyTorch API" pages), independently of `ascend_llm/ops/cpu*.py`: the NPU kernels are
+tested by comparing what they compute through this module with the CPU reference kernels.
+
+Each op records an `OpCall` (name, dtypes, shapes, formats) in `FakeTorchNPU.calls` and raises
+`NPUArgumentError` where the hardware rejects an argument (a wrong dtype, a weight that was not
+cast to FRACTAL_NZ, a 310P-only restriction, ...). Numerics: integer matmuls are exact, float
+math runs in float32 and is cast to the documented output dtype.
+
+`install_fake_torch_npu(monkeypatch)` puts an instance into `sys.modules["torch_npu"]` and
+`torch.npu`, as importing the real torch_npu does; the `npu_emulation` fixture wraps it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.machinery
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ACL_FORMAT_ND = 2
+ACL_FORMAT_FRACTAL_NZ = 29
+FLOAT_ACTS = (torch.float16, torch.bfloat16)
+MASK_SIZE = 2048                      # sparse_mode 2/3/4 take the "optimised" 2048 x 2048 mask
+
+
+class NPUArgumentError(RuntimeError):
+    """What the emulated hardware raises for an argument the real op rejects."""
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One recorded op call: name and a short description of each tensor argument."""
+    name: str
+    args: dict[str, str]
+
+
+def _describe(t: Any, formats: "FormatTable") -> str:
+    if isinstance(t, torch.Tensor):
+        fmt = "NZ" if formats.get(t) == ACL_FORMAT_FRACTAL_NZ else "ND"
+        return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}:{fmt}"
+    return repr(t)
+
+
+def _require(cond: bool, op: str, message: str) -> None:
+    if not cond:
+        raise NPUArgumentError(f"{op}: {message}")
+
+
+class FormatTable:
+    """The storage format (ND or FRACTAL_NZ) of tensors returned by npu_format_cast.
+
+    Real torch_npu keeps the format in the NPU storage descriptor, so it survives `param.data`
+    and nn.Parameter wrapping. Here a cast returns a fresh tensor that this table keeps alive
+    (its address then cannot be reused) and identifies by address, shape and strides.
+    """
+
+    def __init__(self) -> None:
+        self._formats: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[int, torch.Tensor]] = {}
+
+    def set(self, t: torch.Tensor, acl_format: int) -> None:
+        self._formats[(t.data_ptr(), tuple(t.shape), t.stride())] = (acl_format, t)
+
+    def get(self, t: torch.Tensor) -> int:
+        entry = self._formats.get((t.data_ptr(), tuple(t.shape), t.stride()))
+        return ACL_FORMAT_ND if entry is None else entry[0]
+
+
+# ------------------------------------------------------------------------- graph capture (NPUGraph)
+
+class _RecordOps(TorchDispatchMode):
+    """Records every aten op run during capture: (op, args, kwargs, outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, tuple, dict, Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))
+        return out
+
+
+class FakeNPUGraph:
+    """torch.npu.NPUGraph: capture records the aten ops run inside `torch.npu.graph(g)`;
+    `replay()` re-runs them on the same tensors and writes each result into the tensor the
+    capture produced, so captured outputs update in place, as a replayed ACL graph does.
+    Host values read during capture (Python ints, lists) stay frozen, as on the device."""
+
+    def __init__(self) -> None:
+        self._ops: list[tuple[Any, tuple, dict, Any]] | None = None
+        self.num_replays = 0
+
+    def replay(self) -> None:
+        if self._ops is None:
+            raise NPUArgumentError("NPUGraph.replay: nothing was captured")
+        with torch.no_grad():
+            for func, args, kwargs, out in self._ops:
+                fresh = func(*args, **kwargs)
+                _copy_outputs(out, fresh)
+        self.num_replays += 1
+
+    def reset(self) -> None:
+        self._ops = None
+
+
+def _copy_outputs(captured: Any, fresh: Any) -> None:
+    if isinstance(captured, torch.Tensor) and isinstance(fresh, torch.Tensor):
+        if captured is not fresh and captured.shape == fresh.shape and captured.data_ptr() != fresh.data_ptr():
+            captured.copy_(fresh)
+    elif isinstance(captured, (tuple, list)):
+        for c, f in zip(captured, fresh):
+            _copy_outputs(c, f)
+
+
+@contextlib.contextmanager
+def _graph(graph: FakeNPUGraph, pool: Any = None, stream: Any = None) -> Iterator[None]:
+    recorder = _RecordOps()
+    with recorder:
+        yield
+    graph._ops = recorder.ops
+
+
+class FakeNPUNamespace(types.SimpleNamespace):
+    """The `torch.npu` functions the runtime uses; one emulated device whose tensors live on
+    the CPU."""
+
+    def __init__(self, soc: str, memory_bytes: int) -> None:
+        super().__init__()
+        self.soc = soc
+        self.memory_bytes = memory_bytes
+        self.NPUGraph = FakeNPUGraph
+        self.graph = _graph
+        self.synchronize_count = 0
+
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def current_device(self) -> int:
+        return 0
+
+    def set_device(self, device: Any) -> None:
+        return None
+
+    def synchronize(self, device: Any = None) -> None:
+        self.synchronize_count += 1
+
+    def mem_get_info(self, device: Any = None) -> tuple[int, int]:
+        return self.memory_bytes, self.memory_bytes
+
+    def empty_cache(self) -> None:
+        return None
+
+    def get_device_name(self, device: Any = None) -> str:
+        return self.soc
+
+
+# ------------------------------------------------------------------------------ the module
+
+class FakeTorchNPU(types.ModuleType):
+    """A `torch_npu` module object. `soc` is what torch.npu.get_device_name reports
+    ("Ascend910B1": Atlas A2; "Ascend310P3": Atlas inference series)."""
+
+    def __init__(self, soc: str = "Ascend910B1", memory_bytes: int = 64 * 2**20) -> None:
+        super().__init__("torch_npu")
+        self.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)
+        self.emulated_device = "cpu"         # read by ascend_llm.platform.torch_device
+        self.npu = FakeNPUNamespace(soc, memory_bytes)
+        self.formats = FormatTable()
+        self.calls: list[OpCall] = []
+        self.strict_nz = True   # quant matmul weights must be NZ (vllm-ascend's default; required on 310P)
+
+    # -- bookkeeping
+    @property
+    def is_310p(self) -> bool:
+        return "310P" in self.npu.soc
+
+    def _record(self, name: str, **tensors: Any) -> None:
+        self.calls.append(OpCall(name, {k: _describe(v, self.formats) for k, v in tensors.items()}))
+
+    def called(self, name: str) -> list[OpCall]:
+        """The recorded calls of op `name`."""
+        return [c for c in self.calls if c.name == name]
+
+    # -- formats
+    def npu_format_cast(self, tensor: torch.Tensor, acl_format: int) -> torch.Tensor:
+        """Copy `tensor` into storage format `acl_format` (2 ND, 29 FRACTAL_NZ)."""
+        _require(acl_format in (ACL_FORMAT_ND, ACL_FORMAT_FRACTAL_NZ), "npu_format_cast",
+                 f"format {acl_format} is not ND (2) or FRACTAL_NZ (29)")
+        _require(tensor.dim() >= 2, "npu_format_cast", "FRACTAL_NZ needs a tensor of >= 2 dims")
+        self._record("npu_format_cast", tensor=tensor)
+        out = tensor.contiguous().clone()
+        self.formats.set(out, acl_format)
+        return out
+
+    def get_npu_format(self, tensor: torch.Tensor) -> int:
+        return self.formats.get(tensor)
+
+    # -- quantization
+    def npu_quantize(self, input: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                     dtype: torch.dtype, axis: int = 1, div_mode: bool = True) -> torch.Tensor:
+        """div_mode False: y = round(input * scales + zero_points) to int8, per last-axis element."""
+        op = "npu_quantize"
+        self._record(op, input=input, scales=scales, zero_points=zero_points)
+        _require(input.dtype in (torch.float32, *FLOAT_ACTS), op, f"input dtype {input.dtype}")
+        _require(not (self.is_310p and input.dtype == torch.bfloat16), op, "bfloat16 is not supported on 310P")
+        _require(dtype == torch.qint8, op, f"dtype must be torch.qint8 here, got {dtype}")
+        _require(axis == -1, op, "only last-axis (axis=-1) quantization is used")
+        k = input.shape[-1]
+        if div_mode:
+            _require(scales.dtype in (torch.float32, torch.bfloat16), op, f"div_mode scales dtype {scales.dtype}")
+            _require(zero_points is None or zero_points.dtype in (torch.int8, torch.uint8, torch.int32,
+                                                                  torch.bfloat16), op,
+                     f"div_mode zero_points dtype {None if zero_points is None else zero_points.dtype}")
+            _require(zero_points is None or zero_points.shape == scales.shape, op,
+                     "zero_points must have the shape of scales")
+        else:
+            _require(scales.dtype == input.dtype, op,
+                     f"div_mode=False needs scales in the input dtype {input.dtype}, got {scales.dtype}")
+            _require(zero_points is None or (zero_points.dtype == scales.dtype
+                                             and zero_points.shape == scales.shape), op,
+                     "zero_points must have the dtype and shape of scales")
+        _require(scales.dim() == 1 and scales.shape[0] in (1, k), op,
+                 f"scales shape {list(scales.shape)} must be [1] or [{k}]")
+        x = input.float()
+        y = x / scales.float() if div_mode else x * scales.float()
+        if zero_points is not None:
+            y = y + zero_points.float()
+        return torch.round(y).clamp(-128, 127).to(torch.int8)
+
+    def npu_dynamic_quant(self, input: torch.Tensor, *, smooth_scales: torch.Tensor | None = None,
+                          group_index: torch.Tensor | None = None,
+                          dst_type: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric per-token int8: scale = rowmax|x| / 127, y = round(x / scale)."""
+        op = "npu_dynamic_quant"
+        self._record(op, input=input)
+        _require(input.dtype in FLOAT_ACTS, op, f"input must be float16/bfloat16, got {input.dtype}")
+        _require(not self.is_310p, op, "not supported on 310P (Atlas inference series)")
+        _require(dst_type == torch.int8, op, f"dst_type {dst_type}")
+        _require(smooth_scales is None and group_index is None, op, "smooth scales are not emulated")
+        x = input.float()
+        scale = x.abs().amax(dim=-1) / 127.0
+        y = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
+        return y.clamp(-128, 127).to(torch.int8), scale
+
+    def npu_quant_matmul(self, x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *,
+                         offset: torch.Tensor | None = None, pertoken_scale: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None,
+                         output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """y = (x1 @ x2 [+ int32 bias]) * scale [* pertoken_scale] [+ float bias], x1 [m, k] int8,
+        x2 [k, n] int8; an int64 scale carries float32 bits in its low 32 bits."""
+        op = "npu_quant_matmul"
+        self._record(op, x1=x1, x2=x2, scale=scale, pertoken_scale=pertoken_scale, bias=bias)
+        _require(x1.dtype == torch.int8 and x2.dtype == torch.int8, op,
+                 f"x1/x2 must be int8, got {x1.dtype}/{x2.dtype}")
+        _require(x1.dim() == 2 and x2.dim() == 2 and x1.shape[1] == x2.shape[0], op,
+                 f"shapes {list(x1.shape)} @ {list(x2.shape)}: x2 must be [k, n]")
+        if self.strict_nz or self.is_310p:
+            _require(self.formats.get(x2) == ACL_FORMAT_FRACTAL_NZ, op,
+                     "x2 (weight) must be cast to FRACTAL_NZ with npu_format_cast(w, 29)")
+        n = x2.shape[1]
+        self._check_quant_matmul_dtypes(scale, pertoken_scale, bias, output_dtype, n, x1.shape[0])
+        acc = (x1.double() @ x2.double())                                       # exact integers
+        if bias is not None and bias.dtype == torch.int32:
+            acc = acc + bias.double()
+        out = acc.float() * self._scale_values(scale)
+        if pertoken_scale is not None:
+            out = out * pertoken_scale.float().unsqueeze(-1)
+        if bias is not None and bias.dtype != torch.int32:
+            out = out + bias.float()
+        return out.to(output_dtype)
+
+    def _check_quant_matmul_dtypes(self, scale: torch.Tensor, pertoken: torch.Tensor | None,
+                                   bias: torch.Tensor | None, out: torch.dtype | None, n: int,
+                                   m: int) -> None:
+        op = "npu_quant_matmul"
+        _require(out in (torch.float16, torch.bfloat16), op, f"output_dtype {out} (float16/bfloat16 used)")
+        _require(scale.dtype in (torch.float32, torch.int64, torch.bfloat16), op,
+                 f"scale dtype {scale.dtype} is not supported (float32, int64 or bfloat16)")
+        _require(scale.dim() == 1 and scale.shape[0] in (1, n), op, f"scale shape {list(scale.shape)}")
+        if self.is_310p:
+            _require(out == torch.float16, op, "310P outputs int8/float16 only")
+            _require(pertoken is None, op, "310P has no pertoken_scale")
+        if out == torch.bfloat16:
+            _require(scale.dtype != torch.int64, op, "bfloat16 output takes a float32/bfloat16 scale, not int64")
+        if pertoken is None and out == torch.float16:
+            _require(scale.dtype == torch.int64, op,
+                     "float16 output without pertoken_scale needs an int64 (quant-param) scale")
+        if pertoken is not None:
+            _require(pertoken.dtype == torch.float32 and tuple(pertoken.shape) == (m,), op,
+                     f"pertoken_scale must be float32 [{m}], got {pertoken.dtype} {list(pertoken.shape)}")
+            _require(scale.dtype != torch.int64, op, "pertoken_scale needs a float32/bfloat16 scale")
+        if bias is not None:
+            allowed = {torch.int32}
+            if out == torch.bfloat16:
+                allowed |= {torch.bfloat16, torch.float32}
+            if out == torch.float16 and pertoken is not None:
+                allowed |= {torch.float16}
+            _require(bias.dtype in allowed, op, f"bias dtype {bias.dtype} with output {out}")
+            _require(tuple(bias.shape) == (n,), op, f"bias shape {list(bias.shape)} != [{n}]")
+
+    @staticmethod
+    def _scale_values(scale: torch.Tensor) -> torch.Tensor:
+        if scale.dtype == torch.int64:
+            low = scale & 0xFFFFFFFF
+            low = torch.where(low >= 2**31, low - 2**32, low)
+            return low.to(torch.int32).view(torch.float32)
+        return scale.float()
+
+    def npu_convert_weight_to_int4pack(self, weight: torch.Tensor, inner_k_tiles: int = 0) -> torch.Tensor:
+        """int32 [k, n] of values in [-8, 7] -> int32 [k, n / 8], eight int4 per int32.
+        (The emulation packs element j of each group of 8 into bits 4j..4j+3; callers treat
+        the layout as opaque and only pass it to npu_weight_quant_batchmatmul.)"""
+        op = "npu_convert_weight_to_int4pack"
+        self._record(op, weight=weight)
+        _require(weight.dtype == torch.int32 and weight.dim() == 2, op, f"weight must be 2-D int32, got {weight.dtype}")
+        _require(weight.is_contiguous(), op, "weight must be contiguous")
+        _require(weight.shape[-1] % 8 == 0, op, f"last dim {weight.shape[-1]} must be a multiple of 8")
+        _require(bool((weight >= -8).all() and (weight <= 7).all()), op, "values outside int4 [-8, 7]")
+        nibbles = (weight & 0xF).to(torch.int64).view(weight.shape[0], -1, 8)
+        packed = (nibbles << (4 * torch.arange(8))).sum(-1)
+        packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+        self.formats.set(packed, ACL_FORMAT_ND)
+        return packed
+
+    @staticmethod
+    def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+        nibbles = (packed.to(torch.int64).unsqueeze(-1) >> (4 * torch.arange(8))) & 0xF
+        values = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+        return values.reshape(packed.shape[0], -1)                       # [k, n]
+
+    def npu_weight_quant_batchmatmul(self, x: torch.Tensor, weight: torch.Tensor,
+                                     antiquant_scale: torch.Tensor,
+                                     antiquant_offset: torch.Tensor | None = None,
+                                     quant_scale: torch.Tensor | None = None,
+                                     quant_offset: torch.Tensor | None = None,
+                                     bias: torch.Tensor | None = None, antiquant_group_size: int = 0,
+                                     inner_precise: int = 0) -> torch.Tensor:
+        """y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias, weight [k, n] int8
+        or int32 [k, n / 8] packed int4; per-channel scale/offset [n] in x's dtype."""
+        op = "npu_weight_quant_batchmatmul"
+        self._record(op, x=x, weight=weight, antiquant_scale=antiquant_scale,
+                     antiquant_offset=antiquant_offset, bias=bias)
+        _require(x.dtype in FLOAT_ACTS and x.dim() == 2, op, f"x must be 2-D float16/bfloat16, got {x.dtype}")
+        _require(weight.dtype in (torch.int8, torch.int32), op,
+                 f"weight dtype {weight.dtype} (int8 or int4-packed int32)")
+        _require(quant_scale is None and quant_offset is None and antiquant_group_size == 0, op,
+                 "only per-channel antiquant without output quantization is emulated")
+        w = weight.long() if weight.dtype == torch.int8 else self._unpack_int4(weight)   # [k, n]
+        _require(w.shape[0] == x.shape[1], op, f"x {list(x.shape)} @ weight [k, n] = {list(w.shape)}")
+        n = w.shape[1]
+        for name, t in (("antiquant_scale", antiquant_scale), ("antiquant_offset", antiquant_offset)):
+            if t is not None:
+                _require(t.dtype == x.dtype, op, f"{name} dtype {t.dtype} must equal x dtype {x.dtype}")
+                _require(t.numel() == n and t.shape[-1] == n, op, f"{name} shape {list(t.shape)} (per channel [n])")
+        if bias is not None:
+            want = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
+            _require(bias.dtype == want, op, f"bias dtype {bias.dtype} with x {x.dtype} (needs {want})")
+        wf = w.float()
+        if antiquant_offset is not None:
+            wf = wf + antiquant_offset.float().reshape(1, n)
+        wf = wf * antiquant_scale.float().reshape(1, n)
+        out = x.float() @ wf
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
+
+    # -- norms, activation, rotary
+    def npu_rms_norm(self, x: torch.Tensor, gamma: torch.Tensor,
+                     epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x * rstd * gamma, rstd), rstd = 1 / sqrt(mean(x^2) + eps) over the last dim."""
+        op = "npu_rms_norm"
+        self._record(op, x=x, gamma=gamma)
+        _require(x.dtype in (torch.float32, *FLOAT_ACTS), op, f"x dtype {x.dtype}")
+        _require(gamma.dtype == x.dtype and gamma.shape == x.shape[-1:], op,
+                 f"gamma must be {x.dtype} [{x.shape[-1]}], got {gamma.dtype} {list(gamma.shape)}")
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon)
+        return (xf * rstd * gamma.float()).to(x.dtype), rstd
+
+    def npu_add_rms_norm(self, x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor,
+                         epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rms_norm(x1 + x2) * gamma, rstd, x1 + x2)."""
+        op = "npu_add_rms_norm"
+        self._record(op, x1=x1, x2=x2, gamma=gamma)
+        _require(x1.dtype == x2.dtype == gamma.dtype, op, f"dtypes {x1.dtype}/{x2.dtype}/{gamma.dtype} differ")
+        _require(x1.shape == x2.shape, op, f"shapes {list(x1.shape)} and {list(x2.shape)} differ")
+        total = x1.float() + x2.float()
+        rstd = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + epsilon)
+        return (total * rstd * gamma.float()).to(x1.dtype), rstd, total.to(x1.dtype)
+
+    def npu_add_rms_norm_quant(self, x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor,
+                               scales1: torch.Tensor, zero_points1: torch.Tensor | None = None,
+                               beta: torch.Tensor | None = None, scales2: torch.Tensor | None = None,
+                               zero_points2: torch.Tensor | None = None, axis: int = -1,
+                               epsilon: float = 1e-6, div_mode: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y = rms_norm(x1 + x2) * gamma (fp32); y1 = round(y / scales1 + zero_points1) int8
+        (div_mode; y * scales1 otherwise); returns (y1, y2 (unused, zeros), x1 + x2)."""
+        op = "npu_add_rms_norm_quant"
+        self._record(op, x1=x1, x2=x2, gamma=gamma, scales1=scales1, zero_points1=zero_points1)
+        _require(x1.dtype == x2.dtype == gamma.dtype and x1.dtype in FLOAT_ACTS, op,
+                 f"x1/x2/gamma must share float16/bfloat16, got {x1.dtype}/{x2.dtype}/{gamma.dtype}")
+        _require(scales2 is None and zero_points2 is None and beta is None, op,
+                 "scales2/zero_points2/beta must be None")
+        _require(axis == -1, op, "axis must be -1")
+        k = x1.shape[-1]
+        _require(scales1.dtype in (torch.float32, x1.dtype) and tuple(scales1.shape) == (k,), op,
+                 f"scales1 must be float32 or {x1.dtype} [{k}], got {scales1.dtype} {list(scales1.shape)}")
+        _require(zero_points1 is None or (zero_points1.dtype in (torch.int32, torch.float32, x1.dtype)
+                                          and tuple(zero_points1.shape) == (k,)), op,
+                 "zero_points1 must be int32/float32/input dtype [k]")
+        total = x1.float() + x2.float()
+        y = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + epsilon) * gamma.float()
+        y = y / scales1.float() if div_mode else y * scales1.float()
+        if zero_points1 is not None:
+            y = y + zero_points1.float()
+        y1 = torch.round(y).clamp(-128, 127).to(torch.int8)
+        return y1, torch.zeros_like(y1), total.to(x1.dtype)
+
+    def npu_swiglu(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """a, b = x.chunk(2, dim); silu(a) * b."""
+        op = "npu_swiglu"
+        self._record(op, x=x)
+        _require(x.dtype in (torch.float32, *FLOAT_ACTS), op, f"x dtype {x.dtype}")
+        _require(x.shape[dim] % 2 == 0, op, f"dim {dim} of size {x.shape[dim]} is odd")
+        a, b = x.float().chunk(2, dim=dim)
+        return (F.silu(a) * b).to(x.dtype)
+
+    def npu_rotary_mul(self, input: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor,
+                       rotary_mode: str = "half") -> torch.Tensor:
+        """x * r1 + rotate_half(x) * r2, rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])."""
+        op = "npu_rotary_mul"
+        self._record(op, input=input, r1=r1, r2=r2)
+        _require(input.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, op, "input, r1 and r2 must be 4-D")
+        _require(r1.dtype == r2.dtype == input.dtype, op, f"r1/r2 dtype must equal input dtype {input.dtype}")
+        _require(rotary_mode == "half", op, f"rotary_mode {rotary_mode!r}")
+        _require(input.shape[-1] % 2 == 0 and r1.shape[-1] == input.shape[-1], op, "head_dim mismatch")
+        x = input.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * r1.float() + rotated * r2.float()).to(input.dtype)
+
+    # -- KV cache and attention
+    def _npu_reshape_and_cache(self, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                               value_cache: torch.Tensor, slot_indices: torch.Tensor) -> None:
+        """key/value [T, Hkv, D] -> caches [num_blocks, block_size, Hkv, D] at flat slots."""
+        op = "_npu_reshape_and_cache"
+        self._record(op, key=key, value=value, key_cache=key_cache, slot_indices=slot_indices)
+        _require(slot_indices.dtype == torch.int32, op, f"slot_indices must be int32, got {slot_indices.dtype}")
+        _require(key.dtype == key_cache.dtype and value.dtype == value_cache.dtype, op,
+                 f"key {key.dtype} / cache {key_cache.dtype} dtypes differ")
+        _require(key.shape[1:] == key_cache.shape[2:] and key.shape == value.shape, op,
+                 f"key {list(key.shape)} does not fit cache {list(key_cache.shape)}")
+        _require(key_cache.is_contiguous() and value_cache.is_contiguous(), op, "caches must be contiguous")
+        slots = slot_indices.long()
+        key_cache.view(-1, *key.shape[1:])[slots] = key
+        value_cache.view(-1, *value.shape[1:])[slots] = value
+
+    def npu_fused_infer_attention_score(self, query: torch.Tensor, key: torch.Tensor,
+                                        value: torch.Tensor, *, atten_mask: torch.Tensor | None = None,
+                                        actual_seq_lengths: list[int] | None = None,
+                                        actual_seq_lengths_kv: list[int] | None = None,
+                                        block_table: torch.Tensor | None = None, num_heads: int = 1,
+                                        scale: float = 1.0, input_layout: str = "BSH",
+                                        num_key_value_heads: int = 0, sparse_mode: int = 0,
+                                        block_size: int = 0, key_antiquant_scale: torch.Tensor | None = None,
+                                        key_antiquant_offset: torch.Tensor | None = None,
+                                        value_antiquant_scale: torch.Tensor | None = None,
+                                        value_antiquant_offset: torch.Tensor | None = None,
+                                        key_antiquant_mode: int = 0, value_antiquant_mode: int = 0,
+                                        **unused: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paged attention, TND layout: query [T, N, D] with cumulative query lengths, key/value
+        [num_blocks, block_size, Hkv * D] gathered through block_table [B, max_blocks] int32.
+        sparse_mode 3 (rightDownCausal): query i of a sequence with q_len Q and kv_len L sees
+        keys j <= L - Q + i; the mask must be the optimised 2048 x 2048 upper triangle.
+        int8 key/value (C8): dequantized per channel (mode 0) as (q + antiquant_offset) *
+        antiquant_scale, scale/offset [1] or [Hkv * D]."""
+        op = "npu_fused_infer_attention_score"
+        self._record(op, query=query, key=key, block_table=block_table, atten_mask=atten_mask)
+        _require(not self.is_310p, op, "not supported on 310P (Atlas inference series)")
+        self._check_fia(query, key, value, atten_mask, actual_seq_lengths, actual_seq_lengths_kv,
+                        block_table, num_heads, input_layout, num_key_value_heads, sparse_mode,
+                        block_size, unused)
+        kv_heads = num_key_value_heads or num_heads
+        head_dim = query.shape[-1]
+        if key.dtype == torch.int8:
+            _require(key_antiquant_mode == 0 and value_antiquant_mode == 0, op, "only per-channel antiquant (mode 0)")
+            key = self._antiquant(op, key, key_antiquant_scale, key_antiquant_offset, query.dtype)
+            value = self._antiquant(op, value, value_antiquant_scale, value_antiquant_offset, query.dtype)
+        out = torch.empty_like(query)
+        starts = [0, *actual_seq_lengths[:-1]]
+        for b, (start, end, kv_len) in enumerate(zip(starts, actual_seq_lengths, actual_seq_lengths_kv)):
+            num_blocks = -(-kv_len // block_size)
+            blocks = block_table[b, :num_blocks].long()
+            k = key[blocks].reshape(-1, kv_heads, head_dim)[:kv_len].float()     # [L, Hkv, D]
+            v = value[blocks].reshape(-1, kv_heads, head_dim)[:kv_len].float()
+            q = query[start:end].float()                                          # [Q, N, D]
+            k = k.repeat_interleave(num_heads // kv_heads, dim=1)
+            v = v.repeat_interleave(num_heads // kv_heads, dim=1)
+            scores = torch.einsum("qnd,knd->nqk", q, k) * scale                  # [N, Q, L]
+            q_len = end - start
+            visible = torch.arange(kv_len).view(1, -1) <= (kv_len - q_len + torch.arange(q_len)).view(-1, 1)
+            scores = scores.masked_fill(~visible, float("-inf"))
+            out[start:end] = torch.einsum("nqk,knd->qnd", scores.softmax(-1), v).to(query.dtype)
+        return out, torch.zeros(1, dtype=torch.float32)
+
+    @staticmethod
+    def _antiquant(op: str, cache: torch.Tensor, scale: torch.Tensor | None, offset: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+        _require(scale is not None, op, "an int8 key/value needs key/value_antiquant_scale")
+        hidden = cache.shape[-1]
+        for name, t in (("scale", scale), ("offset", offset)):
+            if t is not None:
+                _require(t.dim() == 1 and t.shape[0] in (1, hidden), op, f"antiquant {name} shape {list(t.shape)}")
+                _require(t.dtype in (torch.float32, *FLOAT_ACTS), op, f"antiquant {name} dtype {t.dtype}")
+        x = cache.float() if offset is None else cache.float() + offset.float()
+        return (x * scale.float()).to(dtype)
+
+    def _check_fia(self, query, key, value, atten_mask, q_lens, kv_lens, block_table, num_heads,  # noqa: ANN001
+                   input_layout, num_kv_heads, sparse_mode, block_size, unused) -> None:
+        op = "npu_fused_infer_attention_score"
+        _require(not any(v is not None for v in unused.values()), op,
+                 f"arguments not emulated: {sorted(k for k, v in unused.items() if v is not None)}")
+        _require(input_layout == "TND", op, f"only input_layout TND is emulated, got {input_layout!r}")
+        _require(query.dtype in FLOAT_ACTS and query.is_contiguous(), op,
+                 f"query must be contiguous float16/bfloat16, got {query.dtype}")
+        _require(key.dtype == value.dtype and key.dtype in (query.dtype, torch.int8), op,
+                 f"key/value dtype {key.dtype} / {value.dtype} with query {query.dtype}")
+        _require(query.dim() == 3 and query.shape[1] == num_heads, op,
+                 f"query {list(query.shape)} is not [T, {num_heads}, D]")
+        kv_heads = num_kv_heads or num_heads
+        _require(num_heads % kv_heads == 0 and num_heads // kv_heads <= 64, op,
+                 f"num_heads {num_heads} / num_key_value_heads {kv_heads}")
+        _require(block_table is not None and block_table.dtype == torch.int32, op, "block_table must be int32")
+        _require(key.dim() == 3 and key.shape[1] == block_size and key.shape[2] == kv_heads * query.shape[2], op,
+                 f"paged key must be [num_blocks, {block_size}, {kv_heads * query.shape[2]}], got {list(key.shape)}")
+        _require(isinstance(q_lens, list) and isinstance(kv_lens, list), op,
+                 "actual_seq_lengths / actual_seq_lengths_kv are host int lists")
+        _require(len(q_lens) == len(kv_lens) == block_table.shape[0], op, "batch sizes differ")
+        _require(q_lens[-1] == query.shape[0] and all(a <= b for a, b in zip([0, *q_lens], q_lens)), op,
+                 f"TND actual_seq_lengths must be cumulative and end at T={query.shape[0]}")
+        _require(sparse_mode in (0, 3), op, f"sparse_mode {sparse_mode} is not emulated")
+        if sparse_mode == 3:
+            _require(atten_mask is not None and tuple(atten_mask.shape) == (MASK_SIZE, MASK_SIZE), op,
+                     f"sparse_mode 3 needs the optimised {MASK_SIZE}x{MASK_SIZE} mask")
+            _require(atten_mask.dtype in (torch.bool, torch.int8, torch.uint8), op, f"mask dtype {atten_mask.dtype}")
+            expect = torch.ones(MASK_SIZE, MASK_SIZE, dtype=torch.bool).triu(1)
+            _require(bool((atten_mask.bool() == expect).all()), op, "mask must be the strict upper triangle")
+        else:
+            _require(all(b - a == 1 for a, b in zip([0, *q_lens], q_lens)), op,
+                     "sparse_mode 0 without mask is decode only (one query per sequence)")
+
+    # -- MoE
+    def npu_grouped_matmul(self, x: list[torch.Tensor], weight: list[torch.Tensor], *,
+                           bias: list[torch.Tensor] | None = None, group_list: torch.Tensor | None = None,
+                           split_item: int = 0, group_type: int | None = None,
+                           group_list_type: int = 0, output_dtype: torch.dtype | None = None,
+                           **unused: Any) -> list[torch.Tensor]:
+        """One x [M, k] (rows sorted by expert), weight [E, k, n]; group_list_type 0: cumulative
+        row ends per expert (int64), 1: row counts. split_item 2/3: one output [M, n]."""
+        op = "npu_grouped_matmul"
+        self._record(op, x=x[0], weight=weight[0], group_list=group_list)
+        _require(len(x) == 1 and len(weight) == 1 and weight[0].dim() == 3, op,
+                 "one x and one [E, k, n] weight are emulated")
+        _require(split_item in (2, 3) and group_type == 0, op, f"split_item {split_item}, group_type {group_type}")
+        _require(not any(v is not None for v in unused.values()), op, "quantized grouped matmul is not emulated")
+        xs, w = x[0], weight[0]
+        _require(xs.dtype in FLOAT_ACTS and w.dtype == xs.dtype, op, f"x {xs.dtype} / weight {w.dtype}")
+        _require(group_list is not None and group_list.dtype == torch.int64 and group_list.shape == (w.shape[0],), op,
+                 f"group_list must be int64 [{w.shape[0]}]")
+        counts = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
+        _require(bool((counts >= 0).all()) and int(counts.sum()) <= xs.shape[0], op, "group_list exceeds x rows")
+        out = torch.zeros(xs.shape[0], w.shape[2], dtype=torch.float32)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            out[start:start + count] = xs[start:start + count].float() @ w[e].float()
+            if bias is not None:
+                out[start:start + count] += bias[0][e].float()
+            start += count
+        return [out.to(output_dtype or xs.dtype)]
+
+
+def install_fake_torch_npu(monkeypatch: pytest.MonkeyPatch, soc: str = "Ascend910B1") -> FakeTorchNPU:
+    """Insert a fresh FakeTorchNPU as `torch_npu` and `torch.npu` (undone by monkeypatch)."""
+    fake = FakeTorchNPU(soc)
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    monkeypatch.setattr(torch, "npu", fake.npu, raising=False)
+    return fake
+
+
+@pytest.fixture
+def npu_emulation(monkeypatch: pytest.MonkeyPatch) -> FakeTorchNPU:
+    """The emulated torch_npu (Atlas A2), installed for one test."""
+    return install_fake_torch_npu(monkeypatch)
+
+
+__all__ = ["ACL_FORMAT_FRACTAL_NZ", "FakeTorchNPU", "NPUArgumentError", "OpCall", "install_fake_torch_npu",
+           "npu_emulation"]
