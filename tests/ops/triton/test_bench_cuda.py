@@ -1,0 +1,34 @@
+"""benchmarks/bench_cuda.py without a GPU: a clear exit message, and the decode-limit bytes."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_cuda.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_cuda", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exits_with_a_clear_message_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        _bench().require_cuda()
+
+
+def test_weight_bytes_of_llama2_7b() -> None:
+    bench = _bench()
+    linear = 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008)                 # 6.48e9 parameters
+    assert linear == 6_476_005_376
+    bf16, wint8, wint4 = (bench.weight_bytes(m) for m in (None, "wint8", "wint4"))
+    # 6.74e9 parameters = 13.5 GB, but a step reads one embedding row, not the 262 MB table
+    assert bf16 == 2 * linear + 2 * 32000 * 4096 + 2 * 4096 + 2 * 4096 * 65
+    assert wint8 - linear == pytest.approx(bf16 - 2 * linear + 4 * 32 * (4 * 4096 + 3 * 11008))
+    assert wint4 < wint8 < bf16
