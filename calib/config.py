@@ -1,0 +1,140 @@
+"""Calibration options: one dataclass, recipe (YAML) loading and validation.
+
+Option names follow msModelSlim's `example/Llama/quant_llama.py` so existing conversion scripts
+keep working. Precedence: dataclass defaults < recipe values < command-line flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+ACT_METHODS = {1: "minmax", 2: "histogram", 3: "auto"}
+ANTI_METHODS = ("m1", "m2", "m3", "m4", "m5", "m6")
+DEVICE_TYPES = ("cpu", "cuda", "npu")
+_DISABLE_LEVEL = re.compile(r"^L(\d+)$")
+
+
+class CalibError(ValueError):
+    """A problem with the user's options or inputs (the CLI prints it and exits with code 2)."""
+
+
+@dataclass
+class CalibConfig:
+    """Every option of one calibration run (msModelSlim names where msModelSlim has one)."""
+
+    model_path: str = ""
+    save_directory: str = ""
+    calib_file: str = ""
+    device_type: str = "cpu"
+    w_bit: int = 8
+    a_bit: int = 8
+    act_method: int = 1
+    anti_method: str | None = None
+    disable_level: str = "L0"
+    disable_names: list[str] = field(default_factory=list)
+    is_dynamic: bool = False
+    use_kvcache_quant: bool = False
+    mixed_format: bool = False
+    num_samples: int = 16            # calibration texts used (CPU time grows linearly)
+    max_tokens: int = 128            # tokens per calibration text
+    sample_tokens: int = 256         # input rows kept per Linear for error scoring
+    part_file_size: float = 0.0      # GB per weight shard; 0 = one file
+    seed: int = 0
+    progress: bool = True            # tqdm bars on stderr
+    recipe: str | None = None
+
+    @property
+    def num_float_layers(self) -> int:
+        """k of `disable_level` 'Lk'."""
+        return int(_DISABLE_LEVEL.match(self.disable_level).group(1))
+
+    @property
+    def act_method_name(self) -> str:
+        return ACT_METHODS[self.act_method]
+
+    @property
+    def linear_quant_type(self) -> str:
+        """The description type of a quantized Linear (before MoFQ's per-layer choice)."""
+        if self.a_bit == 16:
+            return "W8A16"
+        return "W8A8_DYNAMIC" if self.is_dynamic or self.mixed_format else "W8A8"
+
+    def validate(self) -> "CalibConfig":
+        """Raise CalibError naming the first bad option; returns self."""
+        _require(bool(self.model_path), "--model_path is required")
+        _require(bool(self.save_directory), "--save_directory is required")
+        _require(bool(self.calib_file), "--calib_file is required")
+        _require(self.w_bit == 8, f"--w_bit: only 8 is supported, got {self.w_bit}")
+        _require(self.a_bit in (8, 16), f"--a_bit: 8 or 16 expected, got {self.a_bit}")
+        _require(self.act_method in ACT_METHODS,
+                 f"--act_method: unknown value {self.act_method!r}; expected 1 (min-max), "
+                 f"2 (histogram) or 3 (auto)")
+        _require(self.anti_method is None or self.anti_method in ANTI_METHODS,
+                 f"--anti_method: unknown method {self.anti_method!r}; expected one of "
+                 f"{', '.join(ANTI_METHODS)}")
+        _require(isinstance(self.disable_level, str) and bool(_DISABLE_LEVEL.match(self.disable_level)),
+                 f"--disable_level: expected L0, L1, ... Ln, got {self.disable_level!r}")
+        _require(self.device_type in DEVICE_TYPES,
+                 f"--device_type: expected one of {', '.join(DEVICE_TYPES)}, got {self.device_type!r}")
+        _require(not (self.a_bit == 16 and (self.is_dynamic or self.mixed_format)),
+                 "--is_dynamic / --mixed_format quantize activations; they need --a_bit 8")
+        _require(self.num_samples >= 1, f"--num_samples: must be >= 1, got {self.num_samples}")
+        _require(self.max_tokens >= 2, f"--max_tokens: must be >= 2, got {self.max_tokens}")
+        _require(self.sample_tokens >= 1, f"--sample_tokens: must be >= 1, got {self.sample_tokens}")
+        _require(self.part_file_size >= 0, f"--part_file_size: must be >= 0, got {self.part_file_size}")
+        return self
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise CalibError(message)
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a bundled recipe in calib/recipes/ (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    bundled = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise CalibError(f"--recipe: {name_or_path!r} is neither a file nor a bundled recipe "
+                     f"(bundled: {bundled})")
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """The option values of a recipe; CalibError for unreadable YAML or unknown keys."""
+    path = resolve_recipe(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CalibError(f"recipe {path}: unreadable YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise CalibError(f"recipe {path}: expected a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(CalibConfig)} - {"recipe"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CalibError(f"recipe {path}: unknown option(s) {unknown}; known: {sorted(known)}")
+    return values
+
+
+def build_config(cli_values: dict[str, Any]) -> CalibConfig:
+    """Merge defaults, the recipe named in `cli_values['recipe']` (if any) and explicit CLI values.
+
+    `cli_values` holds only the options the user set (None / absent = not given).
+    """
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    merged: dict[str, Any] = {}
+    if given.get("recipe"):
+        merged.update(load_recipe(given["recipe"]))
+    merged.update(given)
+    if "disable_names" in merged and isinstance(merged["disable_names"], str):
+        merged["disable_names"] = merged["disable_names"].split()
+    return CalibConfig(**merged).validate()

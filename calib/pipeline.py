@@ -1,0 +1,304 @@
+"""One calibration run: load -> (smooth) -> observe -> choose -> export -> report."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from calib.config import CalibConfig, CalibError
+from calib.dataset import load_calib_texts, tokenize_texts
+from calib.export import LinearPlan, build_checkpoint, copy_side_files, write_checkpoint
+from calib.mixed_format import FormatChoice, choose_formats
+from calib.model_spec import LinearGroup, check_architecture, find_groups, group_of
+from calib.observers import HistogramObserver, MinMaxObserver, RowSampler
+from calib.quantize import relative_error, simulate_linear
+from calib.report import CalibReport, LayerRecord
+from calib.sensitivity import score_layers, select_float_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupStats:
+    """What the observers saw at one group's input."""
+
+    minmax: MinMaxObserver = field(default_factory=MinMaxObserver)
+    histogram: HistogramObserver | None = None
+    rows: RowSampler | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()              # [T, k]
+        self.minmax.update(x)
+        if self.histogram is not None:
+            self.histogram.update(x)
+        if self.rows is not None:
+            self.rows.update(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def resolve_device(device_type: str) -> torch.device:
+    """cpu, cuda (must be available) or npu (needs torch_npu); CalibError otherwise."""
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise CalibError("--device_type cuda: no CUDA device is available")
+        return torch.device("cuda")
+    if device_type == "npu":
+        try:
+            importlib.import_module("torch_npu")
+        except ImportError as exc:
+            raise CalibError("--device_type npu needs torch_npu (pip install ascend-llm[npu]) "
+                             "and an Ascend device") from exc
+        return torch.device("npu")
+    return torch.device("cpu")
+
+
+def load_model(model_path: str, device: torch.device) -> tuple[nn.Module, Any, Path, torch.dtype]:
+    """(HF model in float32 on `device`, tokenizer, model dir, the checkpoint's own dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ascend_llm.loader.resolve import resolve_model_path
+
+    try:
+        model_dir = Path(resolve_model_path(model_path))
+    except ValueError as exc:
+        raise CalibError(f"--model_path: {exc}") from exc
+    config = AutoConfig.from_pretrained(model_dir)
+    check_architecture(config, str(model_dir / "config.json"))
+    source_dtype = _config_dtype(config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer, model_dir, source_dtype
+
+
+def _config_dtype(config: Any) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation
+# ---------------------------------------------------------------------------------------------
+
+@contextmanager
+def _input_hooks(model: nn.Module, groups: list[LinearGroup], stats: dict[str, GroupStats]) -> Iterator[None]:
+    """Feed each group's input (seen at its first member) to its GroupStats while active."""
+    modules = dict(model.named_modules())
+
+    def hook(key: str):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            stats[key].update(args[0])
+        return record
+
+    handles = [modules[g.names[0]].register_forward_pre_hook(hook(g.key)) for g in groups]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+KVRanges = dict[str, tuple[torch.Tensor, torch.Tensor]]   # "...k_proj" -> per-channel (min, max)
+
+
+def observe(model: nn.Module, groups: list[LinearGroup], batches: list[torch.Tensor], cfg: CalibConfig,
+            full: bool, desc: str) -> tuple[dict[str, GroupStats], KVRanges]:
+    """Run the calibration batches; (group stats, per-channel KV-cache ranges if C8 is asked).
+
+    `full` adds histograms and row samples (the pre-smoothing pass only needs min / max).
+    """
+    histogram = full and cfg.act_method in (2, 3) and cfg.linear_quant_type == "W8A8"
+    stats = {g.key: GroupStats(histogram=HistogramObserver() if histogram else None,
+                               rows=RowSampler(cfg.sample_tokens, cfg.seed) if full else None)
+             for g in groups}
+    kv: KVRanges = {}
+    device = next(model.parameters()).device
+    with _input_hooks(model, groups, stats), torch.inference_mode():
+        for ids in tqdm(batches, desc=desc, disable=not cfg.progress):
+            out = model(ids.to(device), use_cache=full and cfg.use_kvcache_quant)
+            if full and cfg.use_kvcache_quant:
+                _update_kv_ranges(kv, out.past_key_values)
+    return stats, kv
+
+
+def _update_kv_ranges(kv: KVRanges, cache: Any) -> None:
+    """Per-channel (kv_heads * head_dim) min / max of the post-RoPE keys and the values."""
+    for index, layer in enumerate(cache.layers):
+        for proj, states in (("k_proj", layer.keys), ("v_proj", layer.values)):
+            flat = states[0].transpose(0, 1).reshape(states.shape[2], -1).float().cpu()   # [seq, kv*hd]
+            name = f"model.layers.{index}.self_attn.{proj}"
+            lo, hi = flat.amin(dim=0), flat.amax(dim=0)
+            if name in kv:
+                lo, hi = torch.minimum(kv[name][0], lo), torch.maximum(kv[name][1], hi)
+            kv[name] = (lo, hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions
+# ---------------------------------------------------------------------------------------------
+
+def choose_observer(group: LinearGroup, stats: GroupStats, act_method: int,
+                    weights: Any) -> tuple[str, tuple[float, float], dict[str, float]]:
+    """(observer name, clip range, {candidate: output error}) for a static W8A8 group.
+
+    act_method 1 / 2 take min-max / histogram; 3 takes whichever reproduces the group's outputs
+    better on the sampled rows (errors summed over members).
+    """
+    if act_method == 1:
+        return "minmax", stats.minmax.range(), {}
+    if act_method == 2:
+        return "histogram", stats.histogram.range(), {}
+    candidates = {"minmax": stats.minmax.range(), "histogram": stats.histogram.range()}
+    x = stats.rows.sample()
+    errors = {}
+    for name, x_range in candidates.items():
+        errors[name] = 0.0
+        for member in group.names:
+            weight, bias = weights(member)
+            errors[name] += relative_error(simulate_linear("FLOAT", weight, bias, x),
+                                           simulate_linear("W8A8", weight, bias, x, x_range))
+    best = min(candidates, key=lambda n: errors[n])
+    return best, candidates[best], errors
+
+
+def _weight_lookup(model: nn.Module) -> Any:
+    modules = dict(model.named_modules())
+
+    def lookup(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        linear = modules[name]
+        bias = linear.bias.detach().float().cpu() if linear.bias is not None else None
+        return linear.weight.detach().float().cpu(), bias
+    return lookup
+
+
+def _apply_anti_outlier(model: nn.Module, cfg: CalibConfig, batches: list[torch.Tensor]) -> Any:
+    try:
+        anti_outlier = importlib.import_module("calib.anti_outlier")
+    except ImportError as exc:
+        raise CalibError(f"--anti_method {cfg.anti_method}: the anti-outlier module "
+                         f"(calib/anti_outlier.py) is not available: {exc}") from exc
+    try:
+        return anti_outlier.apply_anti_outlier(model, cfg.anti_method, batches, w_bit=cfg.w_bit,
+                                               a_bit=cfg.a_bit, is_dynamic=cfg.linear_quant_type != "W8A8")
+    except ValueError as exc:
+        raise CalibError(f"--anti_method {cfg.anti_method}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def run_calibration(cfg: CalibConfig) -> CalibReport:
+    """Calibrate `cfg.model_path` and write the checkpoint to `cfg.save_directory`."""
+    cfg.validate()
+    timer = _Timer()
+    with timer.stage("load"):
+        texts = load_calib_texts(cfg.calib_file, cfg.num_samples)
+        device = resolve_device(cfg.device_type)
+        model, tokenizer, model_dir, source_dtype = load_model(cfg.model_path, device)
+        batches = tokenize_texts(tokenizer, texts, cfg.max_tokens)
+        groups = find_groups(model)
+    before = None
+    smooth_report = None
+    if cfg.anti_method:
+        with timer.stage("anti_outlier"):
+            before, _ = observe(model, groups, batches, cfg, full=False, desc="ranges before smoothing")
+            smooth_report = _apply_anti_outlier(model, cfg, batches)
+    with timer.stage("observe"):
+        stats, kv_ranges = observe(model, groups, batches, cfg, full=True, desc="calibration")
+    weights = _weight_lookup(model)
+    records, plans = _plan(cfg, groups, stats, weights, timer)
+    by_name = group_of(groups)
+    for record in records.values():
+        group_key = by_name[record.name].key
+        record.absmax_after = max(abs(v) for v in stats[group_key].minmax.range())
+        record.outlier_score = stats[group_key].minmax.outlier_score
+        if before is not None:
+            record.absmax_before = max(abs(v) for v in before[group_key].minmax.range())
+    with timer.stage("export"):
+        tensors, description = build_checkpoint(model, plans, kv_ranges or None, source_dtype,
+                                                progress=cfg.progress)
+        write_checkpoint(cfg.save_directory, tensors, description, cfg.part_file_size)
+        copy_side_files(model_dir, cfg.save_directory)
+    report = CalibReport(str(model_dir), cfg.save_directory, str(description["model_quant_type"]),
+                         options=_options(cfg), layers=list(records.values()),
+                         stage_seconds=timer.seconds, anti_outlier=smooth_report,
+                         kv_cache_type="C8" if kv_ranges else None)
+    report.write_json(cfg.save_directory)
+    return report
+
+
+def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupStats], weights: Any,
+          timer: _Timer) -> tuple[dict[str, LayerRecord], dict[str, LinearPlan]]:
+    """Per-Linear records and export plans: type, observer / range, sensitivity, float fall-backs."""
+    records: dict[str, LayerRecord] = {}
+    ranges: dict[str, tuple[float, float] | None] = {}
+    formats: dict[str, FormatChoice] = {}
+    samples = {g.key: stats[g.key].rows.sample() for g in groups}
+    if cfg.mixed_format:
+        with timer.stage("mixed_format"):
+            formats = choose_formats(groups, weights, samples, progress=cfg.progress)
+    with timer.stage("observers"):
+        for group in tqdm(groups, desc="observers", disable=not cfg.progress):
+            quant_type = formats[group.key].quant_type if formats else cfg.linear_quant_type
+            observer, x_range, errors = _observer_for(cfg, quant_type, group, stats[group.key], weights)
+            ranges[group.key] = x_range
+            for name in group.names:
+                records[name] = LayerRecord(name, quant_type, observer, act_range=x_range,
+                                            observer_errors=errors or None,
+                                            format_errors=formats[group.key].errors if formats else None)
+    scores: dict[str, float] = {}
+    if cfg.num_float_layers:                 # scoring costs two matmuls per Linear: only when used
+        with timer.stage("sensitivity"):
+            scores = score_layers(groups, weights, samples, {n: r.quant_type for n, r in records.items()},
+                                  ranges, progress=cfg.progress)
+    floats = select_float_layers(scores, cfg.num_float_layers, list(cfg.disable_names), groups)
+    for name, record in records.items():
+        record.sensitivity = scores.get(name)
+        if name in floats:
+            record.quant_type, record.float_reason, record.act_range, record.observer = \
+                "FLOAT", floats[name], None, "-"
+    plans = {name: LinearPlan(r.quant_type, r.act_range) for name, r in records.items()}
+    return records, plans
+
+
+def _observer_for(cfg: CalibConfig, quant_type: str, group: LinearGroup, stats: GroupStats,
+                  weights: Any) -> tuple[str, tuple[float, float] | None, dict[str, float]]:
+    """(observer name, static clip range or None, auto-choice errors) of one group."""
+    if quant_type == "W8A8":
+        observer, x_range, errors = choose_observer(group, stats, cfg.act_method, weights)
+        if errors:
+            logger.info("%s: %s chosen (output errors %s)", group.key, observer, errors)
+        return observer, x_range, errors
+    return ("weight-only" if quant_type == "W8A16" else "dynamic"), None, {}
+
+
+def _options(cfg: CalibConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(cfg).items()}
