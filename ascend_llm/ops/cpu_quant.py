@@ -9,6 +9,11 @@ Every kernel has the `linear` signature run(layer, x, bias) with x: [num_tokens,
   activations quantized dynamically per tensor;
 - fp8_matmul, scheme "block": layer.weight e4m3 [n, k], layer.weight_scale_inv float32 [NB, KB],
   layer.weight_block_size (bn, bk); activations quantized dynamically per token per bk channels.
+- fp8_matmul, scheme "per_tensor_static": as "per_tensor", but activations use the fixed
+  layer.input_scale float32 0-dim (AutoFP8 `activation_scheme: static`);
+- weight_only_matmul, bits 2: FastDeploy WINT2 tensors layer.quant_weight uint8 [k/4, n],
+  layer.weight_scale uint8 [ceil(k/128), n], layer.super_scales [n], layer.code_scale /
+  layer.code_zp float32 [n] (decode rule: quant/wint2_layout.py).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 
 from ascend_llm.ops.registry import Kernel, OpRegistry
 from ascend_llm.quant import primitives as P
+from ascend_llm.quant.wint2_layout import dequantize_wint2
 
 BACKEND = "cpu"
 
@@ -45,6 +51,21 @@ def fp8_matmul_per_tensor(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor 
     xq, sx = P.quantize_fp8_per_tensor(x, min_scale=P.FP8_MIN_SCALE)   # [m, k] e4m3, 0-dim
     y = F.linear(xq.float(), layer.weight.float()) * (sx * layer.weight_scale.float())
     return _finish(y, bias, x.dtype)
+
+
+def fp8_matmul_per_tensor_static(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Static per-tensor e4m3 activations (x / input_scale, saturated) x e4m3 per-tensor weights."""
+    sx = layer.input_scale.float()                                      # 0-dim
+    xq = P.fp8_cast(x.float() / sx)                                     # [m, k] e4m3
+    y = F.linear(xq.float(), layer.weight.float()) * (sx * layer.weight_scale.float())
+    return _finish(y, bias, x.dtype)
+
+
+def weight_only_matmul_wint2(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """WINT2: decode the five FastDeploy tensors to an fp32 [n, k] weight, then x @ W.T in fp32."""
+    w = dequantize_wint2(layer.quant_weight, layer.weight_scale, layer.super_scales,
+                         layer.code_scale, layer.code_zp)                # [n, k] fp32
+    return _finish(F.linear(x.float(), w), bias, x.dtype)
 
 
 def fp8_matmul_block(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -102,6 +123,10 @@ def _supports_int4(bits: int | None = None, **traits: Any) -> str | None:
     return None if bits == 4 else f"bits={bits} (int4 only; int8 -> float is already one fast cast)"
 
 
+def _supports_int2(bits: int | None = None, **traits: Any) -> str | None:
+    return None if bits == 2 else f"bits={bits} (WINT2 only)"
+
+
 def _supports_scheme(scheme: str) -> Any:
     def supports(**traits: Any) -> str | None:
         got = traits.get("scheme")
@@ -117,6 +142,10 @@ def register(registry: OpRegistry) -> None:
                              fp8_matmul_per_tensor, _supports_scheme("per_tensor")))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_block",
                              fp8_matmul_block, _supports_scheme("block")))
+    registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_per_tensor_static",
+                             fp8_matmul_per_tensor_static, _supports_scheme("per_tensor_static")))
+    registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul_wint2",
+                             weight_only_matmul_wint2, _supports_int2))
     registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul_split",
                              weight_only_matmul_split, _supports_int4, priority=1))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_per_tensor_fast",

@@ -94,7 +94,11 @@ def _find_description(directory: Path) -> Path | None:
 
 
 def _config_json_format(directory: Path) -> dict[str, Any] | None:
-    """The `quantization_config` of config.json (top level or under text_config), if any."""
+    """The `quantization_config` of config.json (top level or under text_config), if any.
+
+    The method name is `quant_method` (HF / vLLM: "fp8", ...) or FastDeploy's `quantization`
+    ("wint2", "wint8", "wint4"); returned lower-cased as "format".
+    """
     config = _read_config(directory)
     quant = config.get("quantization_config")
     if quant is None and isinstance(config.get("text_config"), dict):
@@ -102,13 +106,19 @@ def _config_json_format(directory: Path) -> dict[str, Any] | None:
     if quant is None:
         return None
     source = str(directory / "config.json")
+    return {"format": config_quant_method(quant, source), "path": source, "config": quant}
+
+
+def config_quant_method(quant: Any, source: str) -> str:
+    """The lower-cased method name of a `quantization_config` dict; ValueError if it has none."""
     if not isinstance(quant, dict):
         raise ValueError(f"{source}: quantization_config must be an object, got {type(quant).__name__}")
-    method = quant.get("quant_method")
+    method = quant.get("quant_method", quant.get("quantization"))
     if not isinstance(method, str) or not method:
-        raise ValueError(f"{source}: quantization_config has no 'quant_method' and there is no "
-                         f"{DESCRIPTION_FILE} (an msModelSlim mindie_format leftover?)")
-    return {"format": method.lower(), "path": source, "config": quant}
+        raise ValueError(f"{source}: quantization_config has no 'quant_method' (or FastDeploy "
+                         f"'quantization') and there is no {DESCRIPTION_FILE} (an msModelSlim "
+                         f"mindie_format leftover?)")
+    return method.lower()
 
 
 def _read_config(directory: Path) -> dict[str, Any]:

@@ -1,17 +1,20 @@
 """Online FP8 (e4m3) quantization from a float checkpoint.
 
 - `fp8` (vLLM online): one float32 scale per layer, s_w = amax(|W|) / 448, weight e4m3 [n, k];
-  activations quantized dynamically per tensor at every call.
+  activations quantized dynamically per tensor at every call, or, given a static input scale
+  per layer (`Fp8Config(input_scales={prefix: scale})`, the AutoFP8 `activation_scheme: static`
+  path), with that fixed scale: x_q = sat_e4m3(x / input_scale).
 - `block_wise_fp8` (FastDeploy / DeepSeek): 128x128 weight blocks, `weight_scale_inv` float32
   [ceil(n/128), ceil(k/128)] (a dequant multiplier despite the name); activations quantized
   dynamically per token per 128 channels. Partial edge blocks (576 = 4.5 x 128) are handled.
 
 Both load the float weight through the layer's weight_loader, then quantize in
-`process_weights_after_loading` and free the float copy. Op: `fp8_matmul` with trait `scheme`.
+`process_weights_after_loading` and free the float copy. Op: `fp8_matmul` with trait `scheme`
+("per_tensor", "per_tensor_static", "block"). Pre-quantized fp8 checkpoints: quant/fp8_checkpoint.py.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -35,7 +38,16 @@ def _check_float(layer: nn.Module) -> None:
                          "process_weights_after_loading ran twice")
 
 
-def _bind_kernel(layer: nn.Module, scheme: str, act_dtype: torch.dtype) -> None:
+_REFERENCES = {"per_tensor": cpu_quant.fp8_matmul_per_tensor,
+               "per_tensor_static": cpu_quant.fp8_matmul_per_tensor_static,
+               "block": cpu_quant.fp8_matmul_block}
+
+
+def bind_fp8_kernel(layer: nn.Module, scheme: str, act_dtype: torch.dtype) -> None:
+    """Record the layer's scheme and bind the backend's `fp8_matmul` kernel for it."""
+    if scheme not in _REFERENCES:
+        raise ValueError(f"fp8 scheme {scheme!r} is not one of {sorted(_REFERENCES)}")
+    layer.fp8_scheme = scheme
     ops = getattr(layer, "ops", None)
     if ops is None:
         return
@@ -44,15 +56,21 @@ def _bind_kernel(layer: nn.Module, scheme: str, act_dtype: torch.dtype) -> None:
     layer.fp8_kernel = kernel
 
 
-def _run(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
-         reference: Callable[..., torch.Tensor]) -> torch.Tensor:
-    if layer.fp8_kernel is None:                      # a bare layer (no backend): the CPU reference
-        return reference(layer, x, bias)
+def run_fp8(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The bound kernel, or the scheme's CPU reference for a bare layer (no backend)."""
+    if layer.fp8_kernel is None:
+        return _REFERENCES[layer.fp8_scheme](layer, x, bias)
     return layer.fp8_kernel.run(layer, x, bias)
 
 
 class Fp8LinearMethod(QuantMethod):
-    """Per-tensor e4m3 weight (`weight_scale` 0-dim float32), dynamic per-tensor e4m3 activations."""
+    """Per-tensor e4m3 weight (`weight_scale` 0-dim float32); e4m3 activations, dynamic per tensor
+    or with a fixed `input_scale` (0-dim float32) when one is given."""
+
+    def __init__(self, input_scale: float | None = None) -> None:
+        if input_scale is not None and not (input_scale > 0 and input_scale < float("inf")):
+            raise ValueError(f"input_scale: must be finite and > 0, got {input_scale}")
+        self.input_scale = input_scale
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
@@ -64,10 +82,15 @@ class Fp8LinearMethod(QuantMethod):
         q, scale = P.quantize_fp8_per_tensor(layer.weight.data)      # [n, k] e4m3, 0-dim
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
-        _bind_kernel(layer, "per_tensor", act_dtype)
+        if self.input_scale is None:
+            bind_fp8_kernel(layer, "per_tensor", act_dtype)
+            return
+        layer.input_scale = nn.Parameter(torch.tensor(self.input_scale, dtype=torch.float32),
+                                         requires_grad=False)
+        bind_fp8_kernel(layer, "per_tensor_static", act_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return _run(layer, x, bias, cpu_quant.fp8_matmul_per_tensor)
+        return run_fp8(layer, x, bias)
 
 
 class BlockFp8LinearMethod(QuantMethod):
@@ -89,21 +112,25 @@ class BlockFp8LinearMethod(QuantMethod):
         q, scale_inv = P.quantize_fp8_block(layer.weight.data, self.block_size)   # [n, k], [NB, KB]
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale_inv = nn.Parameter(scale_inv, requires_grad=False)
-        _bind_kernel(layer, "block", act_dtype)
+        bind_fp8_kernel(layer, "block", act_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return _run(layer, x, bias, cpu_quant.fp8_matmul_block)
+        return run_fp8(layer, x, bias)
 
 
 class Fp8Config(QuantConfig):
-    """`fp8`: vLLM's online dynamic FP8 (per-tensor weights and activations)."""
+    """`fp8`: vLLM's online FP8 (per-tensor weights; activations dynamic per tensor, or static
+    with `input_scales` {layer prefix: scale} for the layers listed there)."""
+
+    def __init__(self, input_scales: Mapping[str, float] | None = None) -> None:
+        self.input_scales = dict(input_scales or {})
 
     @classmethod
     def get_name(cls) -> str:
         return "fp8"
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
-        return Fp8LinearMethod()
+        return Fp8LinearMethod(self.input_scales.get(prefix))
 
 
 class BlockWiseFp8Config(QuantConfig):

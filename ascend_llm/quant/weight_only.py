@@ -5,6 +5,15 @@ The float checkpoint loads into a float `weight` [n, k] through the layer's usua
 quantizes per output channel, symmetric (scale = amax / 127 or amax / 7), replaces `weight` with
 int8 [n, k] (wint8) or packed uint8 [n, ceil(k/2)] (wint4, see `primitives.pack_int4`), adds
 `weight_scale` float32 [n], and drops the float copy. Activations stay in the model dtype.
+
+Pre-quantized FastDeploy checkpoints (`quantization_config: {quantization: wint8|wint4,
+is_quantized: true}`) load `weight` + `weight_scale` [n] directly (`WeightOnlyCheckpointConfig`).
+Accepted layout (the one `quantize_per_channel` / `pack_int4` produce, i.e. Paddle's
+`weight_quantize` output before its GPU-specific step): wint8 `weight` int8 [n, k] row-major;
+wint4 `weight` uint8 (or int8 holding the same bytes) [n, ceil(k/2)], low nibble = even k,
+two's-complement nibbles, no +8 bias. FastDeploy's arch-specific CUTLASS interleave (with its
++128 / +8 bias) cannot be undone without knowing the GPU arch it was made for: a config flagged
+`is_permuted: true` is rejected.
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import torch.nn as nn
 from ascend_llm.ops import cpu_quant
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
 
 
 class WeightOnlyLinearMethod(QuantMethod):
@@ -37,21 +47,68 @@ class WeightOnlyLinearMethod(QuantMethod):
             raise ValueError(f"{getattr(layer, 'prefix', 'layer')}.weight: already quantized "
                              f"({layer.weight.dtype}); process_weights_after_loading ran twice")
         act_dtype = layer.weight.dtype                                     # the model dtype
+        layer.params_dtype = act_dtype
         q, scale = P.quantize_per_channel(layer.weight.data, self.bits)   # [n, k] int8, [n]
         if self.bits == 4:
             q = P.pack_int4(q)                                             # [n, ceil(k/2)] uint8
         layer.weight = nn.Parameter(q, requires_grad=False)   # replaces (frees) the float weight
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
-        ops = getattr(layer, "ops", None)
-        if ops is not None:
-            kernel = ops.select("weight_only_matmul", bits=self.bits, dtype=act_dtype)
-            kernel.prepare(layer)
-            layer.weight_only_kernel = kernel
+        bind_weight_only_kernel(layer, self.bits, act_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if layer.weight_only_kernel is None:          # a bare layer (no backend): the CPU reference
-            return cpu_quant.weight_only_matmul(layer, x, bias)
-        return layer.weight_only_kernel.run(layer, x, bias)
+        return apply_weight_only(layer, x, bias)
+
+
+def bind_weight_only_kernel(layer: nn.Module, bits: int, act_dtype: torch.dtype) -> None:
+    """Select the backend's `weight_only_matmul` kernel for `bits` and prepare the layer for it."""
+    ops = getattr(layer, "ops", None)
+    if ops is not None:
+        kernel = ops.select("weight_only_matmul", bits=bits, dtype=act_dtype)
+        kernel.prepare(layer)
+        layer.weight_only_kernel = kernel
+
+
+def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The bound kernel, or the CPU reference for a bare layer (no backend)."""
+    if layer.weight_only_kernel is None:
+        if layer.quant_bits == 2:
+            return cpu_quant.weight_only_matmul_wint2(layer, x, bias)
+        return cpu_quant.weight_only_matmul(layer, x, bias)
+    return layer.weight_only_kernel.run(layer, x, bias)
+
+
+class PrequantWeightOnlyLinearMethod(QuantMethod):
+    """Pre-quantized wint8 / wint4 (`weight` + `weight_scale` [n]; layout in the module doc)."""
+
+    TENSORS = ("weight", "weight_scale")
+
+    def __init__(self, bits: int, shard_names: tuple[str, ...] = ()) -> None:
+        P.int_qmax(bits)              # validates bits
+        self.bits, self.shard_names = bits, shard_names
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        n = sum(output_sizes)
+        if self.bits == 8:
+            add_param(layer, "weight", (n, input_size), torch.int8, out_dim=0, in_dim=1)       # [n, k]
+        else:
+            add_param(layer, "weight", (n, (input_size + 1) // 2), torch.uint8, out_dim=0, in_dim=1)
+        add_param(layer, "weight_scale", (n,), torch.float32, out_dim=0)                       # [n]
+        layer.quant_bits, layer.in_features_k = self.bits, input_size
+        layer.weight_only_kernel, layer.act_dtype = None, params_dtype
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        check_loaded(layer, self.TENSORS, self.shard_names)
+        scale = layer.weight_scale.data
+        if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
+            raise ValueError(f"{layer.prefix}.weight_scale: must be finite and >= 0")
+        if self.bits == 8 and bool((layer.weight.data == -128).any()):
+            raise ValueError(f"{layer.prefix}.weight: int8 code -128 found; symmetric wint8 uses "
+                             f"[-127, 127] (a +128-biased CUTLASS layout?)")
+        bind_weight_only_kernel(layer, self.bits, layer.act_dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_weight_only(layer, x, bias)
 
 
 class WeightOnlyConfig(QuantConfig):
@@ -76,3 +133,41 @@ class WInt8Config(WeightOnlyConfig):
 class WInt4Config(WeightOnlyConfig):
     """FastDeploy `wint4`: int4 per-channel weights, two per byte."""
     bits = 4
+
+
+class WeightOnlyCheckpointConfig(QuantConfig):
+    """A FastDeploy wint8 / wint4 checkpoint (`quantization_config.is_quantized: true`)."""
+
+    def __init__(self, bits: int, packed_modules: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.bits = bits
+        self.packed_modules = dict(packed_modules or {})
+
+    def get_name(self) -> str:        # the checkpoint's own method name
+        return f"wint{self.bits}"
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        return PrequantWeightOnlyLinearMethod(self.bits, shard_names_for(prefix, self.packed_modules))
+
+
+def weight_only_config_from_checkpoint(config: dict, packed_modules: dict[str, tuple[str, ...]] | None,
+                                       source: str) -> QuantConfig:
+    """`quantization_config` {quantization: wint8|wint4, is_quantized, is_permuted} -> config.
+
+    is_quantized false (FastDeploy's `is_checkpoint_bf16`) means a float checkpoint quantized
+    online, like `--quantization wint8`.
+    """
+    name = str(config.get("quantization", config.get("quant_method", ""))).lower()
+    bits = {"wint8": 8, "wint4": 4}.get(name)
+    if bits is None:
+        raise ValueError(f"{source}: quantization_config.quantization {name!r} is not wint8 / wint4")
+    if config.get("is_permuted", False):
+        raise ValueError(f"{source}: quantization_config.is_permuted is true: FastDeploy's CUTLASS "
+                         f"interleaved {name} layout depends on the GPU arch it was made for and "
+                         f"cannot be read; export plain row-major weights (is_permuted: false)")
+    is_quantized = config.get("is_quantized", True)
+    if not isinstance(is_quantized, bool):
+        raise ValueError(f"{source}: quantization_config.is_quantized must be true or false, "
+                         f"got {is_quantized!r}")
+    if not is_quantized:
+        return WInt8Config() if bits == 8 else WInt4Config()
+    return WeightOnlyCheckpointConfig(bits, packed_modules)

@@ -110,7 +110,7 @@ def test_registry_names(name, cls):
 def test_registry_errors():
     with pytest.raises(ValueError, match="unknown method 'int3'.*wint8.*block_wise_fp8"):
         get_quant_config("int3")
-    with pytest.raises(ValueError, match="not implemented in this build yet"):
+    with pytest.raises(ValueError, match="'wint2' needs a checkpoint in that format.*wint2_writer"):
         get_quant_config("wint2")
     for name in ("w8a8", "W8A8_DYNAMIC", "ascend"):   # these need an msModelSlim checkpoint
         with pytest.raises(ValueError, match="quant_model_description"):
@@ -118,6 +118,27 @@ def test_registry_errors():
     assert get_quant_config(None) is None and get_quant_config("none") is None
 
     class PreQuantized:
-        quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    with pytest.raises(ValueError, match="quant_method='fp8'.*not supported yet"):
-        get_quant_config("fp8", PreQuantized())
+        quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                               "weight_block_size": [128, 128]}
+    with pytest.raises(ValueError, match="already quantized.*'fp8'.*loading it as 'wint8'"):
+        get_quant_config("wint8", PreQuantized())
+    # a pre-quantized checkpoint loads under its own name (tests/quant/test_prequantized.py)
+    assert get_quant_config("block_wise_fp8", PreQuantized()).weight_block_size == (128, 128)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7])
+def test_fp8_static_input_scale_matches_reference(num_tokens):
+    # online weights with a fixed activation scale (the AutoFP8 static path): x_q = e4m3(x / s)
+    k, n, s = 130, 96, 0.004
+    config = Fp8Config(input_scales={"model.layers.0.self_attn.o_proj": s})
+    static, w, b = _loaded_linear(config, k, n, bias=True, seed=3)
+    assert static.fp8_kernel.name == "cpu.fp8_matmul_per_tensor_static"
+    assert float(static.input_scale) == pytest.approx(s)
+    x = torch.randn(num_tokens, k, generator=_gen(num_tokens + 40))
+    x[0, 0] = 10.0                                          # 10 / s = 2500 > 448: saturates
+    xq = P.fp8_cast(x / torch.tensor(s))
+    ref = F.linear(xq.float() * s, P.dequantize_fp8(static.weight, static.weight_scale), b)
+    torch.testing.assert_close(static(x), ref, rtol=1e-5, atol=1e-5)
+    assert float(xq.float().abs().max()) == 448.0
+    with pytest.raises(ValueError, match="input_scale: must be finite and > 0"):
+        Fp8Config(input_scales={"p": 0.0}).get_quant_method(static, "p")

@@ -90,8 +90,10 @@ def test_layer_without_ops_uses_reference():
 def test_unsupported_bits_rejected():
     with pytest.raises(ValueError, match="bits"):
         WeightOnlyLinearMethod(2)
-    with pytest.raises(ValueError, match="cpu.weight_only_matmul_split: bits=2.*cpu.weight_only_matmul: bits=2"):
-        OPS.select("weight_only_matmul", bits=2)
+    with pytest.raises(ValueError, match="cpu.weight_only_matmul_split: bits=3.*cpu.weight_only_matmul: bits=3.*"
+                                         "cpu.weight_only_matmul_wint2: bits=3 .WINT2 only"):
+        OPS.select("weight_only_matmul", bits=3)
+    assert OPS.select("weight_only_matmul", bits=2).name == "cpu.weight_only_matmul_wint2"
 
 
 @pytest.mark.parametrize("name, cls", [("wint8", WInt8Config), ("WINT4", WInt4Config)])

@@ -1,0 +1,144 @@
+"""Convert a float HF checkpoint into a FastDeploy-style WINT2 checkpoint.
+
+    python -m ascend_llm.quant.wint2_writer --model_path M --save_directory OUT \
+        [--dense_wint2_modules mlp.gate_proj mlp.up_proj mlp.down_proj] [--dense_quant_type wint8]
+
+Decoder Linear weights (`model.layers.N.<...>_proj.weight`) matching `dense_wint2_modules` become
+the five WINT2 tensors (quant/wint2_layout.py, FastDeploy orientation); the other decoder
+Linears become pre-quantized `dense_quant_type` (wint8: `weight` int8 [n, k] + `weight_scale`
+[n] in the checkpoint dtype; wint4: `weight` uint8 [n, ceil(k/2)], low nibble = even k).
+Embeddings, norms, biases and the LM head are copied unchanged. config.json gets a
+`quantization_config` with `quantization: "wint2"`, and tokenizer files are copied.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ascend_llm.loader import iter_safetensors_weights
+from ascend_llm.loader.resolve import resolve_model_path
+from ascend_llm.quant import primitives as P
+from ascend_llm.quant import wint2_layout as L
+from ascend_llm.quant.wint2 import DENSE_TYPES, WInt2Config
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WINT2_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LINEAR = re.compile(r"^(model\.layers\.\d+\..*_proj)\.weight$")
+
+
+@dataclass(slots=True)
+class WriteReport:
+    """Per converted module: (module name, kind, relative weight error)."""
+    modules: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def mean_error(self, kind: str) -> float:
+        errors = [e for _, k, e in self.modules if k == kind]
+        return sum(errors) / len(errors) if errors else 0.0
+
+
+def quantization_config(dense_wint2_modules: tuple[str, ...], dense_quant_type: str) -> dict:
+    """The config.json `quantization_config` of a written checkpoint."""
+    return {"quantization": "wint2", "is_quantized": True, "dense_quant_type": dense_quant_type,
+            "moe_quant_type": "w4w2", "dense_wint2_modules": list(dense_wint2_modules),
+            "moe_quant_config": {
+                "moe_w4_quant_config": {"quant_type": "wint4", "quant_granularity": "per_channel",
+                                        "quant_start_layer": 0, "quant_end_layer": 6},
+                "moe_w2_quant_config": {"quant_type": "wint2", "quant_granularity": "pp_acc",
+                                        "quant_group_size": L.GROUP_SIZE, "quant_start_layer": 7,
+                                        "quant_end_layer": 10 ** 6}}}
+
+
+def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
+                           dense_wint2_modules: tuple[str, ...] = DEFAULT_WINT2_MODULES,
+                           dense_quant_type: str = "wint8",
+                           code_scales: tuple[float, ...] = L.DEFAULT_CODE_SCALES,
+                           refine_steps: int = L.DEFAULT_REFINE_STEPS) -> WriteReport:
+    """Write the WINT2 checkpoint of the float checkpoint at `model_path` into `save_directory`."""
+    src = Path(resolve_model_path(str(model_path)))
+    out = Path(save_directory)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"save_directory {out} must differ from model_path {src}")
+    qconfig = quantization_config(tuple(dense_wint2_modules), dense_quant_type)
+    selector = WInt2Config.from_config(qconfig, source="--dense_wint2_modules")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    report = WriteReport()
+    for name, tensor in iter_safetensors_weights(src):
+        match = _LINEAR.match(name)
+        if match is None or tensor.dim() != 2 or not tensor.is_floating_point():
+            tensors[name] = tensor.contiguous()
+            continue
+        module = match.group(1)
+        if selector.is_wint2_module(module):
+            converted, error = _to_wint2(tensor, code_scales, refine_steps)
+            report.modules.append((module, "wint2", error))
+        else:
+            converted, error = _to_weight_only(tensor, DENSE_TYPES[dense_quant_type])
+            report.modules.append((module, dense_quant_type, error))
+        tensors.update({f"{module}.{key}": value.contiguous() for key, value in converted.items()})
+        logger.info("%s: %s, relative error %.4f", module, report.modules[-1][1], error)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_config(src, out, qconfig)
+    _copy_side_files(src, out)
+    return report
+
+
+def _to_wint2(weight: torch.Tensor, code_scales: tuple[float, ...],
+              refine_steps: int) -> tuple[dict[str, torch.Tensor], float]:
+    encoded = L.encode_wint2(weight, weight.dtype, code_scales, refine_steps)
+    deq = L.dequantize_wint2(encoded.quant_weight, encoded.weight_scale, encoded.super_scales,
+                             encoded.code_scale, encoded.code_zp)
+    return encoded.as_dict(), L.relative_error(deq, weight)
+
+
+def _to_weight_only(weight: torch.Tensor, bits: int) -> tuple[dict[str, torch.Tensor], float]:
+    q, scale = P.quantize_per_channel(weight, bits)                   # [n, k] int8, [n] fp32
+    error = L.relative_error(P.dequantize_per_channel(q, scale), weight)
+    packed = P.pack_int4(q) if bits == 4 else q
+    return {"weight": packed.contiguous(), "weight_scale": scale.to(weight.dtype)}, error
+
+
+def _write_config(src: Path, out: Path, qconfig: dict) -> None:
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"] = qconfig
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    """Tokenizer and generation files: everything but weights, their index and config.json."""
+    for path in src.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy2(path, out / path.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry: convert, then print one line per converted module and the mean errors."""
+    parser = argparse.ArgumentParser(prog="python -m ascend_llm.quant.wint2_writer",
+                                     description="float HF checkpoint -> FastDeploy-style WINT2 checkpoint")
+    parser.add_argument("--model_path", required=True, help="float checkpoint directory or alias")
+    parser.add_argument("--save_directory", required=True)
+    parser.add_argument("--dense_wint2_modules", nargs="*", default=list(DEFAULT_WINT2_MODULES),
+                        help="module-name patterns written as WINT2 ('re:<regex>' allowed)")
+    parser.add_argument("--dense_quant_type", choices=sorted(DENSE_TYPES), default="wint8")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    report = write_wint2_checkpoint(args.model_path, args.save_directory,
+                                    tuple(args.dense_wint2_modules), args.dense_quant_type)
+    for module, kind, error in report.modules:
+        print(f"{module:50s} {kind:6s} {error:.4f}")
+    for kind in ("wint2", args.dense_quant_type):
+        print(f"mean relative error {kind}: {report.mean_error(kind):.4f}")
+
+
+if __name__ == "__main__":
+    main()
