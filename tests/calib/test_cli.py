@@ -12,8 +12,9 @@ import pytest
 from calib.cli import main
 from calib.config import CalibConfig, CalibError, build_config, load_recipe
 from calib.dataset import load_calib_texts
+from tests.shared_data import CALIB_PROSE
 
-CALIB_FILE = "/work/shared/data/calib_prose.jsonl"
+CALIB_FILE = str(CALIB_PROSE)
 REPO = Path(__file__).resolve().parents[2]
 
 

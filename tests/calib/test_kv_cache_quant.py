@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from calib.config import CalibConfig
 from calib.dataset import load_calib_texts
 from calib.pipeline import run_calibration
+from tests.shared_data import CALIB_PROSE
 
-CALIB_FILE = "/work/shared/data/calib_prose.jsonl"
+CALIB_FILE = str(CALIB_PROSE)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ from calib.config import CalibConfig
 from calib.mixed_format import choose_formats
 from calib.model_spec import LinearGroup
 from calib.pipeline import run_calibration
+from tests.shared_data import CALIB_PROSE
 
-CALIB_FILE = "/work/shared/data/calib_prose.jsonl"
+CALIB_FILE = str(CALIB_PROSE)
 HEAVY = "model.layers.0.mlp.down_proj"
 
 

@@ -15,8 +15,9 @@ from ascend_llm import LLM, SamplingParams
 from ascend_llm.quant.w8a8 import decode_deq_scale
 from calib.config import CalibConfig
 from calib.pipeline import run_calibration
+from tests.shared_data import CALIB_PROSE
 
-CALIB_FILE = "/work/shared/data/calib_prose.jsonl"
+CALIB_FILE = str(CALIB_PROSE)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 CASES = [("llama", "W8A8"), ("llama", "W8A8_DYNAMIC"), ("llama", "W8A16"),

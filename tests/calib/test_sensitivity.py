@@ -11,8 +11,9 @@ from calib.config import CalibConfig, CalibError
 from calib.model_spec import LinearGroup
 from calib.pipeline import run_calibration
 from calib.sensitivity import score_layers, select_float_layers
+from tests.shared_data import CALIB_PROSE
 
-CALIB_FILE = "/work/shared/data/calib_prose.jsonl"
+CALIB_FILE = str(CALIB_PROSE)
 GROUPS = [LinearGroup("l0.qkv", ("l0.q", "l0.k", "l0.v"), 0), LinearGroup("l0.o", ("l0.o",), 0),
           LinearGroup("l0.gu", ("l0.gate", "l0.up"), 0), LinearGroup("l0.down", ("l0.down",), 0)]
 

@@ -18,8 +18,6 @@ activations).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -28,9 +26,9 @@ from ascend_llm.eval.perplexity import perplexity
 from ascend_llm.loader.resolve import resolve_model_path
 from calib.config import CalibConfig
 from calib.pipeline import run_calibration
+from tests.shared_data import CALIB_PROSE, EVAL_TEMPEST
 
 FLOAT_PPL = 27.77
-EVAL_TEXT = Path("/work/shared/data/eval_tempest.txt")
 
 
 @pytest.fixture
@@ -52,13 +50,13 @@ def test_smollm2_w8a8_static_perplexity_close_to_float(tmp_path, one_torch_threa
     out = tmp_path / "smollm2_w8a8"
     report = run_calibration(CalibConfig(
         model_path="smollm2-135m-instruct", save_directory=str(out),
-        calib_file="/work/shared/data/calib_prose.jsonl", num_samples=16, max_tokens=128,
+        calib_file=str(CALIB_PROSE), num_samples=16, max_tokens=128,
         act_method=1, disable_level="L4", progress=False))
     assert report.model_quant_type == "W8A8"
     level = [n for n, why in report.float_layers.items() if why.startswith("disable_level")]
     assert len(level) == 4
     llm = LLM(str(out), max_model_len=1100, enforce_eager=True)
-    ids = llm.get_tokenizer()(EVAL_TEXT.read_text())["input_ids"][:1024]
+    ids = llm.get_tokenizer()(EVAL_TEMPEST.read_text())["input_ids"][:1024]
     ppl = perplexity(llm, ids, 1024).perplexity
     # measured 34.1; the bound leaves room for numeric differences across machines
     assert FLOAT_PPL < ppl < 1.4 * FLOAT_PPL
