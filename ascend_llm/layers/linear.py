@@ -45,6 +45,14 @@ class LinearBase(nn.Module):
         return self.quant_method.apply(self, x, self.bias)
 
 
+def _narrow_rows(loaded: torch.Tensor, start: int, size: int, name: str) -> torch.Tensor:
+    """Rows [start, start + size) of a checkpoint tensor; ValueError if it has too few."""
+    if loaded.dim() == 0 or loaded.shape[0] < start + size:
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"expected at least {start + size} rows")
+    return loaded.narrow(0, start, size)
+
+
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     if dst.shape != src.shape:
         raise ValueError(f"{name}: checkpoint tensor has shape {tuple(src.shape)}, "
@@ -82,7 +90,7 @@ class ColumnParallelLinear(LinearBase):
                       shard_id: str | int | None = None) -> None:
         index = self.shard_index(shard_id)
         offset, size = self.shard_offset(index)
-        part = loaded.narrow(0, self.tp_rank * size, size)
+        part = _narrow_rows(loaded, self.tp_rank * size, size, f"{self.prefix}[{shard_id}]")
         _copy_checked(param.data.narrow(0, offset, size), part, f"{self.prefix}[{shard_id}]")
 
     def shard_index(self, shard_id: str | int | None) -> int:
@@ -118,7 +126,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         index = self.shard_index(shard_id)
         offset, size = self.shard_offset(index)
         rank = self.tp_rank if index == 0 else self.tp_rank // self.kv_replicas
-        part = loaded.narrow(0, rank * size, size)
+        part = _narrow_rows(loaded, rank * size, size, f"{self.prefix}[{shard_id}]")
         _copy_checked(param.data.narrow(0, offset, size), part, f"{self.prefix}[{shard_id}]")
 
 

@@ -57,7 +57,7 @@ def get_quant_config(name: str | None, hf_config: object | None = None,
     if key in ("none", ""):
         if is_ascend:
             return AscendW8A8Config.from_model_dir(model_dir, packed_modules)
-        return _from_checkpoint(checkpoint, packed) if checkpoint else None
+        return _from_checkpoint(checkpoint, packed, hf_config) if checkpoint else None
     if key in ASCEND_NAMES:
         if not is_ascend:
             raise ValueError(f"quantization: {name!r} needs an msModelSlim checkpoint with a "
@@ -73,7 +73,7 @@ def get_quant_config(name: str | None, hf_config: object | None = None,
             raise ValueError(f"quantization: {checkpoint['source']} is already quantized "
                              f"(quantization_config method {checkpoint['method']!r}); loading it as "
                              f"{name!r} is not possible; drop --quantization to load it as is")
-        return _from_checkpoint(checkpoint, packed)
+        return _from_checkpoint(checkpoint, packed, hf_config)
     if key in OFFLINE_METHODS:
         raise ValueError(f"quantization: {name!r} needs a checkpoint in that format and "
                          f"{model_dir or 'this model'} has none. {WRITER_HINT}")
@@ -100,12 +100,17 @@ def _compatible(key: str, checkpoint: dict[str, Any]) -> bool:
     return key == "block_wise_fp8" and method == "fp8" and "weight_block_size" in checkpoint["config"]
 
 
-def _from_checkpoint(checkpoint: dict[str, Any], packed: dict[str, tuple[str, ...]]) -> QuantConfig:
+def _from_checkpoint(checkpoint: dict[str, Any], packed: dict[str, tuple[str, ...]],
+                     hf_config: object | None = None) -> QuantConfig:
     method, config, source = checkpoint["method"], checkpoint["config"], checkpoint["source"]
     if method == "fp8":
         return Fp8CheckpointConfig.from_config(config, packed, source)
     if method == "wint2":
-        return WInt2Config.from_config(config, packed, source)
+        wint2 = WInt2Config.from_config(config, packed, source)
+        num_layers = getattr(hf_config, "num_hidden_layers", None)
+        if isinstance(num_layers, int):
+            wint2.check_layer_coverage(num_layers, source)
+        return wint2
     if method in ("wint8", "wint4"):
         return weight_only_config_from_checkpoint(config, packed, source)
     raise ValueError(f"{source}: quantization_config method {method!r} is not supported; supported "

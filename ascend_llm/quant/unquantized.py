@@ -1,6 +1,9 @@
 """Float linear layers."""
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +18,7 @@ class UnquantizedLinearMethod(QuantMethod):
                        params_dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype),
                               requires_grad=False)
+        weight.weight_loader = functools.partial(_load_float_weight, layer)
         layer.register_parameter("weight", weight)
         layer.linear_kernel = None
 
@@ -31,3 +35,21 @@ class UnquantizedLinearMethod(QuantMethod):
         if layer.linear_kernel is None:
             return F.linear(x, layer.weight, bias)
         return layer.linear_kernel.run(layer, x, bias)
+
+
+def _load_float_weight(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
+                       shard_id: Any = None) -> None:
+    """The layer's own loader, after refusing integer / packed tensors: a quantized weight must
+    never be cast to float silently (e.g. a description marking an int8 layer FLOAT)."""
+    name = getattr(layer, "prefix", "layer") + ".weight" + ("" if shard_id is None else f"[{shard_id}]")
+    if not loaded.is_floating_point():
+        raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, but the layer is "
+                         f"unquantized and expects a floating-point weight")
+    own_loader = getattr(layer, "weight_loader", None)
+    if own_loader is not None:
+        own_loader(param, loaded, shard_id)
+        return
+    if param.shape != loaded.shape:                       # layers without one (the LM head)
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, "
+                         f"expected {tuple(param.shape)}")
+    param.data.copy_(loaded)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from ascend_llm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference kernels)
@@ -102,7 +103,9 @@ class AscendW8A8Config(QuantConfig):
         found = detect_quant_format(model_dir)
         if found is None or found["format"] != "ascend":
             raise ValueError(f"{model_dir}: no msModelSlim quant_model_description*.json found")
-        return cls(found["description"], packed_modules, found["path"])
+        config = cls(found["description"], packed_modules, found["path"])
+        check_description_tensors(config.description, checkpoint_tensor_names(model_dir), found["path"])
+        return config
 
     @property
     def model_quant_type(self) -> str:
@@ -175,6 +178,40 @@ class AscendW8A8Config(QuantConfig):
         return any(name.endswith("norm.bias") for name in self.tensor_names())
 
 
+# The tensors each linear quant type cannot load without (the description may list more).
+REQUIRED_TENSORS: dict[str, tuple[str, ...]] = {
+    "W8A8": ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias"),
+    "W8A8_DYNAMIC": ("weight", "weight_scale"),
+    "W8A16": ("weight", "weight_scale"),
+    "WFP8AFP8_DYNAMIC": ("weight", "weight_scale"),
+}
+
+
+def checkpoint_tensor_names(model_dir: str | Path) -> set[str]:
+    """Names of every tensor in the `*.safetensors` files of `model_dir` (headers only)."""
+    names: set[str] = set()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def check_description_tensors(description: Mapping[str, Any], names: set[str], source: str) -> None:
+    """ValueError naming the first tensor the description lists (or its layer's quant type
+    needs) that no weights file holds. Catches a scale silently left at its zero init."""
+    for key, quant_type in description.items():
+        if key in DESCRIPTION_META_KEYS:
+            continue
+        if key not in names:
+            raise ValueError(f"{source}: lists tensor {key!r} ({quant_type}) but no *.safetensors "
+                             f"file in the checkpoint holds it")
+        module, _, leaf = key.rpartition(".")
+        for suffix in REQUIRED_TENSORS.get(quant_type, ()) if leaf == "weight" else ():
+            if f"{module}.{suffix}" not in names:
+                raise ValueError(f"{source}: {module} is {quant_type}, which needs tensor "
+                                 f"'{module}.{suffix}'; the checkpoint has none")
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter creation and loading
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +248,8 @@ def _load_quant_param(layer: nn.Module, default: Callable[..., None], param: nn.
     """Load one checkpoint tensor into `param` according to its `quant_kind`."""
     kind = getattr(param, "quant_kind", None)
     name = f"{layer.prefix}.{getattr(param, 'quant_name', '?')}"
+    if kind is not None:
+        _check_dtype(param, loaded, name if shard_id is None else f"{name}[{shard_id}]")
     if kind == "deq_scale":
         loaded, kind = _convert_deq_scale(loaded, param.dtype), "channel"
     if kind is None or kind == "weight":
@@ -221,6 +260,25 @@ def _load_quant_param(layer: nn.Module, default: Callable[..., None], param: nn.
         _load_per_shard_scalar(layer, param, loaded, shard_id, name)
     else:
         raise ValueError(f"{name}: unknown quant_kind {kind!r}")
+
+
+def _check_dtype(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
+    """ValueError naming the tensor when the checkpoint dtype cannot be loaded into `param` by
+    value: integer tensors (weight, quant_bias) need their exact dtype, deq_scale int64 float-bits
+    or float32 (re-encoded by value for the model dtype), float scales a float tensor, offsets any
+    real dtype (their integrality is checked after loading)."""
+    quant_name = getattr(param, "quant_name", "")
+    if getattr(param, "quant_kind", None) == "deq_scale":
+        expected = "int64 (fp16 / fp32 models) or float32 (bf16 models)"
+        ok = loaded.dtype in (torch.int64, torch.float32)
+    elif not param.dtype.is_floating_point:
+        expected, ok = str(param.dtype), loaded.dtype == param.dtype
+    elif quant_name.endswith("offset"):
+        expected, ok = "a float or integer tensor", loaded.dtype != torch.bool
+    else:
+        expected, ok = "a floating-point tensor", loaded.is_floating_point()
+    if not ok:
+        raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected {expected}")
 
 
 def _load_channel(layer: nn.Module, default: Callable[..., None], param: nn.Parameter,

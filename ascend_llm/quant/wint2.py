@@ -124,6 +124,15 @@ class WInt2Config(QuantConfig):
         raise ValueError(f"moe_quant_config: layer {layer_idx} is in no w4 / w2 layer range "
                          f"({[(r.quant_type, r.start, r.end) for r in self.moe_ranges]})")
 
+    def check_layer_coverage(self, num_layers: int, source: str = "quantization_config") -> None:
+        """ValueError naming the first decoder layer of a `num_layers` model that no w4 / w2
+        range covers (FastDeploy's defaults, w4 0..6 and w2 7.., cover every model)."""
+        for layer_idx in range(num_layers if self.moe_ranges else 0):
+            if not any(layer_idx in r for r in self.moe_ranges):
+                ranges = [(r.quant_type, r.start, r.end) for r in self.moe_ranges]
+                raise ValueError(f"{source}: moe_quant_config layer ranges {ranges} do not cover "
+                                 f"layer {layer_idx} of the model's {num_layers} decoder layers")
+
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
         shard_names = shard_names_for(prefix, self.packed_modules)
         if self.is_wint2_module(prefix, shard_names):
