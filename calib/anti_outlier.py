@@ -52,6 +52,7 @@ class SmoothEntry:
     name: str
     method: str
     producer: str
+    reader: str                   # the first Linear reading the smoothed tensor (its input stats)
     folded: bool
     reason: str | None            # why nothing was folded (skipped layout, or no gain)
     alpha: float | None
@@ -160,7 +161,8 @@ def _entry(group: SmoothGroup, method: str, before: ChannelStats, after: Channel
     else:
         reason = "no smoothing lowered the quantization error"
     return SmoothEntry(
-        name=group.name, method=method, producer=group.prev_name, folded=folded, reason=reason,
+        name=group.name, method=method, producer=group.prev_name, reader=group.linear_names[0],
+        folded=folded, reason=reason,
         alpha=plan and plan.alpha, beta=plan and plan.beta, shift=folded and plan.shift is not None,
         iterations=steps, absmax_before=float(a_before.max()), absmax_after=float(a_after.max()),
         ratio_before=outlier_ratio(a_before), ratio_after=outlier_ratio(a_after),

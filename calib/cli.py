@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample_tokens", type=int, help="input rows kept per layer for error scoring")
     p.add_argument("--part_file_size", type=float, help="GB per safetensors shard (0 = one file)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_const", const=True,
+                   help="replace the content of a non-empty --save_directory")
     p.add_argument("--no_progress", dest="progress", action="store_const", const=False,
                    help="hide the progress bars")
     p.add_argument("--quiet", action="store_true", help="do not print the summary table")

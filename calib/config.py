@@ -46,6 +46,7 @@ class CalibConfig:
     sample_tokens: int = 256         # input rows kept per Linear for error scoring
     part_file_size: float = 0.0      # GB per weight shard; 0 = one file
     seed: int = 0
+    overwrite: bool = False          # replace a non-empty save_directory
     progress: bool = True            # tqdm bars on stderr
     recipe: str | None = None
 

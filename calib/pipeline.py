@@ -18,9 +18,11 @@ from tqdm import tqdm
 from calib.config import CalibConfig, CalibError
 from calib.dataset import load_calib_texts, tokenize_texts
 from calib.export import LinearPlan, build_checkpoint, copy_side_files, write_checkpoint
+from calib.finite import check_finite_activation, check_finite_weights
 from calib.mixed_format import FormatChoice, choose_formats
 from calib.model_spec import LinearGroup, check_architecture, find_groups, group_of
 from calib.observers import HistogramObserver, MinMaxObserver, RowSampler
+from calib.output_dir import check_output_dir, staged_output
 from calib.quantize import relative_error, simulate_linear
 from calib.report import CalibReport, LayerRecord
 from calib.sensitivity import score_layers, select_float_layers
@@ -32,12 +34,14 @@ logger = logging.getLogger(__name__)
 class GroupStats:
     """What the observers saw at one group's input."""
 
+    layer: str = ""                  # the Linear whose input this is (named in NaN / inf errors)
     minmax: MinMaxObserver = field(default_factory=MinMaxObserver)
     histogram: HistogramObserver | None = None
     rows: RowSampler | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float().cpu()              # [T, k]
+        check_finite_activation(x, self.layer)
         self.minmax.update(x)
         if self.histogram is not None:
             self.histogram.update(x)
@@ -116,20 +120,21 @@ KVRanges = dict[str, tuple[torch.Tensor, torch.Tensor]]   # "...k_proj" -> per-c
 
 
 def observe(model: nn.Module, groups: list[LinearGroup], batches: list[torch.Tensor], cfg: CalibConfig,
-            full: bool, desc: str) -> tuple[dict[str, GroupStats], KVRanges]:
+            full: bool = True, desc: str = "calibration") -> tuple[dict[str, GroupStats], KVRanges]:
     """Run the calibration batches; (group stats, per-channel KV-cache ranges if C8 is asked).
 
-    `full` adds histograms and row samples (the pre-smoothing pass only needs min / max).
+    `full` adds histograms and row samples (a min / max-only pass does not need them).
     """
     histogram = full and cfg.act_method in (2, 3) and cfg.linear_quant_type == "W8A8"
-    stats = {g.key: GroupStats(histogram=HistogramObserver() if histogram else None,
+    stats = {g.key: GroupStats(layer=g.names[0], histogram=HistogramObserver() if histogram else None,
                                rows=RowSampler(cfg.sample_tokens, cfg.seed) if full else None)
              for g in groups}
     kv: KVRanges = {}
     device = next(model.parameters()).device
+    decoder = model.model                    # the decoder alone: nobody needs the lm_head logits
     with _input_hooks(model, groups, stats), torch.inference_mode():
         for ids in tqdm(batches, desc=desc, disable=not cfg.progress):
-            out = model(ids.to(device), use_cache=full and cfg.use_kvcache_quant)
+            out = decoder(ids.to(device), use_cache=full and cfg.use_kvcache_quant)
             if full and cfg.use_kvcache_quant:
                 _update_kv_ranges(kv, out.past_key_values)
     return stats, kv
@@ -218,40 +223,43 @@ class _Timer:
 def run_calibration(cfg: CalibConfig) -> CalibReport:
     """Calibrate `cfg.model_path` and write the checkpoint to `cfg.save_directory`."""
     cfg.validate()
+    target = check_output_dir(cfg.save_directory, cfg.overwrite)
     timer = _Timer()
     with timer.stage("load"):
         texts = load_calib_texts(cfg.calib_file, cfg.num_samples)
         device = resolve_device(cfg.device_type)
         model, tokenizer, model_dir, source_dtype = load_model(cfg.model_path, device)
+        check_finite_weights(model, "in the checkpoint")
         batches = tokenize_texts(tokenizer, texts, cfg.max_tokens)
         groups = find_groups(model)
-    before = None
     smooth_report = None
     if cfg.anti_method:
         with timer.stage("anti_outlier"):
-            before, _ = observe(model, groups, batches, cfg, full=False, desc="ranges before smoothing")
             smooth_report = _apply_anti_outlier(model, cfg, batches)
+            check_finite_weights(model, f"after anti-outlier {cfg.anti_method}")
     with timer.stage("observe"):
         stats, kv_ranges = observe(model, groups, batches, cfg, full=True, desc="calibration")
     weights = _weight_lookup(model)
     records, plans = _plan(cfg, groups, stats, weights, timer)
     by_name = group_of(groups)
+    # the anti-outlier pass measured every group's input before folding: no extra forward pass
+    before = {e.reader: e.absmax_before for e in smooth_report.entries} if smooth_report else {}
     for record in records.values():
-        group_key = by_name[record.name].key
-        record.absmax_after = max(abs(v) for v in stats[group_key].minmax.range())
-        record.outlier_score = stats[group_key].minmax.outlier_score
-        if before is not None:
-            record.absmax_before = max(abs(v) for v in before[group_key].minmax.range())
-    with timer.stage("export"):
-        tensors, description = build_checkpoint(model, plans, kv_ranges or None, source_dtype,
-                                                progress=cfg.progress)
-        write_checkpoint(cfg.save_directory, tensors, description, cfg.part_file_size)
-        copy_side_files(model_dir, cfg.save_directory)
-    report = CalibReport(str(model_dir), cfg.save_directory, str(description["model_quant_type"]),
-                         options=_options(cfg), layers=list(records.values()),
-                         stage_seconds=timer.seconds, anti_outlier=smooth_report,
-                         kv_cache_type="C8" if kv_ranges else None)
-    report.write_json(cfg.save_directory)
+        group = by_name[record.name]
+        record.absmax_after = max(abs(v) for v in stats[group.key].minmax.range())
+        record.outlier_score = stats[group.key].minmax.outlier_score
+        record.absmax_before = before.get(group.names[0])
+    with staged_output(target) as staging:
+        with timer.stage("export"):
+            tensors, description = build_checkpoint(model, plans, kv_ranges or None, source_dtype,
+                                                    progress=cfg.progress)
+            write_checkpoint(staging, tensors, description, cfg.part_file_size)
+            copy_side_files(model_dir, staging)
+        report = CalibReport(str(model_dir), cfg.save_directory, str(description["model_quant_type"]),
+                             options=_options(cfg), layers=list(records.values()),
+                             stage_seconds=timer.seconds, anti_outlier=smooth_report,
+                             kv_cache_type="C8" if kv_ranges else None)
+        report.write_json(staging)
     return report
 
 

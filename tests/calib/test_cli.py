@@ -157,3 +157,17 @@ def test_msmodelslim_boolean_words_are_accepted():
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["--use_kvcache_quant", "maybe"])
     assert exc.value.code == 2
+
+
+def test_best_recipe_keeps_every_down_proj_float(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, *base_args(tiny_llama_dir, out), "--recipe", "w8a8_best")
+    assert code == 0, err
+    description = json.loads((out / "quant_model_description.json").read_text())
+    report = json.loads((out / "calib_report.json").read_text())
+    down_projs = {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert set(report["float_layers"]) == down_projs
+    assert all(why == "--disable_names *.mlp.down_proj" for why in report["float_layers"].values())
+    assert {description[f"{n}.weight"] for n in down_projs} == {"FLOAT"}
+    assert description["model.layers.0.mlp.gate_proj.weight"] == "W8A8"
+    assert report["options"]["anti_method"] == "m3" and description["model_quant_type"] == "W8A8"

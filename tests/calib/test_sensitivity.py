@@ -35,8 +35,19 @@ def test_disable_names_are_forced_and_checked():
     reasons = select_float_layers(scores, 1, ["l0.o"], GROUPS)
     assert reasons == {"l0.o": "--disable_names",
                        "l0.down": "disable_level L1: sensitivity rank 1/6, output error 4.000e-01"}
-    with pytest.raises(CalibError, match="'l0.nope' is not a decoder Linear"):
+    with pytest.raises(CalibError, match="'l0.nope' matches no decoder Linear"):
         select_float_layers(scores, 0, ["l0.nope"], GROUPS)
+
+
+def test_disable_names_glob_patterns_expand_to_every_match():
+    scores = {"l0.q": 0.1, "l0.k": 0.1, "l0.v": 0.1, "l0.o": 0.05, "l0.gate": 0.3, "l0.up": 0.01,
+              "l0.down": 0.4}
+    reasons = select_float_layers(scores, 1, ["*.down", "l0.[o]"], GROUPS)
+    assert reasons == {"l0.down": "--disable_names *.down", "l0.o": "--disable_names l0.[o]",
+                       "l0.gate": "disable_level L1: sensitivity rank 1/5, output error 3.000e-01",
+                       "l0.up": "fused with l0.gate (one type per fused runtime layer)"}
+    with pytest.raises(CalibError, match=r"'\*.mlp.nothing' matches no decoder Linear"):
+        select_float_layers(scores, 0, ["*.mlp.nothing"], GROUPS)
 
 
 def test_score_is_the_output_error_of_quantizing_the_layer_alone():

@@ -1,0 +1,129 @@
+"""Calibration quality table: (anti_method, act_method, disable_level / names) -> perplexity.
+
+Each row calibrates SmolLM2-135M-Instruct with `calib.pipeline.run_calibration` (16 texts x 128
+tokens of calib_prose.jsonl unless given), loads the written checkpoint in the runtime and
+measures perplexity on the first `--eval_tokens` tokens of eval_tempest.txt in `--window`-token
+windows; the float model is the reference row. Calibration time per row is the report's total.
+
+Default grid (pruned for a 2-core CPU, ~20 rows): float; the best recipe (w8a8_best) and its
+neighbours; no smoothing x act_method 1/2/3 at L0; every anti-outlier method (m1 m2 m3 m4 m6) x
+act_method 1 at L0; m2 x act_method 3; L4 (the best fixed Lk measured so far) for none / m2.
+Rows run in priority order and the JSON is rewritten after each, so a cut-short run keeps what
+it measured. Writes benchmarks/results/calib_smollm2_<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ascend_llm import LLM
+from ascend_llm.eval.perplexity import perplexity
+from ascend_llm.loader.resolve import resolve_model_path
+from calib.config import CalibConfig
+from calib.pipeline import run_calibration
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
+DOWN_PROJ = ("*.mlp.down_proj",)
+# (label, anti_method, act_method, disable_level, disable_names)
+GRID: tuple[tuple[str, str | None, int, str, tuple[str, ...]], ...] = (
+    ("best: m3 act1 down_proj float", "m3", 1, "L0", DOWN_PROJ),
+    ("none act1", None, 1, "L0", ()),
+    ("m1 act1", "m1", 1, "L0", ()),
+    ("m2 act1", "m2", 1, "L0", ()),
+    ("m3 act1", "m3", 1, "L0", ()),
+    ("m4 act1", "m4", 1, "L0", ()),
+    ("m6 act1", "m6", 1, "L0", ()),
+    ("none act3", None, 3, "L0", ()),
+    ("m2 act1 down_proj float", "m2", 1, "L0", DOWN_PROJ),
+    ("none act1 down_proj float", None, 1, "L0", DOWN_PROJ),
+    ("m3 act3 down_proj float", "m3", 3, "L0", DOWN_PROJ),
+    ("none act2", None, 2, "L0", ()),
+    ("m2 act3", "m2", 3, "L0", ()),
+    ("none act1 L4", None, 1, "L4", ()),
+    ("m2 act1 L4", "m2", 1, "L4", ()),
+    ("m6 act1 down_proj float", "m6", 1, "L0", DOWN_PROJ),
+)
+
+
+def eval_ids(tokenizer, num_tokens: int) -> list[int]:
+    """The first `num_tokens` token ids of eval_tempest.txt."""
+    return tokenizer((SHARED / "eval_tempest.txt").read_text())["input_ids"][:num_tokens]
+
+
+def measure(model_dir: str, ids: list[int], window: int) -> float:
+    """Perplexity of the checkpoint in `model_dir` served by the runtime."""
+    llm = LLM(model_dir, max_model_len=window + 64, enforce_eager=True)
+    return perplexity(llm, ids, window).perplexity
+
+
+def calibrate_row(row, args, work: Path) -> dict:
+    label, anti, act, level, names = row
+    out = work / "ckpt"
+    report = run_calibration(CalibConfig(
+        model_path="smollm2-135m-instruct", save_directory=str(out), calib_file=str(SHARED / "calib_prose.jsonl"),
+        num_samples=args.num_samples, max_tokens=args.max_tokens, act_method=act, anti_method=anti,
+        disable_level=level, disable_names=list(names), progress=False, overwrite=True))
+    return {"label": label, "anti_method": anti or "none", "act_method": act, "disable_level": level,
+            "disable_names": list(names), "float_linears": len(report.float_layers),
+            "total_linears": len(report.layers), "calib_seconds": round(sum(report.stage_seconds.values()), 1),
+            "stage_seconds": report.stage_seconds, "ckpt": str(out)}
+
+
+def print_table(rows: list[dict], float_ppl: float | None) -> None:
+    print(f"{'row':34} {'anti':5} {'act':3} {'level':5} {'float':>7} {'ppl':>8} {'x float':>7} {'calib s':>7}")
+    for r in rows:
+        ratio = f"{r['perplexity'] / float_ppl:.3f}" if float_ppl else "-"
+        floats = f"{r.get('float_linears', 0)}/{r.get('total_linears', '-')}"
+        print(f"{r['label']:34} {r.get('anti_method', '-'):5} {str(r.get('act_method', '-')):3} "
+              f"{r.get('disable_level', '-'):5} {floats:>7} {r['perplexity']:8.3f} {ratio:>7} "
+              f"{r.get('calib_seconds', 0):7.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval_tokens", type=int, default=16384)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--num_samples", type=int, default=16)
+    parser.add_argument("--max_tokens", type=int, default=128)
+    parser.add_argument("--rows", type=int, default=len(GRID), help="run only the first N grid rows")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared machine: 1)")
+    parser.add_argument("--out", default=None, help="JSON path (default results/calib_smollm2_<date>.json)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    out_path = Path(args.out) if args.out else RESULTS / f"calib_smollm2_{dt.date.today().isoformat()}.json"
+    model_dir = resolve_model_path("smollm2-135m-instruct")
+    start = time.perf_counter()
+    from transformers import AutoTokenizer
+    ids = eval_ids(AutoTokenizer.from_pretrained(model_dir), args.eval_tokens)
+    float_ppl = measure(str(model_dir), ids, args.window)
+    rows = [{"label": "float", "perplexity": float_ppl, "eval_seconds": round(time.perf_counter() - start, 1)}]
+    meta = {"model": "smollm2-135m-instruct", "eval_tokens": len(ids), "window": args.window,
+            "calib": f"calib_prose.jsonl, {args.num_samples} x {args.max_tokens} tokens",
+            "threads": args.threads, "machine": platform.platform(), "note": "shared 2-core CPU"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in GRID[:args.rows]:
+            result = calibrate_row(row, args, Path(tmp))
+            t0 = time.perf_counter()
+            result["perplexity"] = measure(result.pop("ckpt"), ids, args.window)
+            result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+            result["ratio_to_float"] = round(result["perplexity"] / float_ppl, 4)
+            rows.append(result)
+            out_path.write_text(json.dumps({**meta, "float_perplexity": float_ppl, "rows": rows}, indent=2))
+            logging.warning("%s: ppl %.3f (%.3fx) calib %.0fs", row[0], result["perplexity"],
+                            result["ratio_to_float"], result["calib_seconds"])
+    print_table(rows, float_ppl)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The output directory: refuse to clobber a non-empty one unless asked, and publish atomically.
+
+Everything is written into a temporary sibling directory (same file system) that is renamed onto
+`--save_directory` only once the whole checkpoint and report are written, so a failed or
+interrupted run leaves either nothing or the previous content, never a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from calib.config import CalibError
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_dir(save_directory: str | Path, overwrite: bool) -> Path:
+    """The resolved target; CalibError if it is a file, or a non-empty directory without `overwrite`."""
+    target = Path(save_directory).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise CalibError(f"--save_directory: {str(target)!r} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise CalibError(f"--save_directory: {str(target)!r} exists and is not empty; "
+                         f"pass --overwrite to replace its content")
+    return target
+
+
+@contextmanager
+def staged_output(target: Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `target`; on normal exit it replaces `target`, on an
+    exception it is deleted and `target` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish(staging, target)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move `staging` onto `target`; an existing `target` is moved aside first and then deleted."""
+    previous = None
+    if target.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, previous / "content")
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if previous is not None:                      # put the old content back
+            os.replace(previous / "content", target)
+            shutil.rmtree(previous, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    logger.info("wrote %s", target)
