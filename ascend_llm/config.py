@@ -76,15 +76,21 @@ class SchedulerConfig:
                  f"({self.max_model_len}) when chunked prefill is disabled")
 
 
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
+
+
 @dataclass(slots=True)
 class ParallelConfig:
-    """Tensor parallelism (only size 1 until the distributed executor lands)."""
+    """Tensor parallelism: ranks and how their processes are started (mp on one node, ray)."""
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"
 
     def __post_init__(self) -> None:
-        _require(self.tensor_parallel_size >= 1,
-                 f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
+        _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+                 f"tensor_parallel_size: must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        _require(self.distributed_executor_backend in DISTRIBUTED_EXECUTOR_BACKENDS,
+                 f"distributed_executor_backend: {self.distributed_executor_backend!r} is not one of "
+                 f"{DISTRIBUTED_EXECUTOR_BACKENDS}")
 
 
 @dataclass(slots=True)

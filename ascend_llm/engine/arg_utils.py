@@ -52,11 +52,7 @@ class EngineArgs:
         return SchedulerConfig(self.max_num_seqs, batched, max_model_len, self.enable_chunked_prefill)
 
     def parallel_config(self) -> ParallelConfig:
-        config = ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend)
-        if config.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size: {config.tensor_parallel_size} is not supported "
-                             "by this build yet (tensor parallelism is planned); use 1")
-        return config
+        return ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend)
 
     def device_config(self) -> DeviceConfig:
         return DeviceConfig(self.device, self.enforce_eager)
@@ -87,7 +83,8 @@ class EngineArgs:
                  "(int8 without checkpoint scales always does)")
         add("--quantization-param-path", default=None,
             help="legacy vLLM JSON of per-layer fp8 KV cache scales (kv_cache.scaling_factor)")
-        add("--tensor-parallel-size", "--tp", "-tp", type=int, default=d.tensor_parallel_size)
+        add("--tensor-parallel-size", "--tp", "-tp", type=int, default=d.tensor_parallel_size,
+            help="ranks the model is split over (one process each; gloo on cpu, nccl, hccl)")
         add("--max-model-len", type=int, default=None, help="context length (default: the model's)")
         add("--max-num-seqs", type=int, default=d.max_num_seqs)
         add("--max-num-batched-tokens", type=int, default=None)
@@ -101,7 +98,9 @@ class EngineArgs:
         add("--num-gpu-blocks-override", type=int, default=None)
         add("--kv-cache-memory-gb", type=float, default=None,
             help="KV cache size on CPU in GiB (default 0.3)")
-        add("--distributed-executor-backend", default=d.distributed_executor_backend, choices=["mp", "ray"])
+        add("--distributed-executor-backend", default=d.distributed_executor_backend, choices=["mp", "ray"],
+            help="mp: worker processes on this node; ray: Ray actors (multi-node, needs ray); "
+                 "torchrun-style RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT env overrides both")
         return parser
 
 

@@ -154,6 +154,9 @@ class AsyncLLMEngine:
             return False, f"engine {self._state.value}" + (f": {self._health.error}" if self._health.error else "")
         if self._thread is not None and not self._thread.is_alive():
             return False, "engine thread is not running"
+        problem = _engine_problem(self._engine)      # e.g. a tensor-parallel worker died
+        if problem is not None:
+            return False, problem
         idle_for = time.monotonic() - self._health.last_progress
         if self._thread is not None and idle_for > self.stall_timeout_s:
             return False, f"engine made no progress for {idle_for:.0f} s"
@@ -193,6 +196,9 @@ class AsyncLLMEngine:
         self._fail_all(EngineUnavailableError("the server is shutting down"))
         if self._state is not EngineState.FAILED:
             self._state = EngineState.STOPPED
+        stop_workers = getattr(self._engine, "shutdown", None)
+        if stop_workers is not None and (self._thread is None or not self._thread.is_alive()):
+            stop_workers()                            # tensor-parallel worker processes
 
     # -------------------------------------------------------------- requests
     async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
@@ -340,7 +346,10 @@ class AsyncLLMEngine:
         for request_id, sink in failed:
             self._engine.abort_request(request_id)
             _post(sink, EngineStepError(f"engine step failed: {exc}"))
-        if self._health.consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
+        if getattr(exc, "fatal", False):              # a dead tensor-parallel worker: no retry
+            self._mark_failed(str(exc))
+            self._stop.set()
+        elif self._health.consecutive_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
             self._mark_failed(f"{self._health.consecutive_failures} consecutive step failures: {exc}")
             self._stop.set()
 
@@ -375,6 +384,12 @@ class AsyncLLMEngine:
 
     def _read_stats(self) -> dict[str, Any]:
         return dict(self._engine.stats())
+
+
+def _engine_problem(engine: Any) -> str | None:
+    """The engine's own health report (`check_health`), if it has one."""
+    check = getattr(engine, "check_health", None)
+    return check() if callable(check) else None
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:

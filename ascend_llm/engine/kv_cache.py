@@ -43,9 +43,12 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any, block_size: int, dtype: torch.dtype) -> "KVCacheSpec":
+    def from_hf_config(cls, hf_config: Any, block_size: int, dtype: torch.dtype,
+                       tp_size: int = 1) -> "KVCacheSpec":
+        """One rank's cache: its share of the KV heads (one replicated head when fewer than ranks)."""
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        num_kv_heads = max(1, num_kv_heads // tp_size)
         return cls(hf_config.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
 
     @property

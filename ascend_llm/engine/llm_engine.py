@@ -6,6 +6,8 @@ import logging
 import time
 from typing import Any
 
+from ascend_llm.distributed.launch import create_executor, validate_tp_config
+from ascend_llm.distributed.worker import WorkerSpec
 from ascend_llm.engine.arg_utils import EngineArgs
 from ascend_llm.engine.kv_cache import fit_max_model_len
 from ascend_llm.engine.model_runner import ModelRunner
@@ -13,6 +15,7 @@ from ascend_llm.engine.request_state import RequestState
 from ascend_llm.engine.scheduler import Scheduler, SchedulerOutput
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
 from ascend_llm.loader import load_hf_config, load_tokenizer, resolve_model_path
+from ascend_llm.models.registry import get_model_class
 from ascend_llm.outputs import RequestMetrics, RequestOutput
 from ascend_llm.platform import resolve_device
 from ascend_llm.sampling_params import SamplingParams
@@ -25,7 +28,7 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs) -> None:
         model_config, cache_config = args.model_config(), args.cache_config()
-        args.parallel_config()
+        parallel_config = args.parallel_config()
         device_config = args.device_config()
         self.model_dir = resolve_model_path(model_config.model)
         self.hf_config = load_hf_config(self.model_dir)
@@ -35,8 +38,16 @@ class LLMEngine:
         self.vocab_size = self.hf_config.vocab_size
         self.backend = resolve_device(device_config.device)
         self.served_model_name = model_config.served_model_name or model_config.model
-        self.model_runner = ModelRunner(model_config, cache_config, self.hf_config, self.model_dir,
-                                        self.backend, self.eos_token_ids)
+        validate_tp_config(self.hf_config, parallel_config.tensor_parallel_size,
+                           get_model_class(self.hf_config))
+        # tensor parallelism: worker ranks plus this process as rank 0 (None: one process)
+        self.executor = create_executor(parallel_config, WorkerSpec(
+            model_config, cache_config, str(self.model_dir), self.backend, frozenset(self.eos_token_ids)))
+        if self.executor is None:
+            self.model_runner = ModelRunner(model_config, cache_config, self.hf_config, self.model_dir,
+                                            self.backend, self.eos_token_ids)
+        else:
+            self.model_runner = self.executor.driver_runner
         self.max_model_len = fit_max_model_len(self.max_model_len, model_config.max_model_len is not None,
                                                self.model_runner.num_blocks, cache_config.block_size)
         self.scheduler_config = args.scheduler_config(self.max_model_len)
@@ -105,7 +116,10 @@ class LLMEngine:
         if out.is_empty:
             return []
         now = time.time()
-        result = self.model_runner.execute_model(out)
+        if self.executor is None:
+            result = self.model_runner.execute_model(out)
+        else:
+            result = self.executor.execute_model(out)
         sampled = result.sampler_output
         tokens = _align_sampled(out, sampled.sampled_token_ids)
         self.scheduler.update(out, tokens)
@@ -143,6 +157,15 @@ class LLMEngine:
         if output.finished:
             self.requests.pop(state.request_id, None)
         return output
+
+    def check_health(self) -> str | None:
+        """None when the engine can step, else why not (a tensor-parallel worker died)."""
+        return None if self.executor is None else self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers and leave the process group (no-op for one process)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def stats(self) -> dict[str, Any]:
         """Gauges and counters for metrics endpoints and benchmarks."""

@@ -4,19 +4,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ascend_llm.config import CacheConfig, ModelConfig
+from ascend_llm.distributed.parallel_state import ParallelContext
 from ascend_llm.engine.kv_cache import (KVCacheSpec, allocate_kv_caches, kv_cache_storage_dtype,
                                         num_kv_blocks)
 from ascend_llm.engine.scheduler import SchedulerOutput
 from ascend_llm.engine.sequence import Sequence
 from ascend_llm.layers.attention import Attention
 from ascend_llm.layers.kv_scales import bind_kv_cache_scales, checkpoint_kv_cache_dtype, load_kv_scales_json
+from ascend_llm.layers.moe import EXPERT_TENSOR
 from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
@@ -29,6 +31,38 @@ from ascend_llm.quant.registry import get_quant_config
 logger = logging.getLogger(__name__)
 
 _PROMPT_LOGITS_ROWS = 256
+
+
+def cast_to_model_dtype(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                        dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Cast floating checkpoint matrices (dim > 1, not fp8) to the model dtype before loading,
+    except those whose destination parameter is declared fp32 (ERNIE's e_score_correction_bias
+    [1, E], fp32 routers, fp32 quantization scales): those keep the checkpoint's precision, so a
+    bf16 run does not round them to bf16 on the way into an fp32 parameter."""
+    keep = fp32_checkpoint_names(model) if dtype != torch.float32 else None
+    for name, t in weights:
+        if (t.is_floating_point() and t.dim() > 1 and t.dtype.itemsize > 1
+                and not (keep is not None and keep(name))):
+            t = t.to(dtype)
+        yield name, t
+
+
+def fp32_checkpoint_names(model: nn.Module) -> Callable[[str], bool]:
+    """name -> whether checkpoint tensor `name` loads into an fp32 parameter: found by name,
+    through the model's packed_modules_mapping (q_proj -> qkv_proj), or as a per-expert tensor
+    of a FusedMoE layer (`...experts.{e}.{proj}.{suffix}` -> `w13_{suffix}` / `w2_{suffix}`)."""
+    fp32 = {n for n, p in model.named_parameters(remove_duplicate=False) if p.dtype == torch.float32}
+    packed = getattr(model, "packed_modules_mapping", {})
+
+    def keep(name: str) -> bool:
+        expert = EXPERT_TENSOR.match(name)
+        if expert is not None:
+            stack = "w2" if expert["proj"] == "down_proj" else "w13"
+            return f"{expert['prefix']}.{stack}_{expert['suffix']}" in fp32
+        for ckpt_part, (fused_part, _) in packed.items():
+            name = name.replace(f".{ckpt_part}.", f".{fused_part}.")
+        return name in fp32
+    return keep
 
 
 @dataclass(slots=True)
@@ -47,12 +81,18 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    """Builds the model on `backend`, sizes the paged KV cache, runs forward + sampling."""
+    """Builds the model on `backend`, sizes the paged KV cache, runs forward + sampling.
+
+    Under tensor parallelism (`parallel` with world size > 1) it holds this rank's shard and
+    cache; every rank runs `execute_model` on the same SchedulerOutput, only the driver samples.
+    """
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, hf_config: Any,
-                 model_dir: Path, backend: str, eos_token_ids: set[int]) -> None:
+                 model_dir: Path, backend: str, eos_token_ids: set[int],
+                 parallel: ParallelContext | None = None) -> None:
         self.backend = backend
-        self.device = torch_device(backend)
+        self.parallel = parallel or ParallelContext(backend=backend)
+        self.device = self.parallel.device if self.parallel.is_distributed else torch_device(backend)
         self.dtype = resolve_dtype(model_config.dtype, backend, hf_config)
         self.block_size = cache_config.block_size
         self.eos_token_ids = eos_token_ids
@@ -61,8 +101,9 @@ class ModelRunner:
         self.model = self._load_model(model_config, hf_config, model_dir)
         self._bind_kv_cache(cache_config, hf_config)
         spec = KVCacheSpec.from_hf_config(hf_config, self.block_size,
-                                          kv_cache_storage_dtype(self.kv_cache_dtype, self.dtype))
-        self.num_blocks = num_kv_blocks(spec, cache_config, backend)
+                                          kv_cache_storage_dtype(self.kv_cache_dtype, self.dtype),
+                                          self.parallel.world_size)
+        self.num_blocks = self._agreed_num_blocks(num_kv_blocks(spec, cache_config, backend))
         self.kv_caches = allocate_kv_caches(spec, self.num_blocks, self.device)
         self.null_block = self.num_blocks   # the extra zeroed block padding points at
         self.sampler = Sampler()
@@ -73,12 +114,16 @@ class ModelRunner:
         quant_config = get_quant_config(model_config.quantization, hf_config, model_dir,
                                         fused_shards(model_cls.packed_modules_mapping))
         ops = build_op_set(self.backend)
+        self.ops = ops
+        extra = {"parallel": self.parallel} if self.parallel.is_distributed else {}
+        if extra and not getattr(model_cls, "supports_tensor_parallel", False):
+            raise ValueError(f"tensor_parallel_size: {model_cls.__name__} does not support tensor "
+                             f"parallelism yet; use tensor_parallel_size 1")
         with torch.device(self.device):
-            model = model_cls(hf_config, ops, quant_config, self.dtype)
+            model = model_cls(hf_config, ops, quant_config, self.dtype, **extra)
         weights = tqdm(iter_safetensors_weights(model_dir), desc="Loading weights", unit="tensor",
                        leave=False)
-        model.load_weights((name, t.to(self.dtype) if t.is_floating_point() and t.dim() > 1
-                            and t.dtype.itemsize > 1 else t) for name, t in weights)
+        model.load_weights(cast_to_model_dtype(model, weights, self.dtype))
         process_weights_after_loading(model)
         if self.backend == "cpu":
             release_free_heap()   # loading left hundreds of MiB of freed, still-resident heap
@@ -95,16 +140,30 @@ class ModelRunner:
                                "(kv_cache_dtype auto)")
             else:
                 json_scales = load_kv_scales_json(cache_config.quantization_param_path, len(layers),
-                                                  getattr(hf_config, "model_type", None))
+                                                  getattr(hf_config, "model_type", None),
+                                                  self.parallel.rank, self.parallel.world_size)
         bind_kv_cache_scales(layers, self.kv_cache_dtype, cache_config.calculate_kv_scales,
                              json_scales, self.device)
 
+    def _agreed_num_blocks(self, num_blocks: int) -> int:
+        """The smallest block count over the ranks (free device memory differs per rank)."""
+        if not self.parallel.is_distributed:
+            return num_blocks
+        count = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+        return int(self.ops.get("all_reduce")(count, self.parallel, "min").item())
+
     @torch.inference_mode()
-    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step; one sampled token per scheduled sequence with do_sample."""
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one step; one sampled token per scheduled sequence with do_sample.
+
+        A non-driver rank runs the same forward and LM-head collectives and returns None.
+        """
         batch = self._prepare(out)
         hidden = self.model(batch)                                   # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        if not self.parallel.is_driver:
+            self._prompt_logprobs(out, hidden, {})     # same compute_logits calls as the driver
+            return None
         seqs = [s.seq for s in out.scheduled if s.do_sample]
         metadata = SamplingMetadata.build(seqs, self.eos_token_ids, self.generators, self.device)
         result = ModelRunnerOutput(self.sampler(logits, metadata))

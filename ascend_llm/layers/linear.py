@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ascend_llm.distributed.parallel_state import ParallelContext
 from ascend_llm.ops.registry import OpSet
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.unquantized import UnquantizedLinearMethod
@@ -18,11 +19,13 @@ class LinearBase(nn.Module):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
                  params_dtype: torch.dtype, quant_config: QuantConfig | None, prefix: str,
-                 tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None,
+                 parallel: ParallelContext | None = None) -> None:
         super().__init__()
         self.ops = ops              # backend kernels; the quant method binds one after loading
         self.input_size, self.output_sizes = input_size, output_sizes
         self.tp_rank, self.tp_size, self.prefix = tp_rank, tp_size, prefix
+        self.parallel = parallel    # the group collectives run over (None: no collectives)
         method = quant_config.get_quant_method(self, prefix) if quant_config else None
         self.quant_method: QuantMethod = method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, input_size, output_sizes, params_dtype)
@@ -74,13 +77,15 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
-                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None) -> None:
+                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None,
+                 parallel: ParallelContext | None = None) -> None:
+        tp_rank, tp_size = _tp_coords(tp_rank, tp_size, parallel)
         for size in output_sizes:
             if size % tp_size:
                 raise ValueError(f"{prefix}: output size {size} is not divisible by tp_size {tp_size}")
         self.full_output_sizes = output_sizes
         super().__init__(input_size, [s // tp_size for s in output_sizes], bias, params_dtype,
-                         quant_config, prefix, tp_rank, tp_size, ops)
+                         quant_config, prefix, tp_rank, tp_size, ops, parallel)
 
     def shard_offset(self, shard_index: int) -> tuple[int, int]:
         """(offset, size) of fused shard `shard_index` in this rank's output rows."""
@@ -111,12 +116,21 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, params_dtype: torch.dtype = torch.float32,
                  quant_config: QuantConfig | None = None, prefix: str = "",
-                 tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None,
+                 parallel: ParallelContext | None = None) -> None:
+        tp_rank, tp_size = _tp_coords(tp_rank, tp_size, parallel)
+        if num_heads % tp_size:
+            raise ValueError(f"{prefix}: num_attention_heads {num_heads} is not divisible by "
+                             f"tensor_parallel_size {tp_size}")
+        if (num_kv_heads % tp_size) if num_kv_heads >= tp_size else (tp_size % num_kv_heads):
+            raise ValueError(f"{prefix}: num_key_value_heads {num_kv_heads} and tensor_parallel_size "
+                             f"{tp_size} must divide one another (KV heads are split or replicated)")
         kv_replicas = max(1, tp_size // num_kv_heads)
         sizes = [num_heads * head_dim, num_kv_heads * kv_replicas * head_dim,
                  num_kv_heads * kv_replicas * head_dim]
         self.kv_replicas = kv_replicas
-        super().__init__(hidden_size, sizes, bias, params_dtype, quant_config, prefix, tp_rank, tp_size, ops)
+        super().__init__(hidden_size, sizes, bias, params_dtype, quant_config, prefix, tp_rank, tp_size,
+                         ops, parallel)
 
     def shard_index(self, shard_id: str | int | None) -> int:
         return {"q": 0, "k": 1, "v": 2}[shard_id]
@@ -131,19 +145,50 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input dim split across ranks; outputs are summed by an all-reduce (tp_size > 1)."""
+    """Input dim split across ranks; outputs are summed by an all-reduce (tp_size > 1).
+
+    The bias (float, or W8A8's `quant_bias`) is added on rank 0 only so the sum counts it once.
+    Without a `parallel` group (bare layers in tests) the rank's partial sum is returned.
+    """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
-                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None) -> None:
+                 prefix: str = "", tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None,
+                 parallel: ParallelContext | None = None) -> None:
+        tp_rank, tp_size = _tp_coords(tp_rank, tp_size, parallel)
         if input_size % tp_size:
             raise ValueError(f"{prefix}: input size {input_size} is not divisible by tp_size {tp_size}")
         super().__init__(input_size // tp_size, [output_size], bias, params_dtype, quant_config,
-                         prefix, tp_rank, tp_size, ops)
+                         prefix, tp_rank, tp_size, ops, parallel)
+        reduce = parallel is not None and parallel.is_distributed
+        self._all_reduce = (ops.get("all_reduce") if ops is not None else _all_reduce) if reduce else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp_rank == 0 else None
+        out = self.quant_method.apply(self, x, bias)             # [T, n] this rank's partial sum
+        if self._all_reduce is not None:
+            out = self._all_reduce(out, self.parallel)
+        return out
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
         if param.dim() == 2 and param is not self.bias:
             size = self.input_size
+            if loaded.dim() != 2 or loaded.shape[1] != size * self.tp_size:
+                raise ValueError(f"{self.prefix}: checkpoint tensor has shape {tuple(loaded.shape)}, "
+                                 f"expected {(param.shape[0], size * self.tp_size)} (split along dim 1 "
+                                 f"over {self.tp_size} ranks)")
             loaded = loaded.narrow(1, self.tp_rank * size, size)
         _copy_checked(param.data, loaded, self.prefix)
+
+
+def _tp_coords(tp_rank: int, tp_size: int, parallel: ParallelContext | None) -> tuple[int, int]:
+    """(rank, size) from the parallel context when there is one, else the explicit values."""
+    if parallel is None:
+        return tp_rank, tp_size
+    return parallel.rank, parallel.world_size
+
+
+def _all_reduce(x: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
+    from ascend_llm.ops.collectives import all_reduce
+    return all_reduce(x, parallel)

@@ -6,6 +6,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ascend_llm.distributed.parallel_state import ParallelContext
 from ascend_llm.layers.activation import SiluAndMul
 from ascend_llm.layers.attention import Attention
 from ascend_llm.layers.embedding import LMHead, VocabEmbedding
@@ -22,19 +23,21 @@ class LlamaAttention(nn.Module):
     """Self-attention: fused qkv projection, rotary, paged attention, output projection."""
 
     def __init__(self, config: Any, ops: OpSet, quant_config: QuantConfig | None, prefix: str,
-                 dtype: torch.dtype, biases: tuple[bool, bool]) -> None:
+                 dtype: torch.dtype, biases: tuple[bool, bool], parallel: ParallelContext) -> None:
         super().__init__()
         qkv_bias, o_bias = biases
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads, total_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads,
+                                          total_kv_heads, qkv_bias, dtype, quant_config,
+                                          f"{prefix}.qkv_proj", ops=ops, parallel=parallel)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, o_bias, dtype,
+                                        quant_config, f"{prefix}.o_proj", ops=ops, parallel=parallel)
+        # this rank's heads; KV heads are replicated when fewer than ranks
+        self.num_heads = total_heads // parallel.world_size
+        self.num_kv_heads = self.qkv_proj.output_sizes[1] // self.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
-                                          self.num_kv_heads, qkv_bias, dtype, quant_config,
-                                          f"{prefix}.qkv_proj", ops=ops)
-        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, o_bias, dtype,
-                                        quant_config, f"{prefix}.o_proj", ops=ops)
         self._rope = ops.get("rope")
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
                               self.head_dim ** -0.5, ops)
@@ -55,14 +58,15 @@ class LlamaMLP(nn.Module):
     """SwiGLU MLP with fused gate/up projection."""
 
     def __init__(self, config: Any, ops: OpSet, quant_config: QuantConfig | None, prefix: str,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, parallel: ParallelContext) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [config.intermediate_size] * 2, bias, dtype, quant_config,
-            f"{prefix}.gate_up_proj", ops=ops)
+            f"{prefix}.gate_up_proj", ops=ops, parallel=parallel)
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias,
-                                           dtype, quant_config, f"{prefix}.down_proj", ops=ops)
+                                           dtype, quant_config, f"{prefix}.down_proj", ops=ops,
+                                           parallel=parallel)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act: {config.hidden_act!r} is not supported (silu only)")
         self.act_fn = SiluAndMul(ops)
@@ -75,10 +79,11 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; the residual travels alongside so norms can fuse the add."""
 
     def __init__(self, config: Any, ops: OpSet, quant_config: QuantConfig | None, prefix: str,
-                 dtype: torch.dtype, biases: tuple[bool, bool]) -> None:
+                 dtype: torch.dtype, biases: tuple[bool, bool], parallel: ParallelContext) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, ops, quant_config, f"{prefix}.self_attn", dtype, biases)
-        self.mlp = LlamaMLP(config, ops, quant_config, f"{prefix}.mlp", dtype)
+        self.self_attn = LlamaAttention(config, ops, quant_config, f"{prefix}.self_attn", dtype, biases,
+                                        parallel)
+        self.mlp = LlamaMLP(config, ops, quant_config, f"{prefix}.mlp", dtype, parallel)
         norm_bias = getattr(quant_config, "norm_has_bias", lambda prefix: False)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype,
                                        norm_bias(f"{prefix}.input_layernorm"))
@@ -102,11 +107,11 @@ class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm."""
 
     def __init__(self, config: Any, ops: OpSet, quant_config: QuantConfig | None,
-                 dtype: torch.dtype, biases: tuple[bool, bool]) -> None:
+                 dtype: torch.dtype, biases: tuple[bool, bool], parallel: ParallelContext) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, parallel, ops)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, ops, quant_config, f"model.layers.{i}", dtype, biases)
+            LlamaDecoderLayer(config, ops, quant_config, f"model.layers.{i}", dtype, biases, parallel)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -125,6 +130,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Causal LM: forward(batch) -> hidden [T, hidden]; compute_logits(hidden) -> [N, vocab]."""
 
+    supports_tensor_parallel = True     # takes `parallel` (column/row-parallel layers, vocab shards)
     # checkpoint name -> (fused parameter name, shard id)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -138,12 +144,14 @@ class LlamaForCausalLM(nn.Module):
         return bias, bias
 
     def __init__(self, config: Any, ops: OpSet, quant_config: QuantConfig | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, parallel: ParallelContext | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, ops, quant_config, dtype, self.attention_biases(config))
+        self.parallel = parallel or ParallelContext()     # tensor-parallel rank and group
+        self.model = LlamaModel(config, ops, quant_config, dtype, self.attention_biases(config),
+                                self.parallel)
         tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied, ops)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied, ops, self.parallel)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)

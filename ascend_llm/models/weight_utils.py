@@ -1,7 +1,7 @@
 """Map checkpoint tensor names onto (possibly fused) model parameters."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -13,9 +13,13 @@ _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 
 def load_weights_into(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                      packed_modules_mapping: dict[str, tuple[str, str | int]]) -> set[str]:
+                      packed_modules_mapping: dict[str, tuple[str, str | int]],
+                      expert_loader: Callable[[str, torch.Tensor], list[str] | None] | None = None
+                      ) -> set[str]:
     """Load `weights` into `model`; fused layers get each shard through their weight_loader.
 
+    `expert_loader(name, tensor)` (MoE models, `layers.moe.expert_loader`) loads per-expert
+    tensors into stacked expert parameters and returns their names, None for other tensors.
     Raises ValueError for unknown tensor names, shape mismatches and missing parameters.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -24,6 +28,10 @@ def load_weights_into(model: nn.Module, weights: Iterable[tuple[str, torch.Tenso
         if name.endswith(_SKIPPED_SUFFIXES):
             continue
         if load_kv_scale(model, name, tensor):     # KV-cache scales go to their attention layer
+            continue
+        expert_targets = expert_loader(name, tensor) if expert_loader is not None else None
+        if expert_targets is not None:
+            loaded.update(expert_targets)
             continue
         target, shard_id = _resolve_name(name, packed_modules_mapping)
         param = params.get(target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 
+from ascend_llm.ops import collectives
 from ascend_llm.ops.attention_metadata import AttentionMetadata
 from ascend_llm.ops.registry import Kernel, OpRegistry, OpSet
 
@@ -14,6 +15,14 @@ logger = logging.getLogger(__name__)
 _BACKEND_MODULES = {"cpu": "ascend_llm.ops.cpu", "cuda": "ascend_llm.ops.cuda", "npu": "ascend_llm.ops.npu"}
 # Ops a backend has no kernel of yet run as the plain-torch reference kernels on its device.
 _REFERENCE_FALLBACK = ("cuda", "npu")
+# further modules registering kernels of a backend (kept out of the backend's main module)
+_EXTRA_MODULES = {"cpu": ("ascend_llm.ops.cpu_moe",)}
+
+
+def _register_backend(registry: OpRegistry, backend: str) -> None:
+    importlib.import_module(_BACKEND_MODULES[backend]).register(registry)
+    for module_name in _EXTRA_MODULES.get(backend, ()):
+        importlib.import_module(module_name).register(registry)
 
 
 def build_registry(backends: tuple[str, ...] = ("cpu",)) -> OpRegistry:
@@ -22,7 +31,8 @@ def build_registry(backends: tuple[str, ...] = ("cpu",)) -> OpRegistry:
     for backend in backends:
         module_name = _BACKEND_MODULES.get(backend)
         if module_name is not None:
-            importlib.import_module(module_name).register(registry)
+            _register_backend(registry, backend)
+            collectives.register(registry, backend)      # all_reduce / all_gather (torch.distributed)
         if backend in _REFERENCE_FALLBACK:
             _register_reference_fallback(registry, backend)
     return registry
@@ -30,7 +40,7 @@ def build_registry(backends: tuple[str, ...] = ("cpu",)) -> OpRegistry:
 
 def _register_reference_fallback(registry: OpRegistry, backend: str) -> None:
     reference = OpRegistry()
-    importlib.import_module(_BACKEND_MODULES["cpu"]).register(reference)
+    _register_backend(reference, "cpu")
     for (op, _), kernels in reference.kernels.items():
         for k in kernels:
             registry.register(Kernel(op, backend, f"{backend}.torch_reference.{op}", k.run,

@@ -76,7 +76,7 @@ def register(registry: OpRegistry) -> None:
     if reason is not None:
         logger.info("cuda backend: Triton kernels not registered: %s", reason)
         return
-    from ascend_llm.ops.triton import fp8, int8_gemm, norm_rope_act, paged_attention, weight_only
+    from ascend_llm.ops.triton import fp8, grouped_matmul, int8_gemm, norm_rope_act, paged_attention, weight_only
 
     def add(op: str, name: str, run: Any, supports: Any = None, prepare: Any = None) -> None:
         extra = {k: v for k, v in (("supports", supports), ("prepare", prepare)) if v is not None}
@@ -88,6 +88,8 @@ def register(registry: OpRegistry) -> None:
         add(fn.__name__, fn.__name__, fn)
     add("reshape_and_cache", "reshape_and_cache", paged_attention.reshape_and_cache, supports_kv_cache)
     add("paged_attention", "paged_attention", paged_attention.paged_attention, supports_kv_cache)
+    add("grouped_matmul", "grouped_matmul", grouped_matmul.grouped_matmul,
+        grouped_matmul.supports_grouped_matmul)
     add("weight_only_matmul", "weight_only_matmul", weight_only.weight_only_matmul,
         supports_weight_only, weight_only.prepare_weight_only)
     add("fp8_matmul", "fp8_matmul_block", fp8.fp8_matmul_block, supports_fp8("block"), fp8.prepare_block)

@@ -19,9 +19,12 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from ascend_llm.distributed.communication import group_max, is_tensor_parallel
+from ascend_llm.layers.linear import RowParallelLinear
 from ascend_llm.ops import cpu_quant
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.moe_fp8 import BlockFp8MoEMethod
 
 
 def _create_float_weight(layer: nn.Module, input_size: int, output_sizes: list[int],
@@ -63,6 +66,32 @@ def run_fp8(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     return layer.fp8_kernel.run(layer, x, bias)
 
 
+def quantize_fp8_per_tensor_tp(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor e4m3 of the layer's float weight; under tensor parallelism the scale is the
+    max over the group (amax -> scale is monotonic), so every rank matches TP=1 bit for bit."""
+    q, scale = P.quantize_fp8_per_tensor(layer.weight.data)                 # [n, k], 0-dim
+    if not is_tensor_parallel(layer):
+        return q, scale
+    scale = group_max(layer, scale)
+    return P.fp8_cast(layer.weight.data.float() / scale), scale
+
+
+def check_block_shards(layer: nn.Module, output_sizes: list[int], input_size: int,
+                       block_size: tuple[int, int]) -> None:
+    """ValueError naming the layer when a tensor-parallel shard does not hold whole fp8 blocks."""
+    if getattr(layer, "tp_size", 1) == 1:
+        return
+    bn, bk = block_size
+    prefix = getattr(layer, "prefix", "layer")
+    if isinstance(layer, RowParallelLinear):
+        if input_size % bk:
+            raise ValueError(f"{prefix}: block-wise fp8 with tensor_parallel_size {layer.tp_size} needs "
+                             f"the per-rank input size ({input_size}) divisible by {bk}")
+    elif any(size % bn for size in output_sizes):
+        raise ValueError(f"{prefix}: block-wise fp8 with tensor_parallel_size {layer.tp_size} needs "
+                         f"every per-rank output size ({list(output_sizes)}) divisible by {bn}")
+
+
 class Fp8LinearMethod(QuantMethod):
     """Per-tensor e4m3 weight (`weight_scale` 0-dim float32); e4m3 activations, dynamic per tensor
     or with a fixed `input_scale` (0-dim float32) when one is given."""
@@ -79,7 +108,7 @@ class Fp8LinearMethod(QuantMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         _check_float(layer)
         act_dtype = layer.weight.dtype                               # the model dtype
-        q, scale = P.quantize_fp8_per_tensor(layer.weight.data)      # [n, k] e4m3, 0-dim
+        q, scale = quantize_fp8_per_tensor_tp(layer)                 # [n, k] e4m3, 0-dim
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
         if self.input_scale is None:
@@ -103,6 +132,7 @@ class BlockFp8LinearMethod(QuantMethod):
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
+        check_block_shards(layer, output_sizes, input_size, self.block_size)
         _create_float_weight(layer, input_size, output_sizes, params_dtype)
         layer.weight_block_size = self.block_size
 
@@ -130,6 +160,9 @@ class Fp8Config(QuantConfig):
         return "fp8"
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
+            raise ValueError(f"{prefix}: per-tensor fp8 MoE experts are not supported; use "
+                             f"--quantization block_wise_fp8")
         return Fp8LinearMethod(self.input_scales.get(prefix))
 
 
@@ -144,4 +177,6 @@ class BlockWiseFp8Config(QuantConfig):
         return "block_wise_fp8"
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
+            return BlockFp8MoEMethod(self.block_size, online=True)
         return BlockFp8LinearMethod(self.block_size)

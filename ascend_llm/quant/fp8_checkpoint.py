@@ -23,7 +23,8 @@ import torch.nn as nn
 from ascend_llm.layers.linear import RowParallelLinear
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
-from ascend_llm.quant.fp8 import bind_fp8_kernel, run_fp8
+from ascend_llm.quant.fp8 import bind_fp8_kernel, check_block_shards, run_fp8
+from ascend_llm.quant.moe_fp8 import BlockFp8MoEMethod
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
 
 ACTIVATION_SCHEMES = ("dynamic", "static")
@@ -69,13 +70,10 @@ class BlockFp8CheckpointLinearMethod(QuantMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         bn, bk = self.block_size
-        if len(output_sizes) > 1 and any(size % bn for size in output_sizes):
-            raise ValueError(f"{layer.prefix}: fused shards with output sizes {list(output_sizes)} "
-                             f"are not divisible by weight_block_size n={bn}; block-FP8 shards "
-                             f"concatenate along n and need whole blocks")
         if isinstance(layer, RowParallelLinear) and layer.tp_size > 1 and input_size % bk:
             raise ValueError(f"{layer.prefix}: input size per rank {input_size} is not divisible by "
                              f"weight_block_size k={bk}")
+        check_block_shards(layer, output_sizes, input_size, self.block_size)
         n = sum(output_sizes)
         nb = sum(P.num_blocks(size, bn) for size in output_sizes)
         add_param(layer, "weight", (n, input_size), P.FP8_DTYPE, out_dim=0, in_dim=1)
@@ -87,10 +85,30 @@ class BlockFp8CheckpointLinearMethod(QuantMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_loaded(layer, ("weight", "weight_scale_inv"), self.shard_names)
         _positive(layer, "weight_scale_inv")
+        _rows_scales_for_partial_shards(layer, self.block_size)
         bind_fp8_kernel(layer, "block", layer.act_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return run_fp8(layer, x, bias)
+
+
+def _rows_scales_for_partial_shards(layer: nn.Module, block_size: tuple[int, int]) -> None:
+    """Fused shards whose n is not a multiple of bn (e.g. SmolLM2's k_proj, n=192) each have
+    their own block grid, so row r's scale is no longer block r // bn of the stacked scales:
+    expand every shard's block rows to one scale row per output row ([n, KB], block size
+    (1, bk)), which every block kernel reads the same way."""
+    bn, bk = block_size
+    sizes = list(layer.output_sizes)
+    if len(sizes) == 1 or not any(size % bn for size in sizes):
+        return
+    rows, block_start = [], 0
+    scales = layer.weight_scale_inv.data                               # [sum NB_s, KB]
+    for size in sizes:
+        nb = P.num_blocks(size, bn)
+        rows.append(scales[block_start:block_start + nb].repeat_interleave(bn, 0)[:size])
+        block_start += nb
+    layer.weight_scale_inv = nn.Parameter(torch.cat(rows), requires_grad=False)   # [n, KB]
+    layer.weight_block_size = (1, bk)
 
 
 def requantize_with_max_scale(weight: torch.Tensor, scales: torch.Tensor,
@@ -162,6 +180,13 @@ class Fp8CheckpointConfig(QuantConfig):
         return cls(scheme, tuple(ignored), block, packed_modules)
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_fp8.py
+            if self.is_ignored(prefix):
+                return None
+            if self.weight_block_size is None:
+                raise ValueError(f"{prefix}: per-tensor fp8 MoE expert checkpoints are not supported "
+                                 f"(block-wise, weight_block_size, only)")
+            return BlockFp8MoEMethod(self.weight_block_size, online=False)
         shard_names = shard_names_for(prefix, self.packed_modules)
         if self.is_ignored(prefix, shard_names):
             return None

@@ -87,7 +87,9 @@ def _destination(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
         rows = math.ceil(size / block)
         if layer.tp_size > 1 and loaded.dim() > param.out_dim:
             loaded = loaded.narrow(param.out_dim, rank * rows, rows)
-        return dst.narrow(param.out_dim, offset // block, rows), loaded
+        # each fused shard has its own block grid (a partial last block included)
+        block_offset = sum(math.ceil(s / block) for s in layer.output_sizes[:index])
+        return dst.narrow(param.out_dim, block_offset, rows), loaded
     if isinstance(layer, RowParallelLinear) and layer.tp_size > 1 and param.in_dim is not None:
         size = dst.shape[param.in_dim]
         loaded = loaded.narrow(param.in_dim, layer.tp_rank * size, size)

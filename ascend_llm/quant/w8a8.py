@@ -32,6 +32,7 @@ from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.formats import DESCRIPTION_META_KEYS, detect_quant_format, validate_description
+from ascend_llm.quant.moe_w8a8 import w8a8_moe_method
 
 DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -140,6 +141,8 @@ class AscendW8A8Config(QuantConfig):
         return next(iter(types.values()))
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
+            return w8a8_moe_method(self.description, prefix, layer.num_experts, self.source)
         quant_type = self.layer_quant_type(prefix)
         if quant_type == "FLOAT":
             return None

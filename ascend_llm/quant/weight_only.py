@@ -20,9 +20,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ascend_llm.distributed.communication import group_max, splits_input
 from ascend_llm.ops import cpu_quant
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.moe_weight_only import OnlineWeightOnlyMoEMethod, PrequantWeightOnlyMoEMethod
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
 
 
@@ -48,7 +50,7 @@ class WeightOnlyLinearMethod(QuantMethod):
                              f"({layer.weight.dtype}); process_weights_after_loading ran twice")
         act_dtype = layer.weight.dtype                                     # the model dtype
         layer.params_dtype = act_dtype
-        q, scale = P.quantize_per_channel(layer.weight.data, self.bits)   # [n, k] int8, [n]
+        q, scale = quantize_per_channel_tp(layer, self.bits)              # [n, k] int8, [n]
         if self.bits == 4:
             q = P.pack_int4(q)                                             # [n, ceil(k/2)] uint8
         layer.weight = nn.Parameter(q, requires_grad=False)   # replaces (frees) the float weight
@@ -57,6 +59,18 @@ class WeightOnlyLinearMethod(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)
+
+
+def quantize_per_channel_tp(layer: nn.Module, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`P.quantize_per_channel` of the layer's float weight; a row-parallel rank (k split) uses
+    the scale of the whole row, max-reduced over the group, so its codes equal TP=1's slice."""
+    q, scale = P.quantize_per_channel(layer.weight.data, bits)             # [n, k_r], [n]
+    if not splits_input(layer):
+        return q, scale
+    scale = group_max(layer, scale)             # amax -> scale is monotonic: max of scales
+    qmax = P.int_qmax(bits)
+    q = torch.round(layer.weight.data.float() / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
 
 
 def bind_weight_only_kernel(layer: nn.Module, bits: int, act_dtype: torch.dtype) -> None:
@@ -89,6 +103,9 @@ class PrequantWeightOnlyLinearMethod(QuantMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         n = sum(output_sizes)
+        if self.bits == 4 and splits_input_dim(layer) and input_size % 2:
+            raise ValueError(f"{layer.prefix}: packed int4 weights split along k need an even "
+                             f"per-rank input size, got {input_size}")
         if self.bits == 8:
             add_param(layer, "weight", (n, input_size), torch.int8, out_dim=0, in_dim=1)       # [n, k]
         else:
@@ -111,6 +128,12 @@ class PrequantWeightOnlyLinearMethod(QuantMethod):
         return apply_weight_only(layer, x, bias)
 
 
+def splits_input_dim(layer: nn.Module) -> bool:
+    """Row-parallel with more than one rank (known at create_weights time, before any group)."""
+    from ascend_llm.layers.linear import RowParallelLinear
+    return isinstance(layer, RowParallelLinear) and getattr(layer, "tp_size", 1) > 1
+
+
 class WeightOnlyConfig(QuantConfig):
     """`wint8` / `wint4`: every linear layer built with this config is weight-only quantized
     (the LM head and embeddings are built without a quant config and stay float)."""
@@ -122,6 +145,8 @@ class WeightOnlyConfig(QuantConfig):
         return f"wint{cls.bits}"
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
+            return OnlineWeightOnlyMoEMethod(self.bits)
         return WeightOnlyLinearMethod(self.bits)
 
 
@@ -146,6 +171,8 @@ class WeightOnlyCheckpointConfig(QuantConfig):
         return f"wint{self.bits}"
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
+            return PrequantWeightOnlyMoEMethod(self.bits)
         return PrequantWeightOnlyLinearMethod(self.bits, shard_names_for(prefix, self.packed_modules))
 
 

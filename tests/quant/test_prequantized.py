@@ -147,11 +147,24 @@ def test_deepseek_block_fp8(tiny_llama_dir, tmp_path, float_lps):
     assert get_quant_config("block_wise_fp8", None, out).weight_block_size == (32, 32)
 
 
-def test_deepseek_block_not_dividing_shards_fails(tiny_llama_dir, tmp_path):
+def test_deepseek_block_partial_fused_shards_keep_their_own_grids(tiny_llama_dir, tmp_path, float_lps):
+    """q/k/v with n = 64/32/32 and 128-row blocks: each shard has its own (partial) block grid,
+    so the layer expands them to one scale row per output row (block size (1, 128))."""
     out = write_deepseek_fp8(tiny_llama_dir, tmp_path / "ds128", block=(128, 128))
-    with pytest.raises(ValueError, match=r"qkv_proj: fused shards with output sizes \[64, 32, 32\] "
-                                         r"are not divisible by weight_block_size n=128"):
-        LLM(str(out), max_model_len=64)
+    llm, lps = _run(out)
+    assert _within((lps - float_lps).abs(), FP8_BOUNDS)
+    qkv = _layer(llm).self_attn.qkv_proj
+    assert qkv.weight_block_size == (1, 128) and qkv.weight_scale_inv.shape == (128, 1)
+    ckpt = _checkpoint(out)
+    want = torch.cat([ckpt[f"model.layers.0.self_attn.{s}_proj.weight_scale_inv"].expand(n, 1)
+                      for s, n in zip("qkv", (64, 32, 32))])
+    torch.testing.assert_close(qkv.weight_scale_inv.data, want, rtol=0, atol=0)
+    x = torch.randn(5, 64)
+    deq = torch.cat([P.dequantize_fp8_block(ckpt[f"model.layers.0.self_attn.{s}_proj.weight"],
+                                            ckpt[f"model.layers.0.self_attn.{s}_proj.weight_scale_inv"],
+                                            (128, 128)) for s in "qkv"])
+    ref = P.dequantize_fp8_per_token_group(*P.quantize_fp8_per_token_group(x, 128), group_size=128) @ deq.T
+    torch.testing.assert_close(qkv(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_scale_tensors_are_named(tiny_llama_dir, tmp_path):

@@ -155,13 +155,19 @@ def test_serve_on_cpu_answers_health_and_stops(tiny_llama_dir, tmp_path):
     assert (tmp_path / "logs" / "ascend").is_dir()
 
 
-def test_serve_passes_tp_through_and_surfaces_the_cpu_rejection(tiny_llama_dir, tmp_path):
-    proc = _serve_cpu(tiny_llama_dir, tmp_path / "logs", _free_port(), tp=2)
+def test_serve_passes_tp_through_and_serves_with_two_ranks(tiny_llama_dir, tmp_path):
+    """--tp 2 reaches the server, which runs a gloo worker process on CPU and stops it on SIGTERM."""
+    port = _free_port()
+    proc = _serve_cpu(tiny_llama_dir, tmp_path / "logs", port, tp=2)
     try:
-        output, _ = proc.communicate(timeout=90)
+        deadline = time.monotonic() + 90
+        while _health(port) != 200:
+            assert proc.poll() is None, f"server exited early: {proc.stdout.read()}"
+            assert time.monotonic() < deadline, "no /health 200 within 90 s"
+            time.sleep(0.5)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        _wait_group_gone(proc.pid, timeout=60)      # the worker rank exited too
     assert "--tensor-parallel-size 2" in output
-    assert "tensor_parallel_size: 2 is not supported" in output
+    assert "tensor parallel: 2 ranks ready" in (tmp_path / "logs" / "rank0.log").read_text()

@@ -1,0 +1,99 @@
+"""A tensor-parallel worker rank: build this rank's model shard, then run every step the
+driver broadcasts until it broadcasts the stop message.
+
+The same loop serves processes spawned by the `mp` executor, Ray actors and torchrun-launched
+ranks. Start-up and step failures go back to the driver through `report` (a pipe end for `mp`)
+as (kind, rank, message) before the worker exits with a non-zero code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ascend_llm.config import CacheConfig, ModelConfig
+from ascend_llm.distributed.parallel_state import (DEFAULT_TIMEOUT_S, ParallelContext,
+                                                   destroy_parallel_context, init_parallel_context)
+
+logger = logging.getLogger(__name__)
+
+Report = Callable[[tuple[str, int, str]], None]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a rank needs to build its `ModelRunner` (picklable)."""
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    model_dir: str
+    backend: str
+    eos_token_ids: frozenset[int]
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def build_runner(self, parallel: ParallelContext) -> Any:
+        from ascend_llm.engine.model_runner import ModelRunner
+        from ascend_llm.loader import load_hf_config
+        model_dir = Path(self.model_dir)
+        return ModelRunner(self.model_config, self.cache_config, load_hf_config(model_dir), model_dir,
+                           self.backend, set(self.eos_token_ids), parallel)
+
+
+def broadcast_step(parallel: ParallelContext, payload: Any = None) -> Any:
+    """Driver: send `payload` (a SchedulerOutput, or None to stop); workers: receive it."""
+    box = [payload if parallel.is_driver else None]
+    dist.broadcast_object_list(box, src=0, group=parallel.cpu_group)
+    return box[0]
+
+
+def run_worker_loop(parallel: ParallelContext, runner: Any) -> int:
+    """Run broadcast steps until the stop message; returns the number of steps run."""
+    steps = 0
+    while True:
+        out = broadcast_step(parallel)
+        if out is None:
+            return steps
+        runner.execute_model(out)
+        steps += 1
+
+
+def worker_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec,
+                report: Report, local_rank: int | None = None) -> None:
+    """Entry point of a worker rank (returns normally after the driver's stop message)."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+    phase = "start-up"
+    parallel = None
+    try:
+        parallel = init_parallel_context(rank, world_size, spec.backend, init_method, local_rank,
+                                         spec.timeout_s)
+        runner = spec.build_runner(parallel)
+        report(("ready", rank, str(runner.num_blocks)))
+        phase = "step"
+        steps = run_worker_loop(parallel, runner)
+        logger.info("rank %d: stop after %d steps", rank, steps)
+    except BaseException as exc:
+        logger.error("rank %d failed during %s:\n%s", rank, phase, traceback.format_exc())
+        report(("error", rank, f"{phase}: {type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from exc
+    destroy_parallel_context(parallel)
+
+
+def pipe_report(conn: Any) -> Report:
+    """A `Report` that sends over a multiprocessing connection (ignoring a closed one)."""
+    def send(message: tuple[str, int, str]) -> None:
+        try:
+            conn.send(message)
+        except (OSError, ValueError):
+            pass
+    return send
+
+
+def mp_worker_entry(rank: int, world_size: int, init_method: str, spec: WorkerSpec, conn: Any) -> None:
+    """Target of a spawned `mp` worker process."""
+    logging.basicConfig(level=logging.INFO, format=f"[tp rank {rank}] %(levelname)s %(name)s: %(message)s")
+    worker_main(rank, world_size, init_method, spec, pipe_report(conn))

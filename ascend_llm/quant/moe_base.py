@@ -1,0 +1,204 @@
+"""Expert-weight quantization methods of FusedMoE layers: the interface, parameter declaration
+with tensor-parallel sharding, completeness checks, and the float method.
+
+A FusedMoE layer stores every expert tensor stacked over experts, [E, ...]. Checkpoints hold one
+tensor per expert and projection: gate_proj (shard "w1") and up_proj ("w3") are concatenated
+along their output dim into `w13_<suffix>`, down_proj ("w2") is `w2_<suffix>`. Tensor parallelism
+splits the moe intermediate dim I: each rank keeps rows [rank * I/tp, (rank + 1) * I/tp) of the
+gate and up outputs and the same columns of down's input, so the down-projection outputs of all
+ranks sum (all-reduce) to the unsharded result. Every parameter records where those dims are
+(`ExpertParamSpec`) in its per-expert checkpoint layout, and in how many rows per stored row
+(packed int4 bytes: 2, WINT2 bytes: 4, 128-row scale blocks: 128).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ascend_llm.ops import cpu_moe
+
+W13_SHARDS = ("w1", "w3")
+SHARD_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertParamSpec:
+    """Dims of one per-expert tensor: n_dim = the gate/up output dim (w13 only), k_dim = the
+    intermediate input dim of down (w2 only; None: not split by TP); *_block = rows per stored row."""
+    n_dim: int | None = None
+    n_block: int = 1
+    k_dim: int | None = None
+    k_block: int = 1
+
+
+class FusedMoEMethodBase(ABC):
+    """Declares a FusedMoE layer's expert tensors, post-processes them, and runs the experts.
+
+    State lives on the layer. apply(layer, x, group_list): x [M, hidden] rows sorted by expert,
+    group_list [E] cumulative row ends -> [M, hidden] = down(silu(gate(x)) * up(x)) per expert.
+    """
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
+        """Register the stacked expert parameters (with `add_expert_param`)."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Check every expert tensor arrived; quantize / re-layout; bind kernels."""
+        check_experts_loaded(layer)
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor:
+        """x [M, hidden] sorted by expert -> [M, hidden]."""
+
+
+def add_expert_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                     spec: ExpertParamSpec) -> nn.Parameter:
+    """Register `name` = zeros [E, *shape] on `layer`; `shape` is one expert's (per-rank) shape."""
+    if not (name.startswith("w13_") or name.startswith("w2_")):
+        raise ValueError(f"expert parameter {name!r}: names start with 'w13_' or 'w2_'")
+    blocks = [spec.n_block] if name.startswith("w13_") else ([spec.k_block] if spec.k_dim is not None else [])
+    for block in blocks:
+        if layer.tp_size > 1 and layer.intermediate_size_per_partition % block:
+            raise ValueError(f"{layer.prefix}.{name}: tensor parallelism needs the per-rank moe "
+                             f"intermediate size ({layer.intermediate_size_per_partition}) to be a "
+                             f"multiple of {block} (rows per stored row of this tensor)")
+    param = nn.Parameter(torch.zeros((layer.num_experts, *shape), dtype=dtype), requires_grad=False)
+    param.expert_spec = spec
+    layer.register_parameter(name, param)
+    layer.expert_param_names = (*getattr(layer, "expert_param_names", ()), name)
+    return param
+
+
+def load_expert_tensor(layer: nn.Module, suffix: str, shard: str, expert: int,
+                       loaded: torch.Tensor, ckpt_name: str) -> str:
+    """Copy one checkpoint tensor (expert `expert`, shard w1/w3/w2) into its parameter; returns
+    the parameter name. ValueError naming `ckpt_name` for a bad expert id, dtype or shape."""
+    name = f"{'w13' if shard in W13_SHARDS else 'w2'}_{suffix}"
+    param = getattr(layer, name, None) if name in getattr(layer, "expert_param_names", ()) else None
+    if param is None:
+        known = sorted({n.split("_", 1)[1] for n in getattr(layer, "expert_param_names", ())})
+        raise ValueError(f"{ckpt_name}: unexpected expert tensor for {type(layer.quant_method).__name__} "
+                         f"(expected suffixes {known})")
+    if not 0 <= expert < layer.num_experts:
+        raise ValueError(f"{ckpt_name}: expert id {expert} is out of range: the model config has "
+                         f"num_experts={layer.num_experts}")
+    loaded = _as_param_dtype(param, loaded, ckpt_name)
+    dst, part = _expert_destination(layer, param, loaded, shard, expert, ckpt_name)
+    if tuple(dst.shape) != tuple(part.shape):
+        raise ValueError(f"{ckpt_name}: checkpoint tensor has shape {tuple(part.shape)}, expected "
+                         f"{tuple(dst.shape)} (this rank's part)")
+    dst.copy_(part)
+    if not hasattr(layer, "loaded_expert_tensors"):
+        layer.loaded_expert_tensors = set()
+    layer.loaded_expert_tensors.add((name, expert, shard))
+    return name
+
+
+def _as_param_dtype(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+    """Float params take any float tensor (cast by the copy) except fp8; other dtypes must match
+    (uint8 byte containers also take int8 bytes)."""
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if param.dtype in fp8 or loaded.dtype in fp8:
+        if loaded.dtype != param.dtype:
+            raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected {param.dtype}")
+        return loaded
+    if param.dtype.is_floating_point:
+        if not loaded.is_floating_point():
+            raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected a "
+                             f"floating-point tensor")
+        return loaded
+    if loaded.dtype == param.dtype:
+        return loaded
+    if param.dtype == torch.uint8 and loaded.dtype == torch.int8:
+        return loaded.view(torch.uint8)
+    raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected {param.dtype}")
+
+
+def _expert_destination(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shard: str,
+                        expert: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    spec: ExpertParamSpec = param.expert_spec
+    dst = param.data[expert]
+    size = layer.intermediate_size_per_partition
+    if shard in W13_SHARDS:
+        rows = math.ceil(size / spec.n_block)
+        part = _narrow(loaded, spec.n_dim, layer.tp_rank * rows, rows, name) if layer.tp_size > 1 else loaded
+        return dst.narrow(spec.n_dim, 0 if shard == "w1" else rows, rows), part
+    if spec.k_dim is not None and layer.tp_size > 1:
+        rows = math.ceil(size / spec.k_block)
+        return dst, _narrow(loaded, spec.k_dim, layer.tp_rank * rows, rows, name)
+    return dst, loaded
+
+
+def _narrow(loaded: torch.Tensor, dim: int, start: int, size: int, name: str) -> torch.Tensor:
+    if loaded.dim() <= dim or loaded.shape[dim] < start + size:
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, expected at "
+                         f"least {start + size} entries along dim {dim}")
+    return loaded.narrow(dim, start, size)
+
+
+def check_experts_loaded(layer: nn.Module) -> None:
+    """ValueError naming the first expert checkpoint tensor that was never loaded."""
+    loaded = getattr(layer, "loaded_expert_tensors", set())
+    for name in layer.expert_param_names:
+        kind, suffix = name.split("_", 1)
+        for expert in range(layer.num_experts):
+            for shard in (W13_SHARDS if kind == "w13" else ("w2",)):
+                if (name, expert, shard) not in loaded:
+                    missing = f"{layer.prefix}.{expert}.{SHARD_PROJ[shard]}.{suffix}"
+                    raise ValueError(f"checkpoint is missing tensor {missing!r} (needed by "
+                                     f"{layer.prefix}, {layer.num_experts} experts)")
+
+
+def run_experts(layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor,
+                gate_up: Callable[[torch.Tensor], torch.Tensor],
+                down: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """down(silu_and_mul(gate_up(x))): x [M, H] -> [M, 2I] -> [M, I] -> [M, H]."""
+    return down(layer.silu_and_mul(gate_up(x)))
+
+
+def dequant_grouped_matmul(x: torch.Tensor, group_list: torch.Tensor, out_features: int,
+                           dequant_expert: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Per active expert e: x_rows @ dequant_expert(e).T in fp32 (dequant_expert(e): [n, k] fp32)."""
+    return cpu_moe.grouped_apply(
+        x, group_list, out_features,
+        lambda e, rows: (rows.float() @ dequant_expert(e).t()).to(x.dtype))
+
+
+def declare_float_experts(layer: nn.Module, hidden_size: int, intermediate: int,
+                          params_dtype: torch.dtype) -> None:
+    """w13_weight [E, 2I, H] and w2_weight [E, H, I] in the model dtype (checkpoint layout)."""
+    add_expert_param(layer, "w13_weight", (2 * intermediate, hidden_size), params_dtype,
+                     ExpertParamSpec(n_dim=0))
+    add_expert_param(layer, "w2_weight", (hidden_size, intermediate), params_dtype,
+                     ExpertParamSpec(k_dim=1))
+
+
+class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
+    """Float experts through the backend's `grouped_matmul` (weights re-laid out to [E, k, n])."""
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
+        declare_float_experts(layer, hidden_size, intermediate_size_per_partition, params_dtype)
+        layer.grouped_matmul = cpu_moe.grouped_matmul
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        check_experts_loaded(layer)
+        # [E, n, k] -> [E, k, n]: what npu_grouped_matmul and the other kernels take
+        layer.w13_weight = nn.Parameter(layer.w13_weight.data.transpose(1, 2).contiguous(), requires_grad=False)
+        layer.w2_weight = nn.Parameter(layer.w2_weight.data.transpose(1, 2).contiguous(), requires_grad=False)
+        ops = getattr(layer, "ops", None)
+        if ops is not None:
+            kernel = ops.select("grouped_matmul", dtype=layer.w13_weight.dtype)
+            kernel.prepare(layer)
+            layer.grouped_matmul = kernel.run
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor:
+        gmm = layer.grouped_matmul
+        return run_experts(layer, x, group_list, lambda a: gmm(a, layer.w13_weight, group_list),
+                           lambda a: gmm(a, layer.w2_weight, group_list))
