@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.moe_weight_only import w4w2_method
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
 from ascend_llm.quant.weight_only import PrequantWeightOnlyLinearMethod, apply_weight_only, bind_weight_only_kernel
 
@@ -134,6 +135,10 @@ class WInt2Config(QuantConfig):
                                  f"layer {layer_idx} of the model's {num_layers} decoder layers")
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
+            if layer.layer_idx is None:
+                raise ValueError(f"{prefix}: w4w2 needs the decoder layer index of MoE layers")
+            return w4w2_method(self.method_for_moe_layer(layer.layer_idx))
         shard_names = shard_names_for(prefix, self.packed_modules)
         if self.is_wint2_module(prefix, shard_names):
             return WInt2LinearMethod(shard_names)
