@@ -21,7 +21,9 @@ kernel). On real SmolLM2 activations (256 tokens) its per-layer relative output 
 than per-tensor fp8 in 120 of 120 linear layers (mean 0.0287 vs 0.0315); e4m3 is a float
 format, so finer scales barely change the weight rounding (0.0220 vs 0.0225), and the perplexity
 gap between the two is within the noise of correlated e4m3 roundings. The assert below holds
-the measured value (<= 1.04x); the issue's 1.02x is not reached by plain block fp8 on this model.
+the measured value (<= 1.04x) for online block fp8. The issue's 1.02x is reached by a calibrated
+block-fp8 checkpoint in the same DeepSeek layout, rounded with GPTQ by `python -m calib.block_fp8`
+(32 x 512 calibration tokens): 40.527 (1.0141x), test_block_fp8_gptq_checkpoint_target.
 
 Runtime: one LLM per method, each scoring 16k tokens: 3-15 min per method on 2 busy cores
 (block_wise_fp8 slowest), so the module takes far longer than 4 minutes; every test is slow.
@@ -47,7 +49,8 @@ MODEL = "smollm2-135m-instruct"
 TARGETS = {                                   # name -> (LLM kwargs, max ratio to float); measured
     "wint8": ({"quantization": "wint8"}, 1.01),                                     # 1.0047
     "fp8": ({"quantization": "fp8"}, 1.03),                                         # 1.0265
-    "block_wise_fp8": ({"quantization": "block_wise_fp8"}, 1.04),  # 1.0318; issue target 1.02 unmet
+    "block_wise_fp8": ({"quantization": "block_wise_fp8"}, 1.04),  # 1.0318 online; 1.02: see the
+    # GPTQ checkpoint test at the end (1.0141)
     "fp8_kv": ({"kv_cache_dtype": "fp8", "calculate_kv_scales": True}, 1.02),       # 1.0101
     "int8_kv": ({"kv_cache_dtype": "int8", "calculate_kv_scales": True}, 1.02),     # 1.0048
 }
@@ -164,3 +167,23 @@ def test_static_w8a8_matches_round_to_nearest(model_dir, token_ids, float_ppl, t
     # measured ratio 1.0010 on 16k tokens (1.016 on the first 1024 only): the checkpoint rounds
     # weights to [-128, 127] and folds the zero point into an int32 quant_bias, the simulation not
     assert w8a8 <= reference * 1.03, f"static W8A8 {w8a8:.3f} vs round-to-nearest {reference:.3f}"
+
+
+def test_block_fp8_gptq_checkpoint_target(model_dir, token_ids, float_ppl, tmp_path):
+    """The 1.02x block_wise_fp8 target, reached by a calibrated checkpoint: `python -m
+    calib.block_fp8` keeps the 128x128 amax / 448 block scales of online block_wise_fp8 but
+    rounds with GPTQ (inverse-Hessian error feedback) instead of to nearest. Weight rounding,
+    not the dynamic activations, is what costs online block fp8 its quality on this model
+    (fake-quantizing weights alone: 1.024x on 4k tokens; activations alone: 1.004x)."""
+    from calib.block_fp8 import BlockFp8Options, convert
+
+    out = tmp_path / "block_fp8_gptq"
+    report = convert(BlockFp8Options(str(model_dir), str(out), str(DATA / "calib_prose.jsonl"),
+                                     "gptq", (128, 128), num_samples=32, max_tokens=512,
+                                     progress=False))
+    assert report.mean("written") < 0.7 * report.mean("rtn")    # measured 0.0133 vs 0.0220
+    llm = _llm(out)
+    qkv = llm.llm_engine.model_runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.float8_e4m3fn                # loaded as block fp8, no flag
+    ratio = _ppl(llm, token_ids) / float_ppl
+    assert 0.99 < ratio <= 1.02, f"block fp8 (GPTQ checkpoint): {ratio:.4f}x float"  # 1.0141
