@@ -60,35 +60,39 @@ def make_tiny_model_dir(path: Path, arch: str, tie: bool = False, seed: int = 0)
 
 # ---------------------------------------------------------------- tiny MoE models (issue 9)
 
-def tiny_moe_config(arch: str, vocab_size: int = VOCAB_SIZE, num_layers: int = 3):
-    """(config, HF class) of a tiny MoE: 8 experts, top-2, moe_intermediate 32 (first layer dense)."""
+def tiny_moe_config(arch: str, vocab_size: int = VOCAB_SIZE, num_layers: int = 3, **overrides):
+    """(config, HF class) of a tiny MoE: 8 experts, top-2, moe_intermediate 32 (first layer dense);
+    `overrides` replace config fields (e.g. moe_intermediate_size)."""
     from transformers import (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Qwen2MoeConfig,
                               Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=1, pad_token_id=0)
     if arch == "ernie4_5_moe":
-        return Ernie4_5_MoeConfig(**common, tie_word_embeddings=True, moe_intermediate_size=32, moe_k=2,
-                                  moe_num_experts=8, moe_num_shared_experts=2, moe_layer_start_index=1,
-                                  moe_layer_interval=1, use_bias=False), Ernie4_5_MoeForCausalLM
+        ernie = dict(common, tie_word_embeddings=True, moe_intermediate_size=32, moe_k=2,
+                     moe_num_experts=8, moe_num_shared_experts=2, moe_layer_start_index=1,
+                     moe_layer_interval=1, use_bias=False)
+        return Ernie4_5_MoeConfig(**{**ernie, **overrides}), Ernie4_5_MoeForCausalLM
     qwen = dict(common, tie_word_embeddings=False, moe_intermediate_size=32, num_experts=8,
                 num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[0])
     if arch == "qwen2_moe":
-        return Qwen2MoeConfig(**qwen, shared_expert_intermediate_size=48, norm_topk_prob=False,
-                              rope_theta=1000000.0), Qwen2MoeForCausalLM
+        qwen2 = dict(qwen, shared_expert_intermediate_size=48, norm_topk_prob=False, rope_theta=1000000.0)
+        return Qwen2MoeConfig(**{**qwen2, **overrides}), Qwen2MoeForCausalLM
     if arch == "qwen3_moe":
-        return Qwen3MoeConfig(**qwen, norm_topk_prob=True, head_dim=16, rope_theta=1000000.0), Qwen3MoeForCausalLM
+        qwen3 = dict(qwen, norm_topk_prob=True, head_dim=16, rope_theta=1000000.0)
+        return Qwen3MoeConfig(**{**qwen3, **overrides}), Qwen3MoeForCausalLM
     raise ValueError(arch)
 
 
-def make_tiny_moe_model_dir(path: Path, arch: str, seed: int = 0, num_layers: int = 3) -> Path:
+def make_tiny_moe_model_dir(path: Path, arch: str, seed: int = 0, num_layers: int = 3,
+                            **overrides) -> Path:
     """Save a random tiny HF MoE model + tokenizer to `path` (fp32 safetensors, per-expert tensors).
 
     Router weights are drawn larger than the rest so top-k choices are well separated, and
     ERNIE's e_score_correction_bias is non-zero (it changes which experts win).
     """
     torch.manual_seed(seed)
-    config, cls = tiny_moe_config(arch, num_layers=num_layers)
+    config, cls = tiny_moe_config(arch, num_layers=num_layers, **overrides)
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -42,7 +42,8 @@ class Qwen3MoeForCausalLM(MoEForCausalLM):
         bias = bool(getattr(config, "attention_bias", False))
 
         def make_attn(i: int, prefix: str) -> nn.Module:
-            return MoEAttention(config, ops, quant_config, prefix, dtype, (bias, bias), parallel, qk_norm=True)
+            return MoEAttention(config, ops, quant_config, prefix, dtype, (bias, bias), parallel,
+                                qk_norm=True)
 
         def make_mlp(i: int, prefix: str) -> nn.Module:
             if is_sparse_layer(config, i):

@@ -53,6 +53,12 @@ def _batch(runner: ModelRunner, seqs: list[list[int]], starts: list[int]) -> For
                         as_tensor(range(len(ids))))
 
 
+def forward_batch(runner: ModelRunner, seqs: list[list[int]], starts: list[int]) -> ForwardBatch:
+    """The batch `_batch` builds, for tests that drive a model themselves (`runner` needs only
+    `kv_caches`, `null_block` and `device`)."""
+    return _batch(runner, seqs, starts)
+
+
 @torch.inference_mode()
 def job_logits(job: Job, parallel: ParallelContext) -> torch.Tensor:
     """Prefill logits of both prompts, then one decode step each: [num_tokens + 2, vocab]."""
