@@ -10,7 +10,7 @@ serve: setup
 	$(VENV)/bin/ascend-llm serve
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

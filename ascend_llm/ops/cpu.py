@@ -14,6 +14,7 @@ from ascend_llm.ops.attention_metadata import AttentionMetadata
 from ascend_llm.ops.registry import Kernel, OpRegistry
 
 BACKEND = "cpu"
+_FUSED_RMS_NORM_MAX_ROWS = 64   # above this, rms_norm uses three plain ops (faster on CPU)
 
 
 def linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -25,7 +26,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [num_tokens, hidden] -> same shape; normalised in fp32, cast back, then scaled (HF order)."""
     shape = (x.shape[-1],)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, shape, weight, eps)           # fused kernel, same math
+        if x.shape[0] <= _FUSED_RMS_NORM_MAX_ROWS:
+            return F.rms_norm(x, shape, weight, eps)       # fused kernel, same math
+        # torch's CPU rms_norm runs ~4x slower than these three ops on prefill-sized inputs
+        # (2048 x 576: 4.0 vs 0.9 ms, measured); same order of operations as HF's LlamaRMSNorm
+        mean_square = torch.mul(x, x).mean(-1, keepdim=True)             # [T, 1]
+        return torch.mul(x, mean_square.add_(eps).rsqrt_()).mul_(weight)
     return F.rms_norm(x.float(), shape, None, eps).to(x.dtype) * weight
 
 

@@ -65,10 +65,11 @@ def test_reshape_and_cache_writes_slots():
     assert k_cache.abs().sum() == key.abs().sum()
 
 
+@pytest.mark.parametrize("rows", [5, 300])          # the fused kernel, and the prefill path
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_rms_norm_and_add_rms_norm(dtype, atol):
-    x = torch.randn(5, 33).to(dtype)
-    residual = torch.randn(5, 33).to(dtype)
+def test_rms_norm_and_add_rms_norm(dtype, atol, rows):
+    x = torch.randn(rows, 33).to(dtype)
+    residual = torch.randn(rows, 33).to(dtype)
     weight = (torch.rand(33) + 0.5).to(dtype)
     def ref(t):
         t32 = t.float()
