@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def synthetic_llama(path: Path) -> Path:
     """A random Llama checkpoint (+ the tiny test tokenizer) whose head counts divide 2, 4, 8."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    sys.path.insert(0, str(RESULTS.parents[1]))             # the repository root, for tests.tiny_models
     from tests.tiny_models import make_tokenizer
     config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                          num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048,
