@@ -36,6 +36,14 @@ def register(registry: OpRegistry) -> None:
     registry.register(Kernel("paged_attention", BACKEND, "npu.fused_infer_attention_int8",
                              paged_attention, attention.supports_int8_kv, priority=10))
     _register_linear(registry)
+    _register_moe(registry)
+
+
+def _register_moe(registry: OpRegistry) -> None:
+    for scheme, prepare, run in (("w8a8_dynamic", moe.prepare_w8a8_dynamic, moe.run_w8a8_dynamic),
+                                 ("weight_only", moe.prepare_weight_only, moe.run_weight_only)):
+        registry.register(Kernel("fused_experts", BACKEND, f"npu.grouped_matmul_{scheme}", run,
+                                 moe.supports_fused_experts(scheme), prepare))
 
 
 def _register_linear(registry: OpRegistry) -> None:

@@ -12,6 +12,7 @@ ranks sum (all-reduce) to the unsharded result. Every parameter records where th
 """
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ import torch.nn as nn
 
 from ascend_llm.ops import cpu_moe
 
+logger = logging.getLogger(__name__)
+
 W13_SHARDS = ("w1", "w3")
+FUSED_EXPERTS_OP = "fused_experts"      # a backend's whole quantized SwiGLU expert block
 SHARD_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
@@ -160,6 +164,32 @@ def run_experts(layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor,
                 down: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """down(silu_and_mul(gate_up(x))): x [M, H] -> [M, 2I] -> [M, I] -> [M, H]."""
     return down(layer.silu_and_mul(gate_up(x)))
+
+
+def bind_fused_experts(layer: nn.Module, **traits: object) -> None:
+    """Select the backend's `fused_experts` kernel for `traits` (scheme, dtype, bits, sizes), let it
+    re-lay the expert weights (`prepare`) and keep it as `layer.fused_experts`; None keeps the
+    plain-torch reference path (CPU ops, or no kernel supports the traits: the reason is logged)."""
+    layer.fused_experts = None
+    ops = getattr(layer, "ops", None)
+    if ops is None or (FUSED_EXPERTS_OP, ops.backend) not in ops.registry.kernels:
+        return
+    traits = {"hidden_size": layer.hidden_size, "intermediate_size": layer.intermediate_size_per_partition,
+              **traits}
+    try:
+        kernel = ops.select(FUSED_EXPERTS_OP, **traits)
+    except ValueError as reason:
+        logger.info("%s: quantized experts run the reference path on backend %s: %s",
+                    layer.prefix, ops.backend, reason)
+        return
+    kernel.prepare(layer)
+    layer.fused_experts = kernel.run
+
+
+def run_fused_experts(layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor | None:
+    """The bound backend kernel's output [M, hidden], or None when the layer has none."""
+    kernel = getattr(layer, "fused_experts", None)
+    return None if kernel is None else kernel(layer, x, group_list)
 
 
 def dequant_grouped_matmul(x: torch.Tensor, group_list: torch.Tensor, out_features: int,

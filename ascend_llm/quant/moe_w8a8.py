@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from ascend_llm.ops import cpu_moe
 from ascend_llm.ops.cpu_int8 import dynamic_quant_per_token_reference
-from ascend_llm.quant.moe_base import ExpertParamSpec, FusedMoEMethodBase, add_expert_param, check_experts_loaded
+from ascend_llm.quant.moe_base import (ExpertParamSpec, FusedMoEMethodBase, add_expert_param, bind_fused_experts,
+                                       check_experts_loaded, run_fused_experts)
 
 _PROJS = ("w13", "w2")
 
@@ -43,6 +44,7 @@ class W8A8DynamicMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
         inter = intermediate_size_per_partition
+        layer.params_dtype = params_dtype
         add_expert_param(layer, "w13_weight", (2 * inter, hidden_size), torch.int8, ExpertParamSpec(n_dim=0))
         add_expert_param(layer, "w2_weight", (hidden_size, inter), torch.int8, ExpertParamSpec(k_dim=1))
         for name in ("weight_scale", "weight_offset"):
@@ -59,8 +61,12 @@ class W8A8DynamicMoEMethod(FusedMoEMethodBase):
                 raise ValueError(f"{layer.prefix}: {proj} weight_offset must be all 0 (W8A8_DYNAMIC "
                                  f"weights are symmetric)")
             layer.register_buffer(f"{proj}_scale_fp32", scale[..., 0].float().contiguous(), persistent=False)
+        bind_fused_experts(layer, scheme="w8a8_dynamic", dtype=layer.params_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor:
+        out = run_fused_experts(layer, x, group_list)
+        if out is not None:
+            return out
         h = int8_grouped_matmul(x, layer.w13_weight, layer.w13_scale_fp32, group_list)       # [M, 2I]
         a = layer.silu_and_mul(h)                                                            # [M, I]
         return int8_grouped_matmul(a, layer.w2_weight, layer.w2_scale_fp32, group_list)      # [M, H]

@@ -21,8 +21,8 @@ from ascend_llm.ops import cpu_moe
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.moe_base import (ExpertParamSpec, FusedMoEMethodBase, add_expert_param,
-                                       check_experts_loaded, declare_float_experts, dequant_grouped_matmul,
-                                       run_experts)
+                                       bind_fused_experts, check_experts_loaded, declare_float_experts,
+                                       dequant_grouped_matmul, run_experts, run_fused_experts)
 
 _PROJS = ("w13", "w2")
 
@@ -46,7 +46,11 @@ def int_expert_matmul(layer: nn.Module, proj: str) -> Callable[[int, torch.Tenso
 
 
 def apply_int_experts(layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts with int8 / int4 per-channel weights (only experts with rows run)."""
+    """SwiGLU experts with int8 / int4 per-channel weights (only experts with rows run): the
+    backend's `fused_experts` kernel when one was bound, else the reference below."""
+    out = run_fused_experts(layer, x, group_list)
+    if out is not None:
+        return out
     hidden, inter = layer.hidden_size, layer.intermediate_size_per_partition
     return run_experts(
         layer, x, group_list,
@@ -64,7 +68,7 @@ class OnlineWeightOnlyMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
         declare_float_experts(layer, hidden_size, intermediate_size_per_partition, params_dtype)
-        layer.quant_bits = self.bits
+        layer.quant_bits, layer.params_dtype = self.bits, params_dtype
         layer.expert_k = {"w13": hidden_size, "w2": intermediate_size_per_partition}
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -81,6 +85,7 @@ class OnlineWeightOnlyMoEMethod(FusedMoEMethodBase):
             setattr(layer, f"{proj}_weight", nn.Parameter(q.view(num_experts, n, -1), requires_grad=False))
             setattr(layer, f"{proj}_weight_scale",
                     nn.Parameter(scale.view(num_experts, n), requires_grad=False))
+        bind_fused_experts(layer, scheme="weight_only", bits=self.bits, dtype=layer.params_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor:
         return apply_int_experts(layer, x, group_list)
@@ -116,7 +121,7 @@ class PrequantWeightOnlyMoEMethod(FusedMoEMethodBase):
         add_expert_param(layer, "w2_weight", (hidden_size, -(-inter // pack)), dtype,
                          ExpertParamSpec(k_dim=1, k_block=pack))
         add_expert_param(layer, "w2_weight_scale", (hidden_size,), torch.float32, ExpertParamSpec())
-        layer.quant_bits = self.bits
+        layer.quant_bits, layer.params_dtype = self.bits, params_dtype
         layer.expert_k = {"w13": hidden_size, "w2": inter}
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -128,6 +133,7 @@ class PrequantWeightOnlyMoEMethod(FusedMoEMethodBase):
             if self.bits == 8 and bool((getattr(layer, f"{proj}_weight").data == -128).any()):
                 raise ValueError(f"{layer.prefix}: {proj} weight has int8 code -128; symmetric wint8 "
                                  f"uses [-127, 127] (a +128-biased CUTLASS layout?)")
+        bind_fused_experts(layer, scheme="weight_only", bits=self.bits, dtype=layer.params_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor:
         return apply_int_experts(layer, x, group_list)
@@ -139,6 +145,7 @@ class WInt2MoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
         inter = intermediate_size_per_partition
+        layer.params_dtype = params_dtype
         for proj, k, n in (("w13", hidden_size, 2 * inter), ("w2", inter, hidden_size)):
             shapes = L.expected_shapes(k, n)
             split = proj == "w2"                 # down's k (the intermediate dim) is TP-split
@@ -156,6 +163,8 @@ class WInt2MoEMethod(FusedMoEMethodBase):
             for name in ("super_scales", "code_scale", "code_zp"):
                 if not bool(torch.isfinite(getattr(layer, f"{proj}_{name}").data.float()).all()):
                     raise ValueError(f"{layer.prefix}: {proj} {name} must be finite")
+        # no backend kernel takes WINT2 codes: binding only logs why the reference path runs
+        bind_fused_experts(layer, scheme="weight_only", bits=2, dtype=layer.params_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor) -> torch.Tensor:
         hidden, inter = layer.hidden_size, layer.intermediate_size_per_partition

@@ -571,6 +571,11 @@ class FakeTorchNPU(types.ModuleType):
                            **unused: Any) -> list[torch.Tensor]:
         """One x [M, k] (rows sorted by expert), weight [E, k, n]; group_list_type 0: cumulative
         row ends per expert (int64), 1: row counts. split_item 2/3: one output [M, n]."""
+        quant = {k: v for k, v in unused.items() if v is not None}
+        if quant:
+            return self._quant_grouped_matmul(x, weight, bias=bias, group_list=group_list, split_item=split_item,
+                                              group_type=group_type, group_list_type=group_list_type,
+                                              output_dtype=output_dtype, **quant)
         op = "npu_grouped_matmul"
         self._record(op, x=x[0], weight=weight[0], group_list=group_list)
         _require(len(x) == 1 and len(weight) == 1 and weight[0].dim() == 3, op,
@@ -591,6 +596,111 @@ class FakeTorchNPU(types.ModuleType):
                 out[start:start + count] += bias[0][e].float()
             start += count
         return [out.to(output_dtype or xs.dtype)]
+
+    # -- MoE, quantized npu_grouped_matmul (torch_npu docs, group_list as a Tensor, Atlas A2/A3 table)
+    def _quant_grouped_matmul(self, x: list[torch.Tensor], weight: list[torch.Tensor], *,
+                              bias: list[torch.Tensor] | None, group_list: torch.Tensor | None,
+                              split_item: int, group_type: int | None, group_list_type: int,
+                              output_dtype: torch.dtype | None, scale: list[torch.Tensor] | None = None,
+                              per_token_scale: list[torch.Tensor] | None = None,
+                              antiquant_scale: list[torch.Tensor] | None = None,
+                              antiquant_offset: list[torch.Tensor] | None = None,
+                              **rest: Any) -> list[torch.Tensor]:
+        """Single x [M, k], single weight [E, k, n] (m-axis groups, split_item 2/3):
+        - pertoken int8: x, weight int8; y = (x @ w_e) * scale[e] * per_token_scale[rows]; scale
+          [E, n] bfloat16 -> bfloat16 output, float32 -> float16 output; per_token_scale float32 [M];
+        - pseudo-quant: x float16/bfloat16, weight int8 [E, k, n] or int4 packed eight per int32
+          (int32 [E, k, n / 8]); y = x @ ((w_e + antiquant_offset[e]) * antiquant_scale[e]);
+          antiquant_scale / offset [E, n] in x's dtype (per channel; per-group is not emulated).
+        310P takes none of these (float16 only)."""
+        op = "npu_grouped_matmul"
+        self._record(op, x=x[0], weight=weight[0], group_list=group_list,
+                     scale=None if scale is None else scale[0],
+                     per_token_scale=None if per_token_scale is None else per_token_scale[0],
+                     antiquant_scale=None if antiquant_scale is None else antiquant_scale[0])
+        _require(not self.is_310p, op, "310P (Atlas inference series): scale / per_token_scale / "
+                 "antiquant_scale must be None (float16 only)")
+        _require(not rest, op, f"arguments not emulated: {sorted(rest)}")
+        _require(bias is None, op, "bias with quantized grouped matmul is not emulated")
+        _require(len(x) == 1 and len(weight) == 1 and weight[0].dim() == 3 and x[0].dim() == 2, op,
+                 "one x [M, k] and one [E, k, n] weight are emulated")
+        _require(split_item in (2, 3) and group_type == 0, op, f"split_item {split_item}, group_type {group_type}")
+        _require(group_list_type in (0, 1), op, f"group_list_type {group_list_type}")
+        xs, w = x[0], weight[0]
+        num_experts = w.shape[0]
+        _require(group_list is not None and group_list.dtype == torch.int64 and group_list.shape == (num_experts,),
+                 op, f"group_list must be int64 [{num_experts}]")
+        counts = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
+        _require(bool((counts >= 0).all()) and int(counts.sum()) == xs.shape[0], op,
+                 f"group_list must cover exactly x's {xs.shape[0]} rows")
+        if antiquant_scale is not None:
+            _require(scale is None and per_token_scale is None, op, "antiquant_scale with scale/per_token_scale")
+            w_float, out_dtype = self._antiquant_experts(xs, w, antiquant_scale, antiquant_offset, output_dtype)
+            row_scale = None
+        else:
+            w_float, out_dtype, row_scale = self._pertoken_experts(xs, w, scale, per_token_scale, output_dtype)
+        _require(w_float.shape[1] == xs.shape[1], op, f"x {list(xs.shape)} @ weight [E, k, n] {list(w_float.shape)}")
+        out = torch.zeros(xs.shape[0], w_float.shape[2], dtype=torch.float64)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            out[start:start + count] = xs[start:start + count].double() @ w_float[e]
+            start += count
+        if row_scale is not None:
+            out = out.float() * row_scale.float().unsqueeze(-1)
+        return [out.float().to(out_dtype)]
+
+    def _pertoken_experts(self, xs: torch.Tensor, w: torch.Tensor, scale: list[torch.Tensor] | None,
+                          per_token_scale: list[torch.Tensor] | None, output_dtype: torch.dtype | None
+                          ) -> tuple[torch.Tensor, torch.dtype, torch.Tensor | None]:
+        """int8 codes [E, k, n] as float64 (exact int32 accumulation) with the scale folded in
+        per column (exact: the integer sum is formed first, then scaled), output dtype, row scales."""
+        op = "npu_grouped_matmul"
+        _require(xs.dtype == torch.int8 and w.dtype == torch.int8, op,
+                 f"quantized x/weight must be int8, got {xs.dtype}/{w.dtype}")
+        _require(scale is not None and len(scale) == 1, op,
+                 "int8 x needs one scale tensor (int32 output is not emulated)")
+        s = scale[0]
+        num_experts, n = w.shape[0], w.shape[2]
+        _require(s.dtype in (torch.bfloat16, torch.float32), op,
+                 f"scale dtype {s.dtype}: pertoken/perchannel take bfloat16 or float32 (int64 int8-output "
+                 f"is not emulated)")
+        _require(tuple(s.shape) == (num_experts, n), op, f"scale shape {list(s.shape)} (expected [{num_experts}, {n}])")
+        want = torch.bfloat16 if s.dtype == torch.bfloat16 else torch.float16
+        _require(output_dtype == want, op, f"scale {s.dtype} needs output_dtype {want}, got {output_dtype}")
+        row_scale = None
+        if per_token_scale is not None:
+            _require(len(per_token_scale) == 1, op, "one per_token_scale tensor")
+            row_scale = per_token_scale[0]
+            _require(row_scale.dtype == torch.float32 and tuple(row_scale.shape) == (xs.shape[0],), op,
+                     f"per_token_scale must be float32 [{xs.shape[0]}], got {row_scale.dtype} {list(row_scale.shape)}")
+        # (x @ w_e) * scale_e == x @ (w_e * scale_e) column-wise; float64 keeps the int32 sum exact
+        return w.double() * s.double().unsqueeze(1), want, row_scale
+
+    def _antiquant_experts(self, xs: torch.Tensor, w: torch.Tensor, antiquant_scale: list[torch.Tensor],
+                           antiquant_offset: list[torch.Tensor] | None, output_dtype: torch.dtype | None
+                           ) -> tuple[torch.Tensor, torch.dtype]:
+        """(codes + offset) * scale as [E, k, n] (float32 values, float64 storage) and the output dtype."""
+        op = "npu_grouped_matmul"
+        _require(xs.dtype in FLOAT_ACTS, op, f"pseudo-quant x must be float16/bfloat16, got {xs.dtype}")
+        _require(output_dtype in (None, xs.dtype), op, f"output_dtype {output_dtype} with x {xs.dtype}")
+        _require(w.dtype in (torch.int8, torch.int32), op,
+                 f"pseudo-quant weight dtype {w.dtype} (int8 or int4-in-int32)")
+        codes = w.long() if w.dtype == torch.int8 else torch.stack([self._unpack_int4(we) for we in w])
+        num_experts, n = codes.shape[0], codes.shape[2]
+        if w.dtype == torch.int32:
+            _require(n % 2 == 0, op, f"int4 weight last dim {n} must be even")
+        wf = codes.float()
+        for name, t in (("antiquant_scale", antiquant_scale), ("antiquant_offset", antiquant_offset)):
+            if t is None:
+                continue
+            _require(len(t) == 1, op, f"one {name} tensor")
+            _require(t[0].dtype == xs.dtype, op, f"{name} dtype {t[0].dtype} must equal x dtype {xs.dtype}")
+            _require(tuple(t[0].shape) == (num_experts, n), op,
+                     f"{name} shape {list(t[0].shape)} (per channel [{num_experts}, {n}])")
+        if antiquant_offset is not None:
+            wf = wf + antiquant_offset[0].float().unsqueeze(1)
+        wf = wf * antiquant_scale[0].float().unsqueeze(1)
+        return wf.double(), xs.dtype
 
 
 def install_fake_torch_npu(monkeypatch: pytest.MonkeyPatch, soc: str = "Ascend910B1") -> FakeTorchNPU:
