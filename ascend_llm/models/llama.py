@@ -13,6 +13,7 @@ from ascend_llm.layers.embedding import LMHead, VocabEmbedding
 from ascend_llm.layers.layernorm import RMSNorm
 from ascend_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ascend_llm.layers.rotary import RotaryEmbedding, rope_parameters
+from ascend_llm.models.decoder_layer import PreNormDecoderLayer
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.weight_utils import load_weights_into
 from ascend_llm.ops.registry import OpSet
@@ -75,7 +76,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block; the residual travels alongside so norms can fuse the add."""
 
     def __init__(self, config: Any, ops: OpSet, quant_config: QuantConfig | None, prefix: str,
@@ -89,18 +90,6 @@ class LlamaDecoderLayer(nn.Module):
                                        norm_bias(f"{prefix}.input_layernorm"))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype,
                                                 norm_bias(f"{prefix}.post_attention_layernorm"))
-
-    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
-                residual: torch.Tensor | None,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(cos_sin, hidden, kv_cache, batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):

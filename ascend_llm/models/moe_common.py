@@ -25,6 +25,7 @@ from ascend_llm.layers.layernorm import RMSNorm
 from ascend_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ascend_llm.layers.moe import expert_loader
 from ascend_llm.layers.rotary import RotaryEmbedding, rope_parameters
+from ascend_llm.models.decoder_layer import PreNormDecoderLayer
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.weight_utils import load_weights_into
 from ascend_llm.ops.registry import OpSet
@@ -131,7 +132,7 @@ class DenseMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-class MoEDecoderLayer(nn.Module):
+class MoEDecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: attention, then the (dense or sparse) MLP; residual carried alongside."""
 
     def __init__(self, config: Any, ops: OpSet, dtype: torch.dtype, self_attn: nn.Module,
@@ -140,17 +141,6 @@ class MoEDecoderLayer(nn.Module):
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
-
-    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor,
-                residual: torch.Tensor | None, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(cos_sin, hidden, kv_cache, batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 class MoEModel(nn.Module):

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ascend_llm.ops import cpu_moe
+from ascend_llm.quant.param_loading import as_param_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def load_expert_tensor(layer: nn.Module, suffix: str, shard: str, expert: int,
     if not 0 <= expert < layer.num_experts:
         raise ValueError(f"{ckpt_name}: expert id {expert} is out of range: the model config has "
                          f"num_experts={layer.num_experts}")
-    loaded = _as_param_dtype(param, loaded, ckpt_name)
+    loaded = as_param_dtype(param, loaded, ckpt_name)
     dst, part = _expert_destination(layer, param, loaded, shard, expert, ckpt_name)
     if tuple(dst.shape) != tuple(part.shape):
         raise ValueError(f"{ckpt_name}: checkpoint tensor has shape {tuple(part.shape)}, expected "
@@ -102,26 +103,6 @@ def load_expert_tensor(layer: nn.Module, suffix: str, shard: str, expert: int,
         layer.loaded_expert_tensors = set()
     layer.loaded_expert_tensors.add((name, expert, shard))
     return name
-
-
-def _as_param_dtype(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
-    """Float params take any float tensor (cast by the copy) except fp8; other dtypes must match
-    (uint8 byte containers also take int8 bytes)."""
-    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-    if param.dtype in fp8 or loaded.dtype in fp8:
-        if loaded.dtype != param.dtype:
-            raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected {param.dtype}")
-        return loaded
-    if param.dtype.is_floating_point:
-        if not loaded.is_floating_point():
-            raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected a "
-                             f"floating-point tensor")
-        return loaded
-    if loaded.dtype == param.dtype:
-        return loaded
-    if param.dtype == torch.uint8 and loaded.dtype == torch.int8:
-        return loaded.view(torch.uint8)
-    raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected {param.dtype}")
 
 
 def _expert_destination(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shard: str,

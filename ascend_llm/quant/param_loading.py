@@ -51,7 +51,7 @@ def load_shard(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
             raise ValueError(f"{name}: expected a per-tensor scalar, got shape {tuple(loaded.shape)}")
         param.data[index] = loaded.reshape(()).to(param.dtype)
     else:
-        loaded = _as_param_dtype(param, loaded, name)
+        loaded = as_param_dtype(param, loaded, name)
         dst, part = _destination(layer, param, loaded, index)
         if tuple(dst.shape) != tuple(part.shape):
             raise ValueError(f"{name}: checkpoint tensor has shape {tuple(part.shape)}, "
@@ -60,9 +60,17 @@ def load_shard(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
     layer.loaded_shards.add((param.quant_name, index))
 
 
-def _as_param_dtype(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
-    """Integer parameters take their exact dtype; a uint8 byte container (packed int4, WINT2) also
-    takes int8 bytes, viewed. Floats are cast by the copy."""
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def as_param_dtype(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+    """Integer and fp8 parameters take their exact dtype (fp8 codes are never produced by a cast);
+    a uint8 byte container (packed int4, WINT2) also takes int8 bytes, viewed. Other floats are
+    cast by the copy."""
+    if param.dtype in _FP8_DTYPES or loaded.dtype in _FP8_DTYPES:
+        if loaded.dtype != param.dtype:
+            raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected {param.dtype}")
+        return loaded
     if param.dtype.is_floating_point:
         if not loaded.is_floating_point():
             raise ValueError(f"{name}: expected a floating-point tensor, got {loaded.dtype}")
