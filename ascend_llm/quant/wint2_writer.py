@@ -2,6 +2,7 @@
 
     python -m ascend_llm.quant.wint2_writer --model_path M --save_directory OUT \
         [--dense_wint2_modules mlp.gate_proj mlp.up_proj mlp.down_proj] [--dense_quant_type wint8]
+        [--method plain|search|gptq --calib_file F.jsonl --calib_num_samples 32 --calib_seq_len 512]
 
 Decoder Linear weights (`model.layers.N.<...>_proj.weight`) matching `dense_wint2_modules` become
 the five WINT2 tensors (quant/wint2_layout.py, FastDeploy orientation); the other decoder
@@ -9,6 +10,14 @@ Linears become pre-quantized `dense_quant_type` (wint8: `weight` int8 [n, k] + `
 [n] in the checkpoint dtype; wint4: `weight` uint8 [n, ceil(k/2)], low nibble = even k).
 Embeddings, norms, biases and the LM head are copied unchanged. config.json gets a
 `quantization_config` with `quantization: "wint2"`, and tokenizer files are copied.
+
+Methods (how the WINT2 bytes and group scales are chosen; all write the same layout):
+  plain   no calibration: nearest codeword, amax-based group scales (wint2_layout.encode_wint2)
+  search  calibration: per-group nibble search minimising the H-diagonal-weighted error
+  gptq    calibration: per-group nibble search + GPTQ error compensation (quant/wint2_gptq.py),
+          then `--refine_passes` rounds of coordinate descent (quant/wint2_refine.py)
+search / gptq run the float model on `--calib_file` layer by layer (quant/wint2_calibration.py);
+measured perplexities: benchmarks/bench_wint2_quality.py.
 """
 from __future__ import annotations
 
@@ -28,10 +37,12 @@ from ascend_llm.loader.resolve import resolve_model_path
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.wint2 import DENSE_TYPES, WInt2Config
+from ascend_llm.quant.wint2_calibration import CalibSpec
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WINT2_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+METHODS = ("plain", "search", "gptq")
 _LINEAR = re.compile(r"^(model\.layers\.\d+\..*_proj)\.weight$")
 
 
@@ -61,14 +72,28 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
                            dense_wint2_modules: tuple[str, ...] = DEFAULT_WINT2_MODULES,
                            dense_quant_type: str = "wint8",
                            code_scales: tuple[float, ...] = L.DEFAULT_CODE_SCALES,
-                           refine_steps: int = L.DEFAULT_REFINE_STEPS) -> WriteReport:
-    """Write the WINT2 checkpoint of the float checkpoint at `model_path` into `save_directory`."""
+                           refine_steps: int = L.DEFAULT_REFINE_STEPS, method: str = "plain",
+                           calib: CalibSpec | None = None, gptq_refine_passes: int = 2) -> WriteReport:
+    """Write the WINT2 checkpoint of the float checkpoint at `model_path` into `save_directory`.
+
+    `method` (module doc): "plain" ignores `calib`; "search" and "gptq" need it.
+    `gptq_refine_passes`: coordinate-descent rounds after GPTQ (quant/wint2_refine.py).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {METHODS}")
+    if method != "plain" and calib is None:
+        raise ValueError(f"method {method!r} needs calibration data (--calib_file)")
     src = Path(resolve_model_path(str(model_path)))
     out = Path(save_directory)
     if out.resolve() == src.resolve():
         raise ValueError(f"save_directory {out} must differ from model_path {src}")
     qconfig = quantization_config(tuple(dense_wint2_modules), dense_quant_type)
     selector = WInt2Config.from_config(qconfig, source="--dense_wint2_modules")
+    calibrated: dict[str, L.Wint2Tensors] = {}
+    if method != "plain":
+        from ascend_llm.quant.wint2_gptq_writer import calibrate_wint2   # transformers: only here
+        calibrated = calibrate_wint2(src, selector.is_wint2_module, DENSE_TYPES[dense_quant_type],
+                                     method, calib, gptq_refine_passes)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     report = WriteReport()
@@ -78,7 +103,10 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
             tensors[name] = tensor.contiguous()
             continue
         module = match.group(1)
-        if selector.is_wint2_module(module):
+        if module in calibrated:
+            converted, error = _calibrated(calibrated.pop(module), tensor)
+            report.modules.append((module, "wint2", error))
+        elif selector.is_wint2_module(module):
             converted, error = _to_wint2(tensor, code_scales, refine_steps)
             report.modules.append((module, "wint2", error))
         else:
@@ -97,6 +125,14 @@ def _to_wint2(weight: torch.Tensor, code_scales: tuple[float, ...],
     encoded = L.encode_wint2(weight, weight.dtype, code_scales, refine_steps)
     deq = L.dequantize_wint2(encoded.quant_weight, encoded.weight_scale, encoded.super_scales,
                              encoded.code_scale, encoded.code_zp)
+    return encoded.as_dict(), L.relative_error(deq, weight)
+
+
+def _calibrated(encoded: L.Wint2Tensors, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    if encoded.super_scales.dtype != weight.dtype:
+        raise ValueError(f"wint2 writer: super_scales came out {encoded.super_scales.dtype}, "
+                         f"the checkpoint weight is {weight.dtype}")
+    deq = L.dequantize_wint2(*encoded.as_dict().values())
     return encoded.as_dict(), L.relative_error(deq, weight)
 
 
@@ -130,10 +166,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense_wint2_modules", nargs="*", default=list(DEFAULT_WINT2_MODULES),
                         help="module-name patterns written as WINT2 ('re:<regex>' allowed)")
     parser.add_argument("--dense_quant_type", choices=sorted(DENSE_TYPES), default="wint8")
+    parser.add_argument("--method", choices=METHODS, default="plain",
+                        help="plain: no calibration; search / gptq: need --calib_file (module doc)")
+    parser.add_argument("--calib_file", default=None, help="JSON lines, key text / prompt")
+    parser.add_argument("--calib_num_samples", type=int, default=32)
+    parser.add_argument("--calib_seq_len", type=int, default=512)
+    parser.add_argument("--calib_damp", type=float, default=0.1,
+                        help="Hessian dampening, a fraction of mean(diag H) (wint2_gptq.DAMP_NOTE)")
+    parser.add_argument("--refine_passes", type=int, default=2,
+                        help="gptq: coordinate-descent passes after GPTQ (0: GPTQ alone)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.method != "plain" and not args.calib_file:
+        parser.error(f"--method {args.method} needs --calib_file")
+    calib = (CalibSpec(args.calib_file, args.calib_num_samples, args.calib_seq_len, damp=args.calib_damp)
+             if args.calib_file else None)
     report = write_wint2_checkpoint(args.model_path, args.save_directory,
-                                    tuple(args.dense_wint2_modules), args.dense_quant_type)
+                                    tuple(args.dense_wint2_modules), args.dense_quant_type,
+                                    method=args.method, calib=calib, gptq_refine_passes=args.refine_passes)
     for module, kind, error in report.modules:
         print(f"{module:50s} {kind:6s} {error:.4f}")
     for kind in ("wint2", args.dense_quant_type):

@@ -1,0 +1,209 @@
+"""WINT2 quality table: float / RTN 2-bit / WINT2 writers, on tiny MoE models and on SmolLM2.
+
+Part 1, tiny MoE models (tests/tiny_models.tiny_moe_config: 3 layers, 8 experts, top-2, random
+weights): the routed experts' weights are replaced by their round trip through
+  wint4 (per-channel symmetric int4, FastDeploy's w4 experts), RTN 2-bit (min/max per group 64),
+  WINT2 plain (wint2_layout.encode_wint2), WINT2 GPTQ (wint2_gptq + wint2_refine with per-expert
+  Hessians of the tokens routed to each expert, one float calibration pass)
+and the relative logits error ||logits_q - logits_f|| / ||logits_f|| is measured on held-out
+random tokens (calibration on other random tokens). Shared experts / dense layers stay float.
+
+Part 2, SmolLM2-135M-Instruct (unless --skip_smollm2): perplexity of eval_tempest.txt (first
+--eval_tokens tokens, --window-token windows) for float, RTN 2-bit on the MLP (a float checkpoint
+holding the round-tripped weights, attention float), and the WINT2 writer (MLP WINT2, attention
+wint8) with --methods (plain / search / gptq). Checkpoints go to --workdir and are reused if
+present (a SmolLM2 gptq conversion takes ~10 minutes on one core).
+
+Writes benchmarks/results/wint2_quality_<date>.json (rewritten after each row).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                       # tests.tiny_models
+
+from ascend_llm.quant import primitives as P  # noqa: E402
+from ascend_llm.quant import wint2_gptq as G  # noqa: E402
+from ascend_llm.quant import wint2_layout as L  # noqa: E402
+from ascend_llm.quant.wint2_refine import refine_wint2  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "ernie4_5_moe")
+logger = logging.getLogger("bench_wint2_quality")
+
+
+# ---------------------------------------------------------------- part 1: tiny MoE output error
+
+def _tiny_moe(arch: str, seed: int = 0) -> torch.nn.Module:
+    from tests.tiny_models import tiny_moe_config
+    torch.manual_seed(seed)
+    config, cls = tiny_moe_config(arch)
+    model = cls(config).eval()
+    with torch.no_grad():   # the tests' larger-than-default init
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() >= 2 else p.uniform_(0.8, 1.2)
+    return model
+
+
+def _experts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "gate_up_proj") and isinstance(m.gate_up_proj, torch.nn.Parameter)
+            and m.gate_up_proj.dim() == 3]
+
+
+def _routed_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, list[torch.Tensor]]:
+    """{experts module index: per expert its routed input rows [t_e, H]} from one float pass."""
+    experts = _experts(model)
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def hook(index: int):
+        def record(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]                       # [T, H]
+            top_k = args[1] if len(args) > 1 else kwargs["top_k_index"]                 # [T, top_k]
+            seen[index] = [hidden[(top_k == e).any(-1)] for e in range(module.gate_up_proj.shape[0])]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(experts)]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def _round_trip(method: str, w: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """[n, k] weight -> its dequantized [n, k] through `method` (x [t, k]: calibration inputs)."""
+    if method == "wint4":
+        q, scale = P.quantize_per_channel(w, 4)
+        return P.dequantize_per_channel(q, scale)
+    if method == "rtn2":
+        return L.rtn_int2_group(w)
+    if method == "wint2_plain":
+        return G.dequantize(L.encode_wint2(w))
+    h = x.t() @ x if x is not None and x.shape[0] else torch.eye(w.shape[1])
+    encoded = G.encode_wint2_hessian(w, h).tensors
+    return G.dequantize(refine_wint2(w, h, encoded).tensors)
+
+
+def moe_output_errors(arch: str, methods: tuple[str, ...]) -> dict[str, float]:
+    """{method: relative logits error} for one tiny MoE architecture (module doc)."""
+    g = torch.Generator().manual_seed(1)
+    model = _tiny_moe(arch)
+    vocab = model.config.vocab_size
+    calib, held_out = torch.randint(3, vocab, (8, 64), generator=g), torch.randint(3, vocab, (4, 64), generator=g)
+    with torch.no_grad():
+        ref = model(held_out).logits
+    originals = [(m.gate_up_proj.data.clone(), m.down_proj.data.clone()) for m in _experts(model)]
+    inputs = _routed_inputs(model, calib)
+    errors = {}
+    for method in methods:
+        for index, (module, (gate_up, down)) in enumerate(zip(_experts(model), originals)):
+            for e in range(gate_up.shape[0]):
+                x = inputs[index][e]                                                      # [t_e, H]
+                new_gate_up = _round_trip(method, gate_up[e], x)
+                gate, up = F.linear(x, new_gate_up).chunk(2, dim=-1)
+                module.gate_up_proj.data[e] = new_gate_up
+                module.down_proj.data[e] = _round_trip(method, down[e], module.act_fn(gate) * up)
+        with torch.no_grad():
+            errors[method] = float((model(held_out).logits - ref).norm() / ref.norm())
+    return errors
+
+
+# ---------------------------------------------------------------- part 2: SmolLM2 perplexity
+
+def _rtn_checkpoint(src: Path, out: Path) -> None:
+    """Float checkpoint with every mlp.*_proj weight replaced by its RTN 2-bit round trip."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(src / "model.safetensors"))
+    for name, t in tensors.items():
+        if ".mlp." in name and name.endswith("_proj.weight"):
+            tensors[name] = L.rtn_int2_group(t).to(t.dtype).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for path in src.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy2(path, out / path.name)
+
+
+def _build(method: str, src: Path, out: Path, args: argparse.Namespace) -> float:
+    """Write the checkpoint of a row unless `out` holds one; seconds spent."""
+    if (out / "config.json").exists():
+        return 0.0
+    from ascend_llm.quant.wint2_calibration import CalibSpec
+    from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+    start = time.perf_counter()
+    if method == "rtn2":
+        _rtn_checkpoint(src, out)
+    else:
+        calib = CalibSpec(args.calib_file, args.calib_samples, args.calib_seq_len) if method != "plain" else None
+        write_wint2_checkpoint(src, out, method=method, calib=calib)
+    return time.perf_counter() - start
+
+
+def smollm2_perplexity(model_dir: Path, args: argparse.Namespace) -> float:
+    from ascend_llm import LLM
+    from ascend_llm.eval.perplexity import perplexity
+    llm = LLM(str(model_dir), max_model_len=args.window + 1)
+    text = (SHARED / "eval_tempest.txt").read_text(encoding="utf-8")
+    ids = llm.get_tokenizer().encode(text, add_special_tokens=False)[:args.eval_tokens]
+    return perplexity(llm, ids, args.window).perplexity
+
+
+# ---------------------------------------------------------------- driver
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval_tokens", type=int, default=16384)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--methods", nargs="*", default=["plain", "search", "gptq"])
+    parser.add_argument("--calib_file", default=str(SHARED / "calib_prose.jsonl"))
+    parser.add_argument("--calib_samples", type=int, default=32)
+    parser.add_argument("--calib_seq_len", type=int, default=512)
+    parser.add_argument("--workdir", default="/tmp/bench_wint2_quality")
+    parser.add_argument("--skip_smollm2", action="store_true")
+    parser.add_argument("--moe_archs", nargs="*", default=list(MOE_ARCHS))
+    parser.add_argument("--extra", nargs="*", default=[], metavar="LABEL=DIR",
+                        help="more rows: already written checkpoints (e.g. other calibration settings)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"wint2_quality_{dt.date.today().isoformat()}.json"
+    report: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads(), "args": vars(args), "moe": {}, "smollm2": []}
+    moe_methods = ("wint4", "rtn2", "wint2_plain", "wint2_gptq")
+    print(f"{'tiny MoE (relative logits error)':34s}" + "".join(f"{m:>12s}" for m in moe_methods))
+    for arch in args.moe_archs:
+        report["moe"][arch] = moe_output_errors(arch, moe_methods)
+        print(f"{arch:34s}" + "".join(f"{report['moe'][arch][m]:12.4f}" for m in moe_methods))
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    if args.skip_smollm2:
+        return
+    from ascend_llm.loader.resolve import resolve_model_path
+    src = Path(resolve_model_path("smollm2-135m-instruct"))
+    print(f"\nSmolLM2-135M eval_tempest.txt, {args.eval_tokens} tokens, window {args.window}")
+    extra = dict(item.split("=", 1) for item in args.extra)
+    for row in ["float", "rtn2"] + list(args.methods) + list(extra):
+        out = src if row == "float" else Path(extra.get(row, Path(args.workdir) / row))
+        seconds = 0.0 if row in ("float", *extra) else _build(row, src, out, args)
+        ppl = smollm2_perplexity(out, args)
+        report["smollm2"].append({"row": row, "perplexity": ppl, "convert_s": seconds, "dir": str(out)})
+        print(f"  {row:8s} perplexity {ppl:12.2f}" + (f"  (converted in {seconds:.0f} s)" if seconds else ""))
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
