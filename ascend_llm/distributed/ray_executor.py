@@ -46,7 +46,8 @@ class RayExecutor(DriverExecutor):
     def __init__(self, spec: WorkerSpec, tp_size: int) -> None:
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address="auto")
+            # joins the cluster named by RAY_ADDRESS / the one running on this node, else starts one
+            ray.init(ignore_reinit_error=True, include_dashboard=False)
         host = socket.gethostbyname(socket.gethostname())
         init_method = f"tcp://{host}:{free_port()}"
         gpus = 0 if spec.backend == "cpu" else 1
