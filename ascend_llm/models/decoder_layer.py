@@ -22,3 +22,17 @@ class PreNormDecoderLayer(nn.Module):
         hidden = self.self_attn(cos_sin, hidden, kv_cache, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+class DecoderStack(nn.Module):
+    """Embedding -> decoder layers -> final norm. Subclasses set `embed_tokens`, `rotary_emb`,
+    `layers` and `norm`."""
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(batch.input_ids)      # [T, hidden]
+        cos_sin = self.rotary_emb(batch.positions)       # shared by every layer
+        residual = None
+        for layer, kv_cache in zip(self.layers, batch.kv_caches):
+            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden

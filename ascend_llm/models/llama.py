@@ -13,7 +13,7 @@ from ascend_llm.layers.embedding import LMHead, VocabEmbedding
 from ascend_llm.layers.layernorm import RMSNorm
 from ascend_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ascend_llm.layers.rotary import RotaryEmbedding, rope_parameters
-from ascend_llm.models.decoder_layer import PreNormDecoderLayer
+from ascend_llm.models.decoder_layer import DecoderStack, PreNormDecoderLayer
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.weight_utils import load_weights_into
 from ascend_llm.ops.registry import OpSet
@@ -92,7 +92,7 @@ class LlamaDecoderLayer(PreNormDecoderLayer):
                                                 norm_bias(f"{prefix}.post_attention_layernorm"))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(DecoderStack):
     """Embedding, decoder layers and final norm."""
 
     def __init__(self, config: Any, ops: OpSet, quant_config: QuantConfig | None,
@@ -105,15 +105,6 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(batch.input_ids)      # [T, hidden]
-        cos_sin = self.rotary_emb(batch.positions)       # shared by every layer
-        residual = None
-        for layer, kv_cache in zip(self.layers, batch.kv_caches):
-            hidden, residual = layer(cos_sin, hidden, residual, kv_cache, batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
 
 
 class LlamaForCausalLM(nn.Module):

@@ -140,6 +140,14 @@ def check_experts_loaded(layer: nn.Module) -> None:
                                      f"{layer.prefix}, {layer.num_experts} experts)")
 
 
+def check_expert_scales(layer: nn.Module) -> None:
+    """ValueError naming the layer when a w13 / w2 `weight_scale` is negative or not finite."""
+    for proj in ("w13", "w2"):
+        scale = getattr(layer, f"{proj}_weight_scale").data
+        if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
+            raise ValueError(f"{layer.prefix}: {proj} weight_scale must be finite and >= 0")
+
+
 def run_experts(layer: nn.Module, x: torch.Tensor, group_list: torch.Tensor,
                 gate_up: Callable[[torch.Tensor], torch.Tensor],
                 down: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ascend_llm.ops import cpu_moe
 from ascend_llm.ops.cpu_int8 import dynamic_quant_per_token_reference
 from ascend_llm.quant.moe_base import (ExpertParamSpec, FusedMoEMethodBase, add_expert_param, bind_fused_experts,
-                                       check_experts_loaded, run_fused_experts)
+                                       check_expert_scales, check_experts_loaded, run_fused_experts)
 
 _PROJS = ("w13", "w2")
 
@@ -53,13 +53,12 @@ class W8A8DynamicMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_experts_loaded(layer)
+        check_expert_scales(layer)
         for proj in _PROJS:
-            scale = getattr(layer, f"{proj}_weight_scale").data
-            if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
-                raise ValueError(f"{layer.prefix}: {proj} weight_scale must be finite and >= 0")
             if bool((getattr(layer, f"{proj}_weight_offset").data != 0).any()):
                 raise ValueError(f"{layer.prefix}: {proj} weight_offset must be all 0 (W8A8_DYNAMIC "
                                  f"weights are symmetric)")
+            scale = getattr(layer, f"{proj}_weight_scale").data                     # [E, n, 1]
             layer.register_buffer(f"{proj}_scale_fp32", scale[..., 0].float().contiguous(), persistent=False)
         bind_fused_experts(layer, scheme="w8a8_dynamic", dtype=layer.params_dtype)
 

@@ -21,7 +21,8 @@ from ascend_llm.ops import cpu_moe
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.moe_base import (ExpertParamSpec, FusedMoEMethodBase, add_expert_param,
-                                       bind_fused_experts, check_experts_loaded, declare_float_experts,
+                                       bind_fused_experts, check_expert_scales, check_experts_loaded,
+                                       declare_float_experts,
                                        dequant_grouped_matmul, run_experts, run_fused_experts)
 
 _PROJS = ("w13", "w2")
@@ -126,10 +127,8 @@ class PrequantWeightOnlyMoEMethod(FusedMoEMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_experts_loaded(layer)
+        check_expert_scales(layer)
         for proj in _PROJS:
-            scale = getattr(layer, f"{proj}_weight_scale").data
-            if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
-                raise ValueError(f"{layer.prefix}: {proj} weight_scale must be finite and >= 0")
             if self.bits == 8 and bool((getattr(layer, f"{proj}_weight").data == -128).any()):
                 raise ValueError(f"{layer.prefix}: {proj} weight has int8 code -128; symmetric wint8 "
                                  f"uses [-127, 127] (a +128-biased CUTLASS layout?)")
