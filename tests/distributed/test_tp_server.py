@@ -14,21 +14,9 @@ import pytest
 
 from ascend_llm.distributed.parallel_state import free_port
 from tests.distributed.test_tp_engine import worker_pids
+from tests.server_process import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("server did not become healthy:\n" + log.read_text())
 
 
 @pytest.mark.slow
@@ -43,7 +31,7 @@ def test_server_with_tp2_answers_and_reports_a_dead_worker(tiny_llama_dir, tmp_p
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc, log)
+        wait_healthy(base, proc, log, timeout=120)
         body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0,
                 "ignore_eos": True}
         resp = httpx.post(f"{base}/v1/completions", json=body, timeout=60)

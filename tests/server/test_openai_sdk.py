@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import openai
 import pytest
 
 from tests.server.conftest import MODEL
+from tests.server_process import wait_healthy
 
 API_KEY = "test-key"
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,26 +38,13 @@ def server(tiny_llama_dir, tmp_path_factory):
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc, log)
+        wait_healthy(base, proc, log, timeout=90)
         yield {"base": base, "proc": proc, "log": log}
     finally:
         print(log.read_text(errors="replace")[-5000:])   # shown by pytest when a test failed
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become healthy:\n" + log.read_text())
 
 
 @pytest.fixture(scope="module")
