@@ -11,31 +11,12 @@ from typing import Callable
 
 import torch
 
+from ascend_llm.quant.hessian import DEFAULT_DAMP, inverse_hessian_factor
+
 # round_columns(w_cols [n, b] fp32, first column index) -> the representable values [n, b]
 RoundColumns = Callable[[torch.Tensor, int], torch.Tensor]
 
-DEFAULT_DAMP = 0.01        # fraction of mean(diag(H)) added to the diagonal
 DEFAULT_BLOCK = 128        # columns updated lazily together (speed only; same result)
-
-
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) for a damped, fp64 copy of `hessian` [k, k].
-
-    Channels that never saw a non-zero input (diag 0) get a unit diagonal; their weights are
-    still rounded but receive no updates.
-    """
-    h = hessian.double().clone()
-    k = h.shape[0]
-    if h.shape != (k, k):
-        raise ValueError(f"hessian: expected a square [k, k] matrix, got {tuple(h.shape)}")
-    if not torch.isfinite(h).all():
-        raise ValueError("hessian: holds NaN or inf (non-finite calibration activations)")
-    diag = torch.diagonal(h)
-    dead = diag <= 0
-    diag[dead] = 1.0
-    diag += damp * float(diag.mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True)
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_columns: RoundColumns,
@@ -46,7 +27,10 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, round_columns: Round
     if hessian.shape != (k, k):
         raise ValueError(f"hessian: shape {tuple(hessian.shape)} does not match the weight's "
                          f"k={k}")
-    u = inverse_hessian_cholesky(hessian, damp)                   # [k, k] upper
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian: holds NaN or inf (non-finite calibration activations)")
+    # [k, k] upper; channels that never saw an input are rounded but receive no updates
+    u, _ = inverse_hessian_factor(hessian, damp, torch.float64)
     out = torch.empty(n, k, dtype=torch.float64)
     for start in range(0, k, block):
         end = min(k, start + block)

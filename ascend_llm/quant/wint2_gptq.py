@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from ascend_llm.quant import wint2_layout as L
+from ascend_llm.quant.hessian import DEFAULT_DAMP, check_hessian, damped, inverse_hessian_factor
 
-DEFAULT_DAMP = 0.01           # dampening: damp * mean(diag H) added to the diagonal
 # DAMP_NOTE: with few calibration tokens GPTQ overfits H. SmolLM2 MLP layers, H from 8 x 512
 # calibration tokens, loss on 16 x 512 held-out tokens relative to the plain encoder's (GPTQ +
 # 2 refinement passes): damp 0.01 -> 0.65 / 0.21 / 0.45 / 0.77 (layer 2 gate / down, layer 15
@@ -53,33 +53,6 @@ class HessianEncodeResult:
     """The encoded tensors and the row losses (proxy output error, sum of e^2 per row)."""
     tensors: L.Wint2Tensors
     row_loss: torch.Tensor     # [n] float32
-
-
-def check_hessian(hessian: torch.Tensor, k: int, name: str = "hessian") -> None:
-    """ValueError unless `hessian` is a finite [k, k] matrix."""
-    if hessian.dim() != 2 or tuple(hessian.shape) != (k, k):
-        raise ValueError(f"{name}: expected shape ({k}, {k}) for a weight with k={k}, "
-                         f"got {tuple(hessian.shape)}")
-    if not bool(torch.isfinite(hessian).all()):
-        raise ValueError(f"{name}: must be finite")
-
-
-def damped(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 H with dead columns set to 1 and damp * mean(diag) added, dead mask [k])."""
-    h = hessian.double().clone()
-    diag = torch.diagonal(h)
-    dead = diag <= 0
-    h[dead, dead] = 1.0
-    diag += damp * float(diag.mean())
-    return h, dead
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U [k, k] float32 upper triangular with H^-1 = U^T U, dead-column mask [k])."""
-    h, dead = damped(hessian, damp)
-    chol = torch.linalg.cholesky(h)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-    return u.float(), dead
 
 
 def diagonal_factor(hessian: torch.Tensor, damp: float = DEFAULT_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
