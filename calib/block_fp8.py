@@ -108,22 +108,14 @@ def quantize_block_fp8(weight: torch.Tensor, block_size: tuple[int, int],
     q, scale_inv = P.quantize_fp8_block(weight, block_size)
     if hessian is None:
         return q, scale_inv
-    bn, bk = block_size
-    n, _ = weight.shape
-    row_scales = scale_inv.repeat_interleave(bn, 0)[:n]                  # [n, KB]
+    scales = P.expand_block_scale(scale_inv, tuple(weight.shape), block_size)    # [n, k]
 
-    def round_columns(cols: torch.Tensor, first: int) -> torch.Tensor:   # cols [n, b]
-        scale = row_scales[:, first // bk: first // bk + 1]              # [n, 1]; b == 1
+    def round_columns(cols: torch.Tensor, first: int) -> torch.Tensor:   # cols [n, 1]
+        scale = scales[:, first:first + 1]                               # [n, 1]
         return P.fp8_cast(cols / scale).float() * scale
 
     values = gptq_round(weight.float(), hessian, round_columns)          # [n, k] on the grid
-    return _codes_of(values, row_scales, bk), scale_inv
-
-
-def _codes_of(values: torch.Tensor, row_scales: torch.Tensor, bk: int) -> torch.Tensor:
-    """The e4m3 codes of grid values [n, k] (exact: every value is code * its block scale)."""
-    scales = row_scales.repeat_interleave(bk, 1)[:, :values.shape[1]]    # [n, k]
-    return P.fp8_cast(values / scales)
+    return P.fp8_cast(values / scales), scale_inv      # exact: each value is code * its scale
 
 
 def convert(options: BlockFp8Options) -> BlockFp8Report:
