@@ -1,7 +1,9 @@
 """Engine configuration dataclasses. Bad values raise ValueError naming the field."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda", "npu")
@@ -101,3 +103,53 @@ class DeviceConfig:
 
     def __post_init__(self) -> None:
         _require(self.device in _DEVICES, f"device: {self.device!r} is not one of {_DEVICES}")
+
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `--speculative-config`): draft tokens proposed each decode
+    step and verified together in one forward. `ngram` (prompt lookup) drafts the tokens that
+    followed the most recent earlier occurrence of the sequence's last n tokens, n from
+    prompt_lookup_max down to prompt_lookup_min. Above `disable_by_batch_size` running
+    sequences no drafts are proposed (a large batch is compute-bound, so verifying rejected
+    drafts costs more than it saves)."""
+    method: str = "ngram"
+    num_speculative_tokens: int = 5
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.method in SPECULATIVE_METHODS,
+                 f"speculative_config.method: {self.method!r} is not one of {SPECULATIVE_METHODS}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                     f"speculative_config.{name}: must be an integer >= 1, got {value!r}")
+        _require(self.prompt_lookup_min <= self.prompt_lookup_max,
+                 f"speculative_config: prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                 f"prompt_lookup_max ({self.prompt_lookup_max})")
+        _require(self.disable_by_batch_size is None
+                 or (isinstance(self.disable_by_batch_size, int) and self.disable_by_batch_size >= 1),
+                 f"speculative_config.disable_by_batch_size: must be an integer >= 1, "
+                 f"got {self.disable_by_batch_size!r}")
+
+    @classmethod
+    def parse(cls, value: "SpeculativeConfig | dict[str, Any] | str | None") -> "SpeculativeConfig | None":
+        """From a dict or a JSON object string (the CLI form); None stays None."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config: not valid JSON ({exc}): {value!r}") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config: expected a JSON object, got {value!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        _require(not unknown, f"speculative_config: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**value)

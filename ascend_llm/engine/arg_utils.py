@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, fields
+from typing import Any
 
-from ascend_llm.config import KV_CACHE_DTYPES, CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from ascend_llm.config import (KV_CACHE_DTYPES, CacheConfig, DeviceConfig, ModelConfig, ParallelConfig,
+                               SchedulerConfig, SpeculativeConfig)
 from ascend_llm.loader import DEFAULT_MODEL
 
 
@@ -34,6 +36,7 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     kv_cache_memory_gb: float | None = None
     distributed_executor_backend: str = "mp"
+    speculative_config: dict[str, Any] | str | None = None
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(self.model, self.tokenizer, self.dtype, self.max_model_len,
@@ -56,6 +59,9 @@ class EngineArgs:
 
     def device_config(self) -> DeviceConfig:
         return DeviceConfig(self.device, self.enforce_eager)
+
+    def speculative(self) -> SpeculativeConfig | None:
+        return SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
@@ -101,6 +107,9 @@ class EngineArgs:
         add("--distributed-executor-backend", default=d.distributed_executor_backend, choices=["mp", "ray"],
             help="mp: worker processes on this node; ray: Ray actors (multi-node, needs ray); "
                  "torchrun-style RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT env overrides both")
+        add("--speculative-config", default=None,
+            help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, '
+                 '"prompt_lookup_max": 4}\' (ngram prompt lookup; greedy output is unchanged)')
         return parser
 
 

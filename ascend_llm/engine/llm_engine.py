@@ -12,13 +12,15 @@ from ascend_llm.engine.arg_utils import EngineArgs
 from ascend_llm.engine.kv_cache import fit_max_model_len
 from ascend_llm.engine.model_runner import ModelRunner
 from ascend_llm.engine.request_state import RequestState
-from ascend_llm.engine.scheduler import Scheduler, SchedulerOutput
+from ascend_llm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
+from ascend_llm.layers.sampler import SamplerOutput
 from ascend_llm.loader import load_hf_config, load_tokenizer, resolve_model_path
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.outputs import RequestMetrics, RequestOutput
 from ascend_llm.platform import resolve_device
 from ascend_llm.sampling_params import SamplingParams
+from ascend_llm.spec_decode import accepted_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,9 @@ class LLMEngine:
         self.max_model_len = fit_max_model_len(self.max_model_len, model_config.max_model_len is not None,
                                                self.model_runner.num_blocks, cache_config.block_size)
         self.scheduler_config = args.scheduler_config(self.max_model_len)
+        self.speculative_config = args.speculative()
         self.scheduler = Scheduler(self.scheduler_config, cache_config, self.model_runner.num_blocks,
-                                   self.eos_token_ids)
+                                   self.eos_token_ids, self.speculative_config)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         logger.info("engine ready: %s on %s, max_model_len=%d", self.model_dir, self.backend,
@@ -121,11 +124,10 @@ class LLMEngine:
         else:
             result = self.executor.execute_model(out)
         sampled = result.sampler_output
-        tokens = _align_sampled(out, sampled.sampled_token_ids)
+        first_rows, tokens = _emitted_tokens(out, sampled.sampled_token_ids)
         self.scheduler.update(out, tokens)
         touched: dict[str, RequestState] = {}
-        rows = iter(range(len(sampled.sampled_token_ids)))
-        for item, token in zip(out.scheduled, tokens):
+        for item, row in zip(out.scheduled, first_rows):
             state = self.requests.get(item.seq.request_id)
             if state is None:
                 continue
@@ -133,24 +135,40 @@ class LLMEngine:
             chunk = result.prompt_logprobs.get(item.seq.seq_id)
             if chunk is not None:
                 state.record_prompt_logprobs(chunk.first_pos, chunk.logprobs, chunk.ranks, self.tokenizer)
-            if token is not None:
-                row = next(rows)
-                self._on_token(state, item.seq, token, sampled.logprobs[row], sampled.ranks[row])
+            self._on_tokens(state, item, row, sampled)
             touched[state.request_id] = state
         return [self._emit(state) for state in touched.values()]
 
+    def _on_tokens(self, state: RequestState, item: ScheduledSequence, first_row: int,
+                   sampled: SamplerOutput) -> None:
+        """Detokenize, record logprobs and check stop strings for each token the step appended
+        to item.seq (row first_row + j produced its j-th token); a stop string ends the
+        sequence there, dropping any accepted drafts after it."""
+        seq = item.seq
+        num_before = seq.num_tokens - item.num_appended
+        for j in range(item.num_appended):
+            row = first_row + j
+            stopped = self._on_token(state, seq, seq.token_ids[num_before + j], sampled.logprobs[row],
+                                     sampled.ranks[row], num_before + j + 1)
+            if stopped:
+                del seq.token_ids[num_before + j + 1:]
+                break
+
     def _on_token(self, state: RequestState, seq: Sequence, token: int,
-                  logprobs: dict[int, float] | None, ranks: dict[int, int] | None) -> None:
+                  logprobs: dict[int, float] | None, ranks: dict[int, int] | None,
+                  num_tokens: int) -> bool:
+        """Account for one new token (the seq's num_tokens-th); True if a stop string ended it."""
         now = time.time()
         state.metrics.first_token_time = state.metrics.first_token_time or now
         state.metrics.last_token_time = now
         state.metrics.num_generation_tokens += 1
         state.record_logprobs(seq, token, logprobs, ranks, self.tokenizer)
-        stop = state.update_text(seq, self.tokenizer)
+        stop = state.update_text(seq, self.tokenizer, num_tokens)
         if stop is not None:   # also overrides an eos/length finish this same token caused
             self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED, stop)
         if seq.is_finished:
             self.model_runner.free_seq_state(seq.seq_id)
+        return stop is not None
 
     def _emit(self, state: RequestState) -> RequestOutput:
         output = state.to_output()
@@ -175,12 +193,25 @@ class LLMEngine:
                 "kv_cache_usage": scheduler.kv_cache_usage, "num_preemptions": scheduler.num_preemptions,
                 "prefix_queries_tokens": bm.num_prefix_queries_tokens,
                 "prefix_hit_tokens": bm.num_prefix_hit_tokens,
-                "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks}
+                "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
+                "spec_decode_num_draft_tokens": scheduler.num_draft_tokens,
+                "spec_decode_num_accepted_tokens": scheduler.num_accepted_tokens}
 
 
-def _align_sampled(out: SchedulerOutput, sampled: list[int]) -> list[int | None]:
-    it = iter(sampled)
-    return [next(it) if item.do_sample else None for item in out.scheduled]
+def _emitted_tokens(out: SchedulerOutput, sampled: list[int]) -> tuple[list[int], list[list[int]]]:
+    """Per scheduled item: its first sampled row, and the tokens it emits (none, the sampled
+    token, or for a speculative item the accepted drafts plus one sampled token)."""
+    first_rows: list[int] = []
+    tokens: list[list[int]] = []
+    row = 0
+    for item in out.scheduled:
+        first_rows.append(row)
+        rows = sampled[row:row + item.num_sampled_rows]
+        tokens.append(accepted_tokens(item.spec_token_ids, rows) if rows else [])
+        row += item.num_sampled_rows
+    if row != len(sampled):
+        raise ValueError(f"step: the model sampled {len(sampled)} rows for {row} scheduled rows")
+    return first_rows, tokens
 
 
 def _mark_scheduled(state: RequestState, now: float) -> None:

@@ -65,6 +65,22 @@ def fp32_checkpoint_names(model: nn.Module) -> Callable[[str], bool]:
     return keep
 
 
+def sampling_rows(out: SchedulerOutput) -> list[Sequence]:
+    """The sequence each sampled logits row belongs to, in row order. A row that verifies a
+    draft sees the sequence as if the drafts before it were accepted (a view with those
+    tokens appended), so penalties and min_tokens apply as in plain decoding."""
+    rows: list[Sequence] = []
+    for item in out.scheduled:
+        if not item.do_sample:
+            continue
+        seq = item.seq
+        rows.append(seq)
+        for j in range(1, len(item.spec_token_ids) + 1):
+            rows.append(Sequence(seq.seq_id, seq.request_id, seq.index, seq.prompt_token_ids,
+                                 seq.sampling_params, token_ids=seq.token_ids + item.spec_token_ids[:j]))
+    return rows
+
+
 @dataclass(slots=True)
 class PromptLogprobsChunk:
     """Logprobs of prompt tokens first_pos .. first_pos + len(logprobs) - 1 of one sequence."""
@@ -164,7 +180,7 @@ class ModelRunner:
         if not self.parallel.is_driver:
             self._prompt_logprobs(out, hidden, {})     # same compute_logits calls as the driver
             return None
-        seqs = [s.seq for s in out.scheduled if s.do_sample]
+        seqs = sampling_rows(out)
         metadata = SamplingMetadata.build(seqs, self.eos_token_ids, self.generators, self.device)
         result = ModelRunnerOutput(self.sampler(logits, metadata))
         self._prompt_logprobs(out, hidden, result.prompt_logprobs)
@@ -207,15 +223,16 @@ class ModelRunner:
         bs = self.block_size
         for item in out.scheduled:
             seq, start, end = item.seq, item.start_pos, item.start_pos + item.num_new_tokens
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.token_ids[start:end - len(item.spec_token_ids)])
+            input_ids.extend(item.spec_token_ids)
             positions.extend(range(start, end))
             table = seq.block_table
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(end - start)
             context_lens.append(end)
             block_tables.append(table)
-            if item.do_sample:
-                logits_indices.append(len(input_ids) - 1)
+            if item.do_sample:    # the last token, plus one row per draft
+                logits_indices.extend(range(len(input_ids) - item.num_sampled_rows, len(input_ids)))
         meta = AttentionMetadata.build(query_lens, context_lens, block_tables, slot_mapping, bs,
                                        self.null_block, self.device)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731

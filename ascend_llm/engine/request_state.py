@@ -63,12 +63,14 @@ class RequestState:
                 self.prompt_logprobs.append({tid: Logprob(lp, rks.get(tid), tokenizer.decode([tid]))
                                              for tid, lp in lps.items()})
 
-    def update_text(self, seq: Sequence, tokenizer: Any) -> str | None:
-        """Re-detokenize seq's output; returns the stop string that ended it, if any."""
+    def update_text(self, seq: Sequence, tokenizer: Any, num_tokens: int | None = None) -> str | None:
+        """Re-detokenize seq's output up to its first num_tokens tokens (prompt included; default
+        all); returns the stop string that ended it, if any."""
         params = self.params
         if not params.detokenize:
             return None
-        text = tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
+        output = seq.token_ids[seq.num_prompt_tokens:num_tokens]
+        text = tokenizer.decode(output, skip_special_tokens=params.skip_special_tokens)
         stop, cut = _find_stop(text, params.stop, len(self.outputs[seq.index].text))
         if stop is not None:
             text = text[:cut + len(stop)] if params.include_stop_str_in_output else text[:cut]

@@ -9,20 +9,32 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ascend_llm.config import CacheConfig, SchedulerConfig
+from ascend_llm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from ascend_llm.engine.block_manager import BlockManager
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
+from ascend_llm.spec_decode import NgramProposer
 
 StopDecision = tuple[SequenceStatus, int | None]
 
 
 @dataclass(slots=True)
 class ScheduledSequence:
-    """Tokens [start_pos, start_pos + num_new_tokens) of `seq` are computed this step."""
+    """Tokens [start_pos, start_pos + num_new_tokens) of `seq` are computed this step.
+
+    With speculative decoding the last len(spec_token_ids) of them are draft tokens (not yet
+    in seq.token_ids); the step samples one row per draft plus one and emits the accepted run.
+    """
     seq: Sequence
     start_pos: int          # == seq.num_computed_tokens when scheduled
     num_new_tokens: int
     do_sample: bool         # the step reaches the end of the sequence and samples a token
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_appended: int = 0   # tokens update() appended to seq (set by Scheduler.update)
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Logits rows this item samples: 0, 1, or 1 + its drafts."""
+        return 1 + len(self.spec_token_ids) if self.do_sample else 0
 
     @property
     def end_pos(self) -> int:
@@ -49,8 +61,11 @@ class Scheduler:
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 num_blocks: int, eos_token_ids: set[int]) -> None:
+                 num_blocks: int, eos_token_ids: set[int],
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.scheduler_config = scheduler_config
+        self.speculative_config = speculative_config
+        self.proposer = None if speculative_config is None else NgramProposer(speculative_config)
         self.cache_config = cache_config
         self.block_manager = BlockManager(num_blocks, cache_config.block_size,
                                           cache_config.enable_prefix_caching)
@@ -59,6 +74,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.num_draft_tokens = 0        # speculative decoding counters (vLLM's spec_decode_*)
+        self.num_accepted_tokens = 0
 
     # ----------------------------------------------------------------- state
     @property
@@ -110,18 +127,40 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
+        speculate = self._speculation_on()
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new <= 0 or not self._fits_unchunked(seq, num_new):
                 index += 1
                 continue
+            drafts = self._propose(seq, budget - num_new) if speculate and num_new == 1 else []
+            if drafts and not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + 1 + len(drafts)):
+                drafts = []                       # never preempt anyone for draft slots
             if not self._make_room(seq, seq.num_computed_tokens + num_new, out.preempted):
                 break
-            out.scheduled.append(self._scheduled(seq, num_new))
-            budget -= num_new
+            item = self._scheduled(seq, num_new)
+            if drafts:
+                item.spec_token_ids = drafts
+                item.num_new_tokens += len(drafts)
+            out.scheduled.append(item)
+            budget -= item.num_new_tokens
             index += 1
         return budget
+
+    def _speculation_on(self) -> bool:
+        config = self.speculative_config
+        return config is not None and (config.disable_by_batch_size is None
+                                       or len(self.running) < config.disable_by_batch_size)
+
+    def _propose(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for a decoding sequence: no more than the token budget, the sequence's
+        length limit or its remaining max_tokens leave room for (the step also emits one)."""
+        params = seq.sampling_params
+        room = min(budget, self.max_seq_len - seq.num_tokens - 1)
+        if params.max_tokens is not None:
+            room = min(room, params.max_tokens - seq.num_output_tokens - 1)
+        return self.proposer.propose(seq.token_ids, room) if room > 0 else []
 
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Get blocks for `seq`, preempting the most recently admitted sequences; False if `seq` went."""
@@ -175,29 +214,45 @@ class Scheduler:
         return ScheduledSequence(seq, start, num_new, start + num_new == seq.num_tokens)
 
     # ---------------------------------------------------------------- update
-    def update(self, out: SchedulerOutput, sampled_token_ids: list[int | None]) -> list[Sequence]:
-        """Record a finished step: advance progress, cache full blocks, append tokens, stop sequences."""
+    def update(self, out: SchedulerOutput,
+               sampled_token_ids: list[int | list[int] | None]) -> list[Sequence]:
+        """Record a finished step: advance progress, append tokens, cache full blocks, stop sequences.
+
+        Per scheduled item: None (nothing sampled), a token id, or the list of tokens a verified
+        speculative step emits (accepted drafts, then one sampled token). Tokens after a stop
+        are dropped; `item.num_appended` says how many were kept.
+        """
         if len(sampled_token_ids) != len(out.scheduled):
             raise ValueError(f"update: {len(sampled_token_ids)} sampled tokens for "
                              f"{len(out.scheduled)} scheduled sequences")
-        for item, token_id in zip(out.scheduled, sampled_token_ids):
-            if item.do_sample and token_id is None and item.seq.status is SequenceStatus.RUNNING:
-                raise ValueError(f"update: seq {item.seq.seq_id} was sampled but got no token")
+        emitted = [_as_token_list(item, tokens) for item, tokens in zip(out.scheduled, sampled_token_ids)]
         finished: list[Sequence] = []
-        for item, token_id in zip(out.scheduled, sampled_token_ids):
+        for item, tokens in zip(out.scheduled, emitted):
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:    # aborted since schedule()
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens)
-            if not item.do_sample or token_id is None:
-                continue
-            seq.append_token(token_id)
-            decision = self._check_stop(seq, token_id)
+            # KV is valid for the step's real tokens and the accepted drafts, not the rejected ones
+            num_rejected = len(item.spec_token_ids) - max(0, len(tokens) - 1)
+            seq.num_computed_tokens += item.num_new_tokens - num_rejected
+            decision = self._append(item, tokens)
+            self.block_manager.cache_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens))
             if decision is not None:
                 self.finish_seq(seq, *decision)
                 finished.append(seq)
         return finished
+
+    def _append(self, item: ScheduledSequence, tokens: list[int]) -> StopDecision | None:
+        """Append `tokens` to the item's sequence up to the first one that stops it."""
+        if item.spec_token_ids:
+            self.num_draft_tokens += len(item.spec_token_ids)
+            self.num_accepted_tokens += len(tokens) - 1
+        for token_id in tokens:
+            item.seq.append_token(token_id)
+            item.num_appended += 1
+            decision = self._check_stop(item.seq, token_id)
+            if decision is not None:
+                return decision
+        return None
 
     def _check_stop(self, seq: Sequence, token_id: int) -> StopDecision | None:
         params = seq.sampling_params
@@ -211,6 +266,11 @@ class Scheduler:
         if seq.num_tokens >= self.max_seq_len:
             return SequenceStatus.FINISHED_LENGTH, None
         return None
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Fraction of proposed draft tokens that were accepted (0 before any draft)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
     # ---------------------------------------------------------------- finish
     def finish_seq(self, seq: Sequence, status: SequenceStatus,
@@ -249,3 +309,18 @@ class Scheduler:
         if len({id(seq) for seq in (*self.waiting, *self.running)}) != len(self.waiting) + len(self.running):
             raise AssertionError("a sequence is queued twice")
         self.block_manager.check_invariants(self.running)
+
+
+def _as_token_list(item: ScheduledSequence, tokens: int | list[int] | None) -> list[int]:
+    """Normalise one item's sampled tokens to a list, checking it matches what was scheduled."""
+    if tokens is None:
+        tokens = []
+    elif isinstance(tokens, int):
+        tokens = [tokens]
+    running = item.seq.status is SequenceStatus.RUNNING
+    if item.do_sample and not tokens and running:
+        raise ValueError(f"update: seq {item.seq.seq_id} was sampled but got no token")
+    if len(tokens) > len(item.spec_token_ids) + 1 or (tokens and not item.do_sample):
+        raise ValueError(f"update: seq {item.seq.seq_id} got {len(tokens)} tokens for "
+                         f"{item.num_sampled_rows} sampled rows")
+    return list(tokens)

@@ -51,6 +51,10 @@ class _EngineCollector(Collector):
                             stats.get("prefix_hit_tokens", 0))
         yield self._counter("num_preemptions", "Sequences preempted for lack of KV blocks.",
                             stats.get("num_preemptions", 0))
+        yield self._counter("spec_decode_num_draft_tokens", "Draft tokens proposed (speculative decoding).",
+                            stats.get("spec_decode_num_draft_tokens", 0))
+        yield self._counter("spec_decode_num_accepted_tokens", "Draft tokens accepted (speculative decoding).",
+                            stats.get("spec_decode_num_accepted_tokens", 0))
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(PREFIX + name, doc, labels=list(self._labels))
