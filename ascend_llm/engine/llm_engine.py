@@ -14,6 +14,7 @@ from ascend_llm.engine.model_runner import ModelRunner
 from ascend_llm.engine.request_state import RequestState
 from ascend_llm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
+from ascend_llm.graph.model_graphs import create_decode_graphs
 from ascend_llm.layers.sampler import SamplerOutput
 from ascend_llm.loader import load_hf_config, load_tokenizer, resolve_model_path
 from ascend_llm.models.registry import get_model_class
@@ -53,6 +54,10 @@ class LLMEngine:
         self.max_model_len = fit_max_model_len(self.max_model_len, model_config.max_model_len is not None,
                                                self.model_runner.num_blocks, cache_config.block_size)
         self.scheduler_config = args.scheduler_config(self.max_model_len)
+        if self.executor is None:   # decode ACL / CUDA graphs (one process only)
+            self.model_runner.decode_graphs = create_decode_graphs(
+                self.model_runner, device_config.enforce_eager, self.scheduler_config.max_num_seqs,
+                self.max_model_len)
         self.speculative_config = args.speculative()
         self.scheduler = Scheduler(self.scheduler_config, cache_config, self.model_runner.num_blocks,
                                    self.eos_token_ids, self.speculative_config)

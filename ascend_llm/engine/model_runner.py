@@ -16,6 +16,7 @@ from ascend_llm.engine.kv_cache import (KVCacheSpec, allocate_kv_caches, kv_cach
                                         num_kv_blocks)
 from ascend_llm.engine.scheduler import SchedulerOutput
 from ascend_llm.engine.sequence import Sequence
+from ascend_llm.graph.model_graphs import DecodeGraphs
 from ascend_llm.layers.attention import Attention
 from ascend_llm.layers.kv_scales import bind_kv_cache_scales, checkpoint_kv_cache_dtype, load_kv_scales_json
 from ascend_llm.layers.moe import EXPERT_TENSOR
@@ -124,6 +125,7 @@ class ModelRunner:
         self.null_block = self.num_blocks   # the extra zeroed block padding points at
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
+        self.decode_graphs: DecodeGraphs | None = None   # set by the engine (graph.model_graphs)
 
     def _load_model(self, model_config: ModelConfig, hf_config: Any, model_dir: Path) -> nn.Module:
         model_cls = get_model_class(hf_config)
@@ -174,9 +176,13 @@ class ModelRunner:
 
         A non-driver rank runs the same forward and LM-head collectives and returns None.
         """
-        batch = self._prepare(out)
-        hidden = self.model(batch)                                   # [num_tokens, hidden]
-        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        graphed = self.decode_graphs.run(out) if self.decode_graphs is not None else None
+        if graphed is not None:              # a pure decode step, replayed from its bucket's graph
+            hidden, logits = graphed
+        else:
+            batch = self._prepare(out)
+            hidden = self.model(batch)                               # [num_tokens, hidden]
+            logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
         if not self.parallel.is_driver:
             self._prompt_logprobs(out, hidden, {})     # same compute_logits calls as the driver
             return None

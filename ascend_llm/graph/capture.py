@@ -8,23 +8,28 @@ graph is replayed and the first n output rows are returned. Batches above the la
 run eagerly.
 
 What a captured step may use: device tensors only. Host values read during capture (Python ints,
-`.tolist()`, shapes that depend on the batch contents) are frozen into the graph, so a step whose
-attention takes host-side sequence lengths (npu_fused_infer_attention_score's
-actual_seq_lengths_kv) needs the graph-parameter update vllm-ascend performs before it can be
-captured; the runner is therefore not yet wired into ModelRunner.
+`.tolist()`, shapes that depend on the batch contents) are frozen into the graph. A kernel that
+takes host arguments which change every step (npu_fused_infer_attention_score's
+actual_seq_lengths_kv) is captured in an ACL task group and re-issued with the new arguments
+before each replay (`before_replay`), as vllm-ascend does: `ascend_llm.graph.attention_tasks`.
+ModelRunner runs pure decode steps through this runner on the npu backend
+(`ascend_llm.graph.model_graphs`); that wiring is verified against the emulated torch_npu only
+(tests/ops/npu_emulation.py), not on Ascend hardware.
 """
 from __future__ import annotations
 
 import bisect
 import logging
 from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Any, Callable, ContextManager
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-StepFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+Output = torch.Tensor | tuple[torch.Tensor, ...]
+StepFn = Callable[[dict[str, torch.Tensor]], Output]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,25 +60,32 @@ def cuda_graph_api() -> GraphAPI:
 class _Captured:
     graph: Any
     inputs: dict[str, torch.Tensor]     # static buffers, [bucket, ...] each
-    output: torch.Tensor                # [bucket, ...], rewritten by every replay
+    output: Output                      # [bucket, ...] (or a tuple of them), rewritten by every replay
 
 
 class DecodeGraphRunner:
     """Runs `fn` through one captured graph per batch bucket.
 
     pad_values: per input name, the value padded rows get (inputs not named pad with 0).
-    The returned tensor is a view into the bucket's static output: consume (or clone) it
-    before the next call.
+    capture_context(bucket): entered around the captured call only (not the warmup runs);
+    before_replay(bucket): called before every replay, after the inputs are copied in (where
+    host arguments of captured task groups are updated).
+    The returned tensor (or tuple of tensors, as `fn` returns) is a view into the bucket's
+    static output: consume (or clone) it before the next call.
     """
 
     def __init__(self, fn: StepFn, api: GraphAPI, buckets: list[int],
-                 pad_values: dict[str, float] | None = None, warmup_runs: int = 1) -> None:
+                 pad_values: dict[str, float] | None = None, warmup_runs: int = 1,
+                 capture_context: Callable[[int], ContextManager[Any]] | None = None,
+                 before_replay: Callable[[int], None] | None = None) -> None:
         if not buckets or any(b < 1 for b in buckets):
             raise ValueError(f"graph buckets: need positive batch sizes, got {buckets}")
         self.fn, self.api = fn, api
         self.buckets = sorted(set(buckets))
         self.pad_values = dict(pad_values or {})
         self.warmup_runs = warmup_runs
+        self.capture_context = capture_context
+        self.before_replay = before_replay
         self.graphs: dict[int, _Captured] = {}
         self.num_eager = 0
 
@@ -82,7 +94,7 @@ class DecodeGraphRunner:
         i = bisect.bisect_left(self.buckets, batch_size)
         return self.buckets[i] if i < len(self.buckets) else None
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> Output:
         batch_size = _batch_size(inputs)
         bucket = self.bucket_for(batch_size)
         if bucket is None:
@@ -90,8 +102,11 @@ class DecodeGraphRunner:
             return self.fn(inputs)
         captured = self.graphs.get(bucket) or self._capture(bucket, inputs)
         self._fill(captured.inputs, inputs, batch_size)
+        if self.before_replay is not None:
+            self.before_replay(bucket)
         captured.graph.replay()
-        return captured.output[:batch_size]
+        out = captured.output
+        return tuple(t[:batch_size] for t in out) if isinstance(out, tuple) else out[:batch_size]
 
     def _capture(self, bucket: int, example: dict[str, torch.Tensor]) -> _Captured:
         static = {name: torch.empty((bucket, *t.shape[1:]), dtype=t.dtype, device=t.device)
@@ -101,7 +116,8 @@ class DecodeGraphRunner:
             self.fn(static)
         self.api.synchronize()
         graph = self.api.new_graph()
-        with self.api.capture(graph):
+        context = self.capture_context(bucket) if self.capture_context is not None else nullcontext()
+        with context, self.api.capture(graph):
             output = self.fn(static)
         self.api.synchronize()
         logger.info("captured a %s graph for decode batch bucket %d", self.api.name, bucket)

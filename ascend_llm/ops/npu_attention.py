@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ascend_llm.graph.attention_tasks import active_capture
 from ascend_llm.ops.attention_metadata import AttentionMetadata, KVCacheScales
 from ascend_llm.ops.npu_runtime import torch_npu
 
@@ -83,15 +84,18 @@ class PagedAttention:
             antiquant = dict(key_antiquant_scale=k_scale, key_antiquant_offset=k_offset,
                              value_antiquant_scale=v_scale, value_antiquant_offset=v_offset,
                              key_antiquant_mode=0, value_antiquant_mode=0)
+        query = query.contiguous()
+        key = k_cache.view(num_blocks, block_size, num_kv_heads * head_dim)
+        value = v_cache.view(num_blocks, block_size, num_kv_heads * head_dim)
+        kwargs = dict(atten_mask=self.causal_mask(query.device), block_table=meta.block_tables.to(torch.int32),
+                      num_heads=query.shape[1], num_key_value_heads=num_kv_heads, scale=scale,
+                      input_layout="TND", sparse_mode=3, block_size=block_size, **antiquant)
+        capture = active_capture()
+        if capture is not None:   # decode ACL graph capture: host lengths updated before each replay
+            return capture.attention(query, key, value, kwargs)
         out, _ = torch_npu().npu_fused_infer_attention_score(
-            query.contiguous(), k_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
-            v_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
-            atten_mask=self.causal_mask(query.device),
-            actual_seq_lengths=meta.query_start_loc[1:].tolist(),      # cumulative (TND)
-            actual_seq_lengths_kv=meta.context_lens.tolist(),
-            block_table=meta.block_tables.to(torch.int32), num_heads=query.shape[1],
-            num_key_value_heads=num_kv_heads, scale=scale, input_layout="TND", sparse_mode=3,
-            block_size=block_size, **antiquant)
+            query, key, value, actual_seq_lengths=meta.query_start_loc[1:].tolist(),   # cumulative (TND)
+            actual_seq_lengths_kv=meta.context_lens.tolist(), **kwargs)
         return out
 
 

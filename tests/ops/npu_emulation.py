@@ -76,41 +76,94 @@ class FormatTable:
 
 
 # ------------------------------------------------------------------------- graph capture (NPUGraph)
+#
+# ACL graph semantics emulated here (torch_npu `torch.npu.NPUGraph` / `torch.npu.graph` and the
+# task-group API vllm-ascend uses to refresh host arguments of captured kernels):
+# - capture records the aten ops run inside `torch.npu.graph(g)` (on the emulated capture
+#   stream); `replay()` re-runs them on the captured tensors, so host values (Python ints, lists)
+#   read during capture stay frozen, as on the device;
+# - `graph_task_group_begin(stream)` / `graph_task_group_end(stream) -> handle`, inside a
+#   capture and on the capturing stream, make the ops launched in between one replaceable unit
+#   of the graph (the torch_npu kernels launched in it are remembered by name);
+# - `graph_task_update_begin(stream, handle)` / `graph_task_update_end(stream)`, outside any
+#   capture, re-record that unit: the kernels launched in between must be the ones the group
+#   captured (same torch_npu ops, in order), and replace the group's tasks, so later replays run
+#   them with the new host arguments. Without an update a group replays what it captured.
+#   (On the device the update only rewrites task parameters; the emulation also runs the
+#   update's ops once, which writes the captured outputs early; the replay rewrites them.)
+# - an update of a handle whose graph was reset, during a capture, nested, or not closed on the
+#   stream it began on raises NPUArgumentError, as does a replay while an update is open.
 
 class _RecordOps(TorchDispatchMode):
-    """Records every aten op run during capture: (op, args, kwargs, outputs)."""
+    """Records every aten op run while active: (op, args, kwargs, outputs), into `target`
+    (the graph's op list, or the task group being captured / updated)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops: list[tuple[Any, tuple, dict, Any]] = []
+        self.ops: list[Any] = []
+        self.target: list[Any] = self.ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        self.ops.append((func, args, kwargs or {}, out))
+        self.target.append((func, args, kwargs or {}, out))
         return out
+
+
+class _TaskGroup:
+    """A captured task group: its recorded ops run in place in the graph, replaceable by an
+    update. The handle `graph_task_group_end` returns."""
+
+    def __init__(self, graph: "FakeNPUGraph", generation: int) -> None:
+        self.graph, self.generation = graph, generation
+        self.ops: list[tuple[Any, tuple, dict, Any]] = []
+        self.kernels: list[str] = []          # torch_npu ops launched in the group
+        self.closed = False
+        self.num_updates = 0
+
+
+class FakeStream:
+    """torch.npu.Stream: only identity matters to the emulation."""
+    _count = 0
+
+    def __init__(self, device: Any = None, priority: int = 0, name: str | None = None) -> None:
+        FakeStream._count += 1
+        self.name = name or f"stream{FakeStream._count}"
+
+    def synchronize(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"FakeStream({self.name})"
 
 
 class FakeNPUGraph:
     """torch.npu.NPUGraph: capture records the aten ops run inside `torch.npu.graph(g)`;
     `replay()` re-runs them on the same tensors and writes each result into the tensor the
     capture produced, so captured outputs update in place, as a replayed ACL graph does.
-    Host values read during capture (Python ints, lists) stay frozen, as on the device."""
+    Host values read during capture (Python ints, lists) stay frozen, as on the device;
+    task groups replay their latest update (see the section comment)."""
 
     def __init__(self) -> None:
-        self._ops: list[tuple[Any, tuple, dict, Any]] | None = None
+        self._ops: list[Any] | None = None
+        self._generation = 0
+        self._namespace: "FakeNPUNamespace | None" = None
         self.num_replays = 0
 
     def replay(self) -> None:
         if self._ops is None:
             raise NPUArgumentError("NPUGraph.replay: nothing was captured")
+        if self._namespace is not None and self._namespace._updating is not None:
+            raise NPUArgumentError("NPUGraph.replay: a graph_task_update is still open (call graph_task_update_end)")
         with torch.no_grad():
-            for func, args, kwargs, out in self._ops:
-                fresh = func(*args, **kwargs)
-                _copy_outputs(out, fresh)
+            for entry in self._ops:
+                for func, args, kwargs, out in (entry.ops if isinstance(entry, _TaskGroup) else (entry,)):
+                    fresh = func(*args, **kwargs)
+                    _copy_outputs(out, fresh)
         self.num_replays += 1
 
     def reset(self) -> None:
         self._ops = None
+        self._generation += 1          # its task-group handles become invalid
 
 
 def _copy_outputs(captured: Any, fresh: Any) -> None:
@@ -122,25 +175,39 @@ def _copy_outputs(captured: Any, fresh: Any) -> None:
             _copy_outputs(c, f)
 
 
-@contextlib.contextmanager
-def _graph(graph: FakeNPUGraph, pool: Any = None, stream: Any = None) -> Iterator[None]:
-    recorder = _RecordOps()
-    with recorder:
-        yield
-    graph._ops = recorder.ops
+@dataclass
+class _Capture:
+    graph: FakeNPUGraph
+    recorder: _RecordOps
+    stream: FakeStream
+    group: _TaskGroup | None = None
+    group_first_call: int = 0
+
+
+@dataclass
+class _Update:
+    group: _TaskGroup
+    recorder: _RecordOps
+    stream: Any
+    first_call: int
 
 
 class FakeNPUNamespace(types.SimpleNamespace):
     """The `torch.npu` functions the runtime uses; one emulated device whose tensors live on
     the CPU."""
 
-    def __init__(self, soc: str, memory_bytes: int) -> None:
+    def __init__(self, soc: str, memory_bytes: int, calls: list[OpCall]) -> None:
         super().__init__()
         self.soc = soc
         self.memory_bytes = memory_bytes
         self.NPUGraph = FakeNPUGraph
-        self.graph = _graph
+        self.Stream = FakeStream
         self.synchronize_count = 0
+        self._calls = calls                  # the module's OpCall log (kernels launched)
+        self._default_stream = FakeStream(name="default")
+        self._current_stream = self._default_stream
+        self._capture: _Capture | None = None
+        self._updating: _Update | None = None
 
     def is_available(self) -> bool:
         return True
@@ -166,8 +233,103 @@ class FakeNPUNamespace(types.SimpleNamespace):
     def get_device_name(self, device: Any = None) -> str:
         return self.soc
 
+    # -- streams
+    def current_stream(self, device: Any = None) -> FakeStream:
+        return self._current_stream
+
+    @contextlib.contextmanager
+    def stream(self, stream: FakeStream) -> Iterator[None]:
+        previous, self._current_stream = self._current_stream, stream
+        try:
+            yield
+        finally:
+            self._current_stream = previous
+
+    # -- capture
+    @contextlib.contextmanager
+    def graph(self, graph: FakeNPUGraph, pool: Any = None, stream: Any = None) -> Iterator[None]:
+        """Capture into `graph` on a side stream (torch.npu.graph's default)."""
+        if self._capture is not None:
+            raise NPUArgumentError("torch.npu.graph: a capture is already in progress")
+        if self._updating is not None:
+            raise NPUArgumentError("torch.npu.graph: a graph_task_update is open")
+        recorder = _RecordOps()
+        capture = _Capture(graph, recorder, stream or FakeStream(name="capture"))
+        self._capture = capture
+        graph.reset()
+        try:
+            with self.stream(capture.stream), recorder:
+                yield
+            if capture.group is not None:
+                raise NPUArgumentError("torch.npu.graph: capture ended inside a task group "
+                                       "(graph_task_group_begin without graph_task_group_end)")
+        finally:
+            self._capture = None
+        graph._ops = recorder.ops
+        graph._namespace = self
+
+    def graph_task_group_begin(self, stream: FakeStream) -> None:
+        op = "graph_task_group_begin"
+        capture = self._capture
+        _require(capture is not None, op, "only inside a graph capture")
+        _require(stream is capture.stream, op, f"{stream} is not the capturing stream {capture.stream}")
+        _require(capture.group is None, op, "task groups do not nest")
+        capture.group = _TaskGroup(capture.graph, capture.graph._generation)
+        capture.group_first_call = len(self._calls)
+        capture.recorder.ops.append(capture.group)
+        capture.recorder.target = capture.group.ops
+
+    def graph_task_group_end(self, stream: FakeStream) -> _TaskGroup:
+        op = "graph_task_group_end"
+        capture = self._capture
+        _require(capture is not None and capture.group is not None, op, "no task group is open")
+        _require(stream is capture.stream, op, f"{stream} is not the capturing stream {capture.stream}")
+        group = capture.group
+        group.kernels = [c.name for c in self._calls[capture.group_first_call:]]
+        _require(bool(group.kernels), op, "the task group launched no kernel")
+        group.closed = True
+        capture.group = None
+        capture.recorder.target = capture.recorder.ops
+        return group
+
+    def graph_task_update_begin(self, stream: Any, handle: Any) -> None:
+        op = "graph_task_update_begin"
+        _require(self._capture is None, op, "not allowed during a graph capture")
+        _require(self._updating is None, op, "an update is already open (graph_task_update_end first)")
+        _require(isinstance(handle, _TaskGroup) and handle.closed, op,
+                 "handle is not a task group captured with graph_task_group_begin/end")
+        _require(handle.graph._ops is not None and handle.generation == handle.graph._generation, op,
+                 "the task group's graph was reset or re-captured")
+        recorder = _RecordOps()
+        recorder.__enter__()
+        self._updating = _Update(handle, recorder, stream, len(self._calls))
+
+    def graph_task_update_end(self, stream: Any) -> None:
+        op = "graph_task_update_end"
+        update = self._updating
+        _require(update is not None, op, "no update is open")
+        update.recorder.__exit__(None, None, None)
+        self._updating = None
+        _require(stream is update.stream, op, "the update must end on the stream it began on")
+        kernels = [c.name for c in self._calls[update.first_call:]]
+        _require(kernels == update.group.kernels, op,
+                 f"the update launched {kernels}, the task group captured {update.group.kernels}")
+        update.group.ops = update.recorder.ops
+        update.group.num_updates += 1
+
 
 # ------------------------------------------------------------------------------ the module
+
+class _OpWithOut:
+    """A torch_npu op callable as `op(...)` with its `op.out(..., out=[...])` variant."""
+
+    def __init__(self, functional: Any, out: Any) -> None:
+        self._functional, self.out = functional, out
+        self.__doc__ = functional.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._functional(*args, **kwargs)
+
 
 class FakeTorchNPU(types.ModuleType):
     """A `torch_npu` module object. `soc` is what torch.npu.get_device_name reports
@@ -177,10 +339,14 @@ class FakeTorchNPU(types.ModuleType):
         super().__init__("torch_npu")
         self.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)
         self.emulated_device = "cpu"         # read by ascend_llm.platform.torch_device
-        self.npu = FakeNPUNamespace(soc, memory_bytes)
-        self.formats = FormatTable()
         self.calls: list[OpCall] = []
+        self.npu = FakeNPUNamespace(soc, memory_bytes, self.calls)
+        self.formats = FormatTable()
         self.strict_nz = True   # quant matmul weights must be NZ (vllm-ascend's default; required on 310P)
+        self._workspaces: list[torch.Tensor] = []
+        # torch_npu ops carry their out= variant as an attribute (`op.out(...)`)
+        self.npu_fused_infer_attention_score = _OpWithOut(
+            FakeTorchNPU.npu_fused_infer_attention_score.__get__(self), self.npu_fused_infer_attention_score_out)
 
     # -- bookkeeping
     @property
@@ -488,8 +654,75 @@ class FakeTorchNPU(types.ModuleType):
         keys j <= L - Q + i; the mask must be the optimised 2048 x 2048 upper triangle.
         int8 key/value (C8): dequantized per channel (mode 0) as (q + antiquant_offset) *
         antiquant_scale, scale/offset [1] or [Hkv * D]."""
+        self._record("npu_fused_infer_attention_score", query=query, key=key, block_table=block_table,
+                     atten_mask=atten_mask)
+        return self._fia(query, key, value, atten_mask=atten_mask, actual_seq_lengths=actual_seq_lengths,
+                         actual_seq_lengths_kv=actual_seq_lengths_kv, block_table=block_table,
+                         num_heads=num_heads, scale=scale, input_layout=input_layout,
+                         num_key_value_heads=num_key_value_heads, sparse_mode=sparse_mode,
+                         block_size=block_size, key_antiquant_scale=key_antiquant_scale,
+                         key_antiquant_offset=key_antiquant_offset,
+                         value_antiquant_scale=value_antiquant_scale,
+                         value_antiquant_offset=value_antiquant_offset,
+                         key_antiquant_mode=key_antiquant_mode, value_antiquant_mode=value_antiquant_mode,
+                         **unused)
+
+    def npu_fused_infer_attention_score_out(self, query: torch.Tensor, key: torch.Tensor,
+                                            value: torch.Tensor, *, workspace: torch.Tensor | None = None,
+                                            out: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+                                            **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """`torch_npu.npu_fused_infer_attention_score.out`: the same attention written into
+        out = [attention_out, softmax_lse] (what a captured graph and its task-group updates
+        keep), with the workspace from _npu_fused_infer_attention_score_get_max_workspace."""
+        op = "npu_fused_infer_attention_score.out"
+        self._record(op, query=query, key=key, block_table=kwargs.get("block_table"),
+                     atten_mask=kwargs.get("atten_mask"), workspace=workspace)
+        _require(isinstance(workspace, torch.Tensor) and any(w is workspace for w in self._workspaces), op,
+                 "workspace must come from _npu_fused_infer_attention_score_get_max_workspace")
+        _require(isinstance(out, (list, tuple)) and len(out) == 2
+                 and all(isinstance(t, torch.Tensor) for t in out), op, "out must be [attention_out, softmax_lse]")
+        _require(out[0].shape == query.shape and out[0].dtype == query.dtype, op,
+                 f"out[0] must be {query.dtype}{list(query.shape)}, got {out[0].dtype}{list(out[0].shape)}")
+        result, _ = self._fia(query, key, value, **kwargs)
+        out[0].copy_(result)
+        out[1].zero_()                      # softmax_lse is not emulated (softmax_lse_flag False)
+        return out[0], out[1]
+
+    def _npu_fused_infer_attention_score_get_max_workspace(self, query: torch.Tensor, key: torch.Tensor,
+                                                           value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The workspace .out needs for these shapes and any sequence lengths (a byte buffer)."""
+        op = "_npu_fused_infer_attention_score_get_max_workspace"
+        self._record(op, query=query, key=key)
+        self._check_fia_args(op, query, key, value, **kwargs)
+        workspace = torch.empty(1 << 12, dtype=torch.uint8)
+        self._workspaces.append(workspace)
+        return workspace
+
+    def _check_fia_args(self, op: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                        atten_mask: torch.Tensor | None = None, actual_seq_lengths: list[int] | None = None,
+                        actual_seq_lengths_kv: list[int] | None = None,
+                        block_table: torch.Tensor | None = None, num_heads: int = 1, scale: float = 1.0,
+                        input_layout: str = "BSH", num_key_value_heads: int = 0, sparse_mode: int = 0,
+                        block_size: int = 0, key_antiquant_scale: torch.Tensor | None = None,
+                        key_antiquant_offset: torch.Tensor | None = None,
+                        value_antiquant_scale: torch.Tensor | None = None,
+                        value_antiquant_offset: torch.Tensor | None = None,
+                        key_antiquant_mode: int = 0, value_antiquant_mode: int = 0, **unused: Any) -> None:
+        _require(not self.is_310p, op, "not supported on 310P (Atlas inference series)")
+        self._check_fia(query, key, value, atten_mask, actual_seq_lengths, actual_seq_lengths_kv,
+                        block_table, num_heads, input_layout, num_key_value_heads, sparse_mode,
+                        block_size, unused)
+
+    def _fia(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+             atten_mask: torch.Tensor | None = None, actual_seq_lengths: list[int] | None = None,
+             actual_seq_lengths_kv: list[int] | None = None, block_table: torch.Tensor | None = None,
+             num_heads: int = 1, scale: float = 1.0, input_layout: str = "BSH",
+             num_key_value_heads: int = 0, sparse_mode: int = 0, block_size: int = 0,
+             key_antiquant_scale: torch.Tensor | None = None, key_antiquant_offset: torch.Tensor | None = None,
+             value_antiquant_scale: torch.Tensor | None = None,
+             value_antiquant_offset: torch.Tensor | None = None, key_antiquant_mode: int = 0,
+             value_antiquant_mode: int = 0, **unused: Any) -> tuple[torch.Tensor, torch.Tensor]:
         op = "npu_fused_infer_attention_score"
-        self._record(op, query=query, key=key, block_table=block_table, atten_mask=atten_mask)
         _require(not self.is_310p, op, "not supported on 310P (Atlas inference series)")
         self._check_fia(query, key, value, atten_mask, actual_seq_lengths, actual_seq_lengths_kv,
                         block_table, num_heads, input_layout, num_key_value_heads, sparse_mode,
@@ -588,13 +821,13 @@ class FakeTorchNPU(types.ModuleType):
                  f"group_list must be int64 [{w.shape[0]}]")
         counts = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
         _require(bool((counts >= 0).all()) and int(counts.sum()) <= xs.shape[0], op, "group_list exceeds x rows")
+        expert = _row_experts(counts, xs.shape[0])
         out = torch.zeros(xs.shape[0], w.shape[2], dtype=torch.float32)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            out[start:start + count] = xs[start:start + count].float() @ w[e].float()
+        for e in range(w.shape[0]):          # group sizes stay on the device (graph-safe)
+            y = xs.float() @ w[e].float()
             if bias is not None:
-                out[start:start + count] += bias[0][e].float()
-            start += count
+                y = y + bias[0][e].float()
+            out = torch.where((expert == e).unsqueeze(1), y, out)
         return [out.to(output_dtype or xs.dtype)]
 
     # -- MoE, quantized npu_grouped_matmul (torch_npu docs, group_list as a Tensor, Atlas A2/A3 table)
@@ -640,11 +873,10 @@ class FakeTorchNPU(types.ModuleType):
         else:
             w_float, out_dtype, row_scale = self._pertoken_experts(xs, w, scale, per_token_scale, output_dtype)
         _require(w_float.shape[1] == xs.shape[1], op, f"x {list(xs.shape)} @ weight [E, k, n] {list(w_float.shape)}")
+        expert = _row_experts(counts, xs.shape[0])
         out = torch.zeros(xs.shape[0], w_float.shape[2], dtype=torch.float64)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            out[start:start + count] = xs[start:start + count].double() @ w_float[e]
-            start += count
+        for e in range(num_experts):         # group sizes stay on the device (graph-safe)
+            out = torch.where((expert == e).unsqueeze(1), xs.double() @ w_float[e], out)
         if row_scale is not None:
             out = out.float() * row_scale.float().unsqueeze(-1)
         return [out.float().to(out_dtype)]
@@ -701,6 +933,14 @@ class FakeTorchNPU(types.ModuleType):
             wf = wf + antiquant_offset[0].float().unsqueeze(1)
         wf = wf * antiquant_scale[0].float().unsqueeze(1)
         return wf.double(), xs.dtype
+
+
+def _row_experts(counts: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[num_rows] expert of each row from per-expert row counts, computed on the device (the
+    kernel reads group_list on the device, so a captured graph sees each replay's groups);
+    rows past the last group get E (no expert)."""
+    ends = torch.cumsum(counts, 0)
+    return torch.searchsorted(ends, torch.arange(num_rows, device=counts.device), right=True)
 
 
 def install_fake_torch_npu(monkeypatch: pytest.MonkeyPatch, soc: str = "Ascend910B1") -> FakeTorchNPU:
