@@ -43,6 +43,13 @@ def _part(module_name: str, module: nn.Module) -> str:
     return "other"
 
 
+def _storage_key(tensor: torch.Tensor) -> int:
+    """Identity of the memory behind `tensor`; an opaque (e.g. oneDNN-packed) tensor is its own."""
+    if tensor.is_mkldnn:
+        return id(tensor)
+    return tensor.untyped_storage().data_ptr()
+
+
 def weight_bytes(model: nn.Module) -> WeightBytes:
     """Count every parameter and buffer of `model` once (by storage) under its module's part."""
     result = WeightBytes()
@@ -51,7 +58,7 @@ def weight_bytes(model: nn.Module) -> WeightBytes:
         part = _part(module_name, module)
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         for tensor in tensors:
-            key = tensor.untyped_storage().data_ptr()
+            key = _storage_key(tensor)
             if key in seen or tensor.numel() == 0:
                 continue
             seen.add(key)
