@@ -11,8 +11,11 @@ random tokens (calibration on other random tokens). Shared experts / dense layer
 Part 2, SmolLM2-135M-Instruct (unless --skip_smollm2): perplexity of eval_tempest.txt (first
 --eval_tokens tokens, --window-token windows) for float, RTN 2-bit on the MLP (a float checkpoint
 holding the round-tripped weights, attention float), and the WINT2 writer (MLP WINT2, attention
-wint8) with --methods (plain / search / gptq). Checkpoints go to --workdir and are reused if
-present (a SmolLM2 gptq conversion takes ~10 minutes on one core).
+wint8) with --methods (plain / search / gptq, and the GPTQ_VARIANTS below). Checkpoints go to
+--workdir and are reused if present (a SmolLM2 gptq conversion takes ~10 minutes on one core).
+Each row also gets the perplexity of calib_prose.jsonl split into --window rows: the first 8
+calibration rows ("calib", seen by the writer) and the last --holdout rows ("held out", never
+used for calibration: every calibrated row is written with holdout_samples = --holdout).
 
 Writes benchmarks/results/wint2_quality_<date>.json (rewritten after each row).
 """
@@ -39,7 +42,24 @@ from ascend_llm.quant import wint2_layout as L  # noqa: E402
 from ascend_llm.quant.wint2_refine import refine_wint2  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
+# GPTQ writer variants: (EncoderOptions fields, calibration rows or None for --calib_samples,
+# dense_wint2_modules or None for the default MLP set, dense_wint4_modules). Layers 0 and 29 are
+# SmolLM2-135M's first and last; "ends_w4" writes their down_proj wint4 instead of WINT2.
+ALL_MLP_BUT_END_DOWN = ("mlp.gate_proj", "mlp.up_proj", r"re:model\.layers\.(?!0\.|29\.)\d+\.mlp\.down_proj$")
+END_DOWN = (r"re:model\.layers\.(0|29)\.mlp\.down_proj$",)
+AO_CS3 = {"act_orders": ("none", "group"), "code_scales": L.CODE_SCALE_CANDIDATES}   # the writer's default
+ONE = {"act_orders": ("none",), "code_scales": L.DEFAULT_CODE_SCALES}                 # the GPTQ writer before
+GPTQ_VARIANTS: dict[str, tuple[dict, int | None, tuple[str, ...] | None, tuple[str, ...]]] = {
+    "gptq": (ONE, None, None, ()),
+    "gptq_ao": ({**ONE, "act_orders": ("none", "group")}, None, None, ()),
+    "gptq_cs3": ({**ONE, "code_scales": L.CODE_SCALE_CANDIDATES}, None, None, ()),
+    "gptq_ao_cs3": (AO_CS3, None, None, ()),
+    "gptq_64": (ONE, 64, None, ()),
+    "gptq_ao_cs3_64": (AO_CS3, 64, None, ()),
+    "gptq_ao_cs3_64_ends_w4": (AO_CS3, 64, ALL_MLP_BUT_END_DOWN, END_DOWN),
+}
 RESULTS = ROOT / "benchmarks" / "results"
+CONVERT_TIMES = "bench_convert_times.json"     # written next to each converted checkpoint
 MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "ernie4_5_moe")
 logger = logging.getLogger("bench_wint2_quality")
 
@@ -138,28 +158,59 @@ def _rtn_checkpoint(src: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
 
 
-def _build(method: str, src: Path, out: Path, args: argparse.Namespace) -> float:
-    """Write the checkpoint of a row unless `out` holds one; seconds spent."""
+def _build(method: str, src: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Write the checkpoint of a row unless `out` holds one; {"wall_s", "cpu_s"} spent (read back
+    from out/CONVERT_TIMES when reused, {} if that is missing). CPU seconds are this process's
+    user + system time: on a shared machine whose jobs get paused, wall time overstates."""
+    times = out / CONVERT_TIMES
     if (out / "config.json").exists():
-        return 0.0
+        return json.loads(times.read_text()) if times.exists() else {}
+    wall, cpu = time.perf_counter(), time.process_time()
+    _write(method, src, out, args)
+    result = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    times.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def _write(method: str, src: Path, out: Path, args: argparse.Namespace) -> None:
+    """The checkpoint of row `method` (rtn2, plain, search, gptq or a GPTQ_VARIANTS name)."""
     from ascend_llm.quant.wint2_calibration import CalibSpec
-    from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
-    start = time.perf_counter()
+    from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
+    from ascend_llm.quant.wint2_writer import DEFAULT_WINT2_MODULES, write_wint2_checkpoint
     if method == "rtn2":
         _rtn_checkpoint(src, out)
+    elif method == "plain":
+        write_wint2_checkpoint(src, out)
     else:
-        calib = CalibSpec(args.calib_file, args.calib_samples, args.calib_seq_len) if method != "plain" else None
-        write_wint2_checkpoint(src, out, method=method, calib=calib)
-    return time.perf_counter() - start
+        if method != "search" and method not in GPTQ_VARIANTS:
+            raise ValueError(f"--methods: {method!r} is not plain, search or one of {list(GPTQ_VARIANTS)}")
+        fields, samples, modules, wint4 = GPTQ_VARIANTS.get(method, (ONE, None, None, ()))
+        calib = CalibSpec(args.calib_file, samples or args.calib_samples, args.calib_seq_len,
+                          holdout_samples=args.holdout)
+        options = EncoderOptions("search" if method == "search" else "gptq", **fields)
+        write_wint2_checkpoint(src, out, modules or DEFAULT_WINT2_MODULES, method=options.method,
+                               calib=calib, encoder_options=options, dense_wint4_modules=wint4)
 
 
-def smollm2_perplexity(model_dir: Path, args: argparse.Namespace) -> float:
+def calib_split_ids(tokenizer, args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """(first 8 calibration rows, last --holdout rows) of calib_prose.jsonl, flattened."""
+    from ascend_llm.quant.wint2_calibration import CalibSpec, read_texts, split_calibration_ids
+    spec = CalibSpec(args.calib_file, 8, args.window, holdout_samples=args.holdout)
+    calib, held = split_calibration_ids(tokenizer, read_texts(args.calib_file), spec)
+    return calib.reshape(-1).tolist(), held.reshape(-1).tolist()
+
+
+def smollm2_perplexity(model_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+    """{"eval": eval_tempest, "calib": first 8 calibration rows, "held_out": held-out rows}."""
     from ascend_llm import LLM
     from ascend_llm.eval.perplexity import perplexity
     llm = LLM(str(model_dir), max_model_len=args.window + 1)
     text = (SHARED / "eval_tempest.txt").read_text(encoding="utf-8")
     ids = llm.get_tokenizer().encode(text, add_special_tokens=False)[:args.eval_tokens]
-    return perplexity(llm, ids, args.window).perplexity
+    calib, held = calib_split_ids(llm.get_tokenizer(), args)
+    return {"eval": perplexity(llm, ids, args.window).perplexity,
+            "calib": perplexity(llm, calib, args.window).perplexity,
+            "held_out": perplexity(llm, held, args.window).perplexity}
 
 
 # ---------------------------------------------------------------- driver
@@ -168,10 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval_tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--methods", nargs="*", default=["plain", "search", "gptq"])
+    parser.add_argument("--methods", nargs="*", default=["plain", "search", "gptq"],
+                        help=f"plain, search, gptq or a GPTQ variant: {', '.join(GPTQ_VARIANTS)}")
     parser.add_argument("--calib_file", default=str(SHARED / "calib_prose.jsonl"))
     parser.add_argument("--calib_samples", type=int, default=32)
     parser.add_argument("--calib_seq_len", type=int, default=512)
+    parser.add_argument("--holdout", type=int, default=8, help="held-out calibration rows (never calibrated on)")
     parser.add_argument("--workdir", default="/tmp/bench_wint2_quality")
     parser.add_argument("--skip_smollm2", action="store_true")
     parser.add_argument("--moe_archs", nargs="*", default=list(MOE_ARCHS))
@@ -197,10 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     extra = dict(item.split("=", 1) for item in args.extra)
     for row in ["float", "rtn2"] + list(args.methods) + list(extra):
         out = src if row == "float" else Path(extra.get(row, Path(args.workdir) / row))
-        seconds = 0.0 if row in ("float", *extra) else _build(row, src, out, args)
+        times = {} if row == "float" else _build(row, src, out, args) if row not in extra else \
+            (json.loads((out / CONVERT_TIMES).read_text()) if (out / CONVERT_TIMES).exists() else {})
         ppl = smollm2_perplexity(out, args)
-        report["smollm2"].append({"row": row, "perplexity": ppl, "convert_s": seconds, "dir": str(out)})
-        print(f"  {row:8s} perplexity {ppl:12.2f}" + (f"  (converted in {seconds:.0f} s)" if seconds else ""))
+        report["smollm2"].append({"row": row, "perplexity": ppl["eval"], "calib_ppl": ppl["calib"],
+                                  "held_out_ppl": ppl["held_out"], "convert_s": times.get("wall_s", 0.0),
+                                  "convert_cpu_s": times.get("cpu_s", 0.0), "dir": str(out)})
+        print(f"  {row:24s} perplexity {ppl['eval']:10.2f}  calib {ppl['calib']:8.2f}  held out "
+              f"{ppl['held_out']:8.2f}" + (f"  (converted: {times['cpu_s']:.0f} s CPU)" if times else ""))
         path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 

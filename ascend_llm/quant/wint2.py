@@ -11,7 +11,10 @@ config.json `quantization_config` (FastDeploy's WINT2 doc, with the spellings it
 MoE experts arrive in a later issue: the ranges are parsed and `method_for_moe_layer` answers
 which one a layer uses. Our extension (FastDeploy has no dense WINT2): `dense_wint2_modules`, a
 list of module-name patterns ("mlp.gate_proj" matches any `...mlp.gate_proj`; "re:<regex>"
-is matched against the full checkpoint module name), makes those dense layers WINT2 too.
+is matched against the full checkpoint module name), makes those dense layers WINT2 too;
+`dense_wint4_modules` (same patterns) makes the dense layers it matches wint4 instead of
+`dense_quant_type` (e.g. keep the first / last layers' down_proj out of WINT2 at 4 bits, like
+FastDeploy's w4 layer range for MoE). WINT2 wins where both match.
 
 WINT2 tensors per Linear, FastDeploy orientation, layout and decode: quant/wint2_layout.py.
 Fused layers (gate_up_proj, qkv_proj) concatenate their shards along n (the last dim of the
@@ -84,12 +87,14 @@ class WInt2Config(QuantConfig):
 
     def __init__(self, dense_quant_type: str = "wint8", moe_quant_type: str = "w4w2",
                  moe_ranges: tuple[LayerRange, ...] = (), dense_wint2_modules: tuple[str, ...] = (),
-                 packed_modules: dict[str, tuple[str, ...]] | None = None) -> None:
+                 packed_modules: dict[str, tuple[str, ...]] | None = None,
+                 dense_wint4_modules: tuple[str, ...] = ()) -> None:
         if dense_quant_type not in DENSE_TYPES:
             raise ValueError(f"dense_quant_type: {dense_quant_type!r} is not one of {sorted(DENSE_TYPES)}")
         self.dense_quant_type, self.moe_quant_type = dense_quant_type, moe_quant_type
         self.moe_ranges = moe_ranges
         self.dense_wint2_modules = dense_wint2_modules
+        self.dense_wint4_modules = dense_wint4_modules
         self.packed_modules = dict(packed_modules or {})
 
     @classmethod
@@ -109,13 +114,9 @@ class WInt2Config(QuantConfig):
         moe_type = config.get("moe_quant_type", "w4w2")
         if moe_type != "w4w2":
             raise ValueError(f"{source}: moe_quant_type {moe_type!r} is not supported (only 'w4w2')")
-        modules = config.get("dense_wint2_modules", [])
-        if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
-            raise ValueError(f"{source}: dense_wint2_modules must be a list of non-empty strings, got {modules!r}")
-        for pattern in modules:
-            _compile(pattern, source)
+        modules, wint4 = (_patterns(config, key, source) for key in ("dense_wint2_modules", "dense_wint4_modules"))
         ranges = _moe_ranges(config.get("moe_quant_config", {}), source)
-        return cls(dense.lower(), moe_type, ranges, tuple(modules), packed_modules)
+        return cls(dense.lower(), moe_type, ranges, modules, packed_modules, wint4)
 
     def method_for_moe_layer(self, layer_idx: int) -> str:
         """'wint4' or 'wint2' for the MoE experts of decoder layer `layer_idx`."""
@@ -142,20 +143,32 @@ class WInt2Config(QuantConfig):
         shard_names = shard_names_for(prefix, self.packed_modules)
         if self.is_wint2_module(prefix, shard_names):
             return WInt2LinearMethod(shard_names)
-        return PrequantWeightOnlyLinearMethod(DENSE_TYPES[self.dense_quant_type], shard_names)
+        return PrequantWeightOnlyLinearMethod(self.dense_bits(prefix, shard_names), shard_names)
 
     def is_wint2_module(self, prefix: str, shard_names: tuple[str, ...] = ()) -> bool:
         """Whether the layer at `prefix` (all of its fused shards) matches `dense_wint2_modules`."""
+        return self._fused_match(prefix, shard_names, self.dense_wint2_modules, "dense_wint2_modules")
+
+    def dense_bits(self, prefix: str, shard_names: tuple[str, ...] = ()) -> int:
+        """Weight bits of a non-WINT2 dense layer: 4 if `dense_wint4_modules` matches it, else
+        those of `dense_quant_type`."""
+        if self._fused_match(prefix, shard_names, self.dense_wint4_modules, "dense_wint4_modules"):
+            return 4
+        return DENSE_TYPES[self.dense_quant_type]
+
+    def _fused_match(self, prefix: str, shard_names: tuple[str, ...], patterns: tuple[str, ...],
+                     field: str) -> bool:
         parent = prefix.rpartition(".")[0]
         names = [f"{parent}.{s}" if parent else s for s in shard_names] or [prefix]
-        matches = {name: self._matches(name) for name in names}
+        matches = {name: self._matches(name, patterns) for name in names}
         if len(set(matches.values())) > 1:
-            raise ValueError(f"{prefix}: dense_wint2_modules matches only some fused shards {matches}; "
+            raise ValueError(f"{prefix}: {field} matches only some fused shards {matches}; "
                              f"the shards of a fused layer must share one type")
         return next(iter(matches.values()))
 
-    def _matches(self, name: str) -> bool:
-        for pattern in self.dense_wint2_modules:
+    @staticmethod
+    def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+        for pattern in patterns:
             if pattern.startswith("re:"):
                 if re.match(pattern[3:], name):
                     return True
@@ -164,13 +177,18 @@ class WInt2Config(QuantConfig):
         return False
 
 
-def _compile(pattern: str, source: str) -> None:
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as exc:
-            raise ValueError(f"{source}: dense_wint2_modules entry {pattern!r} is not a valid "
-                             f"regex: {exc}") from exc
+def _patterns(config: dict[str, Any], key: str, source: str) -> tuple[str, ...]:
+    """config[key]: a list of module-name patterns (module doc), checked; () if absent."""
+    modules = config.get(key, [])
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise ValueError(f"{source}: {key} must be a list of non-empty strings, got {modules!r}")
+    for pattern in modules:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ValueError(f"{source}: {key} entry {pattern!r} is not a valid regex: {exc}") from exc
+    return tuple(modules)
 
 
 def _moe_ranges(moe_config: Any, source: str) -> tuple[LayerRange, ...]:

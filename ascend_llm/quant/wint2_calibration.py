@@ -37,11 +37,14 @@ class CalibSpec:
     seq_len: int = 512
     chunk: int = 8            # samples per forward
     damp: float = 0.1         # damp * mean(diag H) added to H's diagonal (wint2_gptq.DAMP_NOTE)
+    holdout_samples: int = 0  # rows at the end of the token stream never used for calibration
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "seq_len", "chunk", "damp"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"calibration {name} must be positive, got {getattr(self, name)}")
+        if self.holdout_samples < 0:
+            raise ValueError(f"calibration holdout_samples must be >= 0, got {self.holdout_samples}")
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -83,6 +86,34 @@ def calibration_ids(tokenizer: Any, texts: list[str], num_samples: int, seq_len:
     return torch.tensor(stream[:rows * seq_len], dtype=torch.long).view(rows, seq_len)
 
 
+def split_calibration_ids(tokenizer: Any, texts: list[str],
+                          spec: CalibSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration rows [S, seq_len], held-out rows [spec.holdout_samples, seq_len]).
+
+    With holdout_samples = 0 this is `calibration_ids` (and an empty held-out tensor). Otherwise
+    every text is tokenized (joined by EOS), the held-out rows are the last whole rows of the
+    stream and the calibration rows the first up to num_samples of the rest, so the two never
+    share a token and the held-out rows do not depend on num_samples. ValueError if either side
+    gets no row; fewer calibration rows than asked are logged.
+    """
+    seq_len, holdout = spec.seq_len, spec.holdout_samples
+    if holdout == 0:
+        return calibration_ids(tokenizer, texts, spec.num_samples, seq_len), torch.zeros(0, seq_len, dtype=torch.long)
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer.encode(text, add_special_tokens=False) + ([eos] if eos is not None else []))
+    rows = len(stream) // seq_len
+    calib_rows = min(spec.num_samples, rows - holdout)
+    if calib_rows <= 0:
+        raise ValueError(f"calibration texts give {rows} rows of {seq_len} tokens: none left for "
+                         f"calibration after {holdout} held-out rows")
+    if calib_rows < spec.num_samples:
+        logger.warning("calibration: %d rows (asked %d), %d held out", calib_rows, spec.num_samples, holdout)
+    ids = torch.tensor(stream[:rows * seq_len], dtype=torch.long).view(rows, seq_len)
+    return ids[:calib_rows].clone(), ids[rows - holdout:].clone()
+
+
 class _Stop(Exception):
     """Raised by a hook to end a forward once the needed inputs are seen."""
 
@@ -97,7 +128,7 @@ class SequentialCalibrator:
     """Quantizes the WINT2 Linears of a transformers decoder model layer by layer (module doc)."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, is_wint2: Callable[[str], bool],
-                 encoder: Encoder, dense_bits: int, chunk: int = 8) -> None:
+                 encoder: Encoder, dense_bits: int | Callable[[str], int], chunk: int = 8) -> None:
         self.model, self.is_wint2, self.encoder = model, is_wint2, encoder
         self.dense_bits = dense_bits
         self.layers = model.model.layers
@@ -114,7 +145,8 @@ class SequentialCalibrator:
             linears = {f"{prefix}.{name}": m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
             for name, module in linears.items():
                 if not self.is_wint2(name):
-                    module.weight.data = fake_quant_dense(module.weight.data, self.dense_bits)
+                    bits = self.dense_bits(name) if callable(self.dense_bits) else self.dense_bits
+                    module.weight.data = fake_quant_dense(module.weight.data, bits)
             for stage in self._stages(layer, prefix, linears, states[0]):
                 self._quantize_stage(layer, stage, linears, states)
             states = [(layer(h, **kw), kw) for h, kw in states]

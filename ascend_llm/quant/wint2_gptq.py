@@ -121,24 +121,27 @@ def nibble_candidates(w: torch.Tensor, supers: torch.Tensor,
 
 def quantize_block(w: torch.Tensor, factor: torch.Tensor, scales: torch.Tensor,
                    book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ over one group for every candidate scale at once.
+    """GPTQ over one block of columns for every candidate scale at once.
 
-    w [n, c] (c multiple of 4), factor [c, c] upper triangular, scales [C, n], book [256, 4]
+    w [n, c] (c multiple of 4), factor [c, c] upper triangular, scales [C, n] (one scale per row)
+    or [C, n, c/4] (one per row and quad: fixed group scales in a permuted order,
+    quant/wint2_act_order.py), book [256, 4]
     -> (bytes [C, n, c/4] int64, scaled errors e [C, n, c], loss [C, n] = sum of e^2).
     """
-    cands, n = scales.shape
+    cands, n = scales.shape[:2]
     cols = w.shape[1]
+    per_quad = scales if scales.dim() == 3 else scales[..., None].expand(cands, n, cols // L.PACK)
     work = w.unsqueeze(0).expand(cands, n, cols).clone()                                # [C, n, c]
-    inv_scale = scales.reciprocal()[..., None]                                          # [C, n, 1]
     idx = torch.empty(cands, n, cols // L.PACK, dtype=torch.long)
     err = torch.empty(cands, n, cols)
     for j in range(0, cols, L.PACK):
         a_mat = torch.linalg.inv(factor[j:j + L.PACK, j:j + L.PACK])                   # [4, 4]
         book_a = book @ a_mat                                                           # [256, 4]
         target = work[:, :, j:j + L.PACK]                                               # [C, n, 4]
-        score = (book_a * book_a).sum(-1) - 2 * ((target * inv_scale) @ a_mat) @ book_a.t()
+        scale = per_quad[:, :, j // L.PACK, None]                                       # [C, n, 1]
+        score = (book_a * book_a).sum(-1) - 2 * ((target / scale) @ a_mat) @ book_a.t()
         choice = score.argmin(-1)                                                       # [C, n]
-        e = (target - book[choice] * scales[..., None]) @ a_mat                         # [C, n, 4]
+        e = (target - book[choice] * scale) @ a_mat                                     # [C, n, 4]
         idx[:, :, j // L.PACK] = choice
         err[:, :, j:j + L.PACK] = e
         if j + L.PACK < cols:

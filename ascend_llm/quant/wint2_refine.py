@@ -39,9 +39,11 @@ class _State:
         self.w = weight.float()
         self.h = hessian
         self.book = L.codebook(tensors.code_scale, tensors.code_zp)                  # [n, 256, 4]
-        uniform = bool((tensors.code_scale == tensors.code_scale[0]).all()
-                       and (tensors.code_zp == tensors.code_zp[0]).all())
-        self.shared = self.book[0] if uniform else None                              # [256, 4]
+        # rows sharing a code_scale share a codebook (wint2_code_search): v H v once per book
+        pairs = torch.stack([tensors.code_scale.float(), tensors.code_zp.float()], dim=1)
+        unique, self.book_of_row = torch.unique(pairs, dim=0, return_inverse=True)   # [U, 2], [n]
+        self.books = L.codebook(unique[:, 0].contiguous(), unique[:, 1].contiguous())  # [U, 256, 4]
+        self.shared = self.books[0] if unique.shape[0] == 1 else None                # [256, 4]
         self.codes = tensors.quant_weight.t().long().contiguous()                    # [n, k/4]
         self.nibbles = unpack_nibbles(tensors.weight_scale, self.k)                  # [n, G]
         self.supers = tensors.super_scales.float()                                   # [n]
@@ -73,7 +75,7 @@ class _State:
                 quad = ((self.shared @ h_bb) * self.shared).sum(1)[None, :]          # [1, 256]
                 cross = lin @ self.shared.t()                                        # [n, 256]
             else:
-                quad = torch.einsum("nvi,ij,nvj->nv", self.book, h_bb, self.book)    # [n, 256]
+                quad = ((self.books @ h_bb) * self.books).sum(-1)[self.book_of_row]  # [n, 256]
                 cross = torch.einsum("ni,nvi->nv", lin, self.book)
             choice = ((s * s)[:, None] * quad + 2 * s[:, None] * cross).argmin(1)    # [n]
             self.codes[:, r] = choice

@@ -2,7 +2,8 @@
 
     python -m ascend_llm.quant.wint2_writer --model_path M --save_directory OUT \
         [--dense_wint2_modules mlp.gate_proj mlp.up_proj mlp.down_proj] [--dense_quant_type wint8]
-        [--method plain|search|gptq --calib_file F.jsonl --calib_num_samples 32 --calib_seq_len 512]
+        [--method plain|search|gptq --calib_file F.jsonl --calib_num_samples 32 --calib_seq_len 512
+         --calib_holdout_samples 0 --act_order none group [quad] --code_scales 120.89453125 [...]]
 
 Decoder Linear weights (`model.layers.N.<...>_proj.weight`) matching `dense_wint2_modules` become
 the five WINT2 tensors (quant/wint2_layout.py, FastDeploy orientation); the other decoder
@@ -17,7 +18,11 @@ Methods (how the WINT2 bytes and group scales are chosen; all write the same lay
   gptq    calibration: per-group nibble search + GPTQ error compensation (quant/wint2_gptq.py),
           then `--refine_passes` rounds of coordinate descent (quant/wint2_refine.py)
 search / gptq run the float model on `--calib_file` layer by layer (quant/wint2_calibration.py);
-measured perplexities: benchmarks/bench_wint2_quality.py.
+gptq options: `--act_order` column orders and `--code_scales` candidates, each row keeping its
+lowest-loss candidate (quant/wint2_act_order.py, quant/wint2_code_search.py);
+`--calib_holdout_samples` keeps the stream's last rows out of calibration. `--dense_wint4_modules`
+writes the non-WINT2 layers it matches as wint4 (e.g. the first / last layers' down_proj).
+Measured perplexities: benchmarks/bench_wint2_quality.py.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -38,6 +44,9 @@ from ascend_llm.quant import primitives as P
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.wint2 import DENSE_TYPES, WInt2Config
 from ascend_llm.quant.wint2_calibration import CalibSpec
+
+if TYPE_CHECKING:
+    from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +65,12 @@ class WriteReport:
         return sum(errors) / len(errors) if errors else 0.0
 
 
-def quantization_config(dense_wint2_modules: tuple[str, ...], dense_quant_type: str) -> dict:
-    """The config.json `quantization_config` of a written checkpoint."""
-    return {"quantization": "wint2", "is_quantized": True, "dense_quant_type": dense_quant_type,
+def quantization_config(dense_wint2_modules: tuple[str, ...], dense_quant_type: str,
+                        dense_wint4_modules: tuple[str, ...] = ()) -> dict:
+    """The config.json `quantization_config` of a written checkpoint (`dense_wint4_modules`
+    only when given)."""
+    extra = {"dense_wint4_modules": list(dense_wint4_modules)} if dense_wint4_modules else {}
+    return {**extra, "quantization": "wint2", "is_quantized": True, "dense_quant_type": dense_quant_type,
             "moe_quant_type": "w4w2", "dense_wint2_modules": list(dense_wint2_modules),
             "moe_quant_config": {
                 "moe_w4_quant_config": {"quant_type": "wint4", "quant_granularity": "per_channel",
@@ -73,11 +85,16 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
                            dense_quant_type: str = "wint8",
                            code_scales: tuple[float, ...] = L.DEFAULT_CODE_SCALES,
                            refine_steps: int = L.DEFAULT_REFINE_STEPS, method: str = "plain",
-                           calib: CalibSpec | None = None, gptq_refine_passes: int = 2) -> WriteReport:
+                           calib: CalibSpec | None = None, gptq_refine_passes: int = 2,
+                           encoder_options: "EncoderOptions | None" = None,
+                           dense_wint4_modules: tuple[str, ...] = ()) -> WriteReport:
     """Write the WINT2 checkpoint of the float checkpoint at `model_path` into `save_directory`.
 
     `method` (module doc): "plain" ignores `calib`; "search" and "gptq" need it.
     `gptq_refine_passes`: coordinate-descent rounds after GPTQ (quant/wint2_refine.py).
+    `encoder_options` (quant/wint2_gptq_writer.EncoderOptions; replaces method and
+    gptq_refine_passes for the calibrated path): act-order and code_scale candidates.
+    `dense_wint4_modules`: patterns of non-WINT2 dense layers written wint4 (quant/wint2.py).
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {METHODS}")
@@ -87,13 +104,13 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
     out = Path(save_directory)
     if out.resolve() == src.resolve():
         raise ValueError(f"save_directory {out} must differ from model_path {src}")
-    qconfig = quantization_config(tuple(dense_wint2_modules), dense_quant_type)
+    qconfig = quantization_config(tuple(dense_wint2_modules), dense_quant_type, tuple(dense_wint4_modules))
     selector = WInt2Config.from_config(qconfig, source="--dense_wint2_modules")
     calibrated: dict[str, L.Wint2Tensors] = {}
     if method != "plain":
         from ascend_llm.quant.wint2_gptq_writer import calibrate_wint2   # transformers: only here
-        calibrated = calibrate_wint2(src, selector.is_wint2_module, DENSE_TYPES[dense_quant_type],
-                                     method, calib, gptq_refine_passes)
+        calibrated = calibrate_wint2(src, selector.is_wint2_module, selector.dense_bits,
+                                     method, calib, gptq_refine_passes, encoder_options)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     report = WriteReport()
@@ -110,8 +127,9 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
             converted, error = _to_wint2(tensor, code_scales, refine_steps)
             report.modules.append((module, "wint2", error))
         else:
-            converted, error = _to_weight_only(tensor, DENSE_TYPES[dense_quant_type])
-            report.modules.append((module, dense_quant_type, error))
+            bits = selector.dense_bits(module)
+            converted, error = _to_weight_only(tensor, bits)
+            report.modules.append((module, f"wint{bits}", error))
         tensors.update({f"{module}.{key}": value.contiguous() for key, value in converted.items()})
         logger.info("%s: %s, relative error %.4f", module, report.modules[-1][1], error)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -166,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense_wint2_modules", nargs="*", default=list(DEFAULT_WINT2_MODULES),
                         help="module-name patterns written as WINT2 ('re:<regex>' allowed)")
     parser.add_argument("--dense_quant_type", choices=sorted(DENSE_TYPES), default="wint8")
+    parser.add_argument("--dense_wint4_modules", nargs="*", default=[],
+                        help="patterns of non-WINT2 dense layers written wint4 instead (quant/wint2.py)")
     parser.add_argument("--method", choices=METHODS, default="plain",
                         help="plain: no calibration; search / gptq: need --calib_file (module doc)")
     parser.add_argument("--calib_file", default=None, help="JSON lines, key text / prompt")
@@ -175,18 +195,35 @@ def main(argv: list[str] | None = None) -> None:
                         help="Hessian dampening, a fraction of mean(diag H) (wint2_gptq.DAMP_NOTE)")
     parser.add_argument("--refine_passes", type=int, default=2,
                         help="gptq: coordinate-descent passes after GPTQ (0: GPTQ alone)")
+    parser.add_argument("--calib_holdout_samples", type=int, default=0,
+                        help="rows at the end of the calibration stream kept out of calibration")
+    parser.add_argument("--act_order", nargs="+", default=["none", "group"], choices=["none", "group", "quad"],
+                        help="gptq column orders tried; each row keeps its best (wint2_act_order.py)")
+    parser.add_argument("--code_scales", nargs="+", type=float, default=list(L.CODE_SCALE_CANDIDATES),
+                        help="code_scale candidates, multiples of 1/256; each row keeps its best "
+                             f"(wint2_code_search.py; fastest: {L.DEFAULT_CODE_SCALES[0]} alone)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.method != "plain" and not args.calib_file:
         parser.error(f"--method {args.method} needs --calib_file")
-    calib = (CalibSpec(args.calib_file, args.calib_num_samples, args.calib_seq_len, damp=args.calib_damp)
-             if args.calib_file else None)
+    calib = (CalibSpec(args.calib_file, args.calib_num_samples, args.calib_seq_len, damp=args.calib_damp,
+                       holdout_samples=args.calib_holdout_samples) if args.calib_file else None)
+    options = None
+    if args.method != "plain":
+        from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
+        try:
+            options = EncoderOptions(args.method, args.refine_passes, args.calib_damp, tuple(args.act_order),
+                                     tuple(args.code_scales))
+        except ValueError as exc:
+            parser.error(str(exc))
     report = write_wint2_checkpoint(args.model_path, args.save_directory,
                                     tuple(args.dense_wint2_modules), args.dense_quant_type,
-                                    method=args.method, calib=calib, gptq_refine_passes=args.refine_passes)
+                                    method=args.method, calib=calib, gptq_refine_passes=args.refine_passes,
+                                    encoder_options=options,
+                                    dense_wint4_modules=tuple(args.dense_wint4_modules))
     for module, kind, error in report.modules:
         print(f"{module:50s} {kind:6s} {error:.4f}")
-    for kind in ("wint2", args.dense_quant_type):
+    for kind in dict.fromkeys(("wint2", args.dense_quant_type, *(("wint4",) if args.dense_wint4_modules else ()))):
         print(f"mean relative error {kind}: {report.mean_error(kind):.4f}")
 
 

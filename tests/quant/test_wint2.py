@@ -157,6 +157,8 @@ def test_config_parsing():
     ({"moe_quant_type": "w4w4"}, "moe_quant_type 'w4w4' is not supported"),
     ({"dense_wint2_modules": "mlp"}, "dense_wint2_modules must be a list"),
     ({"dense_wint2_modules": ["re:(["]}, "not a valid regex"),
+    ({"dense_wint4_modules": "mlp"}, "dense_wint4_modules must be a list"),
+    ({"dense_wint4_modules": ["re:(["]}, "dense_wint4_modules entry .* is not a valid regex"),
     ({"moe_quant_config": {"moe_w4_quant_config": {"quant_end_layer": 9}}}, "overlap"),
     ({"moe_quant_config": {"moe_w2_quant_config": {"quant_start_layer": "7"}}},
      "moe_w2_quant_config: quant_start_layer must be a non-negative integer"),
@@ -217,3 +219,24 @@ def test_smollm2_wint2_perplexity(tmp_path):
     result = perplexity(llm, ids, window=1024)
     assert result.num_scored == 1023
     assert 27.77 * 10 < result.perplexity < 18343        # broken vs float, better than plain RTN
+
+
+def test_dense_wint4_modules_write_and_load(tiny_llama_dir, tmp_path, float_run):
+    """First / last layer down_proj wint4 (dense_wint4_modules), other MLP Linears WINT2,
+    attention wint8: the tensors, the config and a load that stays close to float."""
+    out = tmp_path / "w4ends"
+    wint2 = ("mlp.gate_proj", "mlp.up_proj", r"re:model\.layers\.(?!0\.)\d+\.mlp\.down_proj$")
+    report = write_wint2_checkpoint(tiny_llama_dir, out, wint2, dense_wint4_modules=(r"re:.*\.0\.mlp\.down_proj$",))
+    kinds = {module: kind for module, kind, _ in report.modules}
+    assert kinds["model.layers.0.mlp.down_proj"] == "wint4" and kinds["model.layers.1.mlp.down_proj"] == "wint2"
+    assert kinds["model.layers.0.self_attn.q_proj"] == "wint8" and kinds["model.layers.0.mlp.up_proj"] == "wint2"
+    tensors = load_file(str(out / "model.safetensors"))
+    down = "model.layers.0.mlp.down_proj"
+    assert tensors[f"{down}.weight"].dtype == torch.uint8 and tensors[f"{down}.weight"].shape == (64, 48)
+    assert f"{down}.quant_weight" not in tensors
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    config = WInt2Config.from_config(qc)
+    assert qc["dense_wint4_modules"] == [r"re:.*\.0\.mlp\.down_proj$"]
+    assert config.dense_bits(down) == 4 and config.dense_bits("model.layers.1.self_attn.o_proj") == 8
+    _, lps, _ = _run(out)
+    assert float((lps - float_run[1]).abs().mean()) < 0.5

@@ -27,6 +27,7 @@ from ascend_llm.quant import wint2_gptq as G
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.wint2 import WInt2Config
 from ascend_llm.quant.wint2_calibration import CalibSpec, calibration_ids, read_texts
+from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
 from ascend_llm.quant.wint2_refine import refine_wint2
 from ascend_llm.quant.wint2_writer import main as writer_main
 from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
@@ -214,8 +215,9 @@ def test_smollm2_gptq_perplexity(tmp_path):
         pytest.skip(f"{DATA} has no eval_tempest.txt / calib_prose.jsonl")
     out = tmp_path / "smollm2_gptq"
     calib = CalibSpec(str(DATA / "calib_prose.jsonl"), num_samples=8, seq_len=256)
+    single = EncoderOptions("gptq", 0, act_orders=("none",), code_scales=L.DEFAULT_CODE_SCALES)  # as measured
     write_wint2_checkpoint("smollm2-135m-instruct", out, method="gptq", calib=calib,
-                           gptq_refine_passes=0)
+                           gptq_refine_passes=0, encoder_options=single)
     llm = LLM(str(out), max_model_len=1100, kv_cache_memory_gb=0.25)
     ids = llm.get_tokenizer().encode((DATA / "eval_tempest.txt").read_text())[:1024]
     result = perplexity(llm, ids, window=1024)
