@@ -77,7 +77,12 @@ def weight_stream_limit(model: torch.nn.Module) -> dict:
     return {"weight_bytes": nbytes, "read_gb_s": nbytes / best / 1e9, "decode_tok_s": 1 / best}
 
 
-def hf_decode_rate(model_dir: Path, prompt: list[int], output_len: int) -> dict:
+NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}
+SPEC_PROMPTS = 8   # speculative rates depend on the text: averaged over this many prompts, each alone
+
+
+def hf_decode_rate(model_dir: Path, prompt: list[int], output_len: int,
+                   spec_prompts: list[list[int]] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
@@ -98,7 +103,27 @@ def hf_decode_rate(model_dir: Path, prompt: list[int], output_len: int) -> dict:
         generate(4)   # warm-up
         result = _median_rate(run_once)
         result["limit"] = weight_stream_limit(model)
+        if spec_prompts:
+            result["prompt_lookup"] = hf_prompt_lookup_rate(model, spec_prompts, output_len)
         return result
+
+
+def hf_prompt_lookup_rate(model: torch.nn.Module, prompts: list[list[int]], output_len: int) -> dict:
+    """HF's own n-gram speculation (`prompt_lookup_num_tokens`) over the same prompts as ours."""
+    lookup = dict(do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=NGRAM["num_speculative_tokens"],
+                  max_matching_ngram_size=NGRAM["prompt_lookup_max"])
+    new_tokens, decode_s = 0, 0.0
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **lookup)
+        t_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **lookup)
+        new = out.shape[1] - ids.shape[1]
+        new_tokens += new - 1
+        decode_s += max(1e-9, time.perf_counter() - t0 - t_prefill)
+    return {"num_prompts": len(prompts), "decode_tok_s": new_tokens / decode_s}
 
 
 def ours_run(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
@@ -123,6 +148,39 @@ def ours_decode_rate(llm: LLM, prompt: list[int], output_len: int) -> dict:
     return _median_rate(run_once)
 
 
+def ours_multi_prompt_rate(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
+    """Batch-1 decode rate over several prompts, each run alone: total decode tokens / total
+    decode seconds, with the engine's draft acceptance over the runs."""
+    ours_run(llm, [prompts[0]], 4)                   # warm-up
+    before = llm.llm_engine.stats()
+    new_tokens, decode_s = 0, 0.0
+    for prompt in prompts:
+        t_prefill = ours_run(llm, [prompt], 1)["seconds"]
+        run = ours_run(llm, [prompt], output_len)
+        new_tokens += run["new_tokens"] - 1
+        decode_s += max(1e-9, run["seconds"] - t_prefill)
+    return {"num_prompts": len(prompts), "decode_tok_s": new_tokens / decode_s, **spec_stats(llm, before)}
+
+
+def spec_stats(llm: LLM, before: dict) -> dict:
+    stats = llm.llm_engine.stats()
+    drafts = stats["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    accepted = stats["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+    return {"draft_tokens": drafts, "accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafts if drafts else 0.0}
+
+
+def ours_speculative(args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """Batch-1 (over SPEC_PROMPTS prompts) and concurrent rates with n-gram drafts (NGRAM)."""
+    llm = LLM(args.model, dtype="float32", max_model_len=2048, enable_prefix_caching=False,
+              kv_cache_memory_gb=args.kv_cache_memory_gb, speculative_config=NGRAM)
+    batch1 = ours_multi_prompt_rate(llm, prompts[:SPEC_PROMPTS], args.output_len)
+    before = llm.llm_engine.stats()
+    concurrent = ours_run(llm, prompts, args.output_len)
+    concurrent.update(spec_stats(llm, before))
+    return {"config": NGRAM, "batch1": batch1, "concurrent": concurrent}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -140,13 +198,25 @@ def main() -> None:
               kv_cache_memory_gb=args.kv_cache_memory_gb)
     prompts = make_prompts(llm.get_tokenizer(), args.num_requests, args.prompt_len)
     ours_b1 = ours_decode_rate(llm, prompts[0], args.output_len)
+    ours_b1_prompts = ours_multi_prompt_rate(llm, prompts[:SPEC_PROMPTS], args.output_len)
     ours_batch = ours_run(llm, prompts, args.output_len)
     del llm
-    hf_b1 = hf_decode_rate(model_dir, prompts[0], args.output_len)
-    rows = [("HF transformers generate, batch 1 decode", hf_b1["decode_tok_s"], 1.0),
-            ("ascend-llm, batch 1 decode", ours_b1["decode_tok_s"], ours_b1["decode_tok_s"] / hf_b1["decode_tok_s"]),
+    spec = ours_speculative(args, prompts)
+    hf_b1 = hf_decode_rate(model_dir, prompts[0], args.output_len, prompts[:SPEC_PROMPTS])
+    hf_rate = hf_b1["decode_tok_s"]
+    n = SPEC_PROMPTS
+    rows = [("HF transformers generate, batch 1 decode", hf_rate, 1.0),
+            ("ascend-llm, batch 1 decode", ours_b1["decode_tok_s"], ours_b1["decode_tok_s"] / hf_rate),
             (f"ascend-llm, {args.num_requests} concurrent (aggregate)", ours_batch["tok_s"],
-             ours_batch["tok_s"] / hf_b1["decode_tok_s"])]
+             ours_batch["tok_s"] / hf_rate),
+            (f"ascend-llm, batch 1, mean of {n} prompts", ours_b1_prompts["decode_tok_s"],
+             ours_b1_prompts["decode_tok_s"] / hf_rate),
+            (f"ascend-llm + ngram spec, batch 1, {n} prompts", spec["batch1"]["decode_tok_s"],
+             spec["batch1"]["decode_tok_s"] / hf_rate),
+            (f"ascend-llm + ngram spec, {args.num_requests} concurrent", spec["concurrent"]["tok_s"],
+             spec["concurrent"]["tok_s"] / hf_rate),
+            (f"HF + prompt lookup, batch 1, {n} prompts", hf_b1["prompt_lookup"]["decode_tok_s"],
+             hf_b1["prompt_lookup"]["decode_tok_s"] / hf_rate)]
     limit = hf_b1.pop("limit")
     rows.append((f"batch-1 limit: stream {limit['weight_bytes'] / 1e6:.0f} MB at "
                  f"{limit['read_gb_s']:.1f} GB/s", limit["decode_tok_s"],
@@ -156,13 +226,19 @@ def main() -> None:
         print(f"{name:<48} {rate:9.1f} {ratio:8.2f}")
     print(f"batch-1 decode: ours at {ours_b1['decode_tok_s'] / limit['decode_tok_s']:.0%} of the limit, "
           f"HF at {hf_b1['decode_tok_s'] / limit['decode_tok_s']:.0%}")
+    print(f"ngram drafts accepted: {spec['batch1']['acceptance_rate']:.0%} at batch 1, "
+          f"{spec['concurrent']['acceptance_rate']:.0%} at {args.num_requests} requests "
+          f"(the limit row is for plain decoding: speculation verifies several tokens per weight pass)")
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {"date": dt.date.today().isoformat(), "machine": cpu_model_name(),
               "num_threads": torch.get_num_threads(), "model": args.model, "dtype": "float32",
               "prompt_len": args.prompt_len, "output_len": args.output_len,
               "num_requests": args.num_requests, "kv_cache_memory_gb": args.kv_cache_memory_gb,
               "hf_batch1": hf_b1, "ours_batch1": ours_b1,
-              "ours_concurrent": ours_batch,
+              "ours_concurrent": ours_batch, "ours_batch1_multi_prompt": ours_b1_prompts,
+              "ours_ngram_speculation": spec,
+              "ratio_batch1_ngram_vs_hf": spec["batch1"]["decode_tok_s"] / hf_rate,
+              "ratio_concurrent_ngram_vs_hf_batch1": spec["concurrent"]["tok_s"] / hf_rate,
               "ratio_batch1_vs_hf": ours_b1["decode_tok_s"] / hf_b1["decode_tok_s"],
               "ratio_concurrent_vs_hf_batch1": ours_batch["tok_s"] / hf_b1["decode_tok_s"],
               "batch1_limit": limit,
