@@ -10,11 +10,9 @@ quantized, becomes layer L+1's input. A forward only runs as far as the stage it
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +23,6 @@ from ascend_llm.quant import wint2_layout as L
 
 logger = logging.getLogger(__name__)
 
-TEXT_KEYS = ("text", "inputs_pretokenized", "prompt")
 Encoder = Callable[[str, torch.Tensor, torch.Tensor], L.Wint2Tensors]   # (name, W [n,k], H [k,k])
 
 
@@ -45,28 +42,6 @@ class CalibSpec:
                 raise ValueError(f"calibration {name} must be positive, got {getattr(self, name)}")
         if self.holdout_samples < 0:
             raise ValueError(f"calibration holdout_samples must be >= 0, got {self.holdout_samples}")
-
-
-def read_texts(path: str | Path) -> list[str]:
-    """Texts of a JSON-lines file (key text, inputs_pretokenized or prompt); ValueError if none."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--calib_file: {str(path)!r} does not exist")
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--calib_file {path}:{number}: not JSON ({exc})") from exc
-        text = next((record[key] for key in TEXT_KEYS if isinstance(record, dict) and key in record), None)
-        if not isinstance(text, str):
-            raise ValueError(f"--calib_file {path}:{number}: needs a string field, one of {TEXT_KEYS}")
-        texts.append(text)
-    if not texts:
-        raise ValueError(f"--calib_file: {str(path)!r} holds no texts")
-    return texts
 
 
 def calibration_ids(tokenizer: Any, texts: list[str], num_samples: int, seq_len: int) -> torch.Tensor:

@@ -22,7 +22,8 @@ import torch
 from ascend_llm.quant import wint2_gptq as G
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.wint2_act_order import ACT_ORDERS, DEFAULT_ACT_ORDERS, encode_act_order
-from ascend_llm.quant.wint2_calibration import CalibSpec, SequentialCalibrator, read_texts, split_calibration_ids
+from ascend_llm.quant.calib_texts import read_calib_texts
+from ascend_llm.quant.wint2_calibration import CalibSpec, SequentialCalibrator, split_calibration_ids
 from ascend_llm.quant.wint2_code_search import DEFAULT_CODE_SCALES, encode_best_code_scale, merge_rows
 from ascend_llm.quant.wint2_refine import DEFAULT_PASSES, refine_wint2
 
@@ -100,7 +101,7 @@ def calibrate_wint2(model_dir: Path, is_wint2: Callable[[str], bool],
     start = time.perf_counter()
     options = replace(options or EncoderOptions(method, refine_passes), damp=calib.damp)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids, _ = split_calibration_ids(tokenizer, read_texts(calib.calib_file), calib)
+    ids, _ = split_calibration_ids(tokenizer, read_calib_texts(calib.calib_file), calib)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     encoder = make_encoder(options, checkpoint_dtype(model_dir))
     results = SequentialCalibrator(model, ids, is_wint2, encoder, dense_bits, calib.chunk).run()

@@ -26,7 +26,8 @@ from ascend_llm.layers.linear import MergedColumnParallelLinear
 from ascend_llm.quant import wint2_gptq as G
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.wint2 import WInt2Config
-from ascend_llm.quant.wint2_calibration import CalibSpec, calibration_ids, read_texts
+from ascend_llm.quant.calib_texts import read_calib_texts
+from ascend_llm.quant.wint2_calibration import CalibSpec, calibration_ids
 from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
 from ascend_llm.quant.wint2_refine import refine_wint2
 from ascend_llm.quant.wint2_writer import main as writer_main
@@ -137,17 +138,17 @@ def test_calibration_texts_and_ids(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "a b c d e f g"}\n\n{"prompt": "h i j k"}\n', encoding="utf-8")
-    assert read_texts(path) == ["a b c d e f g", "h i j k"]
+    assert read_calib_texts(path) == ["a b c d e f g", "h i j k"]
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    ids = calibration_ids(tok, read_texts(path) * 5, num_samples=3, seq_len=4)
+    ids = calibration_ids(tok, read_calib_texts(path) * 5, num_samples=3, seq_len=4)
     assert ids.shape == (3, 4) and ids.dtype == torch.long
     with pytest.raises(ValueError, match="fewer than calib_seq_len=1000"):
         calibration_ids(tok, ["a b"], 2, 1000)
     (tmp_path / "bad.jsonl").write_text('{"title": 1}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.jsonl:1: needs a string field"):
-        read_texts(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="bad.jsonl:1: no non-empty text under any known key"):
+        read_calib_texts(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="does not exist"):
-        read_texts(tmp_path / "missing.jsonl")
+        read_calib_texts(tmp_path / "missing.jsonl")
 
 
 # ---------------------------------------------------------------- whole checkpoints
