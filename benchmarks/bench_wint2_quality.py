@@ -11,7 +11,8 @@ random tokens (calibration on other random tokens). Shared experts / dense layer
 Part 2, SmolLM2-135M-Instruct (unless --skip_smollm2): perplexity of eval_tempest.txt (first
 --eval_tokens tokens, --window-token windows) for float, RTN 2-bit on the MLP (a float checkpoint
 holding the round-tripped weights, attention float), and the WINT2 writer (MLP WINT2, attention
-wint8) with --methods (plain / search / gptq, and the GPTQ_VARIANTS below). Checkpoints go to
+wint8) with --methods (plain / search / gptq, and the GPTQ_VARIANTS below; "<row>+tune" is that
+row's checkpoint after quant/wint2_tune.py's distillation of scales and norms). Checkpoints go to
 --workdir and are reused if present (a SmolLM2 gptq conversion takes ~10 minutes on one core).
 Each row also gets the perplexity of calib_prose.jsonl split into --window rows: the first 8
 calibration rows ("calib", seen by the writer) and the last --holdout rows ("held out", never
@@ -60,6 +61,7 @@ GPTQ_VARIANTS: dict[str, tuple[dict, int | None, tuple[str, ...] | None, tuple[s
 }
 RESULTS = ROOT / "benchmarks" / "results"
 CONVERT_TIMES = "bench_convert_times.json"     # written next to each converted checkpoint
+TUNED = "+tune"     # row suffix: the row's checkpoint after distillation tuning (quant/wint2_tune.py)
 MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "ernie4_5_moe")
 logger = logging.getLogger("bench_wint2_quality")
 
@@ -177,7 +179,9 @@ def _write(method: str, src: Path, out: Path, args: argparse.Namespace) -> None:
     from ascend_llm.quant.wint2_calibration import CalibSpec
     from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
     from ascend_llm.quant.wint2_writer import DEFAULT_WINT2_MODULES, write_wint2_checkpoint
-    if method == "rtn2":
+    if method.endswith(TUNED):
+        _tune(method.removesuffix(TUNED), src, out, args)
+    elif method == "rtn2":
         _rtn_checkpoint(src, out)
     elif method == "plain":
         write_wint2_checkpoint(src, out)
@@ -192,11 +196,23 @@ def _write(method: str, src: Path, out: Path, args: argparse.Namespace) -> None:
                                calib=calib, encoder_options=options, dense_wint4_modules=wint4)
 
 
+def _tune(base: str, src: Path, out: Path, args: argparse.Namespace) -> None:
+    """Row "<base>+tune": the row `base` (built first if missing) after quant/wint2_tune.py
+    (--tune_samples calibration rows, --tune_epochs, --tune_lr; the --holdout rows pick the epoch)."""
+    from ascend_llm.quant.wint2_calibration import CalibSpec
+    from ascend_llm.quant.wint2_tune import TuneSpec, tune_wint2_checkpoint
+    base_dir = Path(args.workdir) / base
+    _build(base, src, base_dir, args)
+    calib = CalibSpec(args.calib_file, args.tune_samples, args.calib_seq_len, holdout_samples=args.holdout)
+    tune_wint2_checkpoint(src, base_dir, out, calib, TuneSpec(args.tune_epochs, args.tune_lr))
+
+
 def calib_split_ids(tokenizer, args: argparse.Namespace) -> tuple[list[int], list[int]]:
     """(first 8 calibration rows, last --holdout rows) of calib_prose.jsonl, flattened."""
-    from ascend_llm.quant.wint2_calibration import CalibSpec, read_texts, split_calibration_ids
+    from ascend_llm.quant.calib_texts import read_calib_texts
+    from ascend_llm.quant.wint2_calibration import CalibSpec, split_calibration_ids
     spec = CalibSpec(args.calib_file, 8, args.window, holdout_samples=args.holdout)
-    calib, held = split_calibration_ids(tokenizer, read_texts(args.calib_file), spec)
+    calib, held = split_calibration_ids(tokenizer, read_calib_texts(args.calib_file), spec)
     return calib.reshape(-1).tolist(), held.reshape(-1).tolist()
 
 
@@ -220,11 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval_tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--methods", nargs="*", default=["plain", "search", "gptq"],
-                        help=f"plain, search, gptq or a GPTQ variant: {', '.join(GPTQ_VARIANTS)}")
+                        help=f"plain, search, gptq or a GPTQ variant: {', '.join(GPTQ_VARIANTS)}; "
+                             f"any of them + '{TUNED}' for its distillation-tuned checkpoint")
     parser.add_argument("--calib_file", default=str(SHARED / "calib_prose.jsonl"))
     parser.add_argument("--calib_samples", type=int, default=32)
     parser.add_argument("--calib_seq_len", type=int, default=512)
     parser.add_argument("--holdout", type=int, default=8, help="held-out calibration rows (never calibrated on)")
+    parser.add_argument("--tune_samples", type=int, default=32, help="calibration rows of '+tune' rows")
+    parser.add_argument("--tune_epochs", type=int, default=3)
+    parser.add_argument("--tune_lr", type=float, default=3e-3)
     parser.add_argument("--workdir", default="/tmp/bench_wint2_quality")
     parser.add_argument("--skip_smollm2", action="store_true")
     parser.add_argument("--moe_archs", nargs="*", default=list(MOE_ARCHS))

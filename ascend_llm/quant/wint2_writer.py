@@ -3,7 +3,8 @@
     python -m ascend_llm.quant.wint2_writer --model_path M --save_directory OUT \
         [--dense_wint2_modules mlp.gate_proj mlp.up_proj mlp.down_proj] [--dense_quant_type wint8]
         [--method plain|search|gptq --calib_file F.jsonl --calib_num_samples 32 --calib_seq_len 512
-         --calib_holdout_samples 0 --act_order none group [quad] --code_scales 120.89453125 [...]]
+         --calib_holdout_samples 0 --act_order none group [quad] --code_scales 120.89453125 [...]
+         --tune_epochs 0 --tune_lr 3e-3]
 
 Decoder Linear weights (`model.layers.N.<...>_proj.weight`) matching `dense_wint2_modules` become
 the five WINT2 tensors (quant/wint2_layout.py, FastDeploy orientation); the other decoder
@@ -22,6 +23,8 @@ gptq options: `--act_order` column orders and `--code_scales` candidates, each r
 lowest-loss candidate (quant/wint2_act_order.py, quant/wint2_code_search.py);
 `--calib_holdout_samples` keeps the stream's last rows out of calibration. `--dense_wint4_modules`
 writes the non-WINT2 layers it matches as wint4 (e.g. the first / last layers' down_proj).
+`--tune_epochs N` then trains the written checkpoint's scales and norms by distillation from the
+float model on the same calibration rows (quant/wint2_tune.py; codes unchanged).
 Measured perplexities: benchmarks/bench_wint2_quality.py.
 """
 from __future__ import annotations
@@ -31,6 +34,8 @@ import json
 import logging
 import re
 import shutil
+import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -202,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--code_scales", nargs="+", type=float, default=list(L.CODE_SCALE_CANDIDATES),
                         help="code_scale candidates, multiples of 1/256; each row keeps its best "
                              f"(wint2_code_search.py; fastest: {L.DEFAULT_CODE_SCALES[0]} alone)")
+    parser.add_argument("--tune_epochs", type=int, default=0,
+                        help="then distil scales and norms from the float model (quant/wint2_tune.py); 0: off")
+    parser.add_argument("--tune_lr", type=float, default=3e-3, help="Adam step of --tune_epochs (relative)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.method != "plain" and not args.calib_file:
@@ -216,11 +224,26 @@ def main(argv: list[str] | None = None) -> None:
                                      tuple(args.code_scales))
         except ValueError as exc:
             parser.error(str(exc))
-    report = write_wint2_checkpoint(args.model_path, args.save_directory,
-                                    tuple(args.dense_wint2_modules), args.dense_quant_type,
-                                    method=args.method, calib=calib, gptq_refine_passes=args.refine_passes,
-                                    encoder_options=options,
-                                    dense_wint4_modules=tuple(args.dense_wint4_modules))
+    if args.tune_epochs and not args.calib_file:
+        parser.error("--tune_epochs needs --calib_file")
+    tune = None
+    if args.tune_epochs:
+        from ascend_llm.quant.wint2_tune import TuneSpec
+        try:
+            tune = TuneSpec(args.tune_epochs, args.tune_lr)
+        except ValueError as exc:
+            parser.error(str(exc))
+    target = Path(args.save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".untuned-", dir=target.parent) if tune else nullcontext() as untuned:
+        report = write_wint2_checkpoint(args.model_path, untuned or target,
+                                        tuple(args.dense_wint2_modules), args.dense_quant_type,
+                                        method=args.method, calib=calib, gptq_refine_passes=args.refine_passes,
+                                        encoder_options=options,
+                                        dense_wint4_modules=tuple(args.dense_wint4_modules))
+        if tune:
+            from ascend_llm.quant.wint2_tune import tune_wint2_checkpoint
+            tune_wint2_checkpoint(args.model_path, untuned, target, calib, tune)
     for module, kind, error in report.modules:
         print(f"{module:50s} {kind:6s} {error:.4f}")
     for kind in dict.fromkeys(("wint2", args.dense_quant_type, *(("wint4",) if args.dense_wint4_modules else ()))):

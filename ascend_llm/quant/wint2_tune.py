@@ -1,0 +1,290 @@
+"""Distillation tuning of a written WINT2 checkpoint's continuous tensors (same layout, same codes).
+
+    python -m ascend_llm.quant.wint2_tune --model_path FLOAT --quant_path WINT2_DIR \
+        --save_directory OUT --calib_file F.jsonl [--calib_num_samples 32 --calib_seq_len 512
+        --epochs 3 --lr 3e-3 --calib_holdout_samples 4]
+
+GPTQ picks each Linear's codes against that Linear's own output error; what is left is a model
+whose errors add up across 30 layers. This pass lowers the end-to-end error with the discrete
+choices fixed: the student is the float model (transformers, float32, CPU) with every quantized
+Linear replaced by its decoded codes times a trainable per-output-channel scale, and the teacher
+is the float model. Trained on the calibration rows, by Adam, to minimise KL(teacher || student)
+of the next-token distributions:
+
+| trained (multiplicative, init 1)    | written back as                                 |
+|-------------------------------------|-------------------------------------------------|
+| WINT2 per-channel scale             | `super_scales` [n] (checkpoint dtype)           |
+| wint8 / wint4 per-channel scale     | `weight_scale` [n] (checkpoint dtype)           |
+| RMSNorm weights                     | the norm's `weight`                             |
+
+Codes (`quant_weight`, the nibbles in the WINT2 `weight_scale`, `code_scale`, `code_zp`, int8 /
+int4 weights), embeddings and the LM head are copied unchanged, so the output loads exactly like
+the input. Held-out rows (`--calib_holdout_samples`, taken from the end of the calibration
+stream) pick the best epoch; without them the last epoch is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ascend_llm.loader.resolve import resolve_model_path
+from ascend_llm.quant import primitives as P
+from ascend_llm.quant import wint2_layout as L
+from ascend_llm.quant.calib_texts import read_calib_texts
+from ascend_llm.quant.wint2_calibration import CalibSpec, split_calibration_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TuneSpec:
+    """How long and how fast the continuous tensors are trained."""
+    epochs: int = 3
+    lr: float = 3e-3          # Adam step on the relative change (3e-3 = 0.3% of the initial value)
+    batch_size: int = 1       # calibration rows per optimizer step
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"tune: epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"tune: lr must be positive, got {self.lr}")
+
+
+class Relative(nn.Module):
+    """Parametrization base * (1 + delta): delta starts at 0, so Adam's steps are relative."""
+
+    def __init__(self, base: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("base", base.detach().float().clone())
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.base * (1 + delta)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(self.base)
+
+
+class ScaledCodeLinear(nn.Module):
+    """y = (x @ codes.T) * scale (+ bias): fixed decoded codes [n, k], trainable scale [n]."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes.float())                       # [n, k]
+        self.delta = nn.Parameter(torch.zeros(codes.shape[0]))            # [n]
+        self.register_buffer("base", scale.detach().float().clone())      # [n]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def scale(self) -> torch.Tensor:
+        return self.base * (1 + self.delta)                                # [n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                   # [..., k] -> [..., n]
+        out = F.linear(x, self.codes) * self.scale()
+        return out if self.bias is None else out + self.bias
+
+
+def quantized_codes(tensors: dict[str, torch.Tensor], module: str,
+                    in_features: int) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """(codes [n, k] float32, scale [n], scale tensor name) of `module` in a WINT2 checkpoint,
+    or None when the module is not quantized there."""
+    if f"{module}.quant_weight" in tensors:
+        t = {name: tensors[f"{module}.{name}"] for name in L.TENSOR_NAMES}
+        ones = torch.ones_like(t["super_scales"], dtype=torch.float32)
+        codes = L.dequantize_wint2(t["quant_weight"], t["weight_scale"], ones, t["code_scale"], t["code_zp"])
+        return codes, t["super_scales"], "super_scales"
+    weight, scale = tensors.get(f"{module}.weight"), tensors.get(f"{module}.weight_scale")
+    if weight is None or scale is None:
+        return None
+    if weight.dtype == torch.int8:
+        return weight.float(), scale, "weight_scale"
+    if weight.dtype == torch.uint8:
+        return P.unpack_int4(weight, in_features).float(), scale, "weight_scale"
+    raise ValueError(f"wint2_tune: {module}.weight has dtype {weight.dtype}, expected int8 or packed uint8")
+
+
+def build_student(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[ScaledCodeLinear, str]]:
+    """Replace every quantized Linear of `model` (in place); {module name: (layer, scale name)}."""
+    from torch.nn.utils import parametrize
+
+    with torch.no_grad():   # float tensors of the checkpoint (norms, embeddings) win over the float model's
+        for name, param in model.named_parameters():
+            value = tensors.get(name)
+            if value is not None and value.is_floating_point() and value.shape == param.shape:
+                param.copy_(value)
+    replaced: dict[str, tuple[ScaledCodeLinear, str]] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            found = quantized_codes(tensors, name, module.in_features)
+            if found is None:
+                continue
+            codes, scale, scale_name = found
+            if codes.shape != module.weight.shape:
+                raise ValueError(f"wint2_tune: {name} decodes to {tuple(codes.shape)}, the float model "
+                                 f"has {tuple(module.weight.shape)}")
+            layer = ScaledCodeLinear(codes, scale, module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+            replaced[name] = (layer, scale_name)
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), nn.Parameter):
+            parametrize.register_parametrization(module, "weight", Relative(module.weight))
+    if not replaced:
+        raise ValueError("wint2_tune: the checkpoint has no quantized Linear matching the float model")
+    missing = sorted(quantized_modules(tensors) - replaced.keys())
+    if missing:
+        raise ValueError(f"wint2_tune: {len(missing)} quantized modules have no nn.Linear in the transformers "
+                         f"model (e.g. {missing[0]}; fused MoE experts are not supported)")
+    return replaced
+
+
+def quantized_modules(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Module names that hold WINT2 tensors or integer weights with a weight_scale."""
+    found = {name.removesuffix(".quant_weight") for name in tensors if name.endswith(".quant_weight")}
+    found |= {name.removesuffix(".weight") for name, t in tensors.items()
+              if name.endswith(".weight") and not t.is_floating_point()
+              and name.removesuffix("weight") + "weight_scale" in tensors}
+    return found
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student); logits [B, T, V]."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, 1)
+    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, 1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = [m.delta for m in model.modules() if isinstance(m, ScaledCodeLinear)]
+    params += [p for n, p in model.named_parameters() if n.endswith("parametrizations.weight.original")]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+@torch.no_grad()
+def mean_kl(student: nn.Module, teacher: nn.Module, rows: torch.Tensor) -> float:
+    """Mean KL(teacher || student) over `rows` [S, T], one row per forward."""
+    losses = [float(kl_loss(student(rows[i:i + 1]).logits, teacher(rows[i:i + 1]).logits))
+              for i in range(rows.shape[0])]
+    return sum(losses) / max(1, len(losses))
+
+
+def train(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, heldout: torch.Tensor,
+          spec: TuneSpec) -> list[dict]:
+    """Adam on the student's deltas; returns per-epoch {epoch, train_kl, heldout_kl}. With held-out
+    rows the best epoch's deltas are restored at the end (epoch 0 = untouched)."""
+    params = _trainable(student)
+    opt = torch.optim.Adam(params, lr=spec.lr)
+    steps = spec.epochs * -(-rows.shape[0] // spec.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    history = [{"epoch": 0, "heldout_kl": mean_kl(student, teacher, heldout) if len(heldout) else None}]
+    best = (history[0]["heldout_kl"], [p.detach().clone() for p in params])
+    for epoch in range(1, spec.epochs + 1):
+        order, total = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(epoch)), 0.0
+        starts = range(0, rows.shape[0], spec.batch_size)
+        for start in tqdm(starts, desc=f"wint2_tune epoch {epoch}/{spec.epochs}", unit="step", leave=False):
+            batch = rows[order[start:start + spec.batch_size]]
+            with torch.no_grad():
+                target = teacher(batch).logits
+            loss = kl_loss(student(batch).logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * batch.shape[0]
+        entry = {"epoch": epoch, "train_kl": total / rows.shape[0],
+                 "heldout_kl": mean_kl(student, teacher, heldout) if len(heldout) else None}
+        history.append(entry)
+        logger.info("wint2_tune epoch %d: train KL %.4f, held-out KL %s", epoch, entry["train_kl"], entry["heldout_kl"])
+        if entry["heldout_kl"] is not None and entry["heldout_kl"] < best[0]:
+            best = (entry["heldout_kl"], [p.detach().clone() for p in params])
+    if len(heldout):
+        with torch.no_grad():
+            for param, value in zip(params, best[1]):
+                param.copy_(value)
+    return history
+
+
+def tuned_tensors(student: nn.Module, replaced: dict[str, tuple[ScaledCodeLinear, str]],
+                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with the trained scales and norm weights, each in its original dtype."""
+    out = dict(tensors)
+    for name, (layer, scale_name) in replaced.items():
+        key = f"{name}.{scale_name}"
+        out[key] = layer.scale().detach().to(tensors[key].dtype).contiguous()
+    for name, module in student.named_modules():
+        key = f"{name}.weight"
+        if hasattr(module, "parametrizations") and key in tensors:
+            out[key] = module.weight.detach().to(tensors[key].dtype).contiguous()
+    return out
+
+
+def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_directory: str | Path,
+                          calib: CalibSpec, spec: TuneSpec = TuneSpec()) -> list[dict]:
+    """Tune the WINT2 checkpoint at `quant_path` against the float one at `model_path` (module doc)
+    and write it to `save_directory`; returns the per-epoch history."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, quant, out = Path(resolve_model_path(str(model_path))), Path(quant_path), Path(save_directory)
+    shards = sorted(quant.glob("*.safetensors"))
+    if len(shards) != 1:
+        raise ValueError(f"--quant_path {quant}: expected one model.safetensors from the WINT2 writer, "
+                         f"found {len(shards)} safetensors files")
+    if out.resolve() in (quant.resolve(), src.resolve()):
+        raise ValueError(f"save_directory {out} must differ from model_path and quant_path")
+    start = time.perf_counter()
+    tensors = load_file(str(shards[0]))
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    rows, heldout = split_calibration_ids(tokenizer, read_calib_texts(calib.calib_file), calib)
+    teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    replaced = build_student(student, tensors)
+    history = train(student, teacher, rows, heldout, spec)
+    shutil.copytree(quant, out, dirs_exist_ok=True)
+    save_file(tuned_tensors(student, replaced, tensors), str(out / shards[0].name), metadata={"format": "pt"})
+    logger.info("wint2_tune: %d Linears, %d rows x %d epochs in %.0f s", len(replaced), rows.shape[0],
+                spec.epochs, time.perf_counter() - start)
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ascend_llm.quant.wint2_tune",
+                                     description="distil a WINT2 checkpoint's scales and norms from the float model")
+    parser.add_argument("--model_path", required=True, help="the float checkpoint (directory or alias)")
+    parser.add_argument("--quant_path", required=True, help="the WINT2 checkpoint written by wint2_writer")
+    parser.add_argument("--save_directory", required=True)
+    parser.add_argument("--calib_file", required=True, help="JSON lines, key text / prompt")
+    parser.add_argument("--calib_num_samples", type=int, default=32)
+    parser.add_argument("--calib_seq_len", type=int, default=512)
+    parser.add_argument("--calib_holdout_samples", type=int, default=4,
+                        help="rows at the end of the calibration stream that pick the best epoch")
+    defaults = TuneSpec()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        calib = CalibSpec(args.calib_file, args.calib_num_samples, args.calib_seq_len,
+                          holdout_samples=args.calib_holdout_samples)
+        spec = TuneSpec(args.epochs, args.lr, args.batch_size)
+        history = tune_wint2_checkpoint(args.model_path, args.quant_path, args.save_directory, calib, spec)
+    except ValueError as exc:
+        parser.error(str(exc))
+    for entry in history:
+        logger.info("epoch %d: train KL %s, held-out KL %s", entry["epoch"], entry.get("train_kl"), entry["heldout_kl"])
+
+
+if __name__ == "__main__":
+    main()

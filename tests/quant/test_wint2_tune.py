@@ -1,0 +1,160 @@
+"""Distillation tuning of WINT2 checkpoints (quant/wint2_tune.py) on a tiny Llama.
+
+The tuned checkpoint must keep every code byte, change only the continuous scales and norms,
+load through the normal loader with logits equal to the tuning student's, and sit closer to
+the float model than the untuned checkpoint on text it was not tuned on (measured: held-out KL 0.052 -> 0.035, KL on
+unseen prompts 0.056 -> 0.051, mean |d logprob| 0.261 -> 0.243; on SmolLM2 the same pass takes
+perplexity 197 -> 125, benchmarks/bench_wint2_quality.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from ascend_llm import LLM, SamplingParams
+from ascend_llm.quant.wint2_calibration import CalibSpec
+from ascend_llm.quant.wint2_tune import TuneSpec, build_student, mean_kl, tune_wint2_checkpoint
+from ascend_llm.quant.wint2_tune import main as tune_main
+from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+from tests.quant.linear_fixtures import gen
+
+WORDS = ("the quick brown fox jumps over lazy dog full fathom five thy father lies of his bones are "
+         "coral made we such stuff as dreams on and our little life is rounded with a sleep").split()
+PARAMS = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, ignore_eos=True)
+
+
+def _word_text(seed: int, num_words: int = 200) -> str:
+    return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (num_words,), generator=gen(seed)))
+
+
+def _calib_file(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"text": _word_text(seed)}) + "\n" for seed in range(12)), encoding="utf-8")
+    return path
+
+
+def _prompt_logprobs(model_dir: Path) -> torch.Tensor:
+    """Prompt logprobs of 4 unseen random-word prompts, [4 * 39]."""
+    llm = LLM(str(model_dir), max_model_len=96)
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(_word_text(100 + i, 40))[:40] for i in range(4)]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=PARAMS, use_tqdm=False)
+    return torch.tensor([e[t].logprob for p, o in zip(prompts, outs) for t, e in zip(p[1:], o.prompt_logprobs[1:])])
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wint2_tune")
+    write_wint2_checkpoint(tiny_llama_dir, root / "plain")
+    calib = CalibSpec(str(_calib_file(root / "calib.jsonl")), num_samples=16, seq_len=48, holdout_samples=2)
+    history = tune_wint2_checkpoint(tiny_llama_dir, root / "plain", root / "tuned", calib,
+                                    TuneSpec(epochs=3, lr=1e-2))
+    return root, history
+
+
+def test_only_continuous_tensors_change(tuned):
+    root, _ = tuned
+    before, after = load_file(str(root / "plain" / "model.safetensors")), load_file(str(root / "tuned" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    for name in before:
+        assert after[name].dtype == before[name].dtype and after[name].shape == before[name].shape, name
+    assert changed, "tuning changed nothing"
+    allowed = ("super_scales", "weight_scale", "layernorm.weight", "norm.weight")
+    assert all(name.endswith(allowed) for name in changed), sorted(changed)
+    assert not any(name.endswith(("quant_weight", "code_scale", "code_zp")) for name in changed)
+    wint2_nibbles = [n for n in before if n.endswith("weight_scale") and n.replace("weight_scale", "quant_weight") in before]
+    assert wint2_nibbles and all(torch.equal(before[n], after[n]) for n in wint2_nibbles)
+    assert any(n.endswith("super_scales") for n in changed) and any(n.endswith("norm.weight") for n in changed)
+    assert (root / "tuned" / "config.json").read_text() == (root / "plain" / "config.json").read_text()
+
+
+def test_heldout_kl_goes_down(tuned):
+    _, history = tuned
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    best = min(h["heldout_kl"] for h in history[1:])
+    assert best < 0.9 * history[0]["heldout_kl"], history
+
+
+def _unseen_kl(float_dir: Path, quant_dir: Path) -> float:
+    """Mean KL(float || checkpoint) over 4 unseen random-word rows (the tuning student's forward;
+    test_loader_runs_what_the_student_trained ties it to the engine)."""
+    from transformers import AutoModelForCausalLM
+    teacher = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+    build_student(student, load_file(str(quant_dir / "model.safetensors")))
+    tok = AutoTokenizer.from_pretrained(float_dir)
+    rows = torch.tensor([tok.encode(_word_text(100 + i, 40))[:40] for i in range(4)])
+    return mean_kl(student, teacher, rows)
+
+
+def test_tuned_checkpoint_is_closer_to_float_on_unseen_text(tuned, tiny_llama_dir):
+    root, _ = tuned
+    kl = {name: _unseen_kl(tiny_llama_dir, root / name) for name in ("plain", "tuned")}
+    assert 0 < kl["tuned"] < 0.95 * kl["plain"], kl      # measured 0.0512 vs 0.0557
+    err = {name: (_prompt_logprobs(root / name) - _prompt_logprobs(tiny_llama_dir)).abs().mean().item()
+           for name in ("plain", "tuned")}
+    assert err["tuned"] < err["plain"], err
+
+
+def test_loader_runs_what_the_student_trained(tuned, tiny_llama_dir):
+    """Student logits (codes x trained scales, in transformers) == the engine on the written file."""
+    from transformers import AutoModelForCausalLM
+    root, _ = tuned
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    build_student(student, load_file(str(root / "tuned" / "model.safetensors")))
+    llm = LLM(str(root / "tuned"), max_model_len=96)
+    prompt = llm.get_tokenizer().encode(_word_text(7, 30))[:30]
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=PARAMS, use_tqdm=False)[0]
+    ours = torch.tensor([e[t].logprob for t, e in zip(prompt[1:], out.prompt_logprobs[1:])])
+    with torch.no_grad():
+        logp = torch.log_softmax(student(torch.tensor([prompt])).logits[0, :-1], dim=-1)
+    theirs = logp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)
+
+
+def test_bad_inputs(tiny_llama_dir, tmp_path, capsys):
+    calib = _calib_file(tmp_path / "c.jsonl")
+    with pytest.raises(ValueError, match="lr must be positive"):
+        TuneSpec(lr=float("nan"))
+    with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
+        TuneSpec(epochs=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        tune_main(["--model_path", str(tiny_llama_dir), "--quant_path", str(tmp_path / "empty"),
+                   "--save_directory", str(tmp_path / "out"), "--calib_file", str(calib)])
+    assert "expected one model.safetensors" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no quantized Linear"):
+        from transformers import AutoModelForCausalLM
+        build_student(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), {})
+
+
+def test_writer_cli_tunes_after_writing(tiny_llama_dir, tmp_path, capsys):
+    from ascend_llm.quant.wint2_writer import main as writer_main
+    calib = _calib_file(tmp_path / "c.jsonl")
+    out = tmp_path / "w" / "tuned"
+    writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(out), "--calib_file", str(calib),
+                 "--calib_num_samples", "8", "--calib_seq_len", "32", "--tune_epochs", "1", "--tune_lr", "1e-2"])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tuned"]           # the untuned copy is gone
+    write_wint2_checkpoint(tiny_llama_dir, tmp_path / "plain")
+    plain, tuned = load_file(str(tmp_path / "plain" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    supers = [n for n in plain if n.endswith("super_scales")]
+    assert supers and all(not torch.equal(plain[n], tuned[n]) for n in supers)
+    assert all(torch.equal(plain[n], tuned[n]) for n in plain if n.endswith("quant_weight"))
+    assert torch.isfinite(_prompt_logprobs(out)).all()
+    with pytest.raises(SystemExit):
+        writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(tmp_path / "x"), "--tune_epochs", "1"])
+    assert "--tune_epochs needs --calib_file" in capsys.readouterr().err
+
+
+def test_quantized_modules_without_a_linear_are_refused(tiny_llama_dir, tuned):
+    from transformers import AutoModelForCausalLM
+    root, _ = tuned
+    tensors = load_file(str(root / "plain" / "model.safetensors"))
+    tensors["model.layers.0.mlp.experts.gate_up_proj.quant_weight"] = torch.zeros(4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"1 quantized modules have no nn.Linear.*experts\.gate_up_proj"):
+        build_student(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tensors)
