@@ -108,6 +108,13 @@ class DecodeGraphRunner:
         out = captured.output
         return tuple(t[:batch_size] for t in out) if isinstance(out, tuple) else out[:batch_size]
 
+    def capture(self, bucket: int, example: dict[str, torch.Tensor]) -> None:
+        """Capture `bucket`'s graph now from `example` ([bucket, ...] inputs), unless it exists."""
+        if bucket not in self.buckets:
+            raise ValueError(f"graph bucket {bucket} is not one of {self.buckets}")
+        if bucket not in self.graphs:
+            self._capture(bucket, example)
+
     def _capture(self, bucket: int, example: dict[str, torch.Tensor]) -> _Captured:
         static = {name: torch.empty((bucket, *t.shape[1:]), dtype=t.dtype, device=t.device)
                   for name, t in example.items()}

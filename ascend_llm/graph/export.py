@@ -22,6 +22,8 @@ import argparse
 import json
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,6 +84,24 @@ def load_float_model(model: str, quantization: str | None = None) -> LlamaForCau
                                for name, t in iter_safetensors_weights(model_dir))
     process_weights_after_loading(runtime_model)
     return runtime_model.eval()
+
+
+@contextmanager
+def traceable_linears(model: nn.Module) -> Iterator[None]:
+    """Within: every Linear running a oneDNN kernel (an engine's model on a non-Intel CPU) runs
+    F.linear on a dense copy of its weight instead, so it traces into ONNX; restored after."""
+    saved = []
+    for layer in model.modules():
+        kernel = getattr(layer, "linear_kernel", None)
+        if kernel is not None and kernel.name.startswith("cpu.onednn"):
+            saved.append((layer, layer.weight, kernel))
+            dense = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight
+            layer.weight, layer.linear_kernel = nn.Parameter(dense, requires_grad=False), None
+    try:
+        yield
+    finally:
+        for layer, weight, kernel in saved:
+            layer.weight, layer.linear_kernel = weight, kernel
 
 
 def _kv_names(prefix: str, num_layers: int) -> list[str]:
@@ -153,8 +173,9 @@ def export_onnx(model: LlamaForCausalLM, out_dir: str | Path, name: str = "model
     check_exportable(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prefill_io = export_prefill(model, out / "prefill.onnx")
-    decode_io = export_decode(model, out / "decode.onnx")
+    with traceable_linears(model):
+        prefill_io = export_prefill(model, out / "prefill.onnx")
+        decode_io = export_decode(model, out / "decode.onnx")
     _, kv_heads, _, head_dim = _kv_shape(model, 1, 1)
     info = ExportInfo(name, len(model.model.layers), kv_heads, head_dim, model.config.vocab_size,
                       OPSET, *prefill_io, *decode_io)

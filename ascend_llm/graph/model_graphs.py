@@ -2,8 +2,8 @@
 
 A step is a pure decode step when every scheduled sequence computes exactly one new token at the
 end of its sequence and samples from it (no prompt log-probs, no speculative draft tokens). Such a
-step with n <= the largest bucket rows runs through `DecodeGraphRunner` (captured on first use of
-its bucket): model forward + LM head on static buffers of the bucket's size, the padding rows
+step with n <= the largest bucket rows runs through `DecodeGraphRunner` (every bucket captured at
+start-up, largest first, from padding-only inputs): model forward + LM head on static buffers of the bucket's size, the padding rows
 writing their KV into the null block (`ModelRunner.null_block`) and attending to it alone. Prefill,
 chunked and mixed steps, steps with speculative drafts, and batches above the largest bucket run
 eagerly. Buckets follow vLLM's cudagraph capture sizes: 1, 2, 4, 8, 16, 24, ... up to max_num_seqs.
@@ -61,6 +61,7 @@ def create_decode_graphs(runner: "ModelRunner", enforce_eager: bool, max_num_seq
     max_seq_len = min(max_model_len, runner.num_blocks * runner.block_size)
     graphs = DecodeGraphs(runner, api, capture_sizes(max_num_seqs), max_seq_len)
     logger.info("decode graphs (%s): batch buckets %s", api.name, graphs.buckets)
+    graphs.capture_all()
     return graphs
 
 
@@ -128,6 +129,33 @@ class DecodeGraphs:
             hidden, logits = self.graphs(inputs)
         self.num_steps += 1
         return hidden, logits
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first, as vLLM does at start-up, so no decode step
+        waits for a capture. The inputs are padding rows only (null block, length 1); the NPU
+        attention lengths are replaced before every replay. Where KV scales still come from the
+        first batch, buckets are captured on first use instead; a failed capture leaves decode
+        eager (`disabled`)."""
+        if self._kv_scales_pending():
+            logger.info("decode graphs: KV scales come from the first batch; buckets are captured on first use")
+            return
+        for bucket in sorted(self.buckets, reverse=True):
+            self._kv_lens = [1] * bucket
+            try:
+                self.graphs.capture(bucket, self._padding_inputs(bucket))
+            except RuntimeError as exc:
+                logger.warning("decode graph capture failed for bucket %d (%s); decode runs eagerly", bucket, exc)
+                self.disabled = True
+                return
+        logger.info("captured %d decode graphs at start-up", len(self.graphs.graphs))
+
+    def _padding_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
+        """[bucket, ...] decode inputs whose every row is a padding row."""
+        device, null = self.runner.device, self.runner.null_block
+        full = lambda shape, value: torch.full(shape, value, dtype=torch.long, device=device)  # noqa: E731
+        return {"input_ids": full((bucket,), 0), "positions": full((bucket,), 0),
+                "slot_mapping": full((bucket,), null * self.block_size),
+                "block_tables": full((bucket, self.max_blocks), null), "context_lens": full((bucket,), 1)}
 
     def _step(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Model forward + LM head of a decode batch on (static) device inputs [b, ...]."""

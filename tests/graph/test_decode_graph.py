@@ -1,6 +1,6 @@
 """DecodeGraphRunner with the emulated NPUGraph: a toy decode step that writes a KV cache and
 attends over it with device-side metadata gives bit-identical greedy tokens and logits with and
-without graphs, captures once per batch bucket, pads, and falls back to eager above the largest
+without graphs (up to fp32 rounding where BLAS varies with the row count), captures once per batch bucket, pads, and falls back to eager above the largest
 bucket. The emulated NPUGraph really replays the recorded aten ops on the captured buffers, so a
 step that read host values during capture would replay stale ones."""
 from __future__ import annotations
@@ -64,7 +64,9 @@ def test_graph_decode_is_identical_to_eager(npu_emulation):
     graph_tokens, graph_logits = _generate(runner, 3, 6)
     assert graph_tokens == eager_tokens
     for a, b in zip(eager_logits, graph_logits):
-        assert torch.equal(a, b)
+        # the graph runs the padded bucket (4 rows for 3): BLAS may pick another kernel for
+        # another row count (it does on AMD EPYC), so equal up to fp32 rounding, not bit for bit
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)     # logits ~10: ~1e-5 relative
     # batch 3 -> bucket 4 (steps 0-2), batch 2 -> bucket 2 (steps 3-5): one capture each
     assert sorted(runner.graphs) == [2, 4]
     assert runner.graphs[4].graph.num_replays == 3 and runner.graphs[2].graph.num_replays == 3
