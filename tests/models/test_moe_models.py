@@ -47,7 +47,8 @@ def test_the_models_have_what_the_test_means_to_cover(moe_dir):
         assert blocks[1].shared_experts is not None
         assert blocks[1].moe_statics.e_score_correction_bias.abs().min() > 0
     if arch == "qwen2_moe":
-        assert blocks[1].shared_expert_gate.weight.abs().sum() > 0
+        gate = blocks[1].shared_expert_gate.weight
+        assert (gate.to_dense() if gate.is_mkldnn else gate).abs().sum() > 0     # oneDNN-packed on AMD
 
 
 def test_ernie_correction_bias_changes_routing(tmp_path_factory):

@@ -126,8 +126,9 @@ def test_w8a8_dynamic_target(model_dir, token_ids, float_ppl, tmp_path):
     assert 0.99 < ratio <= 1.05, f"W8A8_DYNAMIC: {ratio:.4f}x float"          # measured 1.0315
 
 
-def test_wint4_matches_round_to_nearest(model_dir, token_ids, float_ppl):
+def test_wint4_matches_round_to_nearest(model_dir, token_ids, float_ppl, monkeypatch):
     wint4 = _measure(model_dir, token_ids, quantization="wint4")
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "mkl")            # dense weights to edit in place
     rtn = _llm(model_dir)
     for linear in _linears(rtn):                                  # per-channel symmetric int4, fake
         q, scale = P.quantize_per_channel(linear.weight.data, 4)  # [n, k] int8, [n]
@@ -146,7 +147,7 @@ def _fake_quant_input(scale: float, offset: float):
     return hook
 
 
-def test_static_w8a8_matches_round_to_nearest(model_dir, token_ids, float_ppl, tmp_path):
+def test_static_w8a8_matches_round_to_nearest(model_dir, token_ids, float_ppl, tmp_path, monkeypatch):
     checkpoint = _calibrate(model_dir, tmp_path / "w8a8", dynamic=False)
     static = _llm(checkpoint)
     scales = {m.prefix: (float(m.input_scale[0]), float(m.input_offset[0]))
@@ -155,6 +156,7 @@ def test_static_w8a8_matches_round_to_nearest(model_dir, token_ids, float_ppl, t
     w8a8 = _ppl(static, token_ids)
     del static
     gc.collect()
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "mkl")            # dense weights to edit in place
     rtn = _llm(model_dir)
     for linear in _linears(rtn):
         if linear.prefix not in scales:
