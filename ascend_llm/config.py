@@ -11,6 +11,17 @@ _DEVICES = ("auto", "cpu", "cuda", "npu")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")
 
 
+def parse_json_object(text: str, field: str) -> dict[str, Any]:
+    """A CLI value holding a JSON object; ValueError naming `field` if it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{field}: not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{field}: expected a JSON object, got {text!r}")
+    return value
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
@@ -143,10 +154,7 @@ class SpeculativeConfig:
         if value is None or isinstance(value, SpeculativeConfig):
             return value
         if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"speculative_config: not valid JSON ({exc}): {value!r}") from exc
+            value = parse_json_object(value, "speculative_config")
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config: expected a JSON object, got {value!r}")
         known = {f.name for f in fields(cls)}

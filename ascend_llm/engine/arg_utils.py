@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, fields
 from typing import Any
 
 from ascend_llm.config import (KV_CACHE_DTYPES, CacheConfig, DeviceConfig, ModelConfig, ParallelConfig,
-                               SchedulerConfig, SpeculativeConfig)
+                               SchedulerConfig, SpeculativeConfig, parse_json_object)
 from ascend_llm.loader import DEFAULT_MODEL
 
 
@@ -120,12 +119,7 @@ _FD_KV_CACHE_TYPES = {"int8": "int8", "float8_e4m3fn": "fp8"}
 def fastdeploy_quantization(text: str, kv_cache_dtype: str) -> dict[str, str | None]:
     """FastDeploy's JSON `--quantization '{"quantization": ..., "kv_cache_quant_type": "int8"}'`
     -> {"quantization": method or None, "kv_cache_dtype": ...}; mix_quant uses dense_quant_type."""
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"quantization: not valid JSON ({exc}): {text!r}") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"quantization: JSON form must be an object, got {text!r}")
+    config = parse_json_object(text, "quantization")
     method = config.get("quantization")
     if method == "mix_quant":
         method = config.get("dense_quant_type")

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ascend_llm import LLM, SamplingParams
+from ascend_llm import LLM
 from ascend_llm.layers.linear import MergedColumnParallelLinear
 from ascend_llm.quant import wint2_gptq as G
 from ascend_llm.quant import wint2_layout as L
@@ -33,6 +33,7 @@ from ascend_llm.quant.wint2_refine import refine_wint2
 from ascend_llm.quant.wint2_writer import main as writer_main
 from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
 from tests.quant.linear_fixtures import gen
+from tests.quant.word_text import prompt_logprobs, word_text_file
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -153,37 +154,12 @@ def test_calibration_texts_and_ids(tmp_path, tiny_llama_dir):
 
 # ---------------------------------------------------------------- whole checkpoints
 
-PARAMS = SamplingParams(max_tokens=4, prompt_logprobs=0, temperature=0.0, ignore_eos=True)
-
-
-WORDS = ("the quick brown fox jumps over lazy dog full fathom five thy father lies of his bones are "
-         "coral made we such stuff as dreams on and our little life is rounded with a sleep").split()
-
-
-def _word_text(seed: int, num_words: int = 200) -> str:
-    """Random words of the tiny tokenizer's corpus: calibration and eval share this distribution."""
-    return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (num_words,), generator=gen(seed)))
-
-
-def _random_text_file(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"text": _word_text(seed)}) + "\n" for seed in range(8)), encoding="utf-8")
-    return path
-
-
-def _logprobs(model_dir: Path) -> torch.Tensor:
-    llm = LLM(str(model_dir), max_model_len=96)
-    tok = llm.get_tokenizer()
-    prompts = [tok.encode(_word_text(100 + i, 40))[:40] for i in range(4)]
-    outs = llm.generate(prompt_token_ids=prompts, sampling_params=PARAMS, use_tqdm=False)
-    return torch.tensor([e[t].logprob for p, o in zip(prompts, outs) for t, e in zip(p[1:], o.prompt_logprobs[1:])])
-
-
 def test_gptq_checkpoint_loads_and_beats_plain(tiny_llama_dir, tmp_path):
-    calib = CalibSpec(str(_random_text_file(tmp_path / "calib.jsonl")), num_samples=8, seq_len=64)
+    calib = CalibSpec(str(word_text_file(tmp_path / "calib.jsonl")), num_samples=8, seq_len=64)
     write_wint2_checkpoint(tiny_llama_dir, tmp_path / "gptq", method="gptq", calib=calib)
     write_wint2_checkpoint(tiny_llama_dir, tmp_path / "plain")
-    ref = _logprobs(tiny_llama_dir)
-    err = {name: (_logprobs(tmp_path / name) - ref).abs().mean().item() for name in ("gptq", "plain")}
+    ref = prompt_logprobs(tiny_llama_dir)
+    err = {name: (prompt_logprobs(tmp_path / name) - ref).abs().mean().item() for name in ("gptq", "plain")}
     assert 0 < err["gptq"] < 0.9 * err["plain"], err
     qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert qc["quantization"] == "wint2" and qc["dense_wint2_modules"] == ["mlp.gate_proj", "mlp.up_proj",
@@ -191,7 +167,7 @@ def test_gptq_checkpoint_loads_and_beats_plain(tiny_llama_dir, tmp_path):
 
 
 def test_writer_cli_methods(tiny_llama_dir, tmp_path, capsys):
-    calib = _random_text_file(tmp_path / "calib.jsonl")
+    calib = word_text_file(tmp_path / "calib.jsonl")
     writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(tmp_path / "cli"),
                  "--method", "search", "--calib_file", str(calib), "--calib_num_samples", "4",
                  "--calib_seq_len", "32"])

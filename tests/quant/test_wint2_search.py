@@ -26,7 +26,8 @@ from ascend_llm.quant.wint2_code_search import encode_best_code_scale, merge_row
 from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
 from ascend_llm.quant.wint2_refine import refine_wint2
 from ascend_llm.quant.wint2_writer import main as writer_main
-from tests.quant.test_wint2_gptq import _layer, _random_text_file
+from tests.quant.test_wint2_gptq import _layer
+from tests.quant.word_text import word_text_file
 
 
 def _exact_loss(w: torch.Tensor, tensors: L.Wint2Tensors, h: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ def test_encoder_options_validation():
 
 
 def test_writer_cli_act_order_and_code_scales(tiny_llama_dir, tmp_path, capsys):
-    calib = _random_text_file(tmp_path / "calib.jsonl")
+    calib = word_text_file(tmp_path / "calib.jsonl")
     out = tmp_path / "cli"
     writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(out), "--method", "gptq",
                  "--calib_file", str(calib), "--calib_num_samples", "4", "--calib_seq_len", "32",

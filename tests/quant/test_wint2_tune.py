@@ -8,7 +8,6 @@ perplexity 197 -> 125, benchmarks/bench_wint2_quality.py).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,34 +15,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from ascend_llm import LLM, SamplingParams
+from ascend_llm import LLM
 from ascend_llm.quant.wint2_calibration import CalibSpec
 from ascend_llm.quant.wint2_tune import TuneSpec, build_student, mean_kl, tune_wint2_checkpoint
 from ascend_llm.quant.wint2_tune import main as tune_main
 from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
-from tests.quant.linear_fixtures import gen
-
-WORDS = ("the quick brown fox jumps over lazy dog full fathom five thy father lies of his bones are "
-         "coral made we such stuff as dreams on and our little life is rounded with a sleep").split()
-PARAMS = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, ignore_eos=True)
-
-
-def _word_text(seed: int, num_words: int = 200) -> str:
-    return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (num_words,), generator=gen(seed)))
-
+from tests.quant.word_text import SCORE_PARAMS, prompt_logprobs, unseen_prompts, word_text, word_text_file
 
 def _calib_file(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"text": _word_text(seed)}) + "\n" for seed in range(12)), encoding="utf-8")
-    return path
-
-
-def _prompt_logprobs(model_dir: Path) -> torch.Tensor:
-    """Prompt logprobs of 4 unseen random-word prompts, [4 * 39]."""
-    llm = LLM(str(model_dir), max_model_len=96)
-    tok = llm.get_tokenizer()
-    prompts = [tok.encode(_word_text(100 + i, 40))[:40] for i in range(4)]
-    outs = llm.generate(prompt_token_ids=prompts, sampling_params=PARAMS, use_tqdm=False)
-    return torch.tensor([e[t].logprob for p, o in zip(prompts, outs) for t, e in zip(p[1:], o.prompt_logprobs[1:])])
+    return word_text_file(path, num_texts=12)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +68,7 @@ def _unseen_kl(float_dir: Path, quant_dir: Path) -> float:
     student = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
     build_student(student, load_file(str(quant_dir / "model.safetensors")))
     tok = AutoTokenizer.from_pretrained(float_dir)
-    rows = torch.tensor([tok.encode(_word_text(100 + i, 40))[:40] for i in range(4)])
+    rows = torch.tensor(unseen_prompts(tok))
     return mean_kl(student, teacher, rows)
 
 
@@ -96,7 +76,7 @@ def test_tuned_checkpoint_is_closer_to_float_on_unseen_text(tuned, tiny_llama_di
     root, _ = tuned
     kl = {name: _unseen_kl(tiny_llama_dir, root / name) for name in ("plain", "tuned")}
     assert 0 < kl["tuned"] < 0.95 * kl["plain"], kl      # measured 0.0512 vs 0.0557
-    err = {name: (_prompt_logprobs(root / name) - _prompt_logprobs(tiny_llama_dir)).abs().mean().item()
+    err = {name: (prompt_logprobs(root / name) - prompt_logprobs(tiny_llama_dir)).abs().mean().item()
            for name in ("plain", "tuned")}
     assert err["tuned"] < err["plain"], err
 
@@ -108,8 +88,8 @@ def test_loader_runs_what_the_student_trained(tuned, tiny_llama_dir):
     student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     build_student(student, load_file(str(root / "tuned" / "model.safetensors")))
     llm = LLM(str(root / "tuned"), max_model_len=96)
-    prompt = llm.get_tokenizer().encode(_word_text(7, 30))[:30]
-    out = llm.generate(prompt_token_ids=[prompt], sampling_params=PARAMS, use_tqdm=False)[0]
+    prompt = llm.get_tokenizer().encode(word_text(7, 30))[:30]
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=SCORE_PARAMS, use_tqdm=False)[0]
     ours = torch.tensor([e[t].logprob for t, e in zip(prompt[1:], out.prompt_logprobs[1:])])
     with torch.no_grad():
         logp = torch.log_softmax(student(torch.tensor([prompt])).logits[0, :-1], dim=-1)
@@ -145,7 +125,7 @@ def test_writer_cli_tunes_after_writing(tiny_llama_dir, tmp_path, capsys):
     supers = [n for n in plain if n.endswith("super_scales")]
     assert supers and all(not torch.equal(plain[n], tuned[n]) for n in supers)
     assert all(torch.equal(plain[n], tuned[n]) for n in plain if n.endswith("quant_weight"))
-    assert torch.isfinite(_prompt_logprobs(out)).all()
+    assert torch.isfinite(prompt_logprobs(out)).all()
     with pytest.raises(SystemExit):
         writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(tmp_path / "x"), "--tune_epochs", "1"])
     assert "--tune_epochs needs --calib_file" in capsys.readouterr().err
