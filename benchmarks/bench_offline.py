@@ -137,11 +137,17 @@ def ours_run(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
             "mean_ttft_s": sum(ttfts) / len(ttfts)}
 
 
+def ours_decode(llm: LLM, prompt: list[int], output_len: int) -> tuple[dict, int, float]:
+    """(the run, its decode tokens, its decode seconds): a 1-token run's time is the prefill."""
+    t_prefill = ours_run(llm, [prompt], 1)["seconds"]
+    run = ours_run(llm, [prompt], output_len)
+    return run, run["new_tokens"] - 1, max(1e-9, run["seconds"] - t_prefill)
+
+
 def ours_decode_rate(llm: LLM, prompt: list[int], output_len: int) -> dict:
     def run_once() -> dict:
-        t_prefill = ours_run(llm, [prompt], 1)["seconds"]
-        run = ours_run(llm, [prompt], output_len)
-        run["decode_tok_s"] = (run["new_tokens"] - 1) / max(1e-9, run["seconds"] - t_prefill)
+        run, tokens, seconds = ours_decode(llm, prompt, output_len)
+        run["decode_tok_s"] = tokens / seconds
         return run
 
     ours_run(llm, [prompt], 4)                       # warm-up
@@ -155,10 +161,8 @@ def ours_multi_prompt_rate(llm: LLM, prompts: list[list[int]], output_len: int) 
     before = llm.llm_engine.stats()
     new_tokens, decode_s = 0, 0.0
     for prompt in prompts:
-        t_prefill = ours_run(llm, [prompt], 1)["seconds"]
-        run = ours_run(llm, [prompt], output_len)
-        new_tokens += run["new_tokens"] - 1
-        decode_s += max(1e-9, run["seconds"] - t_prefill)
+        _, tokens, seconds = ours_decode(llm, prompt, output_len)
+        new_tokens, decode_s = new_tokens + tokens, decode_s + seconds
     return {"num_prompts": len(prompts), "decode_tok_s": new_tokens / decode_s, **spec_stats(llm, before)}
 
 

@@ -38,11 +38,11 @@ class _State:
         self.n, self.k = weight.shape
         self.w = weight.float()
         self.h = hessian
-        self.book = L.codebook(tensors.code_scale, tensors.code_zp)                  # [n, 256, 4]
         # rows sharing a code_scale share a codebook (wint2_code_search): v H v once per book
         pairs = torch.stack([tensors.code_scale.float(), tensors.code_zp.float()], dim=1)
         unique, self.book_of_row = torch.unique(pairs, dim=0, return_inverse=True)   # [U, 2], [n]
         self.books = L.codebook(unique[:, 0].contiguous(), unique[:, 1].contiguous())  # [U, 256, 4]
+        self.book = self.books[self.book_of_row]                                     # [n, 256, 4]
         self.shared = self.books[0] if unique.shape[0] == 1 else None                # [256, 4]
         self.codes = tensors.quant_weight.t().long().contiguous()                    # [n, k/4]
         self.nibbles = unpack_nibbles(tensors.weight_scale, self.k)                  # [n, G]

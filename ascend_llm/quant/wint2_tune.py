@@ -25,6 +25,7 @@ stream) pick the best epoch; without them the last epoch is kept.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import shutil
 import time
@@ -248,10 +249,10 @@ def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_d
     tokenizer = AutoTokenizer.from_pretrained(src)
     rows, heldout = split_calibration_ids(tokenizer, read_calib_texts(calib.calib_file), calib)
     teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    student = copy.deepcopy(teacher)
     replaced = build_student(student, tensors)
     history = train(student, teacher, rows, heldout, spec)
-    shutil.copytree(quant, out, dirs_exist_ok=True)
+    shutil.copytree(quant, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(shards[0].name))
     save_file(tuned_tensors(student, replaced, tensors), str(out / shards[0].name), metadata={"format": "pt"})
     logger.info("wint2_tune: %d Linears, %d rows x %d epochs in %.0f s", len(replaced), rows.shape[0],
                 spec.epochs, time.perf_counter() - start)
