@@ -24,6 +24,7 @@ from ascend_llm.layers.linear import RowParallelLinear
 from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.fp8 import bind_fp8_kernel, check_block_shards, run_fp8
+from ascend_llm.quant.module_patterns import check_regex_entries
 from ascend_llm.quant.moe_fp8 import BlockFp8MoEMethod
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
 
@@ -161,13 +162,7 @@ class Fp8CheckpointConfig(QuantConfig):
         ignored = config.get("ignored_layers", [])
         if not isinstance(ignored, list) or not all(isinstance(i, str) for i in ignored):
             raise ValueError(f"{source}: ignored_layers must be a list of strings, got {ignored!r}")
-        for entry in ignored:
-            if entry.startswith("re:"):
-                try:
-                    re.compile(entry[3:])
-                except re.error as exc:
-                    raise ValueError(f"{source}: ignored_layers entry {entry!r} is not a valid "
-                                     f"regex: {exc}") from exc
+        check_regex_entries(ignored, "ignored_layers", source)
         block = config.get("weight_block_size")
         if block is not None:
             if not (isinstance(block, list) and len(block) == 2

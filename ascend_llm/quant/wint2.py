@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.module_patterns import check_regex_entries
 from ascend_llm.quant.moe_weight_only import w4w2_method
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
 from ascend_llm.quant.weight_only import PrequantWeightOnlyLinearMethod, apply_weight_only, bind_weight_only_kernel
@@ -182,12 +183,7 @@ def _patterns(config: dict[str, Any], key: str, source: str) -> tuple[str, ...]:
     modules = config.get(key, [])
     if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
         raise ValueError(f"{source}: {key} must be a list of non-empty strings, got {modules!r}")
-    for pattern in modules:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as exc:
-                raise ValueError(f"{source}: {key} entry {pattern!r} is not a valid regex: {exc}") from exc
+    check_regex_entries(modules, key, source)
     return tuple(modules)
 
 
