@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ logger = logging.getLogger(__name__)
 # CPU KV budget: 0.3 GiB holds ~7k fp32 tokens of SmolLM2-135M and keeps a serving process
 # of that model under 1.5 GiB peak RSS (benchmarks/bench_server_memory.py).
 DEFAULT_CPU_KV_CACHE_GB = 0.3
-# above glibc's largest mmap threshold (32 MiB) an allocation always comes from fresh mmap pages
+# CPU caches from this size on come from their own anonymous mapping (zero, lazily committed)
 _FRESH_PAGES_BYTES = 64 * 2**20
 # --kv-cache-dtype -> storage dtype of a quantized cache ("auto" stores the model dtype)
 _KV_STORAGE_DTYPES = {
@@ -99,16 +100,23 @@ def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device
     that block-table padding points at.
 
     Attention reads whole blocks and masks positions past each sequence's end, so cache
-    memory must never hold NaN/inf: it starts zeroed. On CPU one large allocation is
-    served by fresh (zero-filled, lazily committed) pages from the OS, so untouched blocks
-    cost no resident memory; elsewhere it is zeroed explicitly.
+    memory must never hold NaN/inf: it starts zeroed. A large CPU cache is its own anonymous
+    mmap, which the OS hands out zero-filled and commits page by page, so untouched blocks
+    cost no resident memory (malloc is not enough: in a long-lived process it can return a
+    recycled heap chunk holding old tensors' bytes); elsewhere it is zeroed explicitly.
     """
     shape = (2, spec.num_layers, num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim)
     nbytes = (num_blocks + 1) * spec.bytes_per_block
     logger.info("KV cache: %d blocks x %d tokens in %s (%.1f MiB)", num_blocks, spec.block_size,
                 str(spec.dtype).removeprefix("torch."), num_blocks * spec.bytes_per_block / 2**20)
     if device.type == "cpu" and nbytes >= _FRESH_PAGES_BYTES:
-        cache = torch.empty(shape, dtype=spec.dtype, device=device)
+        cache = _zero_pages(nbytes).view(spec.dtype).view(shape)
     else:
         cache = torch.zeros(shape, dtype=spec.dtype, device=device)
     return [(cache[0, i], cache[1, i]) for i in range(spec.num_layers)]
+
+
+def _zero_pages(nbytes: int) -> torch.Tensor:
+    """[nbytes] uint8 over a fresh anonymous mapping: zero-filled by the OS, committed lazily;
+    the tensor keeps the mapping alive."""
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
