@@ -19,7 +19,7 @@ from typing import Any
 
 from ascend_llm.distributed.parallel_state import (ParallelContext, destroy_parallel_context, free_port,
                                                    init_parallel_context)
-from ascend_llm.distributed.worker import WorkerSpec, broadcast_step, mp_worker_entry
+from ascend_llm.distributed.worker import CaptureDecodeGraphs, WorkerSpec, broadcast_step, mp_worker_entry
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,13 @@ class DriverExecutor:
         return self.failure
 
     def execute_model(self, out: Any) -> Any:
-        """Broadcast `out`, run the driver's shard; WorkerDiedError when a rank is gone."""
+        """Broadcast `out` (a SchedulerOutput or a CaptureDecodeGraphs), run it on the driver's
+        shard; WorkerDiedError when a rank is gone."""
         self._raise_if_failed()
         try:
             broadcast_step(self.parallel, out)
+            if isinstance(out, CaptureDecodeGraphs):
+                return out.apply(self.driver_runner)
             return self.driver_runner.execute_model(out)
         except Exception as exc:
             dead = self._wait_for_dead_worker()
@@ -65,6 +68,10 @@ class DriverExecutor:
                 raise WorkerDiedError(dead) from exc
             self.failure = f"tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}"
             raise TensorParallelError(self.failure) from exc
+
+    def capture_decode_graphs(self, enforce_eager: bool, max_num_seqs: int, max_model_len: int) -> None:
+        """Every rank builds its decode graphs (captured together: the forward runs collectives)."""
+        self.execute_model(CaptureDecodeGraphs(enforce_eager, max_num_seqs, max_model_len))
 
     def _raise_if_failed(self) -> None:
         if self.failure is None:

@@ -60,6 +60,9 @@ class ParallelContext:
         """This rank's device: cpu, or cuda:/npu:<local_rank> (the bare type at world size 1)."""
         if self.backend == "cpu":
             return torch.device("cpu")
+        emulated = _emulated_npu("emulated_device") if self.backend == "npu" else None
+        if emulated is not None:
+            return torch.device(emulated)
         return torch.device(self.backend, self.local_rank) if self.is_distributed \
             else torch.device(self.backend)
 
@@ -102,7 +105,7 @@ def init_parallel_context(rank: int, world_size: int, backend: str, init_method:
                            "other tensor-parallel engine down first")
     _select_device(backend, local_rank)
     timeout = timedelta(seconds=timeout_s)
-    dist_backend = DIST_BACKENDS[backend]
+    dist_backend = (backend == "npu" and _emulated_npu("emulated_dist_backend")) or DIST_BACKENDS[backend]
     dist.init_process_group(dist_backend, init_method=init_method, rank=rank,
                             world_size=world_size, timeout=timeout)
     group = dist.group.WORLD
@@ -135,3 +138,10 @@ def _select_device(backend: str, local_rank: int) -> None:
         if import_torch_npu() is None:
             raise RuntimeError("backend npu: torch_npu is not installed (needed for hccl)")
         torch.npu.set_device(local_rank)
+
+
+def _emulated_npu(attribute: str) -> str | None:
+    """What a stand-in torch_npu (the test emulation, tensors on the CPU) names instead of the
+    hardware: `emulated_device` (for npu:<rank>) or `emulated_dist_backend` (for hccl)."""
+    from ascend_llm.platform import import_torch_npu
+    return getattr(import_torch_npu(), attribute, None)

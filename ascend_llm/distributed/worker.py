@@ -44,6 +44,20 @@ class WorkerSpec:
                            self.backend, set(self.eos_token_ids), parallel)
 
 
+@dataclass(frozen=True)
+class CaptureDecodeGraphs:
+    """Broadcast once after start-up: every rank builds (and captures) its decode graphs with
+    these engine settings, in step with the others (the captured forward runs collectives)."""
+    enforce_eager: bool
+    max_num_seqs: int
+    max_model_len: int
+
+    def apply(self, runner: Any) -> None:
+        from ascend_llm.graph.model_graphs import create_decode_graphs
+        runner.decode_graphs = create_decode_graphs(runner, self.enforce_eager, self.max_num_seqs,
+                                                    self.max_model_len)
+
+
 def broadcast_step(parallel: ParallelContext, payload: Any = None) -> Any:
     """Driver: send `payload` (a SchedulerOutput, or None to stop); workers: receive it."""
     box = [payload if parallel.is_driver else None]
@@ -58,6 +72,9 @@ def run_worker_loop(parallel: ParallelContext, runner: Any) -> int:
         out = broadcast_step(parallel)
         if out is None:
             return steps
+        if isinstance(out, CaptureDecodeGraphs):
+            out.apply(runner)
+            continue
         runner.execute_model(out)
         steps += 1
 

@@ -54,10 +54,11 @@ class LLMEngine:
         self.max_model_len = fit_max_model_len(self.max_model_len, model_config.max_model_len is not None,
                                                self.model_runner.num_blocks, cache_config.block_size)
         self.scheduler_config = args.scheduler_config(self.max_model_len)
-        if self.executor is None:   # decode ACL / CUDA graphs (one process only)
-            self.model_runner.decode_graphs = create_decode_graphs(
-                self.model_runner, device_config.enforce_eager, self.scheduler_config.max_num_seqs,
-                self.max_model_len)
+        graph_args = (device_config.enforce_eager, self.scheduler_config.max_num_seqs, self.max_model_len)
+        if self.executor is None:   # decode ACL / CUDA graphs; under TP every rank captures its own
+            self.model_runner.decode_graphs = create_decode_graphs(self.model_runner, *graph_args)
+        else:
+            self.executor.capture_decode_graphs(*graph_args)
         self.speculative_config = args.speculative()
         self.scheduler = Scheduler(self.scheduler_config, cache_config, self.model_runner.num_blocks,
                                    self.eos_token_ids, self.speculative_config)

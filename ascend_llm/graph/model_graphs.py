@@ -17,8 +17,15 @@ cuda (torch.cuda.CUDAGraph): the Triton paged attention reads the lengths from d
 (context_lens, query_start_loc), so nothing needs updating; max_context_len, which only sizes the
 split-KV heuristic, is fixed to the longest sequence. Untested: there is no GPU in CI.
 
-One process only: under tensor parallelism every step runs eagerly. `enforce_eager` turns graphs
-off; the cpu backend always runs eagerly.
+Tensor parallelism: every rank captures its own graphs with the same buckets at the same time
+(the engine broadcasts `CaptureDecodeGraphs`), and each graph holds the rank's collectives
+(hccl / nccl all-reduce and all-gather), as vllm-ascend's ACL graphs do; every rank takes the
+same graph-or-eager decision per step, since all see the same SchedulerOutput. A capture failure
+there is an error (ranks cannot fall back to eager one-sidedly without leaving a peer waiting in
+a collective): restart with --enforce-eager. Verified with 2 ranks on the emulated torch_npu
+(gloo underneath); not with nccl.
+
+`enforce_eager` turns graphs off; the cpu backend always runs eagerly.
 """
 from __future__ import annotations
 
@@ -50,9 +57,8 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 def create_decode_graphs(runner: "ModelRunner", enforce_eager: bool, max_num_seqs: int,
                          max_model_len: int) -> "DecodeGraphs | None":
-    """The runner's decode graphs, or None where decode runs eagerly (enforce_eager, cpu,
-    tensor parallelism)."""
-    if enforce_eager or runner.parallel.is_distributed or runner.backend not in ("npu", "cuda"):
+    """The runner's decode graphs, or None where decode runs eagerly (enforce_eager, cpu)."""
+    if enforce_eager or runner.backend not in ("npu", "cuda"):
         return None
     if not graph_safe_attention(runner):
         logger.info("decode graphs off: the attention runs the reference kernel (host-side masks)")
@@ -121,9 +127,7 @@ class DecodeGraphs:
             try:
                 hidden, logits = self.graphs(inputs)
             except RuntimeError as exc:     # e.g. a host sync inside the step: stay eager, keep serving
-                logger.warning("decode graph capture failed for bucket %d (%s); decode runs eagerly "
-                               "from now on", bucket, exc)
-                self.disabled = True
+                self._capture_failed(bucket, exc)
                 return None
         else:
             hidden, logits = self.graphs(inputs)
@@ -144,10 +148,20 @@ class DecodeGraphs:
             try:
                 self.graphs.capture(bucket, self._padding_inputs(bucket))
             except RuntimeError as exc:
-                logger.warning("decode graph capture failed for bucket %d (%s); decode runs eagerly", bucket, exc)
-                self.disabled = True
+                self._capture_failed(bucket, exc)
                 return
         logger.info("captured %d decode graphs at start-up", len(self.graphs.graphs))
+
+    def _capture_failed(self, bucket: int, exc: RuntimeError) -> None:
+        """One process: decode runs eagerly from now on. Tensor parallelism: raise (see the
+        module docstring)."""
+        if self.runner.parallel.is_distributed:
+            raise RuntimeError(f"rank {self.runner.parallel.rank}: decode graph capture failed for batch "
+                               f"bucket {bucket} ({exc}); under tensor parallelism every rank must run "
+                               "the same graphs: restart with --enforce-eager") from exc
+        logger.warning("decode graph capture failed for bucket %d (%s); decode runs eagerly from now on",
+                       bucket, exc)
+        self.disabled = True
 
     def _padding_inputs(self, bucket: int) -> dict[str, torch.Tensor]:
         """[bucket, ...] decode inputs whose every row is a padding row."""

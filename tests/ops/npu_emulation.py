@@ -158,12 +158,24 @@ class FakeNPUGraph:
             for entry in self._ops:
                 for func, args, kwargs, out in (entry.ops if isinstance(entry, _TaskGroup) else (entry,)):
                     fresh = func(*args, **kwargs)
+                    _wait_for_collectives(fresh)
                     _copy_outputs(out, fresh)
         self.num_replays += 1
 
     def reset(self) -> None:
         self._ops = None
         self._generation += 1          # its task-group handles become invalid
+
+
+def _wait_for_collectives(fresh: Any) -> None:
+    """A replayed c10d op (all-reduce / all-gather of a captured tensor-parallel forward) returns
+    its Work: wait for it, as the graph's stream orders the collective before the ops reading
+    its result (the gloo stand-in for hccl runs it on a background thread)."""
+    if isinstance(fresh, (tuple, list)):
+        for item in fresh:
+            _wait_for_collectives(item)
+    elif hasattr(fresh, "wait") and not isinstance(fresh, torch.Tensor):
+        fresh.wait()
 
 
 def _copy_outputs(captured: Any, fresh: Any) -> None:
@@ -339,6 +351,7 @@ class FakeTorchNPU(types.ModuleType):
         super().__init__("torch_npu")
         self.__spec__ = importlib.machinery.ModuleSpec("torch_npu", loader=None)
         self.emulated_device = "cpu"         # read by ascend_llm.platform.torch_device
+        self.emulated_dist_backend = "gloo"  # hccl's stand-in under tensor parallelism
         self.calls: list[OpCall] = []
         self.npu = FakeNPUNamespace(soc, memory_bytes, self.calls)
         self.formats = FormatTable()
