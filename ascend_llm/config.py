@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, fields
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda", "npu")
@@ -108,12 +111,36 @@ class ParallelConfig:
 
 @dataclass(slots=True)
 class DeviceConfig:
-    """Which backend runs the model: auto picks npu, then cuda, then cpu."""
+    """Which backend runs the model: auto picks npu, then cuda, then cpu. torchair_graph: decode
+    steps run torch.compile'd by torchair instead of replaying ACL graphs (npu only)."""
     device: str = "auto"
     enforce_eager: bool = False
+    torchair_graph: bool = False
 
     def __post_init__(self) -> None:
         _require(self.device in _DEVICES, f"device: {self.device!r} is not one of {_DEVICES}")
+
+
+def torchair_graph_enabled(additional_config: dict[str, Any] | str | None) -> bool:
+    """vllm-ascend's `additional_config` (dict, or JSON on the CLI): whether
+    torchair_graph_config.enabled is set. Keys we do not act on (vllm-ascend has many) are named
+    in a warning, not rejected, so existing launch scripts keep working; wrong types are errors."""
+    if additional_config is None:
+        return False
+    config = (parse_json_object(additional_config, "additional_config")
+              if isinstance(additional_config, str) else additional_config)
+    _require(isinstance(config, dict), f"additional_config: expected a JSON object, got {config!r}")
+    graph = config.get("torchair_graph_config", {})
+    _require(isinstance(graph, dict), f"additional_config.torchair_graph_config: expected a JSON object, "
+                                      f"got {graph!r}")
+    enabled = graph.get("enabled", False)
+    _require(isinstance(enabled, bool), f"additional_config.torchair_graph_config.enabled: expected true "
+                                        f"or false, got {enabled!r}")
+    ignored = [k for k in config if k != "torchair_graph_config"]
+    ignored += [f"torchair_graph_config.{k}" for k in graph if k != "enabled"]
+    if ignored:
+        logger.warning("additional_config: ignoring %s (only torchair_graph_config.enabled is used)", ignored)
+    return enabled
 
 
 SPECULATIVE_METHODS = ("ngram",)

@@ -69,9 +69,10 @@ class DriverExecutor:
             self.failure = f"tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}"
             raise TensorParallelError(self.failure) from exc
 
-    def capture_decode_graphs(self, enforce_eager: bool, max_num_seqs: int, max_model_len: int) -> None:
+    def capture_decode_graphs(self, enforce_eager: bool, max_num_seqs: int, max_model_len: int,
+                              torchair_graph: bool = False) -> None:
         """Every rank builds its decode graphs (captured together: the forward runs collectives)."""
-        self.execute_model(CaptureDecodeGraphs(enforce_eager, max_num_seqs, max_model_len))
+        self.execute_model(CaptureDecodeGraphs(enforce_eager, max_num_seqs, max_model_len, torchair_graph))
 
     def _raise_if_failed(self) -> None:
         if self.failure is None:

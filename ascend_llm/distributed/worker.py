@@ -51,11 +51,12 @@ class CaptureDecodeGraphs:
     enforce_eager: bool
     max_num_seqs: int
     max_model_len: int
+    torchair_graph: bool = False
 
     def apply(self, runner: Any) -> None:
         from ascend_llm.graph.model_graphs import create_decode_graphs
         runner.decode_graphs = create_decode_graphs(runner, self.enforce_eager, self.max_num_seqs,
-                                                    self.max_model_len)
+                                                    self.max_model_len, self.torchair_graph)
 
 
 def broadcast_step(parallel: ParallelContext, payload: Any = None) -> Any:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ascend_llm.config import (KV_CACHE_DTYPES, CacheConfig, DeviceConfig, ModelConfig, ParallelConfig,
-                               SchedulerConfig, SpeculativeConfig, parse_json_object)
+                               SchedulerConfig, SpeculativeConfig, parse_json_object,
+                               torchair_graph_enabled)
 from ascend_llm.loader import DEFAULT_MODEL
 
 
@@ -36,6 +37,7 @@ class EngineArgs:
     kv_cache_memory_gb: float | None = None
     distributed_executor_backend: str = "mp"
     speculative_config: dict[str, Any] | str | None = None
+    additional_config: dict[str, Any] | str | None = None
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(self.model, self.tokenizer, self.dtype, self.max_model_len,
@@ -57,7 +59,7 @@ class EngineArgs:
         return ParallelConfig(self.tensor_parallel_size, self.distributed_executor_backend)
 
     def device_config(self) -> DeviceConfig:
-        return DeviceConfig(self.device, self.enforce_eager)
+        return DeviceConfig(self.device, self.enforce_eager, torchair_graph_enabled(self.additional_config))
 
     def speculative(self) -> SpeculativeConfig | None:
         return SpeculativeConfig.parse(self.speculative_config)
@@ -109,6 +111,9 @@ class EngineArgs:
         add("--speculative-config", default=None,
             help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 5, '
                  '"prompt_lookup_max": 4}\' (ngram prompt lookup; greedy output is unchanged)')
+        add("--additional-config", default=None,
+            help='vllm-ascend\'s JSON: \'{"torchair_graph_config": {"enabled": true}}\' runs NPU decode '
+                 'steps torch.compile\'d by torchair instead of as ACL graphs (needs torchair)')
         return parser
 
 

@@ -14,6 +14,7 @@ from ascend_llm.engine.model_runner import ModelRunner
 from ascend_llm.engine.request_state import RequestState
 from ascend_llm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
+from ascend_llm.graph.compile import require_torchair
 from ascend_llm.graph.model_graphs import create_decode_graphs
 from ascend_llm.layers.sampler import SamplerOutput
 from ascend_llm.loader import load_hf_config, load_tokenizer, resolve_model_path
@@ -40,6 +41,8 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.hf_config, self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
         self.backend = resolve_device(device_config.device)
+        if device_config.torchair_graph and not device_config.enforce_eager:
+            require_torchair(self.backend)
         self.served_model_name = model_config.served_model_name or model_config.model
         validate_tp_config(self.hf_config, parallel_config.tensor_parallel_size,
                            get_model_class(self.hf_config))
@@ -54,7 +57,8 @@ class LLMEngine:
         self.max_model_len = fit_max_model_len(self.max_model_len, model_config.max_model_len is not None,
                                                self.model_runner.num_blocks, cache_config.block_size)
         self.scheduler_config = args.scheduler_config(self.max_model_len)
-        graph_args = (device_config.enforce_eager, self.scheduler_config.max_num_seqs, self.max_model_len)
+        graph_args = (device_config.enforce_eager, self.scheduler_config.max_num_seqs, self.max_model_len,
+                      device_config.torchair_graph)
         if self.executor is None:   # decode ACL / CUDA graphs; under TP every rank captures its own
             self.model_runner.decode_graphs = create_decode_graphs(self.model_runner, *graph_args)
         else:

@@ -34,11 +34,16 @@ StepFn = Callable[[dict[str, torch.Tensor]], Output]
 
 @dataclass(frozen=True, slots=True)
 class GraphAPI:
-    """A device's graph primitives: a graph factory, its capture context, a synchronize."""
+    """A device's graph primitives: a graph factory, its capture context, a synchronize.
+
+    replays_by_call: nothing is captured; a "replay" calls the step function again on the
+    bucket's static buffers (a torch.compile'd step: compiled once per bucket shape).
+    """
     name: str
     new_graph: Callable[[], Any]
     capture: Callable[[Any], ContextManager[Any]]
     synchronize: Callable[[], None]
+    replays_by_call: bool = False
 
 
 def npu_graph_api() -> GraphAPI:
@@ -47,6 +52,15 @@ def npu_graph_api() -> GraphAPI:
     if npu is None or not hasattr(npu, "NPUGraph"):
         raise ValueError("graph capture: torch.npu.NPUGraph is unavailable (torch_npu not imported)")
     return GraphAPI("npu", npu.NPUGraph, npu.graph, npu.synchronize)
+
+
+def torchair_graph_api() -> GraphAPI:
+    """torchair graph mode (vllm-ascend's TorchAirGraph): the decode step is torch.compile'd with
+    torchair's backend (`ascend_llm.graph.compile`) and called per step on static bucket shapes."""
+    npu = getattr(torch, "npu", None)
+    if npu is None:
+        raise ValueError("torchair graph mode: torch.npu is unavailable (torch_npu not imported)")
+    return GraphAPI("torchair", lambda: None, lambda graph: nullcontext(), npu.synchronize, replays_by_call=True)
 
 
 def cuda_graph_api() -> GraphAPI:
@@ -102,10 +116,13 @@ class DecodeGraphRunner:
             return self.fn(inputs)
         captured = self.graphs.get(bucket) or self._capture(bucket, inputs)
         self._fill(captured.inputs, inputs, batch_size)
-        if self.before_replay is not None:
-            self.before_replay(bucket)
-        captured.graph.replay()
-        out = captured.output
+        if self.api.replays_by_call:
+            out = self.fn(captured.inputs)
+        else:
+            if self.before_replay is not None:
+                self.before_replay(bucket)
+            captured.graph.replay()
+            out = captured.output
         return tuple(t[:batch_size] for t in out) if isinstance(out, tuple) else out[:batch_size]
 
     def capture(self, bucket: int, example: dict[str, torch.Tensor]) -> None:
@@ -119,6 +136,11 @@ class DecodeGraphRunner:
         static = {name: torch.empty((bucket, *t.shape[1:]), dtype=t.dtype, device=t.device)
                   for name, t in example.items()}
         self._fill(static, example, _batch_size(example))
+        if self.api.replays_by_call:             # the first call compiles the step for this shape
+            self.graphs[bucket] = _Captured(None, static, self.fn(static))
+            self.api.synchronize()
+            logger.info("compiled the %s decode step for batch bucket %d", self.api.name, bucket)
+            return self.graphs[bucket]
         for _ in range(self.warmup_runs):        # allocator / lazy-init work stays out of the graph
             self.fn(static)
         self.api.synchronize()

@@ -1,5 +1,13 @@
 """torch.compile of a decode step: the torchair (GE graph) backend on Ascend when torchair is
-installed, inductor elsewhere; `enforce_eager` turns compilation off."""
+installed, inductor elsewhere; `enforce_eager` turns compilation off.
+
+The engine uses it for vllm-ascend's torchair graph mode (`additional_config=
+{"torchair_graph_config": {"enabled": true}}`): `ascend_llm.graph.model_graphs` compiles the
+decode step once per batch bucket and calls it on the bucket's static buffers instead of
+replaying an ACL graph. Checked with a stand-in torchair whose backend runs the traced FX graph
+(torchair needs CANN); how the real GE backend treats the host-length graph breaks around the
+attention is unknown until it runs on hardware.
+"""
 from __future__ import annotations
 
 import importlib
@@ -18,6 +26,16 @@ def torchair_backend() -> Any | None:
         return None
     torchair = importlib.import_module("torchair")
     return torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
+
+
+def require_torchair(backend: str) -> None:
+    """ValueError unless torchair graph mode can run: the npu backend with torchair installed."""
+    if backend != "npu":
+        raise ValueError(f"additional_config.torchair_graph_config.enabled: torchair graph mode needs "
+                         f"--device npu, not {backend!r}")
+    if importlib.util.find_spec("torchair") is None:
+        raise ValueError("additional_config.torchair_graph_config.enabled: torchair is not installed "
+                         "(it ships with torch_npu's CANN toolkit builds); drop the option to use ACL graphs")
 
 
 def compile_decode_step(fn: Callable[..., Any], backend: str, enforce_eager: bool) -> Callable[..., Any]:

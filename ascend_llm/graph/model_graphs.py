@@ -13,6 +13,11 @@ so each attention launch is captured in a task group and updated with the step's
 every replay (`ascend_llm.graph.attention_tasks`), as vllm-ascend does. Verified against the
 emulated torch_npu (tests/ops/npu_emulation.py) only, not on Ascend hardware.
 
+torchair graph mode (opt-in, vllm-ascend's `additional_config` torchair_graph_config.enabled):
+the same buckets and static buffers, but the step is torch.compile'd with torchair's backend and
+called per step instead of replayed (`torchair_graph_api`); the attention's host lengths stay
+outside the compiled graphs (graph breaks), so they need no task-group updates.
+
 cuda (torch.cuda.CUDAGraph): the Triton paged attention reads the lengths from device tensors
 (context_lens, query_start_loc), so nothing needs updating; max_context_len, which only sizes the
 split-KV heuristic, is fixed to the longest sequence. Untested: there is no GPU in CI.
@@ -36,7 +41,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ascend_llm.graph.attention_tasks import AttentionTaskGroups
-from ascend_llm.graph.capture import DecodeGraphRunner, GraphAPI, cuda_graph_api, npu_graph_api
+from ascend_llm.graph.capture import (DecodeGraphRunner, GraphAPI, cuda_graph_api, npu_graph_api,
+                                     torchair_graph_api)
+from ascend_llm.graph.compile import compile_decode_step, require_torchair
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.ops.attention_metadata import AttentionMetadata
 
@@ -56,14 +63,19 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 def create_decode_graphs(runner: "ModelRunner", enforce_eager: bool, max_num_seqs: int,
-                         max_model_len: int) -> "DecodeGraphs | None":
-    """The runner's decode graphs, or None where decode runs eagerly (enforce_eager, cpu)."""
+                         max_model_len: int, torchair_graph: bool = False) -> "DecodeGraphs | None":
+    """The runner's decode graphs, or None where decode runs eagerly (enforce_eager, cpu).
+    torchair_graph: torch.compile the step with torchair instead of capturing ACL graphs."""
     if enforce_eager or runner.backend not in ("npu", "cuda"):
         return None
-    if not graph_safe_attention(runner):
+    if torchair_graph:
+        require_torchair(runner.backend)
+        api = torchair_graph_api()
+    elif not graph_safe_attention(runner):
         logger.info("decode graphs off: the attention runs the reference kernel (host-side masks)")
         return None
-    api = npu_graph_api() if runner.backend == "npu" else cuda_graph_api()
+    else:
+        api = npu_graph_api() if runner.backend == "npu" else cuda_graph_api()
     max_seq_len = min(max_model_len, runner.num_blocks * runner.block_size)
     graphs = DecodeGraphs(runner, api, capture_sizes(max_num_seqs), max_seq_len)
     logger.info("decode graphs (%s): batch buckets %s", api.name, graphs.buckets)
@@ -83,8 +95,9 @@ class DecodeGraphs:
         self.block_size = runner.block_size
         self.max_blocks = -(-max_seq_len // self.block_size)        # block-table width
         null_slot = runner.null_block * self.block_size
+        step = compile_decode_step(self._step, "npu", enforce_eager=False) if api.replays_by_call else self._step
         self.graphs = DecodeGraphRunner(
-            self._step, api, buckets,
+            step, api, buckets,
             pad_values={"slot_mapping": null_slot, "block_tables": runner.null_block, "context_lens": 1},
             capture_context=self._capture_context if api.name == "npu" else None,
             before_replay=self._before_replay if api.name == "npu" else None)

@@ -247,14 +247,17 @@ def test_task_group_update_replaces_the_captured_lengths(npu_emulation):
 
 # ---------------------------------------------------------------------- torchair (compile.py)
 
-def test_torchair_backend_is_used_for_npu_when_installed(monkeypatch):
-    used = []
+@pytest.fixture
+def fake_torchair(monkeypatch) -> list[int]:
+    """A stand-in torchair whose NPU backend runs the FX graph as traced; returns the node counts
+    of the graphs it was given (torchair itself needs CANN)."""
+    compiled: list[int] = []
 
     def get_npu_backend(compiler_config=None):
         assert isinstance(compiler_config, torchair.CompilerConfig)
 
         def backend(gm: torch.fx.GraphModule, example_inputs):
-            used.append(len(gm.graph.nodes))
+            compiled.append(len(gm.graph.nodes))
             return gm.forward
         return backend
 
@@ -264,16 +267,54 @@ def test_torchair_backend_is_used_for_npu_when_installed(monkeypatch):
     torchair.get_npu_backend = get_npu_backend
     monkeypatch.setitem(sys.modules, "torchair", torchair)
     torch._dynamo.reset()
+    yield compiled
+    torch._dynamo.reset()
 
+
+def test_torchair_backend_is_used_for_npu_when_installed(fake_torchair):
     def step(x: torch.Tensor) -> torch.Tensor:
         return (x * 2 + 1).sum(-1)
 
     compiled = compile_decode_step(step, "npu", enforce_eager=False)
     assert compiled is not step
     x = torch.arange(6.0).view(2, 3)
-    assert torch.equal(compiled(x), step(x)) and used
+    assert torch.equal(compiled(x), step(x)) and fake_torchair
     assert compile_decode_step(step, "npu", enforce_eager=True) is step
-    torch._dynamo.reset()
+
+
+TORCHAIR_ON = {"torchair_graph_config": {"enabled": True}}
+
+
+def test_torchair_graph_mode_runs_decode_compiled(tiny_llama_dir, npu_emulation, fake_torchair):
+    """vllm-ascend's additional_config torchair_graph_config: decode steps of each bucket run the
+    torchair-compiled step on static shapes, no ACL graph is captured, output equals eager."""
+    _, eager = _generate(tiny_llama_dir, 6, enforce_eager=True, max_num_seqs=8)
+    assert not fake_torchair
+    llm, compiled = _generate(tiny_llama_dir, 6, max_num_seqs=8, additional_config=TORCHAIR_ON)
+    assert compiled == eager                              # tokens and logprobs, bit for bit
+    graphs = llm.llm_engine.model_runner.decode_graphs
+    assert graphs.api.name == "torchair" and graphs.num_steps == 12 and fake_torchair
+    assert sorted(graphs.graphs.graphs) == [1, 2, 4, 8]   # compiled at start-up, one shape each
+    assert all(c.graph is None for c in graphs.graphs.graphs.values()) and not graphs.attention
+
+
+def test_torchair_graph_mode_errors(tiny_llama_dir, npu_emulation, caplog):
+    with pytest.raises(ValueError, match=r"torchair_graph_config.enabled: torchair is not installed"):
+        LLM(str(tiny_llama_dir), device="npu", dtype="float16", additional_config=TORCHAIR_ON)
+    with pytest.raises(ValueError, match=r"torchair graph mode needs --device npu, not 'cpu'"):
+        LLM(str(tiny_llama_dir), device="cpu", additional_config=TORCHAIR_ON)
+    bad = [('{"torchair_graph_config": ', "additional_config: not valid JSON"),
+           ('{"torchair_graph_config": {"enabled": "yes"}}', r"enabled: expected true or false, got 'yes'"),
+           ({"torchair_graph_config": [1]}, r"torchair_graph_config: expected a JSON object, got \[1\]")]
+    for value, message in bad:
+        with pytest.raises(ValueError, match=message):
+            LLM(str(tiny_llama_dir), device="npu", dtype="float16", additional_config=value)
+    # --enforce-eager turns it off (no torchair needed); keys we do not act on are named, not fatal
+    llm = LLM(str(tiny_llama_dir), device="npu", dtype="float16", enforce_eager=True,
+              additional_config='{"torchair_graph_config": {"enabled": true, "use_cached_graph": true}, '
+                                '"ascend_scheduler_config": {"enabled": true}}')
+    assert llm.llm_engine.model_runner.decode_graphs is None
+    assert "ignoring ['ascend_scheduler_config', 'torchair_graph_config.use_cached_graph']" in caplog.text
 
 
 def test_a_failed_capture_falls_back_to_eager(tiny_llama_dir, npu_emulation, monkeypatch):
