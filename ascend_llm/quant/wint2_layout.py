@@ -172,7 +172,7 @@ def codebook(code_scale: torch.Tensor, code_zp: torch.Tensor) -> torch.Tensor:
     return (windows.view(256, PACK, n).permute(2, 0, 1) - WINDOW_ZP).to(torch.float32)
 
 
-def _nearest_bytes(targets: torch.Tensor, book: torch.Tensor,
+def nearest_bytes(targets: torch.Tensor, book: torch.Tensor,
                    chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """targets [n, R, 4] (weight / scale), book [n, 256, 4] -> (bytes [n, R] int64, err [n, R]).
 
@@ -234,7 +234,7 @@ class _Search:
     def evaluate(self, nibbles: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best bytes [n, R] for `nibbles` [n, G] and `book`, and group errors [n, G] (weight units)."""
         byte_scale = (nibbles * self.supers[:, None])[:, self.group_of_byte]          # [n, R]
-        index, err = _nearest_bytes(self.quads / byte_scale[..., None], book)
+        index, err = nearest_bytes(self.quads / byte_scale[..., None], book)
         group_err = torch.zeros(nibbles.shape).index_add_(1, self.group_of_byte, err * byte_scale ** 2)
         return index, group_err
 

@@ -24,7 +24,8 @@ lowest-loss candidate (quant/wint2_act_order.py, quant/wint2_code_search.py);
 `--calib_holdout_samples` keeps the stream's last rows out of calibration. `--dense_wint4_modules`
 writes the non-WINT2 layers it matches as wint4 (e.g. the first / last layers' down_proj).
 `--tune_epochs N` then trains the written checkpoint's scales and norms by distillation from the
-float model on the same calibration rows (quant/wint2_tune.py; codes unchanged).
+float model on the same calibration rows (quant/wint2_tune.py; codes unchanged unless
+`--tune_code_lr` > 0, quant/wint2_tune_codes.py).
 Measured perplexities: benchmarks/bench_wint2_quality.py.
 """
 from __future__ import annotations
@@ -210,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune_epochs", type=int, default=0,
                         help="then distil scales and norms from the float model (quant/wint2_tune.py); 0: off")
     parser.add_argument("--tune_lr", type=float, default=3e-3, help="Adam step of --tune_epochs (relative)")
+    parser.add_argument("--tune_code_lr", type=float, default=0.0,
+                        help="--tune_epochs also moves the WINT2 bytes (quant/wint2_tune_codes.py), Adam "
+                             "step in window units; 0: bytes unchanged")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.method != "plain" and not args.calib_file:
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tune_epochs:
         from ascend_llm.quant.wint2_tune import TuneSpec
         try:
-            tune = TuneSpec(args.tune_epochs, args.tune_lr)
+            tune = TuneSpec(args.tune_epochs, args.tune_lr, code_lr=args.tune_code_lr)
         except ValueError as exc:
             parser.error(str(exc))
     target = Path(args.save_directory)
