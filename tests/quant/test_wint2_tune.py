@@ -83,11 +83,16 @@ def test_tuned_checkpoint_is_closer_to_float_on_unseen_text(tuned, tiny_llama_di
 
 def test_loader_runs_what_the_student_trained(tuned, tiny_llama_dir):
     """Student logits (codes x trained scales, in transformers) == the engine on the written file."""
-    from transformers import AutoModelForCausalLM
     root, _ = tuned
-    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    build_student(student, load_file(str(root / "tuned" / "model.safetensors")))
-    llm = LLM(str(root / "tuned"), max_model_len=96)
+    assert_engine_matches_student(tiny_llama_dir, root / "tuned")
+
+
+def assert_engine_matches_student(float_dir: Path, quant_dir: Path, move_codes: bool = False) -> None:
+    """The engine's prompt log-probs on `quant_dir` equal the tuning student built from its file."""
+    from transformers import AutoModelForCausalLM
+    student = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+    build_student(student, load_file(str(quant_dir / "model.safetensors")), move_codes=move_codes)
+    llm = LLM(str(quant_dir), max_model_len=96)
     prompt = llm.get_tokenizer().encode(word_text(7, 30))[:30]
     out = llm.generate(prompt_token_ids=[prompt], sampling_params=SCORE_PARAMS, use_tqdm=False)[0]
     ours = torch.tensor([e[t].logprob for t, e in zip(prompt[1:], out.prompt_logprobs[1:])])

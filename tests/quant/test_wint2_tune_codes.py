@@ -13,16 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from ascend_llm import LLM
 from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.wint2_calibration import CalibSpec
-from ascend_llm.quant.wint2_tune import ScaledCodeLinear, TuneSpec, build_student, tune_wint2_checkpoint
+from ascend_llm.quant.wint2_tune import ScaledCodeLinear, TuneSpec, tune_wint2_checkpoint
 from ascend_llm.quant.wint2_tune import main as tune_main
 from ascend_llm.quant.wint2_tune_codes import Wint2CodeLinear
 from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
-from tests.quant.word_text import SCORE_PARAMS, word_text, word_text_file
+from tests.quant.test_wint2_tune import assert_engine_matches_student
+from tests.quant.word_text import word_text_file
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +98,7 @@ def test_bytes_move_and_nothing_else_discrete_changes(tuned):
 
 def test_engine_runs_what_the_code_student_trained(tuned, tiny_llama_dir):
     root, _ = tuned
-    tensors = load_file(str(root / "codes" / "model.safetensors"))
-    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    build_student(student, tensors, move_codes=True)
-    llm = LLM(str(root / "codes"), max_model_len=96)
-    prompt = llm.get_tokenizer().encode(word_text(7, 30))[:30]
-    out = llm.generate(prompt_token_ids=[prompt], sampling_params=SCORE_PARAMS, use_tqdm=False)[0]
-    ours = torch.tensor([e[t].logprob for t, e in zip(prompt[1:], out.prompt_logprobs[1:])])
-    with torch.no_grad():
-        logp = torch.log_softmax(student(torch.tensor([prompt])).logits[0, :-1], dim=-1)
-    theirs = logp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-4)
+    assert_engine_matches_student(tiny_llama_dir, root / "codes", move_codes=True)
 
 
 def test_bad_code_lr(tiny_llama_dir, tmp_path, capsys):
