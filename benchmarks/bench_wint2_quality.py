@@ -198,12 +198,14 @@ def _write(method: str, src: Path, out: Path, args: argparse.Namespace) -> None:
 
 def _tune(base: str, src: Path, out: Path, args: argparse.Namespace) -> None:
     """Row "<base>+tune": the row `base` (built first if missing) after quant/wint2_tune.py
-    (--tune_samples calibration rows, --tune_epochs, --tune_lr; the --holdout rows pick the epoch)."""
+    (--tune_samples rows of --tune_calib_file or --calib_file, --tune_epochs, --tune_lr; the --holdout
+    rows at the end of that stream pick the epoch)."""
     from ascend_llm.quant.wint2_calibration import CalibSpec
     from ascend_llm.quant.wint2_tune import TuneSpec, tune_wint2_checkpoint
     base_dir = Path(args.workdir) / base
     _build(base, src, base_dir, args)
-    calib = CalibSpec(args.calib_file, args.tune_samples, args.calib_seq_len, holdout_samples=args.holdout)
+    calib = CalibSpec(args.tune_calib_file or args.calib_file, args.tune_samples, args.calib_seq_len,
+                      holdout_samples=args.holdout)
     tune_wint2_checkpoint(src, base_dir, out, calib, TuneSpec(args.tune_epochs, args.tune_lr))
 
 
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib_seq_len", type=int, default=512)
     parser.add_argument("--holdout", type=int, default=8, help="held-out calibration rows (never calibrated on)")
     parser.add_argument("--tune_samples", type=int, default=32, help="calibration rows of '+tune' rows")
+    parser.add_argument("--tune_calib_file", default=None,
+                        help="calibration texts of '+tune' rows (default --calib_file), e.g. a calib_mix of "
+                             "synthetic_calib texts with calib_prose.jsonl")
     parser.add_argument("--tune_epochs", type=int, default=3)
     parser.add_argument("--tune_lr", type=float, default=3e-3)
     parser.add_argument("--workdir", default="/tmp/bench_wint2_quality")
