@@ -21,7 +21,8 @@ import torch
 
 from ascend_llm import LLM, SamplingParams
 from ascend_llm.loader import resolve_model_path
-from ascend_llm.ops.cpu_linear_choice import onednn_preferred
+from ascend_llm.ops import build_op_set
+from ascend_llm.ops.cpu_linear_choice import linear_choice
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval_tempest.txt"
 
@@ -248,11 +249,13 @@ def main() -> None:
               "batch1_limit": limit,
               "ratio_batch1_vs_limit": ours_b1["decode_tok_s"] / limit["decode_tok_s"],
               "ratio_hf_batch1_vs_limit": hf_b1["decode_tok_s"] / limit["decode_tok_s"],
-              "cpu_linear_kernel": "oneDNN" if onednn_preferred() else "MKL F.linear",
+              "cpu_linear_kernel": build_op_set("cpu").select("linear", dtype=torch.float32).name,
+              "cpu_linear_choice": linear_choice(),
               "peak_rss_gib_whole_benchmark": peak_rss_gib}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"offline_cpu_{result['date']}_{machine_slug(result['machine'])}.json"
+    suffix = "" if linear_choice() == "auto" else f"_{linear_choice()}"      # ASCEND_LLM_CPU_LINEAR runs
+    path = out_dir / f"offline_cpu_{result['date']}_{machine_slug(result['machine'])}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwritten {path}")
 

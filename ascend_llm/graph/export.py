@@ -88,12 +88,12 @@ def load_float_model(model: str, quantization: str | None = None) -> LlamaForCau
 
 @contextmanager
 def traceable_linears(model: nn.Module) -> Iterator[None]:
-    """Within: every Linear running a oneDNN kernel (an engine's model on a non-Intel CPU) runs
+    """Within: every Linear running a oneDNN kernel or our C++ GEMV (an engine's model on CPU) runs
     F.linear on a dense copy of its weight instead, so it traces into ONNX; restored after."""
     saved = []
     for layer in model.modules():
         kernel = getattr(layer, "linear_kernel", None)
-        if kernel is not None and kernel.name.startswith("cpu.onednn"):
+        if kernel is not None and kernel.name.startswith(("cpu.onednn", "cpu.gemv")):
             saved.append((layer, layer.weight, kernel))
             dense = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight
             layer.weight, layer.linear_kernel = nn.Parameter(dense, requires_grad=False), None

@@ -1,4 +1,8 @@
-"""Which float linear kernel suits this CPU: MKL's GEMM/GEMV (F.linear) or oneDNN's.
+"""Which float linear kernel suits this CPU: our GEMV (ops/cpu_gemv.py, when it builds), MKL's
+GEMM/GEMV (F.linear) or oneDNN's.
+
+`auto` (the default) takes our GEMV wherever its C++ extension builds; for the rest the vendor
+rule below decides (and also picks the GEMM behind the GEMV's batches of more than 4 rows).
 
 Measured on the two machine kinds this project runs on (benchmarks/results/NOTES_cpu.md):
 - AMD EPYC (2 vCPUs): MKL takes its generic code path; oneDNN's packed two-row GEMV streams
@@ -6,7 +10,7 @@ Measured on the two machine kinds this project runs on (benchmarks/results/NOTES
 - Intel Xeon (2 vCPUs): MKL's one-row GEMV is ~20% faster than oneDNN at decode (14.5 vs
   18.2 ms for SmolLM2's 30 layers), oneDNN's packed GEMM is 5-20% faster at 4-32 rows.
 Decode at small batch is what users wait on, so oneDNN is used unless the CPU is an Intel
-one. `ASCEND_LLM_CPU_LINEAR=onednn|mkl` overrides the choice.
+one. `ASCEND_LLM_CPU_LINEAR=gemv|onednn|mkl` overrides the choice.
 
 The choice is by vendor, not by a start-up micro-benchmark: timings taken while other
 processes load the CPU are off by 10x (OpenMP threads spin), which would make the kernel,
@@ -19,15 +23,22 @@ import os
 from pathlib import Path
 
 ENV_VAR = "ASCEND_LLM_CPU_LINEAR"
-_CHOICES = ("auto", "onednn", "mkl")
+_CHOICES = ("auto", "gemv", "onednn", "mkl")
 
 
-def onednn_preferred() -> bool:
-    """True when float linear layers should run on oneDNN (the env override, else by vendor)."""
+def linear_choice() -> str:
+    """The ASCEND_LLM_CPU_LINEAR setting (auto when unset); ValueError naming a bad value."""
     choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
         raise ValueError(f"{ENV_VAR}={choice!r}: expected one of {', '.join(_CHOICES)}")
-    if choice != "auto":
+    return choice
+
+
+def onednn_preferred() -> bool:
+    """True when float linear layers that our GEMV does not take should run on oneDNN (the env
+    override, else by vendor)."""
+    choice = linear_choice()
+    if choice in ("onednn", "mkl"):
         return choice == "onednn"
     return cpu_vendor() != "GenuineIntel"
 

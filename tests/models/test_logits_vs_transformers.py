@@ -81,9 +81,10 @@ def test_tied_embeddings_share_storage(tiny_qwen2_tied_dir, tiny_qwen2_dir, monk
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("disabled", ["", "cpu.onednn_linear", "cpu.onednn_linear,cpu.onednn_dense_linear"])
-def test_every_cpu_linear_kernel_match_transformers(tiny_qwen2_tied_dir, disabled, monkeypatch):
-    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "onednn")   # whatever this machine's CPU is
+@pytest.mark.parametrize("choice, disabled", [("gemv", ""), ("onednn", ""), ("onednn", "cpu.onednn_linear"),
+                                              ("onednn", "cpu.onednn_linear,cpu.onednn_dense_linear")])
+def test_every_cpu_linear_kernel_match_transformers(tiny_qwen2_tied_dir, choice, disabled, monkeypatch):
+    monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", choice)     # whatever this machine's CPU is
     monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", disabled)
     token_ids = list(range(5, 30))
     config, ours = build_ours(tiny_qwen2_tied_dir)

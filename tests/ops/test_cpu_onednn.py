@@ -76,8 +76,10 @@ def test_mkl_choice_steps_onednn_aside(monkeypatch):
 @pytest.mark.parametrize("vendor, want", [("GenuineIntel", "cpu.linear"), ("AuthenticAMD", "cpu.onednn_linear"),
                                           ("", "cpu.onednn_linear")])
 def test_auto_choice_follows_cpu_vendor(monkeypatch, vendor, want):
-    from ascend_llm.ops import build_op_set
+    # the vendor rule decides where our GEMV (ops/cpu_gemv.py, preferred under auto) cannot run
+    from ascend_llm.ops import build_op_set, cpu_gemv
     monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", "auto")
+    monkeypatch.setattr(cpu_gemv, "gemv_unavailable", lambda: "not built (test)")
     monkeypatch.setattr(cpu_linear_choice, "cpu_vendor", lambda: vendor)
     assert build_op_set("cpu").select("linear", dtype=torch.float32).name == want
 
