@@ -20,6 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +57,29 @@ def build_directory() -> Path:
     return cache_root() / "ext" / f"cpu_gemv-{key.hexdigest()[:16]}"
 
 
+def ensure_ninja_on_path() -> None:
+    """torch's extension loader runs `ninja` from PATH; a venv used without activation has the
+    pip-installed one (our `ninja` dependency) only next to its python: add that folder."""
+    if shutil.which("ninja") is not None:
+        return
+    folders = [Path(sys.executable).parent]
+    try:
+        import ninja
+        folders.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for folder in folders:
+        if (folder / "ninja").exists():
+            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
 @functools.lru_cache(maxsize=1)
 def gemv_unavailable() -> str | None:
     """Why the GEMV kernel cannot run in this process (None: built and loaded). Builds it once."""
     try:
         from torch.utils.cpp_extension import load
+        ensure_ninja_on_path()
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
         if not any(directory.glob("*.so")):

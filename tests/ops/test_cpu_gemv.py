@@ -3,6 +3,8 @@ its fallbacks."""
 from __future__ import annotations
 
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +103,11 @@ def test_cache_key_follows_source_torch_and_cpu(monkeypatch):
     monkeypatch.setattr(cpu_gemv, "_cpu_flags", lambda: "flags : something else")
     assert cpu_gemv.build_directory() != first
     assert first.parent.name == "ext"
+
+
+def test_pip_ninja_found_without_an_activated_venv(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cpu_gemv.ensure_ninja_on_path()
+    found = shutil.which("ninja")
+    assert found is not None and Path(found).parent in (Path(ninja.BIN_DIR), Path(sys.executable).parent)
