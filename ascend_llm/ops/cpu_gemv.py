@@ -11,7 +11,9 @@ ops/cpu_linear_choice.py).
 
 The kernel is compiled on first use (~20 s, g++ and ninja, `-O3 -march=native`) into
 `$ASCEND_LLM_CACHE/ext/` (default ~/.cache/ascend_llm/ext/) under a key of the source, the torch
-version and the CPU's feature flags, and loaded from there afterwards. Without a compiler the
+version and the CPU's feature flags, and loaded from there afterwards (directly, without
+running the build tools again; a build is staged privately and moved in whole, so processes
+starting together, e.g. tensor-parallel ranks, never see a half-written library). Without a compiler the
 kernel says why and the oneDNN / MKL kernels run instead. `ASCEND_LLM_CPU_LINEAR=onednn|mkl`
 also steps it aside.
 """
@@ -23,6 +25,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -74,19 +77,46 @@ def ensure_ninja_on_path() -> None:
             return
 
 
+def library_loaded() -> bool:
+    """Whether torch.ops.ascend_llm_cpu.gemv is registered in this process already."""
+    try:
+        torch.ops.ascend_llm_cpu.gemv
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _build_into(directory: Path, final: Path) -> None:
+    """Compile in a private staging folder (torch loads it from there), then move the library
+    to `final` atomically: other processes only ever see a whole file, and never a rebuild."""
+    from torch.utils.cpp_extension import load
+    ensure_ninja_on_path()
+    logger.info("building the CPU GEMV kernel once (about 20 s) into %s", directory)
+    staging = Path(tempfile.mkdtemp(prefix="staging-", dir=directory))
+    try:
+        load(name=f"ascend_llm_cpu_gemv_{directory.name.split('-')[-1]}", sources=[str(SOURCE)],
+             extra_cflags=["-O3", "-march=native"], build_directory=str(staging),
+             is_python_module=False, verbose=False)
+        built = next(staging.glob("*.so"))
+        os.replace(built, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=1)
 def gemv_unavailable() -> str | None:
-    """Why the GEMV kernel cannot run in this process (None: built and loaded). Builds it once."""
+    """Why the GEMV kernel cannot run in this process (None: loaded). Builds it once per machine;
+    later processes load the cached library without running the build tools."""
+    if library_loaded():
+        return None
     try:
-        from torch.utils.cpp_extension import load
-        ensure_ninja_on_path()
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
-        if not any(directory.glob("*.so")):
-            logger.info("building the CPU GEMV kernel once (about 20 s) into %s", directory)
-        load(name=f"ascend_llm_cpu_gemv_{directory.name.split('-')[-1]}", sources=[str(SOURCE)],
-             extra_cflags=["-O3", "-march=native"], build_directory=str(directory),
-             is_python_module=False, verbose=False)
+        final = directory / "ascend_llm_cpu_gemv.so"
+        if final.exists():
+            torch.ops.load_library(str(final))
+        else:
+            _build_into(directory, final)
     except Exception as exc:   # no compiler, no ninja, unwritable cache, build error: fall back
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         reason = f"the CPU GEMV kernel could not be built ({type(exc).__name__}: {first[:200]})"

@@ -111,3 +111,32 @@ def test_pip_ninja_found_without_an_activated_venv(monkeypatch):
     cpu_gemv.ensure_ninja_on_path()
     found = shutil.which("ninja")
     assert found is not None and Path(found).parent in (Path(ninja.BIN_DIR), Path(sys.executable).parent)
+
+
+_CHILD = """
+import logging, sys, torch
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+from ascend_llm.ops import cpu_gemv
+assert cpu_gemv.gemv_unavailable() is None, cpu_gemv.gemv_unavailable()
+x, w = torch.randn(1, 40), torch.randn(7, 40)
+torch.testing.assert_close(torch.ops.ascend_llm_cpu.gemv(x, w, None), x @ w.t(), rtol=1e-5, atol=1e-5)
+print("CHILD OK")
+"""
+
+
+@needs_build
+@pytest.mark.slow
+def test_concurrent_first_builds_then_plain_loads(tmp_path):
+    """Two processes building into an empty cache at once both work; a later one only loads."""
+    import os
+    import subprocess
+    env = {**os.environ, "ASCEND_LLM_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 and "CHILD OK" in out for p, out in zip(procs, outputs)), outputs
+    folders = list((tmp_path / "ext").iterdir())
+    assert len(folders) == 1 and [f.name for f in folders[0].iterdir()] == ["ascend_llm_cpu_gemv.so"]
+    later = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert later.returncode == 0 and "CHILD OK" in later.stdout
+    assert "building" not in later.stdout + later.stderr
