@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import resource
 import time
@@ -23,6 +24,8 @@ from ascend_llm import LLM, SamplingParams
 from ascend_llm.loader import resolve_model_path
 from ascend_llm.ops import build_op_set
 from ascend_llm.ops.cpu_linear_choice import linear_choice
+
+_SMALL_OPS = ("rms_norm", "add_rms_norm", "rope", "silu_and_mul", "reshape_and_cache", "paged_attention")
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval_tempest.txt"
 
@@ -251,10 +254,14 @@ def main() -> None:
               "ratio_hf_batch1_vs_limit": hf_b1["decode_tok_s"] / limit["decode_tok_s"],
               "cpu_linear_kernel": build_op_set("cpu").select("linear", dtype=torch.float32).name,
               "cpu_linear_choice": linear_choice(),
+              "cpu_kernels": {op: build_op_set("cpu").select(op).name for op in _SMALL_OPS},
+              "disabled_kernels": os.environ.get("ASCEND_LLM_DISABLE_KERNELS", ""),
               "peak_rss_gib_whole_benchmark": peak_rss_gib}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if linear_choice() == "auto" else f"_{linear_choice()}"      # ASCEND_LLM_CPU_LINEAR runs
+    if result["disabled_kernels"]:
+        suffix += "_kernels_disabled"
     path = out_dir / f"offline_cpu_{result['date']}_{machine_slug(result['machine'])}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwritten {path}")

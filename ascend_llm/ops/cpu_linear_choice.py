@@ -1,8 +1,10 @@
 """Which float linear kernel suits this CPU: our GEMV (ops/cpu_gemv.py, when it builds), MKL's
 GEMM/GEMV (F.linear) or oneDNN's.
 
-`auto` (the default) takes our GEMV wherever its C++ extension builds; for the rest the vendor
-rule below decides (and also picks the GEMM behind the GEMV's batches of more than 4 rows).
+`auto` (the default) takes our GEMV wherever its C++ extension builds except on Intel CPUs,
+where MKL's GEMV is faster (2-vCPU Xeon, 2026-12-05: 20.9 vs 23.7 ms over SmolLM2's matrices at
+one row); for the rest the vendor rule below decides (and also picks the GEMM behind the GEMV's
+batches of more than 4 rows).
 
 Measured on the two machine kinds this project runs on (benchmarks/results/NOTES_cpu.md):
 - AMD EPYC (2 vCPUs): MKL takes its generic code path; oneDNN's packed two-row GEMV streams

@@ -81,8 +81,13 @@ def test_tied_embeddings_share_storage(tiny_qwen2_tied_dir, tiny_qwen2_dir, monk
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
+_REFERENCE_SMALL_OPS = ",".join(f"cpu.fused_{op}" for op in (
+    "rms_norm", "add_rms_norm", "rope", "silu_and_mul", "reshape_and_cache", "paged_attention"))
+
+
 @pytest.mark.parametrize("choice, disabled", [("gemv", ""), ("onednn", ""), ("onednn", "cpu.onednn_linear"),
-                                              ("onednn", "cpu.onednn_linear,cpu.onednn_dense_linear")])
+                                              ("onednn", "cpu.onednn_linear,cpu.onednn_dense_linear"),
+                                              ("gemv", _REFERENCE_SMALL_OPS)])
 def test_every_cpu_linear_kernel_match_transformers(tiny_qwen2_tied_dir, choice, disabled, monkeypatch):
     monkeypatch.setenv("ASCEND_LLM_CPU_LINEAR", choice)     # whatever this machine's CPU is
     monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", disabled)

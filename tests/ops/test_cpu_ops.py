@@ -7,6 +7,7 @@ import torch
 from ascend_llm.ops import AttentionMetadata, build_registry
 from ascend_llm.ops import cpu
 from ascend_llm.ops.registry import Kernel, OpRegistry
+from tests.ops.paged_layout import scatter_tables
 
 
 def naive_attention(q, k, v, scale):
@@ -36,12 +37,7 @@ def test_paged_attention_matches_naive(query_lens, context_lens, num_heads, num_
     k_cache[num_blocks] = 0
     v_cache[num_blocks] = 0
     perm = torch.randperm(num_blocks).tolist()
-    tables, slots, start = [], [], 0
-    for ql, cl in zip(query_lens, context_lens):
-        n = -(-cl // block_size)
-        table, start = perm[start:start + n], start + n
-        tables.append(table)
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(cl - ql, cl)]
+    tables, slots = scatter_tables(query_lens, context_lens, block_size, perm)
     query = torch.randn(sum(query_lens), num_heads, head_dim)
     meta = AttentionMetadata.build(query_lens, context_lens, tables, slots, block_size, num_blocks, torch.device("cpu"))
     got = cpu.paged_attention(query, k_cache, v_cache, meta, head_dim ** -0.5)

@@ -1,7 +1,8 @@
 // Float32 GEMV for CPU decode: out[m, n] = x[m, k] . w[n, k] (+ bias[n]) for 1 <= m <= 4 rows.
 // Weight rows are streamed once, in memory order, each dotted with every row of x (AVX2/FMA when
 // the compiler targets them, plain C++ otherwise); output rows are split over torch's intra-op
-// threads. Registered as torch.ops.ascend_llm_cpu.gemv; built by ascend_llm/ops/cpu_gemv.py.
+// threads. Registered as torch.ops.ascend_llm_cpu.gemv; built with cpu_decode.cpp into one library by
+// ascend_llm/ops/cpu_extension.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -88,7 +89,7 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w, const c10::optional
 
 }  // namespace
 
-TORCH_LIBRARY(ascend_llm_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(ascend_llm_cpu, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? bias) -> Tensor");
 }
 
