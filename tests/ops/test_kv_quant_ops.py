@@ -147,8 +147,9 @@ def test_zero_bytes_dequantize_finite(dtype):
 def test_selection_by_kv_cache_dtype_and_rejection_reasons(monkeypatch):
     registry = build_registry(("cpu",))
     for op in ("reshape_and_cache", "paged_attention"):
-        assert registry.select(op, "cpu").name == f"cpu.{op}"                  # float path unchanged
-        assert registry.select(op, "cpu", kv_cache_dtype="auto").name == f"cpu.{op}"
+        float_kernels = (f"cpu.{op}", f"cpu.fused_{op}")         # float path: reference or fused C++
+        assert registry.select(op, "cpu").name in float_kernels
+        assert registry.select(op, "cpu", kv_cache_dtype="auto").name in float_kernels
         assert registry.select(op, "cpu", kv_cache_dtype="int8").name == f"cpu.kv_quant.{op}"
     monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.kv_quant.paged_attention")
     with pytest.raises(ValueError, match="disabled.*kv_cache_dtype='fp8' is quantized"):
