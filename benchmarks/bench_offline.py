@@ -237,6 +237,7 @@ def main() -> None:
     print(f"ngram drafts accepted: {spec['batch1']['acceptance_rate']:.0%} at batch 1, "
           f"{spec['concurrent']['acceptance_rate']:.0%} at {args.num_requests} requests "
           f"(the limit row is for plain decoding: speculation verifies several tokens per weight pass)")
+    cpu_ops = build_op_set("cpu")
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {"date": dt.date.today().isoformat(), "machine": cpu_model_name(),
               "num_threads": torch.get_num_threads(), "model": args.model, "dtype": "float32",
@@ -252,9 +253,9 @@ def main() -> None:
               "batch1_limit": limit,
               "ratio_batch1_vs_limit": ours_b1["decode_tok_s"] / limit["decode_tok_s"],
               "ratio_hf_batch1_vs_limit": hf_b1["decode_tok_s"] / limit["decode_tok_s"],
-              "cpu_linear_kernel": build_op_set("cpu").select("linear", dtype=torch.float32).name,
+              "cpu_linear_kernel": cpu_ops.select("linear", dtype=torch.float32).name,
               "cpu_linear_choice": linear_choice(),
-              "cpu_kernels": {op: build_op_set("cpu").select(op).name for op in _SMALL_OPS},
+              "cpu_kernels": {op: cpu_ops.select(op).name for op in _SMALL_OPS},
               "disabled_kernels": os.environ.get("ASCEND_LLM_DISABLE_KERNELS", ""),
               "peak_rss_gib_whole_benchmark": peak_rss_gib}
     out_dir = Path(args.out)

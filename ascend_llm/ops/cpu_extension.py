@@ -2,8 +2,8 @@
 built once per machine into one library with torch's C++ extension loader.
 
 The library is compiled on first use (~20 s, g++ and ninja, `-O3 -march=native -fopenmp`) into
-`$ASCEND_LLM_CACHE/ext/` (default ~/.cache/ascend_llm/ext/) under a key of the sources, the torch
-version and the CPU's feature flags, and loaded from there afterwards (directly, without running
+`$ASCEND_LLM_CACHE/ext/` (default ~/.cache/ascend_llm/ext/) under a key of the sources, the build
+flags, the torch version and the CPU's feature flags, and loaded from there afterwards (directly, without running
 the build tools again). A build is staged in a private folder and moved in whole, so processes
 starting together (tensor-parallel ranks) never see a half-written library. Without a compiler
 `extension_unavailable()` says why, and the kernels that need the library step aside for the
@@ -85,7 +85,7 @@ def _build_into(directory: Path, final: Path) -> None:
     to `final` atomically: other processes only ever see a whole file, and never a rebuild."""
     from torch.utils.cpp_extension import load
     ensure_ninja_on_path()
-    logger.info("building the CPU kernels once (about 30 s) into %s", directory)
+    logger.info("building the CPU kernels once (about 20 s) into %s", directory)
     staging = Path(tempfile.mkdtemp(prefix="staging-", dir=directory))
     try:
         load(name=f"ascend_llm_cpu_{directory.name.split('-')[-1]}", sources=[str(s) for s in SOURCES],

@@ -93,9 +93,7 @@ def _supports(**traits: Any) -> str | None:
 
 
 def _supports_float_kv(kv_cache_dtype: str = "auto", **traits: Any) -> str | None:
-    if kv_cache_dtype != "auto":
-        return f"kv_cache_dtype={kv_cache_dtype!r} is quantized"
-    return extension_unavailable()
+    return cpu._supports_float_kv(kv_cache_dtype) or extension_unavailable()
 
 
 def register(registry: OpRegistry) -> None:

@@ -6,10 +6,10 @@ Decode at batch 1-4 is a matrix-vector product that has to stream every weight o
 oneDNN's two-row trick (ops/cpu_onednn.py), and each call costs ~1 us instead of ~15 us; batch-1
 decode went from 27 to 38 tok/s (benchmarks/bench_offline.py). Those EPYC numbers were taken
 with a build that, lacking -fopenmp, ran on one thread; built with OpenMP (cpu_extension.py) it
-streams 24.8 GB/s on a 2-vCPU Xeon against 13.2 before (MKL: 25.8), so `auto` keeps MKL on Intel. The weight keeps its dense
-[out, in] layout (a tied LM head stays shared with the embedding). Batches of more than four rows
-go to oneDNN's GEMM on the same dense weight (MKL's F.linear on Intel CPUs, as in
-ops/cpu_linear_choice.py).
+streams 24.8 GB/s on a 2-vCPU Xeon against 13.2 before (MKL: 25.8), so `auto` keeps MKL on
+Intel. The weight keeps its dense [out, in] layout (a tied LM head stays shared with the
+embedding). Batches of more than four rows go to oneDNN's GEMM on the same dense weight (MKL's
+F.linear on Intel CPUs, as in ops/cpu_linear_choice.py).
 
 The kernel is built with the other C++ CPU kernels by ops/cpu_extension.py (once per machine,
 cached); without a compiler it says why and the oneDNN / MKL kernels run instead.
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ascend_llm.ops.cpu_extension import extension_unavailable
 from ascend_llm.ops import cpu_linear_choice
+from ascend_llm.ops.cpu_extension import extension_unavailable
 from ascend_llm.ops.cpu_linear_choice import ENV_VAR, linear_choice
 from ascend_llm.ops.registry import Kernel, OpRegistry
 
