@@ -12,7 +12,8 @@ Part 2, SmolLM2-135M-Instruct (unless --skip_smollm2): perplexity of eval_tempes
 --eval_tokens tokens, --window-token windows) for float, RTN 2-bit on the MLP (a float checkpoint
 holding the round-tripped weights, attention float), and the WINT2 writer (MLP WINT2, attention
 wint8) with --methods (plain / search / gptq, and the GPTQ_VARIANTS below; "<row>+tune" is that
-row's checkpoint after quant/wint2_tune.py's distillation of scales and norms). Checkpoints go to
+row's checkpoint after quant/wint2_tune.py's distillation of scales and norms, "<row>+tune_groups"
+the same with the WINT2 group nibbles trained too). Checkpoints go to
 --workdir and are reused if present (a SmolLM2 gptq conversion takes ~10 minutes on one core).
 Each row also gets the perplexity of calib_prose.jsonl split into --window rows: the first 8
 calibration rows ("calib", seen by the writer) and the last --holdout rows ("held out", never
@@ -61,7 +62,9 @@ GPTQ_VARIANTS: dict[str, tuple[dict, int | None, tuple[str, ...] | None, tuple[s
 }
 RESULTS = ROOT / "benchmarks" / "results"
 CONVERT_TIMES = "bench_convert_times.json"     # written next to each converted checkpoint
+TUNE_HISTORY = "bench_tune_history.json"       # per-epoch KL of a tuned row, next to its checkpoint
 TUNED = "+tune"     # row suffix: the row's checkpoint after distillation tuning (quant/wint2_tune.py)
+TUNED_GROUPS = "+tune_groups"   # the same with the WINT2 group nibbles trained too (--tune_group_lr)
 MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "ernie4_5_moe")
 logger = logging.getLogger("bench_wint2_quality")
 
@@ -179,7 +182,9 @@ def _write(method: str, src: Path, out: Path, args: argparse.Namespace) -> None:
     from ascend_llm.quant.wint2_calibration import CalibSpec
     from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
     from ascend_llm.quant.wint2_writer import DEFAULT_WINT2_MODULES, write_wint2_checkpoint
-    if method.endswith(TUNED):
+    if method.endswith(TUNED_GROUPS):
+        _tune(method.removesuffix(TUNED_GROUPS), src, out, args, group_lr=args.tune_group_lr)
+    elif method.endswith(TUNED):
         _tune(method.removesuffix(TUNED), src, out, args)
     elif method == "rtn2":
         _rtn_checkpoint(src, out)
@@ -196,17 +201,19 @@ def _write(method: str, src: Path, out: Path, args: argparse.Namespace) -> None:
                                calib=calib, encoder_options=options, dense_wint4_modules=wint4)
 
 
-def _tune(base: str, src: Path, out: Path, args: argparse.Namespace) -> None:
+def _tune(base: str, src: Path, out: Path, args: argparse.Namespace, group_lr: float = 0.0) -> None:
     """Row "<base>+tune": the row `base` (built first if missing) after quant/wint2_tune.py
     (--tune_samples rows of --tune_calib_file or --calib_file, --tune_epochs, --tune_lr; the --holdout
-    rows at the end of that stream pick the epoch)."""
+    rows at the end of that stream pick the epoch); "<base>+tune_groups" also trains the nibbles."""
     from ascend_llm.quant.wint2_calibration import CalibSpec
     from ascend_llm.quant.wint2_tune import TuneSpec, tune_wint2_checkpoint
     base_dir = Path(args.workdir) / base
     _build(base, src, base_dir, args)
     calib = CalibSpec(args.tune_calib_file or args.calib_file, args.tune_samples, args.calib_seq_len,
                       holdout_samples=args.holdout)
-    tune_wint2_checkpoint(src, base_dir, out, calib, TuneSpec(args.tune_epochs, args.tune_lr))
+    history = tune_wint2_checkpoint(src, base_dir, out, calib,
+                                    TuneSpec(args.tune_epochs, args.tune_lr, group_lr=group_lr))
+    (out / TUNE_HISTORY).write_text(json.dumps(history) + "\n")
 
 
 def calib_split_ids(tokenizer, args: argparse.Namespace) -> tuple[list[int], list[int]]:
@@ -250,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                              "synthetic_calib texts with calib_prose.jsonl")
     parser.add_argument("--tune_epochs", type=int, default=3)
     parser.add_argument("--tune_lr", type=float, default=3e-3)
+    parser.add_argument("--tune_group_lr", type=float, default=1e-2, help="group nibble step of '+tune_groups' rows")
     parser.add_argument("--workdir", default="/tmp/bench_wint2_quality")
     parser.add_argument("--skip_smollm2", action="store_true")
     parser.add_argument("--moe_archs", nargs="*", default=list(MOE_ARCHS))
@@ -281,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         report["smollm2"].append({"row": row, "perplexity": ppl["eval"], "calib_ppl": ppl["calib"],
                                   "held_out_ppl": ppl["held_out"], "convert_s": times.get("wall_s", 0.0),
                                   "convert_cpu_s": times.get("cpu_s", 0.0), "dir": str(out)})
+        if (out / TUNE_HISTORY).exists():
+            report["smollm2"][-1]["tune_history"] = json.loads((out / TUNE_HISTORY).read_text())
         print(f"  {row:24s} perplexity {ppl['eval']:10.2f}  calib {ppl['calib']:8.2f}  held out "
               f"{ppl['held_out']:8.2f}" + (f"  (converted: {times['cpu_s']:.0f} s CPU)" if times else ""))
         path.write_text(json.dumps(report, indent=2) + "\n")

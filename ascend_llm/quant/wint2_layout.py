@@ -217,7 +217,7 @@ def encode_wint2(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32,
     for _ in range(refine_steps):
         state.refine_nibbles()
     nibbles = torch.where(amax > 0, state.nibbles, torch.zeros_like(state.nibbles))   # zero groups
-    return Wint2Tensors(state.bytes.to(torch.uint8).t().contiguous(), _pack_nibbles(nibbles.t()),
+    return Wint2Tensors(state.bytes.to(torch.uint8).t().contiguous(), pack_nibbles(nibbles.t()),
                         super_scales.contiguous(), state.code_scale.contiguous(), state.code_zp.contiguous())
 
 
@@ -272,7 +272,7 @@ class _Search:
         self.bytes = torch.where(better[:, self.group_of_byte], index, self.bytes)
 
 
-def _pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     """[G, n] values 0..15 -> uint8 [ceil(G/2), n]: even group high nibble, odd group low nibble."""
     groups, n = nibbles.shape
     if groups % 2:

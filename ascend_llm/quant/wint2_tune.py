@@ -21,7 +21,9 @@ of the next-token distributions:
 Codes (`quant_weight`, the nibbles in the WINT2 `weight_scale`, `code_scale`, `code_zp`, int8 /
 int4 weights), embeddings and the LM head are copied unchanged, so the output loads exactly like
 the input. With `--code_lr` > 0 the WINT2 bytes (`quant_weight`) train too, by straight-through
-rounding to each column's codebook (quant/wint2_tune_codes.py); everything else stays as said. Held-out rows (`--calib_holdout_samples`, taken from the end of the calibration
+rounding to each column's codebook (quant/wint2_tune_codes.py); with `--group_lr` > 0 the WINT2
+4-bit group nibbles (in `weight_scale`) do, by straight-through rounding to integers
+(quant/wint2_tune_groups.py); everything else stays as said. Held-out rows (`--calib_holdout_samples`, taken from the end of the calibration
 stream) pick the best epoch; without them the last epoch is kept.
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ class TuneSpec:
     lr: float = 3e-3          # Adam step on the relative change (3e-3 = 0.3% of the initial value)
     batch_size: int = 1       # calibration rows per optimizer step
     code_lr: float = 0.0      # > 0: WINT2 bytes move too (wint2_tune_codes), Adam step in window units
+    group_lr: float = 0.0     # > 0: WINT2 group nibbles move too (wint2_tune_groups), relative Adam step
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -64,6 +67,11 @@ class TuneSpec:
             raise ValueError(f"tune: lr must be positive, got {self.lr}")
         if not self.code_lr >= 0:
             raise ValueError(f"tune: code_lr must be >= 0 (0: codes fixed), got {self.code_lr}")
+        if not self.group_lr >= 0:
+            raise ValueError(f"tune: group_lr must be >= 0 (0: group nibbles fixed), got {self.group_lr}")
+        if self.code_lr > 0 and self.group_lr > 0:
+            raise ValueError("tune: code_lr and group_lr cannot both be > 0 (the bytes or the group nibbles "
+                             "move, one at a time)")
 
 
 class Relative(nn.Module):
@@ -117,13 +125,15 @@ def quantized_codes(tensors: dict[str, torch.Tensor], module: str,
     raise ValueError(f"wint2_tune: {module}.weight has dtype {weight.dtype}, expected int8 or packed uint8")
 
 
-def build_student(model: nn.Module, tensors: dict[str, torch.Tensor],
-                  move_codes: bool = False) -> dict[str, tuple[ScaledCodeLinear, str]]:
+def build_student(model: nn.Module, tensors: dict[str, torch.Tensor], move_codes: bool = False,
+                  move_groups: bool = False) -> dict[str, tuple[ScaledCodeLinear, str]]:
     """Replace every quantized Linear of `model` (in place); {module name: (layer, scale name)}.
-    move_codes: WINT2 Linears become `Wint2CodeLinear`s (their bytes train too)."""
+    move_codes: WINT2 Linears become `Wint2CodeLinear`s (their bytes train too); move_groups:
+    `Wint2GroupScaleLinear`s (their group nibbles train too)."""
     from torch.nn.utils import parametrize
 
     from ascend_llm.quant.wint2_tune_codes import Wint2CodeLinear
+    from ascend_llm.quant.wint2_tune_groups import Wint2GroupScaleLinear
 
     with torch.no_grad():   # float tensors of the checkpoint (norms, embeddings) win over the float model's
         for name, param in model.named_parameters():
@@ -140,8 +150,9 @@ def build_student(model: nn.Module, tensors: dict[str, torch.Tensor],
             if codes.shape != module.weight.shape:
                 raise ValueError(f"wint2_tune: {name} decodes to {tuple(codes.shape)}, the float model "
                                  f"has {tuple(module.weight.shape)}")
-            if move_codes and scale_name == "super_scales":
-                layer = Wint2CodeLinear({t: tensors[f"{name}.{t}"] for t in L.TENSOR_NAMES}, module.bias)
+            if (move_codes or move_groups) and scale_name == "super_scales":
+                wint2 = {t: tensors[f"{name}.{t}"] for t in L.TENSOR_NAMES}
+                layer = (Wint2CodeLinear if move_codes else Wint2GroupScaleLinear)(wint2, module.bias)
             else:
                 layer = ScaledCodeLinear(codes, scale, module.bias)
             parent, _, child = name.rpartition(".")
@@ -175,16 +186,18 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def _trainable(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(scale and norm parameters, WINT2 code shifts), all set to require grad, the rest frozen."""
+def _trainable(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(scale and norm parameters, WINT2 code shifts, WINT2 group deltas), all set to require
+    grad, the rest frozen."""
     for param in model.parameters():
         param.requires_grad_(False)
     params = [m.delta for m in model.modules() if isinstance(m, ScaledCodeLinear)]
     params += [p for n, p in model.named_parameters() if n.endswith("parametrizations.weight.original")]
     shifts = [m.shift for m in model.modules() if hasattr(m, "shift")]
-    for param in params + shifts:
+    groups = [m.group_delta for m in model.modules() if hasattr(m, "group_delta")]
+    for param in params + shifts + groups:
         param.requires_grad_(True)
-    return params, shifts
+    return params, shifts, groups
 
 
 @torch.no_grad()
@@ -199,9 +212,10 @@ def train(student: nn.Module, teacher: nn.Module, rows: torch.Tensor, heldout: t
           spec: TuneSpec) -> list[dict]:
     """Adam on the student's deltas; returns per-epoch {epoch, train_kl, heldout_kl}. With held-out
     rows the best epoch's deltas are restored at the end (epoch 0 = untouched)."""
-    scales, shifts = _trainable(student)
-    params = scales + shifts
+    scales, shifts, group_deltas = _trainable(student)
+    params = scales + shifts + group_deltas
     groups = [{"params": scales, "lr": spec.lr}] + ([{"params": shifts, "lr": spec.code_lr}] if shifts else [])
+    groups += [{"params": group_deltas, "lr": spec.group_lr}] if group_deltas else []
     opt = torch.optim.Adam(groups)
     steps = spec.epochs * -(-rows.shape[0] // spec.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -242,6 +256,8 @@ def tuned_tensors(student: nn.Module, replaced: dict[str, tuple[ScaledCodeLinear
         out[key] = layer.scale().detach().to(tensors[key].dtype).contiguous()
         if hasattr(layer, "quant_weight"):                 # Wint2CodeLinear: its bytes may have moved
             out[f"{name}.quant_weight"] = layer.quant_weight()
+        if hasattr(layer, "group_delta"):                  # Wint2GroupScaleLinear: its nibbles may have moved
+            out[f"{name}.weight_scale"] = layer.weight_scale()
     for name, module in student.named_modules():
         key = f"{name}.weight"
         if hasattr(module, "parametrizations") and key in tensors:
@@ -268,7 +284,7 @@ def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_d
     rows, heldout = split_calibration_ids(tokenizer, read_calib_texts(calib.calib_file), calib)
     teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     student = copy.deepcopy(teacher)
-    replaced = build_student(student, tensors, move_codes=spec.code_lr > 0)
+    replaced = build_student(student, tensors, move_codes=spec.code_lr > 0, move_groups=spec.group_lr > 0)
     history = train(student, teacher, rows, heldout, spec)
     if spec.code_lr > 0:
         moved = sum(layer.num_changed(tensors[f"{name}.quant_weight"]) for name, (layer, _) in replaced.items()
@@ -277,6 +293,11 @@ def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_d
                     if hasattr(layer, "num_changed"))
         logger.info("wint2_tune: %d of %d WINT2 bytes changed (%.2f%%)", moved, total, 100 * moved / max(1, total))
         history[-1]["bytes_changed"] = moved
+    if spec.group_lr > 0:
+        layers = [layer for layer, _ in replaced.values() if hasattr(layer, "group_delta")]
+        moved, total = sum(layer.nibbles_changed() for layer in layers), sum(layer.group_delta.numel() for layer in layers)
+        logger.info("wint2_tune: %d of %d WINT2 group nibbles changed (%.2f%%)", moved, total, 100 * moved / max(1, total))
+        history[-1]["nibbles_changed"] = moved
     shutil.copytree(quant, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(shards[0].name))
     save_file(tuned_tensors(student, replaced, tensors), str(out / shards[0].name), metadata={"format": "pt"})
     logger.info("wint2_tune: %d Linears, %d rows x %d epochs in %.0f s", len(replaced), rows.shape[0],
@@ -302,12 +323,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--code_lr", type=float, default=defaults.code_lr,
                         help="> 0: the WINT2 bytes train too (straight-through rounding), Adam step in "
                              "window units (e.g. 0.02); 0 keeps the codes")
+    parser.add_argument("--group_lr", type=float, default=defaults.group_lr,
+                        help="> 0: the WINT2 4-bit group scales (nibbles) train too (straight-through "
+                             "rounding), relative Adam step (e.g. 3e-3); 0 keeps them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         calib = CalibSpec(args.calib_file, args.calib_num_samples, args.calib_seq_len,
                           holdout_samples=args.calib_holdout_samples)
-        spec = TuneSpec(args.epochs, args.lr, args.batch_size, args.code_lr)
+        spec = TuneSpec(args.epochs, args.lr, args.batch_size, args.code_lr, args.group_lr)
         history = tune_wint2_checkpoint(args.model_path, args.quant_path, args.save_directory, calib, spec)
     except ValueError as exc:
         parser.error(str(exc))

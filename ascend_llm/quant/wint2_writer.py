@@ -25,7 +25,8 @@ lowest-loss candidate (quant/wint2_act_order.py, quant/wint2_code_search.py);
 writes the non-WINT2 layers it matches as wint4 (e.g. the first / last layers' down_proj).
 `--tune_epochs N` then trains the written checkpoint's scales and norms by distillation from the
 float model on the same calibration rows (quant/wint2_tune.py; codes unchanged unless
-`--tune_code_lr` > 0, quant/wint2_tune_codes.py).
+`--tune_code_lr` > 0, quant/wint2_tune_codes.py; group nibbles unchanged unless `--tune_group_lr`
+> 0, quant/wint2_tune_groups.py).
 Measured perplexities: benchmarks/bench_wint2_quality.py.
 """
 from __future__ import annotations
@@ -214,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune_code_lr", type=float, default=0.0,
                         help="--tune_epochs also moves the WINT2 bytes (quant/wint2_tune_codes.py), Adam "
                              "step in window units; 0: bytes unchanged")
+    parser.add_argument("--tune_group_lr", type=float, default=0.0,
+                        help="--tune_epochs also moves the WINT2 group nibbles (quant/wint2_tune_groups.py), "
+                             "relative Adam step; 0: nibbles unchanged")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.method != "plain" and not args.calib_file:
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.tune_epochs:
         from ascend_llm.quant.wint2_tune import TuneSpec
         try:
-            tune = TuneSpec(args.tune_epochs, args.tune_lr, code_lr=args.tune_code_lr)
+            tune = TuneSpec(args.tune_epochs, args.tune_lr, code_lr=args.tune_code_lr,
+                            group_lr=args.tune_group_lr)
         except ValueError as exc:
             parser.error(str(exc))
     target = Path(args.save_directory)
