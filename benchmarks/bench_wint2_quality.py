@@ -19,7 +19,7 @@ Each row also gets the perplexity of calib_prose.jsonl split into --window rows:
 calibration rows ("calib", seen by the writer) and the last --holdout rows ("held out", never
 used for calibration: every calibrated row is written with holdout_samples = --holdout).
 
-Writes benchmarks/results/wint2_quality_<date>.json (rewritten after each row).
+Writes benchmarks/results/wint2_quality_<date>_<cpu>.json (rewritten after each row).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -266,8 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"wint2_quality_{dt.date.today().isoformat()}.json"
-    report: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": platform.processor() or platform.machine(),
+    from bench_offline import cpu_model_name, machine_slug     # benchmarks/ is on sys.path
+    machine = cpu_model_name()
+    path = RESULTS / f"wint2_quality_{dt.date.today().isoformat()}_{machine_slug(machine)}.json"
+    report: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": machine,
                     "torch_threads": torch.get_num_threads(), "args": vars(args), "moe": {}, "smollm2": []}
     moe_methods = ("wint4", "rtn2", "wint2_plain", "wint2_gptq")
     print(f"{'tiny MoE (relative logits error)':34s}" + "".join(f"{m:>12s}" for m in moe_methods))

@@ -19,26 +19,13 @@ from ascend_llm.quant.wint2_calibration import CalibSpec
 from ascend_llm.quant.wint2_tune import ScaledCodeLinear, TuneSpec, tune_wint2_checkpoint
 from ascend_llm.quant.wint2_tune import main as tune_main
 from ascend_llm.quant.wint2_tune_codes import Wint2CodeLinear
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
 from tests.quant.test_wint2_tune import assert_engine_matches_student
+from tests.quant.wint2_written import first_wint2, written  # noqa: F401 (fixture)
 from tests.quant.word_text import word_text_file
 
 
-@pytest.fixture(scope="module")
-def written(tiny_llama_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("wint2_codes")
-    write_wint2_checkpoint(tiny_llama_dir, root / "plain")
-    return root
-
-
-def _wint2(root: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    tensors = load_file(str(root / "plain" / "model.safetensors"))
-    name = next(n.removesuffix(".quant_weight") for n in tensors if n.endswith(".quant_weight"))
-    return name, {t: tensors[f"{name}.{t}"] for t in L.TENSOR_NAMES}
-
-
 def test_layer_starts_as_the_written_codes_and_flips_a_byte_when_pushed(written):
-    name, t = _wint2(written)
+    name, t = first_wint2(written)
     layer = Wint2CodeLinear(t, None)
     ones = torch.ones_like(t["super_scales"], dtype=torch.float32)
     codes = L.dequantize_wint2(t["quant_weight"], t["weight_scale"], ones, t["code_scale"], t["code_zp"])

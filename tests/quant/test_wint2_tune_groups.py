@@ -12,22 +12,9 @@ from ascend_llm.quant.wint2_calibration import CalibSpec
 from ascend_llm.quant.wint2_tune import ScaledCodeLinear, TuneSpec, tune_wint2_checkpoint
 from ascend_llm.quant.wint2_tune import main as tune_main
 from ascend_llm.quant.wint2_tune_groups import Wint2GroupScaleLinear
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
 from tests.quant.test_wint2_tune import assert_engine_matches_student
+from tests.quant.wint2_written import first_wint2, written  # noqa: F401 (fixture)
 from tests.quant.word_text import word_text_file
-
-
-@pytest.fixture(scope="module")
-def written(tiny_llama_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("wint2_groups")
-    write_wint2_checkpoint(tiny_llama_dir, root / "plain")
-    return root
-
-
-def _wint2(root: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    tensors = load_file(str(root / "plain" / "model.safetensors"))
-    name = next(n.removesuffix(".quant_weight") for n in tensors if n.endswith(".quant_weight"))
-    return name, {t: tensors[f"{name}.{t}"] for t in L.TENSOR_NAMES}
 
 
 def _fixed(t: dict[str, torch.Tensor]) -> ScaledCodeLinear:
@@ -37,7 +24,7 @@ def _fixed(t: dict[str, torch.Tensor]) -> ScaledCodeLinear:
 
 
 def test_layer_starts_as_the_written_checkpoint_and_moves_one_nibble_when_pushed(written):
-    _, t = _wint2(written)
+    _, t = first_wint2(written)
     layer, fixed = Wint2GroupScaleLinear(t, None), _fixed(t)
     x = torch.randn(3, fixed.codes.shape[1])
     torch.testing.assert_close(layer(x), fixed(x), rtol=1e-6, atol=1e-6)
@@ -62,7 +49,7 @@ def test_layer_starts_as_the_written_checkpoint_and_moves_one_nibble_when_pushed
 
 
 def test_latent_nibbles_are_clamped_to_four_bits(written):
-    _, t = _wint2(written)
+    _, t = first_wint2(written)
     layer = Wint2GroupScaleLinear(t, None)
     with torch.no_grad():
         layer.group_delta.fill_(5.0)
