@@ -287,12 +287,14 @@ def main(argv: list[str] | None = None) -> None:
         times = {} if row == "float" else _build(row, src, out, args) if row not in extra else \
             (json.loads((out / CONVERT_TIMES).read_text()) if (out / CONVERT_TIMES).exists() else {})
         ppl = smollm2_perplexity(out, args)
-        report["smollm2"].append({"row": row, "perplexity": ppl["eval"], "calib_ppl": ppl["calib"],
-                                  "held_out_ppl": ppl["held_out"], "convert_s": times.get("wall_s", 0.0),
-                                  "convert_cpu_s": times.get("cpu_s", 0.0), "dir": str(out)})
+        float_ppl = report["smollm2"][0]["perplexity"] if report["smollm2"] else ppl["eval"]   # row 0: float
+        report["smollm2"].append({"row": row, "perplexity": ppl["eval"], "ratio_to_float": ppl["eval"] / float_ppl,
+                                  "calib_ppl": ppl["calib"], "held_out_ppl": ppl["held_out"],
+                                  "convert_s": times.get("wall_s", 0.0), "convert_cpu_s": times.get("cpu_s", 0.0),
+                                  "dir": str(out)})
         if (out / TUNE_HISTORY).exists():
             report["smollm2"][-1]["tune_history"] = json.loads((out / TUNE_HISTORY).read_text())
-        print(f"  {row:24s} perplexity {ppl['eval']:10.2f}  calib {ppl['calib']:8.2f}  held out "
+        print(f"  {row:24s} perplexity {ppl['eval']:10.2f} ({ppl['eval'] / float_ppl:6.2f}x float)  calib {ppl['calib']:8.2f}  held out "
               f"{ppl['held_out']:8.2f}" + (f"  (converted: {times['cpu_s']:.0f} s CPU)" if times else ""))
         path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")

@@ -17,6 +17,11 @@ from tests.quant.wint2_written import first_wint2, written  # noqa: F401 (fixtur
 from tests.quant.word_text import word_text_file
 
 
+def _nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """[G, n] nibble values of a packed WINT2 weight_scale."""
+    return L.group_scales(packed, torch.ones(packed.shape[1]), k)
+
+
 def _fixed(t: dict[str, torch.Tensor]) -> ScaledCodeLinear:
     ones = torch.ones_like(t["super_scales"], dtype=torch.float32)
     codes = L.dequantize_wint2(t["quant_weight"], t["weight_scale"], ones, t["code_scale"], t["code_zp"])
@@ -26,7 +31,8 @@ def _fixed(t: dict[str, torch.Tensor]) -> ScaledCodeLinear:
 def test_layer_starts_as_the_written_checkpoint_and_moves_one_nibble_when_pushed(written):
     _, t = first_wint2(written)
     layer, fixed = Wint2GroupScaleLinear(t, None), _fixed(t)
-    x = torch.randn(3, fixed.codes.shape[1])
+    k = fixed.codes.shape[1]
+    x = torch.randn(3, k)
     torch.testing.assert_close(layer(x), fixed(x), rtol=1e-6, atol=1e-6)
     assert torch.equal(layer.weight_scale(), t["weight_scale"]) and layer.nibbles_changed() == 0
     layer(x).square().sum().backward()
@@ -37,11 +43,9 @@ def test_layer_starts_as_the_written_checkpoint_and_moves_one_nibble_when_pushed
     with torch.no_grad():
         layer.group_delta[col, group] = new / old - 1 + 0.1 / old          # lands within 0.1 of `new`
     assert layer.nibbles_changed() == 1
-    packed = layer.weight_scale()
-    expected = L.group_scales(t["weight_scale"], torch.ones(packed.shape[1]), fixed.codes.shape[1])
+    expected = _nibbles(t["weight_scale"], k)
     expected[group, col] = new
-    k = fixed.codes.shape[1]
-    torch.testing.assert_close(L.group_scales(packed, torch.ones(packed.shape[1]), k), expected)
+    torch.testing.assert_close(_nibbles(layer.weight_scale(), k), expected)
     with torch.no_grad():                       # the fixed layer with that group's codes rescaled
         rows = slice(group * L.GROUP_SIZE, (group + 1) * L.GROUP_SIZE)
         fixed.codes[col, rows] *= new / old
@@ -88,8 +92,7 @@ def test_nibbles_move_and_nothing_else_discrete_changes(tuned):
                    for n in changed), sorted(changed)
         assert not any(n.endswith(("quant_weight", "code_scale", "code_zp")) for n in changed)
         k = {m: before[f"{m}.quant_weight"].shape[0] * L.PACK for m in wint2}
-        nibbles = {m: (L.group_scales(before[f"{m}.weight_scale"], torch.ones(before[f"{m}.weight_scale"].shape[1]), k[m]),
-                       L.group_scales(after[f"{m}.weight_scale"], torch.ones(after[f"{m}.weight_scale"].shape[1]), k[m]))
+        nibbles = {m: (_nibbles(before[f"{m}.weight_scale"], k[m]), _nibbles(after[f"{m}.weight_scale"], k[m]))
                    for m in wint2}
         moved = sum(int((b != a).sum()) for b, a in nibbles.values())
         total = sum(b.numel() for b, _ in nibbles.values())
