@@ -19,7 +19,7 @@ Each row also gets the perplexity of calib_prose.jsonl split into --window rows:
 calibration rows ("calib", seen by the writer) and the last --holdout rows ("held out", never
 used for calibration: every calibrated row is written with holdout_samples = --holdout).
 
-Writes benchmarks/results/wint2_quality_<date>_<cpu>.json (rewritten after each row).
+Writes benchmarks/results/wint2_quality_<date>_<cpu>.json, or --output (rewritten after each row).
 """
 from __future__ import annotations
 
@@ -262,12 +262,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--moe_archs", nargs="*", default=list(MOE_ARCHS))
     parser.add_argument("--extra", nargs="*", default=[], metavar="LABEL=DIR",
                         help="more rows: already written checkpoints (e.g. other calibration settings)")
+    parser.add_argument("--output", default=None,
+                        help="JSON path (default benchmarks/results/wint2_quality_<date>_<cpu>.json, "
+                             "which a later run on the same day and CPU overwrites)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     from bench_offline import cpu_model_name, machine_slug     # benchmarks/ is on sys.path
     machine = cpu_model_name()
-    path = RESULTS / f"wint2_quality_{dt.date.today().isoformat()}_{machine_slug(machine)}.json"
+    path = Path(args.output) if args.output else \
+        RESULTS / f"wint2_quality_{dt.date.today().isoformat()}_{machine_slug(machine)}.json"
     report: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(), "machine": machine,
                     "torch_threads": torch.get_num_threads(), "args": vars(args), "moe": {}, "smollm2": []}
     moe_methods = ("wint4", "rtn2", "wint2_plain", "wint2_gptq")
