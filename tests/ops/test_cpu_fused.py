@@ -65,6 +65,17 @@ def test_silu_and_mul_matches_reference(rows, d):
     torch.testing.assert_close(cpu_fused.silu_and_mul(x), cpu.silu_and_mul(x.clone()), **TOL)
 
 
+def test_silu_and_mul_far_out_in_both_tails():
+    # the vectorised exp clamps its argument: silu(-100) must still be ~0 and silu(100) ~100
+    gate = torch.tensor([[-100.0, -88.5, -30.0, -1e-3, 0.0, 1e-3, 30.0, 88.5, 100.0, 3.0, -3.0, 0.5,
+                          -0.5, 15.0, -15.0, 7.0]])
+    x = torch.cat((gate, torch.full_like(gate, 1.5)), -1)
+    got = cpu_fused.silu_and_mul(x)
+    truth = (gate.double() * torch.sigmoid(gate.double()) * 1.5).float()
+    torch.testing.assert_close(got, truth, rtol=1e-6, atol=1e-30)
+    assert torch.isfinite(got).all()
+
+
 def test_reshape_and_cache_writes_the_same_slots_as_reference():
     g = _gen(3)
     kv = torch.randn(3, 2 * 2 * 8, generator=g)
@@ -103,8 +114,30 @@ def test_decode_attention_matches_reference(context_lens, heads, kv_heads, head_
     torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("context_lens", [[65], [129, 7], [600, 64, 2000, 1]])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_decode_attention_over_several_chunks_matches_reference(context_lens, block_size):
+    # contexts above 64 tokens are split into chunks whose partial softmaxes are merged
+    query, k_cache, v_cache, meta = _paged_case([1] * len(context_lens), context_lens, 9, 3, 64, block_size,
+                                                seed=sum(context_lens) + block_size)
+    query = query * 3       # sharper softmax: the chunk maxima differ
+    got = cpu_fused.paged_attention(query, k_cache, v_cache, meta, 0.125)
+    want = cpu.paged_attention(query, k_cache, v_cache, meta, 0.125)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_decode_attention_of_a_sequence_does_not_depend_on_its_batch():
+    # bitwise: greedy decoding must give the same tokens alone and batched
+    query, k_cache, v_cache, meta = _paged_case([1] * 3, [300, 70, 1000], 9, 3, 64, 16, seed=5)
+    batched = cpu_fused.paged_attention(query, k_cache, v_cache, meta, 0.125)
+    alone_meta = AttentionMetadata.build([1], [1000], meta.block_tables[2:].tolist(), meta.slot_mapping[2:].tolist(),
+                                         16, k_cache.shape[0], torch.device("cpu"))
+    alone = cpu_fused.paged_attention(query[2:], k_cache, v_cache, alone_meta, 0.125)
+    assert torch.equal(alone, batched[2:])
+
+
 def test_decode_attention_is_the_same_on_one_and_two_threads():
-    query, k_cache, v_cache, meta = _paged_case([1] * 4, [50, 3, 64, 20], 9, 3, 64, 16, seed=7)
+    query, k_cache, v_cache, meta = _paged_case([1] * 4, [50, 3, 640, 20], 9, 3, 64, 16, seed=7)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -60,6 +60,45 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+#ifdef ASCEND_LLM_AVX2
+// e^x for 8 floats: x = k ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^k through the
+// exponent bits; relative error ~2e-7 over the clamped range [-87.3, 88] (e^x underflows to ~0 below)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);    // ln2 split in two for precision
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// s[i] = e^(s[i] - shift) in place; returns their sum
+inline float exp_shifted(float* s, int64_t n, float shift) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef ASCEND_LLM_AVX2
+  const __m256 vs = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vs));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum(acc);
+#endif
+  for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - shift));
+  return sum;
+}
+
 int64_t row_grain(int64_t row_elements) {
   return std::max<int64_t>(1, kRowGrainElements / std::max<int64_t>(row_elements, 1));
 }
@@ -176,7 +215,17 @@ at::Tensor silu_and_mul(const at::Tensor& x_in) {
     for (int64_t t = begin; t < end; ++t) {
       const float* gate = xp + t * 2 * d;
       const float* up = gate + d;
-      for (int64_t i = 0; i < d; ++i) op[t * d + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      float* o = op + t * d;
+      int64_t i = 0;
+#ifdef ASCEND_LLM_AVX2
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= d; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+      }
+#endif
+      for (; i < d; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
     }
   });
   return out;
@@ -222,9 +271,57 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   }
 }
 
-// Attention of one query token per sequence over its paged context.
+// Attention of one query token per sequence over its paged context, flash-decoding style: each
+// sequence's context is cut into chunks (a number fixed by its own length, never by the thread count
+// or the rest of the batch, so results are bitwise the same alone, batched, or on any thread count);
+// one task per (sequence, chunk) reads the chunk's K/V rows once for every head and leaves a partial
+// (running max, exp-sum, unnormalised output) per head; a second pass merges the partials.
 // query: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
 // block_tables: [num_seqs, max_blocks]; context_lens: [num_seqs] -> [num_seqs, num_heads, head_dim]
+constexpr int64_t kMinChunkTokens = 64;
+constexpr int64_t kMaxChunksPerSeq = 8;
+
+int64_t chunk_tokens(int64_t ctx) {
+  return std::max(kMinChunkTokens, (ctx + kMaxChunksPerSeq - 1) / kMaxChunksPerSeq);
+}
+
+void check_block_tables(const int64_t* tp, const int64_t* lp, int64_t seqs, int64_t max_blocks,
+                        int64_t block_size, int64_t num_blocks) {
+  for (int64_t n = 0; n < seqs; ++n) {
+    TORCH_CHECK(lp[n] >= 1 && lp[n] <= max_blocks * block_size, "decode_attention: context length ", lp[n],
+                " of sequence ", n, " does not fit its ", max_blocks, " blocks");
+    for (int64_t b = 0; b < (lp[n] + block_size - 1) / block_size; ++b) {
+      const int64_t block = tp[n * max_blocks + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "decode_attention: block ", block, " outside the cache");
+    }
+  }
+}
+
+// One chunk [t0, t1) of one sequence, every head: partial[h] = (sum_t p_t * v_t | max score | sum_t p_t)
+// with p_t = exp(score_t - max score); partial: [heads, d + 2]
+void attend_chunk(const float* q, const float* kp, const float* vp, const int64_t* table, int64_t block_size,
+                  int64_t t0, int64_t t1, int64_t heads, int64_t kv_heads, int64_t d, float scale,
+                  std::vector<float>& scores, float* partial) {
+  const int64_t len = t1 - t0, group = heads / kv_heads, row = kv_heads * d;
+  scores.resize(heads * len);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* k = kp + (table[t / block_size] * block_size + t % block_size) * row;   // [kv_heads, d]
+    for (int64_t h = 0; h < heads; ++h) scores[h * len + t - t0] = dot(q + h * d, k + (h / group) * d, d) * scale;
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores.data() + h * len;
+    const float mx = *std::max_element(s, s + len);
+    float* p = partial + h * (d + 2);
+    p[d] = mx;
+    p[d + 1] = exp_shifted(s, len, mx);
+    std::fill_n(p, d, 0.f);
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* v = vp + (table[t / block_size] * block_size + t % block_size) * row;
+    for (int64_t h = 0; h < heads; ++h) axpy(scores[h * len + t - t0], v + (h / group) * d, partial + h * (d + 2), d);
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& query_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale) {
   check_float(query_in, "decode_attention", "query");
@@ -248,50 +345,50 @@ at::Tensor decode_attention(const at::Tensor& query_in, const at::Tensor& k_cach
   const int64_t max_blocks = tables.size(1);
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
+  check_block_tables(tp, lp, seqs, max_blocks, block_size, num_blocks);
+  // task i covers tokens [task_start[i], min(start + chunk, ctx)) of sequence task_seq[i]
+  std::vector<int64_t> task_seq, task_start, first_task(seqs + 1, 0);
   for (int64_t n = 0; n < seqs; ++n) {
-    TORCH_CHECK(lp[n] >= 1 && lp[n] <= max_blocks * block_size, "decode_attention: context length ", lp[n],
-                " of sequence ", n, " does not fit its ", max_blocks, " blocks");
-    for (int64_t b = 0; b < (lp[n] + block_size - 1) / block_size; ++b) {
-      const int64_t block = tp[n * max_blocks + b];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "decode_attention: block ", block, " outside the cache");
+    first_task[n] = static_cast<int64_t>(task_seq.size());
+    for (int64_t t = 0; t < lp[n]; t += chunk_tokens(lp[n])) {
+      task_seq.push_back(n);
+      task_start.push_back(t);
     }
   }
-  at::Tensor out = at::empty({seqs, heads, d}, q.options());
-  const int64_t group = heads / kv_heads;
+  first_task[seqs] = static_cast<int64_t>(task_seq.size());
+  const int64_t tasks = first_task[seqs];
+  at::Tensor partials = at::empty({tasks, heads, d + 2}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  float* pp = partials.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  // one task per (sequence, KV head): its group of query heads reads each K/V row once
-  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / kv_heads, kvh = task % kv_heads, ctx = lp[n];
-      const int64_t* table = tp + n * max_blocks;
-      const float* qg = qp + (n * heads + kvh * group) * d;     // [group, d]
-      scores.assign(group * ctx, 0.f);
-      for (int64_t t = 0; t < ctx; ++t) {
-        const float* krow = kp + ((table[t / block_size] * block_size + t % block_size) * kv_heads + kvh) * d;
-        for (int64_t g = 0; g < group; ++g) scores[g * ctx + t] = dot(qg + g * d, krow, d) * sc;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = task_seq[i], t0 = task_start[i], t1 = std::min(lp[n], t0 + chunk_tokens(lp[n]));
+      attend_chunk(qp + n * heads * d, kp, vp, tp + n * max_blocks, block_size, t0, t1, heads, kv_heads, d, sc,
+                   scores, pp + i * heads * (d + 2));
+    }
+  });
+  at::Tensor out = at::empty({seqs, heads, d}, q.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, seqs * heads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t sh = begin; sh < end; ++sh) {
+      const int64_t n = sh / heads, h = sh % heads;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t i = first_task[n]; i < first_task[n + 1]; ++i) mx = std::max(mx, pp[(i * heads + h) * (d + 2) + d]);
+      float* o = op + sh * d;
+      std::fill_n(o, d, 0.f);
+      float total = 0.f;
+      for (int64_t i = first_task[n]; i < first_task[n + 1]; ++i) {
+        const float* p = pp + (i * heads + h) * (d + 2);
+        const float w = std::exp(p[d] - mx);
+        total += w * p[d + 1];
+        axpy(w, p, o, d);
       }
-      std::vector<float> inv_sum(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * ctx;
-        const float mx = *std::max_element(s, s + ctx);
-        float total = 0.f;
-        for (int64_t t = 0; t < ctx; ++t) total += (s[t] = std::exp(s[t] - mx));
-        inv_sum[g] = 1.f / total;
-      }
-      float* og = op + (n * heads + kvh * group) * d;
-      std::fill_n(og, group * d, 0.f);
-      for (int64_t t = 0; t < ctx; ++t) {
-        const float* vrow = vp + ((table[t / block_size] * block_size + t % block_size) * kv_heads + kvh) * d;
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * ctx + t], vrow, og + g * d, d);
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        for (int64_t i = 0; i < d; ++i) og[g * d + i] *= inv_sum[g];
-      }
+      const float inv = 1.f / total;
+      for (int64_t j = 0; j < d; ++j) o[j] *= inv;
     }
   });
   return out;
