@@ -35,7 +35,9 @@ GEMM_SHAPES = [(4096, 4096), (11008, 4096)]               # (n, k)
 # spec dense (no sparsity) tensor-core peaks, TFLOP/s: (bf16, fp8, int8)
 SPEC_PEAKS = {"H100 80GB HBM3": (989.0, 1979.0, 1979.0), "H100 SXM": (989.0, 1979.0, 1979.0),
               "H200": (989.0, 1979.0, 1979.0), "H100 PCIe": (756.0, 1513.0, 1513.0)}
-METHODS = [None, "wint8", "wint4", "fp8", "block_wise_fp8"]
+METHODS = [None, "wint8", "wint4", "fp8", "block_wise_fp8", "w8a8", "w8a8_dynamic"]
+# msModelSlim layer types of the W8A8 rows, whose checkpoints are written from the random model
+W8A8_TYPES = {"w8a8": "W8A8", "w8a8_dynamic": "W8A8_DYNAMIC"}
 
 
 def require_cuda() -> None:
@@ -111,7 +113,12 @@ def gemm_rows(m: int) -> list[dict]:
         }
         bf16_seconds = None
         for name, (fn, in_bytes, kind) in cases.items():
-            seconds = cuda_time(fn)
+            try:
+                seconds = cuda_time(fn)
+            except Exception as exc:                        # noqa: BLE001 - report, keep measuring
+                logging.exception("GEMM %s at %dx%dx%d failed", name, m, n, k)
+                rows.append({"kernel": name, "m": m, "n": n, "k": k, "error": repr(exc)})
+                continue
             bf16_seconds = bf16_seconds or seconds                  # the first case is bf16
             flops = 2 * m * n * k
             peak = _peak(kind)
@@ -130,7 +137,12 @@ def memory_bound_rows(bandwidth: float) -> list[dict]:
     rows = []
 
     def add(name: str, fn: Callable[[], Any], nbytes: int, flops: int) -> None:
-        seconds = cuda_time(fn, iters=100)
+        try:
+            seconds = cuda_time(fn, iters=100)
+        except Exception as exc:                            # noqa: BLE001 - report, keep measuring
+            logging.exception("%s failed", name)
+            rows.append({"kernel": name, "error": repr(exc)})
+            return
         rows.append({"kernel": name, "seconds": seconds, "bytes": nbytes, "flops": flops,
                      "gb_s": nbytes / seconds / 1e9, "fraction_of_copy_bw": nbytes / seconds / bandwidth})
 
@@ -170,10 +182,13 @@ def weight_bytes(method: str | None) -> int:
     c = LLAMA2_7B
     h, i, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     linear = layers * (4 * h * h + 3 * h * i)                          # qkv + o, gate + up + down
-    per_param = {None: 2.0, "wint8": 1.0, "wint4": 0.5, "fp8": 1.0, "block_wise_fp8": 1.0}[method]
+    per_param = {None: 2.0, "wint8": 1.0, "wint4": 0.5, "fp8": 1.0, "block_wise_fp8": 1.0,
+                 "w8a8": 1.0, "w8a8_dynamic": 1.0}[method]
     out_channels = layers * (4 * h + 3 * i)
     scales = {None: 0, "wint8": 4 * out_channels, "wint4": 4 * out_channels, "fp8": 4 * layers * 7,
-              "block_wise_fp8": 4 * linear // (128 * 128)}[method]
+              "block_wise_fp8": 4 * linear // (128 * 128),
+              "w8a8": 8 * out_channels,                 # deq_scale + quant_bias per channel
+              "w8a8_dynamic": 4 * out_channels}[method]
     return int(linear * per_param) + scales + 2 * vocab * h + 2 * h + 2 * h * (2 * layers + 1)   # head, row, norms
 
 
@@ -223,10 +238,27 @@ def hf_decode(model_dir: Path, prompt_len: int, output_len: int) -> float:
     return (output_len - 1) / (t_total - t_prefill)
 
 
+def make_random_w8a8(float_dir: Path, method: str) -> Path:
+    """An msModelSlim checkpoint of the random model with every decoder Linear of the method's type,
+    quantized on the GPU without calibration (static activation ranges fixed: speed only)."""
+    out = float_dir.parent / f"{float_dir.name}-{method}"
+    if (out / "quant_model_description.json").exists():
+        return out
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.quant.w8a8_writer import write_uncalibrated_w8a8_checkpoint
+    write_uncalibrated_w8a8_checkpoint(float_dir, out, W8A8_TYPES[method], device="cuda")
+    torch.cuda.empty_cache()
+    return out
+
+
 def ours_decode(model_dir: Path, method: str | None, prompt_len: int, output_len: int) -> float:
     from ascend_llm import LLM, SamplingParams
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", quantization=method,
-              max_model_len=2048, enable_prefix_caching=False, kv_cache_memory_gb=4.0)
+    quantization = method
+    if method in W8A8_TYPES:
+        model_dir, quantization = make_random_w8a8(model_dir, method), "ascend"
+    # batch 1 only: graph buckets up to 8 sequences keep the capture short
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", quantization=quantization, max_model_len=2048,
+              enable_prefix_caching=False, kv_cache_memory_gb=4.0, max_num_seqs=8)
     prompt = torch.randint(3, 32000, (prompt_len,)).tolist()
 
     def run(n: int) -> float:
@@ -243,33 +275,43 @@ def ours_decode(model_dir: Path, method: str | None, prompt_len: int, output_len
     return (output_len - 1) / (t_total - t_prefill)
 
 
-def decode_rows(model_dir: Path, bandwidth: float, prompt_len: int, output_len: int) -> list[dict]:
+def decode_rows(model_dir: Path, bandwidth: float, prompt_len: int, output_len: int,
+                methods: list[str | None], rows: list[dict], on_row: Callable[[], None]) -> None:
+    """Append HF's row, then one per method, to `rows`, calling on_row() after each (saves as it goes)."""
     hf = hf_decode(model_dir, prompt_len, output_len)
-    rows = [{"method": "HF transformers bf16", "decode_tok_s": hf, "weight_bytes": weight_bytes(None),
-             "limit_tok_s": bandwidth / weight_bytes(None)}]
-    for method in METHODS:
+    rows.append({"method": "HF transformers bf16", "decode_tok_s": hf, "weight_bytes": weight_bytes(None),
+                 "limit_tok_s": bandwidth / weight_bytes(None)})
+    on_row()
+    for method in methods:
         try:
             rate = ours_decode(model_dir, method, prompt_len, output_len)
         except Exception as exc:                            # noqa: BLE001 - report, keep measuring
             logging.exception("decode with quantization=%s failed", method)
             rows.append({"method": f"ascend-llm {method or 'bf16'}", "error": repr(exc)})
+            on_row()
             continue
         limit = bandwidth / weight_bytes(method)
         rows.append({"method": f"ascend-llm {method or 'bf16'}", "decode_tok_s": rate,
                      "weight_bytes": weight_bytes(method), "limit_tok_s": limit,
                      "fraction_of_limit": rate / limit, "x_hf": rate / hf})
-    return rows
+        on_row()
 
 
 def print_tables(result: dict) -> None:
     print(f"\n{result['gpu']}  copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s")
     print(f"\n{'GEMM':<36} {'m':>5} {'n':>6} {'k':>5} {'TFLOP/s':>8} {'x bf16':>7} {'of peak':>8}")
     for r in result["gemm"]:
+        if "error" in r:
+            print(f"{r['kernel']:<36} {r['m']:>5} {r['n']:>6} {r['k']:>5} error: {r['error']}")
+            continue
         frac = "-" if r["fraction_of_spec_peak"] is None else f"{r['fraction_of_spec_peak']:.2f}"
         print(f"{r['kernel']:<36} {r['m']:>5} {r['n']:>6} {r['k']:>5} {r['tflops']:8.1f} "
               f"{r['x_bf16']:7.2f} {frac:>8}")
     print(f"\n{'memory-bound kernel':<50} {'us':>8} {'GB/s':>7} {'of copy BW':>10}")
     for r in result["memory_bound"]:
+        if "error" in r:
+            print(f"{r['kernel']:<50} error: {r['error']}")
+            continue
         print(f"{r['kernel']:<50} {r['seconds'] * 1e6:8.1f} {r['gb_s']:7.0f} {r['fraction_of_copy_bw']:10.2f}")
     print(f"\n{'batch-1 decode':<30} {'tok/s':>8} {'limit':>8} {'of limit':>8} {'x HF':>6}")
     for r in result.get("decode", []):
@@ -280,6 +322,16 @@ def print_tables(result: dict) -> None:
               f"{r.get('fraction_of_limit', r['decode_tok_s'] / r['limit_tok_s']):8.2f} {r.get('x_hf', 1.0):6.2f}")
 
 
+def parse_methods(text: str) -> list[str | None]:
+    """'bf16,wint8' -> [None, "wint8"]; an unknown name exits naming it and the known ones."""
+    known = {m or "bf16": m for m in METHODS}
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        sys.exit(f"bench_cuda: --methods {text!r}: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
+    return [known[name] for name in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m", type=int, default=4096, help="GEMM rows (>= 2048)")
@@ -287,27 +339,34 @@ def main() -> None:
     parser.add_argument("--skip-decode", action="store_true", help="kernels only (no 7B model)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--methods", default=",".join(m or "bf16" for m in METHODS),
+                        help="comma-separated decode rows (bf16 = unquantized)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     require_cuda()
     if args.m < 2048:
         sys.exit(f"bench_cuda: --m {args.m}: the GEMM comparison is defined at M >= 2048")
     logging.basicConfig(level=logging.WARNING)
+    methods = parse_methods(args.methods)
     bandwidth = copy_bandwidth()
     result = {"gpu": torch.cuda.get_device_name(), "date": dt.date.today().isoformat(),
               "torch": torch.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
               "gemm": gemm_rows(args.m), "memory_bound": memory_bound_rows(bandwidth)}
+    gpu = result["gpu"].replace(" ", "_").replace("/", "_")
+    path = Path(args.out) / f"cuda_{gpu}_{result['date']}.json"
+    save = lambda: save_result(result, path)            # noqa: E731 - after every stage: a capped run keeps its rows
+    save()
     if not args.skip_decode:
         model_dir = make_random_llama(Path(args.model_dir))
-        result["decode"] = decode_rows(model_dir, bandwidth, args.prompt_len, args.output_len)
+        result["decode"] = []
+        decode_rows(model_dir, bandwidth, args.prompt_len, args.output_len, methods, result["decode"], save)
     print_tables(result)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = result["gpu"].replace(" ", "_").replace("/", "_")
-    path = out / f"cuda_{gpu}_{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
     print(f"\nwritten {path}")
 
+
+def save_result(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
 
 if __name__ == "__main__":
     main()

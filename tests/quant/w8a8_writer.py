@@ -57,9 +57,10 @@ def w8a8_static_tensors(weight: torch.Tensor, bias: torch.Tensor | None, x_min: 
                         deq_as_int64: bool) -> dict[str, torch.Tensor]:
     """weight, input_scale, input_offset, deq_scale, quant_bias of one W8A8 static Linear."""
     q_w, w_scale = quantize_weight_symmetric(weight)
-    input_scale, input_offset = activation_params(x_min, x_max)
+    input_scale, input_offset = (t.to(weight.device) for t in activation_params(x_min, x_max))
     deq = (input_scale * w_scale).to(torch.float32)                           # [n]
-    b = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
+    b = (torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if bias is None
+         else bias.to(torch.float64))
     row_sums = q_w.to(torch.float64).sum(dim=1)                               # [n]
     quant_bias = torch.round(b / deq.to(torch.float64) - input_offset.to(torch.float64) * row_sums)
     return {"weight": q_w, "input_scale": input_scale, "input_offset": input_offset,
@@ -143,6 +144,30 @@ def write_w8a8_checkpoint(float_dir: str | Path, out_dir: str | Path,
         state.update(load_file(str(path)))
     tensors, description = _quantize_state(state, ranges, layer_types or {}, deq_as_int64)
     save_file(tensors, str(out_dir / "quant_model_weights.safetensors"))
+    (out_dir / "quant_model_description.json").write_text(json.dumps(description, indent=2))
+    _copy_side_files(float_dir, out_dir)
+    return out_dir
+
+
+def write_uncalibrated_w8a8_checkpoint(float_dir: str | Path, out_dir: str | Path, quant_type: str,
+                                       x_range: tuple[float, float] = (-4.0, 4.0),
+                                       device: str = "cpu") -> Path:
+    """Like write_w8a8_checkpoint with every decoder Linear of `quant_type`, but without running the
+    model: static activation ranges are all `x_range`. For speed benchmarks of large random models
+    (benchmarks/bench_cuda.py), where a calibration forward would cost minutes and quality is not
+    measured. `device`: where the weights are quantized ("cuda" for a 7B model)."""
+    float_dir, out_dir = Path(float_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(float_dir.glob("*.safetensors")):
+        state.update(load_file(str(path), device=device))
+    ranges = {name.rsplit(".", 1)[0]: x_range for name, t in state.items()
+              if ".layers." in name and name.endswith("_proj.weight") and t.dim() == 2}
+    config = json.loads((float_dir / "config.json").read_text())
+    deq_as_int64 = config.get("torch_dtype", config.get("dtype")) != "bfloat16"
+    tensors, description = _quantize_state(state, ranges, {"": quant_type}, deq_as_int64)
+    del state
+    save_file({name: t.cpu() for name, t in tensors.items()}, str(out_dir / "quant_model_weights.safetensors"))
     (out_dir / "quant_model_description.json").write_text(json.dumps(description, indent=2))
     _copy_side_files(float_dir, out_dir)
     return out_dir

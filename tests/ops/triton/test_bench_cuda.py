@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,20 @@ def test_weight_bytes_of_llama2_7b() -> None:
     assert bf16 == 2 * linear + 2 * 32000 * 4096 + 2 * 4096 + 2 * 4096 * 65
     assert wint8 - linear == pytest.approx(bf16 - 2 * linear + 4 * 32 * (4 * 4096 + 3 * 11008))
     assert wint4 < wint8 < bf16
+
+
+def test_tables_show_failed_rows_and_results_are_saved(tmp_path, capsys) -> None:
+    bench = _bench()
+    result = {"gpu": "Test GPU", "copy_bandwidth_gb_s": 3000.0,
+              "gemm": [{"kernel": "bf16 cuBLAS", "m": 4096, "n": 4096, "k": 4096, "tflops": 650.0, "x_bf16": 1.0,
+                        "fraction_of_spec_peak": 0.66},
+                       {"kernel": "fp8 block 128x128 Triton", "m": 4096, "n": 4096, "k": 4096,
+                        "error": "RuntimeError('out of resources')"}],
+              "memory_bound": [{"kernel": "rms_norm 1x4096", "error": "RuntimeError('x')"}],
+              "decode": [{"method": "ascend-llm wint8", "error": "ValueError('y')"}]}
+    bench.print_tables(result)
+    printed = capsys.readouterr().out
+    assert "fp8 block 128x128 Triton" in printed and "error: RuntimeError('out of resources')" in printed
+    assert "rms_norm 1x4096" in printed and "ascend-llm wint8" in printed
+    bench.save_result(result, tmp_path / "sub" / "r.json")
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == result
