@@ -10,6 +10,10 @@
 4. Batch-1 decode tok/s of a Llama-2-7B-shaped model with random weights per quantization
    method (ascend-llm on "cuda"), vs the bandwidth limit (weight bytes / copy bandwidth) and vs
    HF transformers `generate` on the same weights, in the same run.
+5. Offline throughput of the same model: --offline-requests (256) requests of 512 prompt + 128 new
+   tokens per configuration (bf16, fp8 and int8 KV cache, quantized weights), against HF's batch-1
+   rate from step 4, with the KV blocks that fit (an fp8 / int8 cache holds twice the blocks of a
+   bf16 one), the weights' GPU memory and the peak allocated memory.
 
 Writes benchmarks/results/cuda_<gpu>_<date>.json and prints a table. Formulas: results/NOTES.md.
 """
@@ -320,6 +324,73 @@ def print_tables(result: dict) -> None:
             continue
         print(f"{r['method']:<30} {r['decode_tok_s']:8.1f} {r['limit_tok_s']:8.1f} "
               f"{r.get('fraction_of_limit', r['decode_tok_s'] / r['limit_tok_s']):8.2f} {r.get('x_hf', 1.0):6.2f}")
+    if result.get("offline"):
+        first = result["offline"][0]
+        title = f"offline ({first['num_requests']} x {first['prompt_len']}+{first['output_len']})"
+        print(f"\n{title:<30} {'out tok/s':>9} {'x HF b1':>8} {'KV blocks':>9} "
+              f"{'weights GiB':>11} {'peak GiB':>9}")
+    for r in result.get("offline", []):
+        if "error" in r:
+            print(f"{r['config']:<30} error: {r['error']}")
+            continue
+        print(f"{r['config']:<30} {r['output_tok_s']:9.0f} {r.get('x_hf_batch1', float('nan')):8.1f} "
+              f"{r['num_kv_blocks']:9d} {r['weights_gib']:11.2f} {r['peak_allocated_gib']:9.2f}")
+
+
+# offline rows: (label, quantization method or None, kv_cache_dtype)
+OFFLINE_CONFIGS = [("bf16", None, "auto"), ("bf16, fp8 KV cache", None, "fp8"), ("bf16, int8 KV cache", None, "int8"),
+                   ("wint4", "wint4", "auto"), ("block_wise_fp8", "block_wise_fp8", "auto"),
+                   ("w8a8_dynamic, fp8 KV cache", "w8a8_dynamic", "fp8")]
+
+
+def ours_offline(model_dir: Path, method: str | None, kv_cache_dtype: str, num_requests: int,
+                 prompt_len: int, output_len: int) -> dict:
+    """One offline run of num_requests random prompts; rates, KV blocks and GPU memory."""
+    from ascend_llm import LLM, SamplingParams
+    quantization = method
+    if method in W8A8_TYPES:
+        model_dir, quantization = make_random_w8a8(model_dir, method), "ascend"
+    torch.cuda.reset_peak_memory_stats()
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", quantization=quantization,
+              kv_cache_dtype=kv_cache_dtype, max_model_len=prompt_len + output_len + 16,
+              gpu_memory_utilization=0.85, max_num_seqs=num_requests, max_num_batched_tokens=8192)
+    runner = llm.llm_engine.model_runner
+    weight_bytes_gpu = sum(t.numel() * t.element_size() for t in
+                           [*runner.model.parameters(), *runner.model.buffers()] if t.is_cuda)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 32000, (num_requests, prompt_len), generator=gen).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompt_token_ids=prompts[:2], sampling_params=params, use_tqdm=False)     # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    new_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    row = {"seconds": seconds, "output_tok_s": new_tokens / seconds,
+           "total_tok_s": (new_tokens + num_requests * prompt_len) / seconds,
+           "num_kv_blocks": runner.num_blocks, "block_size": runner.block_size,
+           "weights_gib": weight_bytes_gpu / 2**30, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del llm, runner, outs
+    torch.cuda.empty_cache()
+    return row
+
+
+def offline_rows(model_dir: Path, hf_batch1: float | None, num_requests: int, prompt_len: int, output_len: int,
+                 rows: list[dict], on_row: Callable[[], None]) -> None:
+    """Append one row per OFFLINE_CONFIGS entry to `rows`, calling on_row() after each."""
+    for label, method, kv_cache_dtype in OFFLINE_CONFIGS:
+        row: dict[str, Any] = {"config": label, "num_requests": num_requests, "prompt_len": prompt_len,
+                               "output_len": output_len}
+        try:
+            row.update(ours_offline(model_dir, method, kv_cache_dtype, num_requests, prompt_len, output_len))
+            if hf_batch1:
+                row["x_hf_batch1"] = row["output_tok_s"] / hf_batch1
+        except Exception as exc:                            # noqa: BLE001 - report, keep measuring
+            logging.exception("offline run %s failed", label)
+            row["error"] = repr(exc)
+        rows.append(row)
+        on_row()
 
 
 def parse_methods(text: str) -> list[str | None]:
@@ -341,7 +412,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--methods", default=",".join(m or "bf16" for m in METHODS),
                         help="comma-separated decode rows (bf16 = unquantized)")
+    parser.add_argument("--offline-requests", type=int, default=256, help="0 skips the offline rows")
+    parser.add_argument("--offline-prompt-len", type=int, default=512)
+    parser.add_argument("--offline-output-len", type=int, default=128)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--tag", default="", help="appended to the JSON file name (runs of one day apart)")
     args = parser.parse_args()
     require_cuda()
     if args.m < 2048:
@@ -353,13 +428,18 @@ def main() -> None:
               "torch": torch.__version__, "copy_bandwidth_gb_s": bandwidth / 1e9,
               "gemm": gemm_rows(args.m), "memory_bound": memory_bound_rows(bandwidth)}
     gpu = result["gpu"].replace(" ", "_").replace("/", "_")
-    path = Path(args.out) / f"cuda_{gpu}_{result['date']}.json"
+    path = Path(args.out) / f"cuda_{gpu}_{result['date']}{'_' + args.tag if args.tag else ''}.json"
     save = lambda: save_result(result, path)            # noqa: E731 - after every stage: a capped run keeps its rows
     save()
     if not args.skip_decode:
         model_dir = make_random_llama(Path(args.model_dir))
         result["decode"] = []
         decode_rows(model_dir, bandwidth, args.prompt_len, args.output_len, methods, result["decode"], save)
+        if args.offline_requests > 0:
+            hf = next((r.get("decode_tok_s") for r in result["decode"] if r["method"].startswith("HF")), None)
+            result["offline"] = []
+            offline_rows(model_dir, hf, args.offline_requests, args.offline_prompt_len, args.offline_output_len,
+                         result["offline"], save)
     print_tables(result)
     print(f"\nwritten {path}")
 

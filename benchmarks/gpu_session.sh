@@ -6,19 +6,23 @@
 # (the device tool's folder that comes back), else to benchmarks/results/.
 #
 # Usage, from the repository root of a machine with a CUDA GPU:
-#   bash benchmarks/gpu_session.sh [all|tests|kernels|decode]
-#     all      tests, then bench_cuda.py with the 7B decode rows (default)
+#   bash benchmarks/gpu_session.sh [tests|kernels|decode|offline|all]
 #     tests    the two test files only
-#     kernels  tests, then bench_cuda.py --skip-decode (GEMMs and memory-bound kernels)
-#     decode   bench_cuda.py with the 7B decode rows only
-# Caps in seconds: KERNEL_TESTS_S (default 150), ENGINE_TESTS_S (150), BENCH_S (330).
+#     kernels  tests, then bench_cuda.py --skip-decode (GEMMs and memory-bound kernels; the default)
+#     decode   bench_cuda.py: kernels, then batch-1 decode of the 7B model per method (no offline rows)
+#     offline  bench_cuda.py: kernels, HF and bf16 batch-1 decode, then the 256-request offline rows
+#     all      tests, then the whole of bench_cuda.py (longer than one 10-minute device call)
+# Caps in seconds: KERNEL_TESTS_S (default 150), ENGINE_TESTS_S (150), BENCH_S (330). The results
+# JSON is named cuda_<gpu>_<date>_<mode>.json and rewritten after every row.
 #
 # Packages the GPU image lacks travel as wheels: run `bash scripts/fetch_gpu_wheels.sh` here first;
 # with .whl/ present they are installed into /tmp/site before anything runs.
 set -uo pipefail
 
-mode="${1:-all}"
-case "$mode" in all|tests|kernels|decode) ;; *) echo "gpu_session.sh: unknown mode '$mode' (all|tests|kernels|decode)" >&2; exit 2 ;; esac
+mode="${1:-kernels}"
+case "$mode" in tests|kernels|decode|offline|all) ;;
+  *) echo "gpu_session.sh: unknown mode '$mode' (tests|kernels|decode|offline|all)" >&2; exit 2 ;;
+esac
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
@@ -55,14 +59,16 @@ run_step() {   # run_step NAME CAP_S COMMAND...: time-capped, logged to $out/NAM
   [ "$rc" = 0 ] || status=1
 }
 
-if [ "$mode" != decode ]; then
+bench=("$py" benchmarks/bench_cuda.py --out "$out" --tag "$mode")
+case "$mode" in tests|kernels|all)
   run_step gpu_kernel_tests "${KERNEL_TESTS_S:-150}" "$py" -m pytest -q -rfE --maxfail=25 -p no:cacheprovider tests/ops/triton
   run_step gpu_engine_tests "${ENGINE_TESTS_S:-150}" "$py" -m pytest -q -rfE --maxfail=25 -p no:cacheprovider \
-    tests/e2e/test_cuda_backend.py
-fi
+    tests/e2e/test_cuda_backend.py ;;
+esac
 case "$mode" in
-  all) run_step bench_cuda "${BENCH_S:-330}" "$py" benchmarks/bench_cuda.py --out "$out" ;;
-  kernels) run_step bench_cuda "${BENCH_S:-330}" "$py" benchmarks/bench_cuda.py --skip-decode --out "$out" ;;
-  decode) run_step bench_cuda "${BENCH_S:-330}" "$py" benchmarks/bench_cuda.py --out "$out" ;;
+  kernels) run_step bench_cuda "${BENCH_S:-330}" "${bench[@]}" --skip-decode ;;
+  decode) run_step bench_cuda "${BENCH_S:-330}" "${bench[@]}" --offline-requests 0 ;;
+  offline) run_step bench_cuda "${BENCH_S:-330}" "${bench[@]}" --methods bf16 ;;
+  all) run_step bench_cuda "${BENCH_S:-330}" "${bench[@]}" ;;
 esac
 exit "$status"

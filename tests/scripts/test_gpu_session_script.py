@@ -32,7 +32,7 @@ def test_scripts_are_shellcheck_clean():
 def test_unknown_mode_is_refused(tmp_path):
     result = _session("everything", out=tmp_path)
     assert result.returncode == 2
-    assert "unknown mode 'everything' (all|tests|kernels|decode)" in result.stderr
+    assert "unknown mode 'everything' (tests|kernels|decode|offline|all)" in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the script would run the GPU session")

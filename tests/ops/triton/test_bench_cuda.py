@@ -50,3 +50,26 @@ def test_tables_show_failed_rows_and_results_are_saved(tmp_path, capsys) -> None
     assert "rms_norm 1x4096" in printed and "ascend-llm wint8" in printed
     bench.save_result(result, tmp_path / "sub" / "r.json")
     assert json.loads((tmp_path / "sub" / "r.json").read_text()) == result
+
+
+def test_offline_rows_keep_going_after_a_failed_config(monkeypatch, capsys) -> None:
+    bench = _bench()
+
+    def fake_offline(model_dir, method, kv_cache_dtype, num_requests, prompt_len, output_len):
+        if kv_cache_dtype == "int8":
+            raise RuntimeError("no int8 cache here")
+        blocks = 2000 if kv_cache_dtype == "fp8" else 1000
+        return {"seconds": 10.0, "output_tok_s": 3200.0, "total_tok_s": 16000.0, "num_kv_blocks": blocks,
+                "block_size": 16, "weights_gib": 12.6, "peak_allocated_gib": 66.0}
+    monkeypatch.setattr(bench, "ours_offline", fake_offline)
+    rows, saves = [], []
+    bench.offline_rows(Path("unused"), 40.0, 256, 512, 128, rows, lambda: saves.append(len(rows)))
+    assert [r["config"] for r in rows] == [c[0] for c in bench.OFFLINE_CONFIGS]
+    assert saves == list(range(1, len(rows) + 1))                 # saved after every row
+    int8 = next(r for r in rows if r["config"] == "bf16, int8 KV cache")
+    assert int8["error"] == "RuntimeError('no int8 cache here')"
+    assert rows[0]["x_hf_batch1"] == pytest.approx(80.0)
+    bench.print_tables({"gpu": "Test GPU", "copy_bandwidth_gb_s": 3000.0, "gemm": [], "memory_bound": [],
+                        "offline": rows})
+    printed = capsys.readouterr().out
+    assert "offline (256 x 512+128)" in printed and "no int8 cache here" in printed and "2000" in printed
