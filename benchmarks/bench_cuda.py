@@ -301,40 +301,32 @@ def decode_rows(model_dir: Path, bandwidth: float, prompt_len: int, output_len: 
         on_row()
 
 
+def _print_rows(rows: list[dict], key: str, width: int, cells: Callable[[dict], str]) -> None:
+    """One line per row: its name, then cells(row), or the error it ended with."""
+    for r in rows:
+        print(f"{r[key]:<{width}} " + (f"error: {r['error']}" if "error" in r else cells(r)))
+
+
 def print_tables(result: dict) -> None:
     print(f"\n{result['gpu']}  copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s")
     print(f"\n{'GEMM':<36} {'m':>5} {'n':>6} {'k':>5} {'TFLOP/s':>8} {'x bf16':>7} {'of peak':>8}")
-    for r in result["gemm"]:
-        if "error" in r:
-            print(f"{r['kernel']:<36} {r['m']:>5} {r['n']:>6} {r['k']:>5} error: {r['error']}")
-            continue
-        frac = "-" if r["fraction_of_spec_peak"] is None else f"{r['fraction_of_spec_peak']:.2f}"
-        print(f"{r['kernel']:<36} {r['m']:>5} {r['n']:>6} {r['k']:>5} {r['tflops']:8.1f} "
-              f"{r['x_bf16']:7.2f} {frac:>8}")
+    _print_rows(result["gemm"], "kernel", 36, lambda r: (
+        f"{r['m']:>5} {r['n']:>6} {r['k']:>5} {r['tflops']:8.1f} {r['x_bf16']:7.2f} "
+        f"{'-' if r['fraction_of_spec_peak'] is None else format(r['fraction_of_spec_peak'], '.2f'):>8}"))
     print(f"\n{'memory-bound kernel':<50} {'us':>8} {'GB/s':>7} {'of copy BW':>10}")
-    for r in result["memory_bound"]:
-        if "error" in r:
-            print(f"{r['kernel']:<50} error: {r['error']}")
-            continue
-        print(f"{r['kernel']:<50} {r['seconds'] * 1e6:8.1f} {r['gb_s']:7.0f} {r['fraction_of_copy_bw']:10.2f}")
+    _print_rows(result["memory_bound"], "kernel", 50, lambda r: (
+        f"{r['seconds'] * 1e6:8.1f} {r['gb_s']:7.0f} {r['fraction_of_copy_bw']:10.2f}"))
     print(f"\n{'batch-1 decode':<30} {'tok/s':>8} {'limit':>8} {'of limit':>8} {'x HF':>6}")
-    for r in result.get("decode", []):
-        if "error" in r:
-            print(f"{r['method']:<30} error: {r['error']}")
-            continue
-        print(f"{r['method']:<30} {r['decode_tok_s']:8.1f} {r['limit_tok_s']:8.1f} "
-              f"{r.get('fraction_of_limit', r['decode_tok_s'] / r['limit_tok_s']):8.2f} {r.get('x_hf', 1.0):6.2f}")
+    _print_rows(result.get("decode", []), "method", 30, lambda r: (
+        f"{r['decode_tok_s']:8.1f} {r['limit_tok_s']:8.1f} "
+        f"{r['decode_tok_s'] / r['limit_tok_s']:8.2f} {r.get('x_hf', 1.0):6.2f}"))
     if result.get("offline"):
         first = result["offline"][0]
         title = f"offline ({first['num_requests']} x {first['prompt_len']}+{first['output_len']})"
-        print(f"\n{title:<30} {'out tok/s':>9} {'x HF b1':>8} {'KV blocks':>9} "
-              f"{'weights GiB':>11} {'peak GiB':>9}")
-    for r in result.get("offline", []):
-        if "error" in r:
-            print(f"{r['config']:<30} error: {r['error']}")
-            continue
-        print(f"{r['config']:<30} {r['output_tok_s']:9.0f} {r.get('x_hf_batch1', float('nan')):8.1f} "
-              f"{r['num_kv_blocks']:9d} {r['weights_gib']:11.2f} {r['peak_allocated_gib']:9.2f}")
+        print(f"\n{title:<30} {'out tok/s':>9} {'x HF b1':>8} {'KV blocks':>9} {'weights GiB':>11} {'peak GiB':>9}")
+        _print_rows(result["offline"], "config", 30, lambda r: (
+            f"{r['output_tok_s']:9.0f} {r.get('x_hf_batch1', float('nan')):8.1f} {r['num_kv_blocks']:9d} "
+            f"{r['weights_gib']:11.2f} {r['peak_allocated_gib']:9.2f}"))
 
 
 # offline rows: (label, quantization method or None, kv_cache_dtype)

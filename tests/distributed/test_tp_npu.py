@@ -22,9 +22,9 @@ from ascend_llm.distributed.parallel_state import ParallelContext
 from ascend_llm.graph.model_graphs import DecodeGraphs
 from ascend_llm.outputs import RequestOutput
 from ascend_llm.platform import TORCH_NPU_MODULE_ENV
-from tests.e2e.test_npu_backend import ALL_PROJ, assert_same_greedy_up_to_ties
+from tests.e2e.test_npu_backend import assert_same_greedy_up_to_ties
 from tests.ops.npu_emulation import FakeTorchNPU, install_fake_torch_npu
-from tests.quant.w8a8_writer import write_w8a8_checkpoint
+from tests.quant.w8a8_writer import ALL_PROJ, write_w8a8_checkpoint
 
 PARAMS = SamplingParams(max_tokens=8, prompt_logprobs=0, logprobs=5, temperature=0.0, ignore_eos=True)
 PROMPTS = [[(7 * i + 13 * j) % 381 + 3 for j in range(5 + 9 * i)] for i in range(4)]

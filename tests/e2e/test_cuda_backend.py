@@ -22,9 +22,7 @@ import torch
 
 from ascend_llm import LLM, SamplingParams
 from ascend_llm.outputs import RequestOutput
-from tests.e2e.test_npu_backend import (ALL_PROJ, PARAMS, _prompt_logprobs, _prompts,
-                                        assert_same_greedy_up_to_ties)
-from tests.quant.w8a8_writer import write_w8a8_checkpoint
+from tests.e2e.test_npu_backend import PARAMS, _prompt_logprobs, _prompts, assert_same_greedy_up_to_ties
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 
@@ -54,20 +52,9 @@ def _generate(llm: LLM, prompts: list[list[int]]) -> list[RequestOutput]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama_dir, tiny_qwen2_dir, tmp_path_factory):
-    """model_dir(arch, method) -> checkpoint directory (msModelSlim ones written once from the float one)."""
-    floats = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}
-    written: dict[tuple[str, str], Path] = {}
-
-    def get(arch: str, method: str) -> Path:
-        layer_type = METHODS[method][1]
-        if layer_type is None:
-            return floats[arch]
-        if (arch, method) not in written:
-            out = tmp_path_factory.mktemp(f"{arch}_{method}")
-            written[arch, method] = write_w8a8_checkpoint(floats[arch], out, {p: layer_type for p in ALL_PROJ})
-        return written[arch, method]
-    return get
+def model_dir(tiny_checkpoint):
+    """model_dir(arch, method) -> checkpoint directory (tests/e2e/conftest.py)."""
+    return lambda arch, method: tiny_checkpoint(arch, METHODS[method][1])
 
 
 @pytest.mark.parametrize("method", list(METHODS))

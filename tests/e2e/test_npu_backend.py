@@ -30,12 +30,10 @@ from ascend_llm.ops import npu_attention, npu_linear, npu_norm
 from ascend_llm.ops.cpu_int8 import quantize_per_tensor_reference
 from ascend_llm.outputs import RequestOutput
 from tests.ops.npu_emulation import FakeTorchNPU, install_fake_torch_npu
-from tests.quant.w8a8_writer import write_w8a8_checkpoint
 from tests.shared_data import CALIB_PROSE, EVAL_TEMPEST
 
 PARAMS = SamplingParams(max_tokens=8, prompt_logprobs=0, logprobs=5, temperature=0.0, ignore_eos=True)
 TIE = 0.02
-ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # method -> (quantization argument, msModelSlim layer type or None, (max, mean) |d logprob| bounds)
 METHODS = {
     "float": (None, None, (0.01, 0.002)),
@@ -93,21 +91,9 @@ def _compare(model_dir: Path, quantization: str | None, bound: tuple[float, floa
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama_dir, tiny_qwen2_dir, tmp_path_factory):
-    """model_dir(arch, method) -> checkpoint directory; msModelSlim ones are written (once) from
-    the float model with every decoder Linear of that method's type."""
-    floats = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}
-    written: dict[tuple[str, str], Path] = {}
-
-    def get(arch: str, method: str) -> Path:
-        layer_type = METHODS[method][1]
-        if layer_type is None:
-            return floats[arch]
-        if (arch, method) not in written:
-            out = tmp_path_factory.mktemp(f"{arch}_{method}")
-            written[arch, method] = write_w8a8_checkpoint(floats[arch], out, {p: layer_type for p in ALL_PROJ})
-        return written[arch, method]
-    return get
+def model_dir(tiny_checkpoint):
+    """model_dir(arch, method) -> checkpoint directory (tests/e2e/conftest.py)."""
+    return lambda arch, method: tiny_checkpoint(arch, METHODS[method][1])
 
 
 EXPECTED_MATMUL = {"w8a8_static": "npu_quant_matmul", "w8a8_dynamic": "npu_dynamic_quant",

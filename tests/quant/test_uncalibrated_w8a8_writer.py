@@ -1,11 +1,8 @@
 """write_uncalibrated_w8a8_checkpoint (bench_cuda.py's W8A8 rows): the same tensors as the calibrated
-writer for a given activation range, a checkpoint the engine detects and runs, and bench_cuda's
-method list and weight bytes for those rows."""
+writer for a given activation range, and a checkpoint the engine detects and runs."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +10,6 @@ from safetensors.torch import load_file
 
 from ascend_llm import LLM, SamplingParams
 from tests.quant.w8a8_writer import w8a8_static_tensors, write_uncalibrated_w8a8_checkpoint
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_cuda.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_cuda", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("quant_type", ["W8A8", "W8A8_DYNAMIC"])
@@ -44,12 +32,3 @@ def test_checkpoint_loads_and_generates(tiny_llama_dir, tmp_path, quant_type):
                        use_tqdm=False)
     assert len(got[0].outputs[0].token_ids) == 6
 
-
-def test_bench_cuda_methods_and_w8a8_weight_bytes():
-    bench = _bench()
-    assert bench.parse_methods("bf16, w8a8,w8a8_dynamic") == [None, "w8a8", "w8a8_dynamic"]
-    with pytest.raises(SystemExit, match=r"unknown \['w4a4'\]"):
-        bench.parse_methods("bf16,w4a4")
-    bf16, w8a8, dynamic, wint8 = (bench.weight_bytes(m) for m in (None, "w8a8", "w8a8_dynamic", "wint8"))
-    out_channels = 32 * (4 * 4096 + 3 * 11008)
-    assert w8a8 - dynamic == 4 * out_channels and dynamic == wint8 and w8a8 < bf16

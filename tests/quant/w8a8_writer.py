@@ -24,6 +24,8 @@ from ascend_llm.quant.w8a8 import encode_deq_scale_int64
 _TYPE_PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8")
 _EPS = torch.finfo(torch.float32).eps
 _COPIED_SUFFIXES = (".json", ".txt", ".jinja", ".model", ".py")
+# every decoder Linear of a Llama / Qwen2 layer (layer_types keys quantizing all of them)
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def quantize_weight_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

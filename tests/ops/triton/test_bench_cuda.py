@@ -42,12 +42,18 @@ def test_tables_show_failed_rows_and_results_are_saved(tmp_path, capsys) -> None
                         "fraction_of_spec_peak": 0.66},
                        {"kernel": "fp8 block 128x128 Triton", "m": 4096, "n": 4096, "k": 4096,
                         "error": "RuntimeError('out of resources')"}],
-              "memory_bound": [{"kernel": "rms_norm 1x4096", "error": "RuntimeError('x')"}],
-              "decode": [{"method": "ascend-llm wint8", "error": "ValueError('y')"}]}
+              "memory_bound": [{"kernel": "rms_norm 1x4096", "error": "RuntimeError('x')"},
+                               {"kernel": "wint4 GEMV Triton 4096x4096", "seconds": 4e-6, "gb_s": 2200.0,
+                                "fraction_of_copy_bw": 0.73}],
+              "decode": [{"method": "HF transformers bf16", "decode_tok_s": 15.0, "limit_tok_s": 222.0},
+                         {"method": "ascend-llm wint4", "decode_tok_s": 470.0, "limit_tok_s": 800.0, "x_hf": 31.3},
+                         {"method": "ascend-llm wint8", "error": "ValueError('y')"}]}
     bench.print_tables(result)
     printed = capsys.readouterr().out
     assert "fp8 block 128x128 Triton" in printed and "error: RuntimeError('out of resources')" in printed
     assert "rms_norm 1x4096" in printed and "ascend-llm wint8" in printed
+    assert "2200" in printed and "0.73" in printed                     # the good rows' cells
+    assert "470.0    800.0     0.59  31.30" in printed
     bench.save_result(result, tmp_path / "sub" / "r.json")
     assert json.loads((tmp_path / "sub" / "r.json").read_text()) == result
 
@@ -73,3 +79,13 @@ def test_offline_rows_keep_going_after_a_failed_config(monkeypatch, capsys) -> N
                         "offline": rows})
     printed = capsys.readouterr().out
     assert "offline (256 x 512+128)" in printed and "no int8 cache here" in printed and "2000" in printed
+
+
+def test_bench_cuda_methods_and_w8a8_weight_bytes():
+    bench = _bench()
+    assert bench.parse_methods("bf16, w8a8,w8a8_dynamic") == [None, "w8a8", "w8a8_dynamic"]
+    with pytest.raises(SystemExit, match=r"unknown \['w4a4'\]"):
+        bench.parse_methods("bf16,w4a4")
+    bf16, w8a8, dynamic, wint8 = (bench.weight_bytes(m) for m in (None, "w8a8", "w8a8_dynamic", "wint8"))
+    out_channels = 32 * (4 * 4096 + 3 * 11008)
+    assert w8a8 - dynamic == 4 * out_channels and dynamic == wint8 and w8a8 < bf16
