@@ -116,10 +116,12 @@ def test_decode_attention_matches_reference(context_lens, heads, kv_heads, head_
 
 @pytest.mark.parametrize("context_lens", [[65], [129, 7], [600, 64, 2000, 1]])
 @pytest.mark.parametrize("block_size", [16, 5])
-def test_decode_attention_over_several_chunks_matches_reference(context_lens, block_size):
-    # contexts above 64 tokens are split into chunks whose partial softmaxes are merged
-    query, k_cache, v_cache, meta = _paged_case([1] * len(context_lens), context_lens, 9, 3, 64, block_size,
-                                                seed=sum(context_lens) + block_size)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 2, 128), (6, 3, 72), (3, 1, 20)])
+def test_decode_attention_over_several_chunks_matches_reference(context_lens, block_size, heads, kv_heads, head_dim):
+    # contexts above 64 tokens are split into chunks whose partial softmaxes are merged; head_dim
+    # 64 / 128 / 72 take the vectorised paths (64 columns in registers, then 8 at a time), 20 the scalar tail
+    query, k_cache, v_cache, meta = _paged_case([1] * len(context_lens), context_lens, heads, kv_heads, head_dim,
+                                                block_size, seed=sum(context_lens) + block_size + head_dim)
     query = query * 3       # sharper softmax: the chunk maxima differ
     got = cpu_fused.paged_attention(query, k_cache, v_cache, meta, 0.125)
     want = cpu.paged_attention(query, k_cache, v_cache, meta, 0.125)
