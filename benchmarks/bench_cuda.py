@@ -255,11 +255,17 @@ def make_random_w8a8(float_dir: Path, method: str) -> Path:
     return out
 
 
+def checkpoint_for(model_dir: Path, method: str | None) -> tuple[Path, str | None]:
+    """(directory, quantization argument) of a row: the W8A8 rows load their msModelSlim checkpoint,
+    the other methods quantize the random model online."""
+    if method in W8A8_TYPES:
+        return make_random_w8a8(model_dir, method), "ascend"
+    return model_dir, method
+
+
 def ours_decode(model_dir: Path, method: str | None, prompt_len: int, output_len: int) -> float:
     from ascend_llm import LLM, SamplingParams
-    quantization = method
-    if method in W8A8_TYPES:
-        model_dir, quantization = make_random_w8a8(model_dir, method), "ascend"
+    model_dir, quantization = checkpoint_for(model_dir, method)
     # batch 1 only: graph buckets up to 8 sequences keep the capture short
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", quantization=quantization, max_model_len=2048,
               enable_prefix_caching=False, kv_cache_memory_gb=4.0, max_num_seqs=8)
@@ -280,8 +286,9 @@ def ours_decode(model_dir: Path, method: str | None, prompt_len: int, output_len
 
 
 def decode_rows(model_dir: Path, bandwidth: float, prompt_len: int, output_len: int,
-                methods: list[str | None], rows: list[dict], on_row: Callable[[], None]) -> None:
-    """Append HF's row, then one per method, to `rows`, calling on_row() after each (saves as it goes)."""
+                methods: list[str | None], rows: list[dict], on_row: Callable[[], None]) -> float:
+    """Append HF's row, then one per method, to `rows`, calling on_row() after each (saves as it goes);
+    returns HF's rate."""
     hf = hf_decode(model_dir, prompt_len, output_len)
     rows.append({"method": "HF transformers bf16", "decode_tok_s": hf, "weight_bytes": weight_bytes(None),
                  "limit_tok_s": bandwidth / weight_bytes(None)})
@@ -299,6 +306,7 @@ def decode_rows(model_dir: Path, bandwidth: float, prompt_len: int, output_len: 
                      "weight_bytes": weight_bytes(method), "limit_tok_s": limit,
                      "fraction_of_limit": rate / limit, "x_hf": rate / hf})
         on_row()
+    return hf
 
 
 def _print_rows(rows: list[dict], key: str, width: int, cells: Callable[[dict], str]) -> None:
@@ -339,9 +347,7 @@ def ours_offline(model_dir: Path, method: str | None, kv_cache_dtype: str, num_r
                  prompt_len: int, output_len: int) -> dict:
     """One offline run of num_requests random prompts; rates, KV blocks and GPU memory."""
     from ascend_llm import LLM, SamplingParams
-    quantization = method
-    if method in W8A8_TYPES:
-        model_dir, quantization = make_random_w8a8(model_dir, method), "ascend"
+    model_dir, quantization = checkpoint_for(model_dir, method)
     torch.cuda.reset_peak_memory_stats()
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", quantization=quantization,
               kv_cache_dtype=kv_cache_dtype, max_model_len=prompt_len + output_len + 16,
@@ -426,9 +432,8 @@ def main() -> None:
     if not args.skip_decode:
         model_dir = make_random_llama(Path(args.model_dir))
         result["decode"] = []
-        decode_rows(model_dir, bandwidth, args.prompt_len, args.output_len, methods, result["decode"], save)
+        hf = decode_rows(model_dir, bandwidth, args.prompt_len, args.output_len, methods, result["decode"], save)
         if args.offline_requests > 0:
-            hf = next((r.get("decode_tok_s") for r in result["decode"] if r["method"].startswith("HF")), None)
             result["offline"] = []
             offline_rows(model_dir, hf, args.offline_requests, args.offline_prompt_len, args.offline_output_len,
                          result["offline"], save)
@@ -439,6 +444,7 @@ def main() -> None:
 def save_result(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
+
 
 if __name__ == "__main__":
     main()

@@ -105,4 +105,3 @@ def test_quantized_kv_cache_on_cuda_matches_cpu(tiny_llama_dir, kv_cache_dtype):
     # the NPU emulation's int8-cache bounds (its measured 0.015 / 0.0026, about 3x)
     assert float(diff.max()) < 0.05 and float(diff.mean()) < 0.01
     assert assert_same_greedy_up_to_ties(cpu_outs, cuda_outs) >= 2
-

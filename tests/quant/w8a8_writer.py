@@ -141,14 +141,8 @@ def write_w8a8_checkpoint(float_dir: str | Path, out_dir: str | Path,
     model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
     ranges = calibrate_input_ranges(model, model.config.vocab_size, num_prompts, seed=seed)
     deq_as_int64 = str(getattr(model.config, "torch_dtype", "")) not in ("bfloat16", "torch.bfloat16")
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(float_dir.glob("*.safetensors")):
-        state.update(load_file(str(path)))
-    tensors, description = _quantize_state(state, ranges, layer_types or {}, deq_as_int64)
-    save_file(tensors, str(out_dir / "quant_model_weights.safetensors"))
-    (out_dir / "quant_model_description.json").write_text(json.dumps(description, indent=2))
-    _copy_side_files(float_dir, out_dir)
-    return out_dir
+    return _write_quantized(float_dir, out_dir, _load_state(float_dir, "cpu"), ranges, layer_types or {},
+                            deq_as_int64)
 
 
 def write_uncalibrated_w8a8_checkpoint(float_dir: str | Path, out_dir: str | Path, quant_type: str,
@@ -160,15 +154,26 @@ def write_uncalibrated_w8a8_checkpoint(float_dir: str | Path, out_dir: str | Pat
     measured. `device`: where the weights are quantized ("cuda" for a 7B model)."""
     float_dir, out_dir = Path(float_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(float_dir.glob("*.safetensors")):
-        state.update(load_file(str(path), device=device))
+    state = _load_state(float_dir, device)
     ranges = {name.rsplit(".", 1)[0]: x_range for name, t in state.items()
               if ".layers." in name and name.endswith("_proj.weight") and t.dim() == 2}
     config = json.loads((float_dir / "config.json").read_text())
     deq_as_int64 = config.get("torch_dtype", config.get("dtype")) != "bfloat16"
-    tensors, description = _quantize_state(state, ranges, {"": quant_type}, deq_as_int64)
-    del state
+    return _write_quantized(float_dir, out_dir, state, ranges, {"": quant_type}, deq_as_int64)
+
+
+def _load_state(float_dir: Path, device: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(float_dir.glob("*.safetensors")):
+        state.update(load_file(str(path), device=device))
+    return state
+
+
+def _write_quantized(float_dir: Path, out_dir: Path, state: dict[str, torch.Tensor],
+                     ranges: dict[str, tuple[float, float]], layer_types: Mapping[str, str],
+                     deq_as_int64: bool) -> Path:
+    """Quantize `state` and write weights, description and the float model's side files to out_dir."""
+    tensors, description = _quantize_state(state, ranges, layer_types, deq_as_int64)
     save_file({name: t.cpu() for name, t in tensors.items()}, str(out_dir / "quant_model_weights.safetensors"))
     (out_dir / "quant_model_description.json").write_text(json.dumps(description, indent=2))
     _copy_side_files(float_dir, out_dir)
