@@ -309,22 +309,40 @@ class AsyncLLMEngine:
         self._snapshot = self._read_stats()
 
     def _apply(self, cmd: _Command) -> None:
-        if cmd.kind == "abort":
-            self._engine.abort_request(cmd.request_id)
-            self._notify("record_abort", cmd.request_id)
+        """Carry out one command; a failure costs only that command's request."""
+        try:
+            if cmd.kind == "abort":
+                self._engine.abort_request(cmd.request_id)
+                self._notify("record_abort", cmd.request_id)
+            else:
+                self._admit(cmd)
+        except Exception:
+            logger.exception("engine command %s for %s failed", cmd.kind, cmd.request_id)
+            self._forget(cmd.request_id)
+
+    def _admit(self, cmd: _Command) -> None:
+        """Add a request unless its caller gave up (cancelled the admission future) or aborted
+        it while it was queued; the caller's future is resolved only if still wanted."""
+        if not cmd.future.set_running_or_notify_cancel():     # the client timed out while queued
+            self._forget(cmd.request_id)
             return
-        if cmd.request_id not in self._sinks:      # aborted before it was added
+        if cmd.request_id not in self._sinks:                  # aborted before it was added
             cmd.future.set_exception(RequestAbortedError(f"{cmd.request_id} was aborted"))
             return
         try:
             prompt, params, prompt_token_ids = cmd.args
             self._engine.add_request(cmd.request_id, prompt, params, prompt_token_ids)
         except Exception as exc:
-            with self._lock:
-                self._sinks.pop(cmd.request_id, None)
+            self._forget(cmd.request_id)
             cmd.future.set_exception(exc)
             return
         cmd.future.set_result(None)
+
+    def _forget(self, request_id: str) -> None:
+        """Drop a request's sink and anything the engine holds for it."""
+        with self._lock:
+            self._sinks.pop(request_id, None)
+        self._engine.abort_request(request_id)
 
     def _step_once(self) -> None:
         try:
