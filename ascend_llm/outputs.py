@@ -23,7 +23,8 @@ PromptLogprobs = list[dict[int, Logprob] | None]
 class CompletionOutput:
     """One of a request's n completions.
 
-    `finish_reason` is None while generating, then "stop", "length" or "abort";
+    `finish_reason` is None while generating, then "stop", "length", "abort" or "error"
+    (the request failed on its own; `RequestOutput.error` says why);
     `stop_reason` is the stop string or stop token id that ended it (None for EOS
     or length).
     """
@@ -81,13 +82,14 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    error: str | None = None         # why the request failed (finish_reason "error"), else None
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
                 f"prompt_token_ids={self.prompt_token_ids}, "
                 f"prompt_logprobs={_summarise_logprobs(self.prompt_logprobs)}, "
                 f"outputs={self.outputs}, finished={self.finished}, metrics={self.metrics}, "
-                f"num_cached_tokens={self.num_cached_tokens})")
+                f"num_cached_tokens={self.num_cached_tokens}, error={self.error!r})")
 
 
 def _summarise_logprobs(logprobs: list | None) -> str:

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 SAMPLING_EPS = 1e-5
 MAX_N = 128
 MAX_LOGPROBS = 20
+# seeds are int64 like vLLM's (torch generators take them); output i uses seed + i
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1
 
 # alternative spellings accepted by `SamplingParams.from_dict` (FastDeploy / HF generate)
 _FIELD_ALIASES = {
@@ -172,7 +174,10 @@ class SamplingParams:
         self.logprobs = _int_or_none("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         self.prompt_logprobs = _int_or_none("prompt_logprobs", self.prompt_logprobs,
                                             0, MAX_LOGPROBS)
-        self.seed = _int_or_none("seed", self.seed)
+        self.seed = _int_or_none("seed", self.seed, SEED_MIN, SEED_MAX)
+        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
+            _fail("seed", f"seed + n - 1 (the seed of the last of n={self.n} outputs) must be "
+                          f"<= {SEED_MAX}", self.seed)
         if self.best_of is not None and not _is_int(self.best_of):
             _fail("best_of", "must be an integer", self.best_of)
 

@@ -53,6 +53,8 @@ _BAD_VALUES = [
     ("prompt_logprobs", 21),
     ("seed", 1.5),
     ("seed", "42"),
+    ("seed", 2 ** 63),            # int64, as vLLM (a torch generator would take up to 2**64 - 1)
+    ("seed", -(2 ** 63) - 1),
     ("stop", ""),
     ("stop", ["ok", ""], "''"),
     ("stop", [3], "3"),
@@ -138,3 +140,10 @@ def test_from_dict_aliases_and_none():
         SamplingParams.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="^max_tokens:"):
         SamplingParams.from_dict({"max_new_tokens": 0})
+
+
+def test_seed_of_the_last_of_n_outputs_must_fit_int64():
+    assert SamplingParams(seed=2 ** 63 - 2, n=2).seed == 2 ** 63 - 2
+    assert SamplingParams(seed=-(2 ** 63), n=3).seed == -(2 ** 63)
+    with pytest.raises(ValueError, match=r"^seed: seed \+ n - 1"):
+        SamplingParams(seed=2 ** 63 - 2, n=3)

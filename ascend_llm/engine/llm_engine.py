@@ -10,7 +10,7 @@ from ascend_llm.distributed.launch import create_executor, validate_tp_config
 from ascend_llm.distributed.worker import WorkerSpec
 from ascend_llm.engine.arg_utils import EngineArgs
 from ascend_llm.engine.kv_cache import fit_max_model_len
-from ascend_llm.engine.model_runner import ModelRunner
+from ascend_llm.engine.model_runner import ModelRunner, ModelRunnerOutput
 from ascend_llm.engine.request_state import RequestState
 from ascend_llm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
@@ -135,19 +135,44 @@ class LLMEngine:
             result = self.executor.execute_model(out)
         sampled = result.sampler_output
         first_rows, tokens = _emitted_tokens(out, sampled.sampled_token_ids)
+        for request_id, reason in _failed_requests(out, first_rows, sampled.failed_rows).items():
+            self._fail_request(request_id, reason)    # before update, which skips finished seqs
         self.scheduler.update(out, tokens)
         touched: dict[str, RequestState] = {}
         for item, row in zip(out.scheduled, first_rows):
             state = self.requests.get(item.seq.request_id)
             if state is None:
                 continue
+            if state.error is None:
+                self._process_item(state, item, row, result, now)
+            touched[state.request_id] = state
+        return [self._emit(state) for state in touched.values()]
+
+    def _process_item(self, state: RequestState, item: ScheduledSequence, first_row: int,
+                      result: ModelRunnerOutput, now: float) -> None:
+        """Record one scheduled item's prompt logprobs and new tokens; a failure here (e.g. in
+        detokenization) fails this request only."""
+        try:
             _mark_scheduled(state, now)
             chunk = result.prompt_logprobs.get(item.seq.seq_id)
             if chunk is not None:
                 state.record_prompt_logprobs(chunk.first_pos, chunk.logprobs, chunk.ranks, self.tokenizer)
-            self._on_tokens(state, item, row, sampled)
-            touched[state.request_id] = state
-        return [self._emit(state) for state in touched.values()]
+            self._on_tokens(state, item, first_row, result.sampler_output)
+        except Exception as exc:
+            logger.exception("post-processing failed for request %s", state.request_id)
+            self._fail_request(state.request_id, f"post-processing failed: {type(exc).__name__}: {exc}")
+
+    def _fail_request(self, request_id: str, reason: str) -> None:
+        """Finish the request with finish_reason "error" and `reason`, freeing its KV blocks;
+        the rest of the batch is untouched."""
+        state = self.requests.get(request_id)
+        if state is None or state.error is not None:
+            return
+        logger.warning("request %s failed: %s", request_id, reason)
+        state.error = reason
+        self.scheduler.abort_request(request_id, SequenceStatus.FINISHED_ERROR)
+        for seq in state.seqs:
+            self.model_runner.free_seq_state(seq.seq_id)
 
     def _on_tokens(self, state: RequestState, item: ScheduledSequence, first_row: int,
                    sampled: SamplerOutput) -> None:
@@ -222,6 +247,17 @@ def _emitted_tokens(out: SchedulerOutput, sampled: list[int]) -> tuple[list[int]
     if row != len(sampled):
         raise ValueError(f"step: the model sampled {len(sampled)} rows for {row} scheduled rows")
     return first_rows, tokens
+
+
+def _failed_requests(out: SchedulerOutput, first_rows: list[int],
+                     failed_rows: dict[int, str]) -> dict[str, str]:
+    """request_id -> reason for every request one of whose sampled rows failed."""
+    failed: dict[str, str] = {}
+    for item, first in zip(out.scheduled, first_rows):
+        for row in range(first, first + item.num_sampled_rows):
+            if row in failed_rows:
+                failed.setdefault(item.seq.request_id, failed_rows[row])
+    return failed
 
 
 def _mark_scheduled(state: RequestState, now: float) -> None:

@@ -20,7 +20,8 @@ from ascend_llm.graph.model_graphs import DecodeGraphs
 from ascend_llm.layers.attention import Attention
 from ascend_llm.layers.kv_scales import bind_kv_cache_scales, checkpoint_kv_cache_dtype, load_kv_scales_json
 from ascend_llm.layers.moe import EXPERT_TENSOR
-from ascend_llm.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, compute_logprobs
+from ascend_llm.layers.isolated_sampling import sample_isolated
+from ascend_llm.layers.sampler import Sampler, SamplerOutput, compute_logprobs
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
@@ -187,8 +188,8 @@ class ModelRunner:
             self._prompt_logprobs(out, hidden, {})     # same compute_logits calls as the driver
             return None
         seqs = sampling_rows(out)
-        metadata = SamplingMetadata.build(seqs, self.eos_token_ids, self.generators, self.device)
-        result = ModelRunnerOutput(self.sampler(logits, metadata))
+        result = ModelRunnerOutput(sample_isolated(self.sampler, logits, seqs, self.eos_token_ids,
+                                                   self.generators, self.device))
         self._prompt_logprobs(out, hidden, result.prompt_logprobs)
         return result
 

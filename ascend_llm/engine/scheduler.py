@@ -286,11 +286,13 @@ class Scheduler:
         seq.status = status
         seq.stop_reason = stop_reason
 
-    def abort_request(self, request_id: str) -> list[Sequence]:
-        """Abort every waiting or running sequence of the request; returns them."""
+    def abort_request(self, request_id: str,
+                      status: SequenceStatus = SequenceStatus.FINISHED_ABORTED) -> list[Sequence]:
+        """Finish every waiting or running sequence of the request with `status` (aborted, or
+        FINISHED_ERROR for a request that failed alone); returns them."""
         seqs = [seq for seq in (*self.waiting, *self.running) if seq.request_id == request_id]
         for seq in seqs:
-            self.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
+            self.finish_seq(seq, status)
         return seqs
 
     def check_invariants(self) -> None:

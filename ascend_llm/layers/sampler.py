@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ascend_llm.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or inf) for this request"
 
 
 @dataclass
@@ -94,6 +95,9 @@ class SamplingMetadata:
 class SamplerOutput:
     """The step's sampled tokens, one per row, plus requested logprobs.
 
+    A row in `failed_rows` (e.g. its logits were NaN / inf) has token -1 and no logprobs;
+    the other rows are sampled exactly as if it were not there.
+
     `logprobs[i]` maps token id -> raw-logits logprob for the sampled token and
     row i's top-k tokens (None when the row asked for none); `ranks[i]` maps the
     same ids to their rank (1 = most likely).
@@ -102,6 +106,7 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]
     ranks: list[dict[int, int] | None]
     sampled_token_tensor: torch.Tensor | None = None   # [num_seqs] int64, on device
+    failed_rows: dict[int, str] = field(default_factory=dict)  # row -> why it has no token (-1)
 
 
 class Sampler(nn.Module):
@@ -109,12 +114,16 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         raw = logits.float()                          # [num_seqs, vocab_size]
+        non_finite = ~torch.isfinite(raw.amax(dim=-1))  # [num_seqs]: a NaN / +inf, or all -inf
         processed = apply_penalties(raw, metadata)
         processed = apply_min_tokens(processed, metadata)
-        sampled = sample(processed, metadata)         # [num_seqs] int64
-        logprobs, ranks = compute_logprobs(raw, sampled, metadata.num_logprobs)
-        return SamplerOutput(sampled_token_ids=sampled.tolist(), logprobs=logprobs,
-                             ranks=ranks, sampled_token_tensor=sampled)
+        sampled = sample(processed, metadata).masked_fill(non_finite, -1)  # [num_seqs] int64
+        token_ids = sampled.tolist()
+        failed = {row: NON_FINITE_LOGITS for row, token in enumerate(token_ids) if token < 0}
+        num_logprobs = [None if row in failed else k for row, k in enumerate(metadata.num_logprobs)]
+        logprobs, ranks = compute_logprobs(raw, sampled, num_logprobs)
+        return SamplerOutput(sampled_token_ids=token_ids, logprobs=logprobs, ranks=ranks,
+                             sampled_token_tensor=sampled, failed_rows=failed)
 
 
 # ---------------------------------------------------------------- metadata helpers

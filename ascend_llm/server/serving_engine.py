@@ -232,6 +232,8 @@ class OutputStream:
                 continue
             if item.finished:
                 self._pending.discard(item.request_id)
+            if item.error is not None:      # this request failed alone (like vLLM's GenerationError)
+                raise APIError(500, f"request {item.request_id} failed: {item.error}")
             yield self._index[item.request_id], item
 
     def abort(self) -> None:

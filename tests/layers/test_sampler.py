@@ -381,3 +381,26 @@ def test_logprob_rank_of_unlikely_sampled_token():
 def test_empty_batch():
     out = run([], torch.empty(0, 10))
     assert out.sampled_token_ids == [] and out.logprobs == [] and out.ranks == []
+
+
+# ---------------------------------------------------------------- non-finite rows
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_row_fails_alone(poison):
+    """A row with NaN / +inf logits (or all -inf) gets token -1, no logprobs and a reason;
+    the other rows get exactly what they get without it (greedy, seeded, logprobs)."""
+    logits = random_logits(4, 40, seed=21)
+    params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=0.8, seed=9, logprobs=2),
+              SamplingParams(temperature=0.8, seed=4, logprobs=1), SamplingParams(temperature=0.0)]
+    clean = run([make_seq(p) for p in params], logits)
+    bad = logits.clone()
+    bad[1, 7] = poison
+    bad[3] = float("-inf")
+    out = run([make_seq(p) for p in params], bad)
+    assert set(out.failed_rows) == {1, 3} and "non-finite" in out.failed_rows[1]
+    assert out.sampled_token_ids[1] == out.sampled_token_ids[3] == -1
+    assert out.logprobs[1] is None and out.ranks[1] is None
+    for row in (0, 2):
+        assert out.sampled_token_ids[row] == clean.sampled_token_ids[row]
+        assert out.logprobs[row] == clean.logprobs[row] and out.ranks[row] == clean.ranks[row]
+    assert clean.failed_rows == {}
