@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
+
+from ascend_llm.ops.cpu_features import cpuinfo_text, parse_cpuinfo_field
 
 ENV_VAR = "ASCEND_LLM_CPU_LINEAR"
 _CHOICES = ("auto", "gemv", "onednn", "mkl")
@@ -48,12 +49,4 @@ def onednn_preferred() -> bool:
 @functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """The `vendor_id` of /proc/cpuinfo (e.g. GenuineIntel, AuthenticAMD), or "" if unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "vendor_id":
-            return value.strip()
-    return ""
+    return parse_cpuinfo_field(cpuinfo_text(), "vendor_id")

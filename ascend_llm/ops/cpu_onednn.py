@@ -3,7 +3,9 @@
 On AMD EPYC, oneDNN's linear with a weight pre-packed into its blocked layout runs 2-3x faster
 than the MKL sgemm behind F.linear on batched inputs (~300-400 vs ~120-180 GFLOP/s at 32-2048
 tokens) and stays IEEE fp32. On Intel CPUs MKL is faster at decode and these kernels step
-aside (ops/cpu_linear_choice.py).
+aside (ops/cpu_linear_choice.py). In bfloat16 they need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT;
+without (AMD Zen 3, or ASCEND_LLM_CPU_ISA=avx2) they step aside, logged once, for F.linear
+(ops/cpu_features.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ascend_llm.ops.cpu_features import cpu_features, log_step_aside
 from ascend_llm.ops.cpu_linear_choice import ENV_VAR, cpu_vendor, onednn_preferred
 from ascend_llm.ops.registry import Kernel, OpRegistry
 
@@ -27,6 +30,10 @@ def _supports_linear(dtype: torch.dtype | None = None, shared_weight: bool = Fal
 
 def _supports_dense_linear(dtype: torch.dtype | None = None, **traits: Any) -> str | None:
     reason = onednn_unavailable(dtype)
+    if reason is None:
+        reason = cpu_features().onednn_unavailable(dtype)
+        if reason is not None:
+            log_step_aside("oneDNN linear", reason)
     if reason is None and not onednn_preferred():
         reason = (f"MKL's F.linear is faster on this CPU ({cpu_vendor() or 'unknown vendor'}); "
                   f"{ENV_VAR}=onednn forces oneDNN")
