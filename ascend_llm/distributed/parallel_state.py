@@ -11,7 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -90,10 +90,13 @@ def torchrun_env() -> dict[str, int | str] | None:
 
 def init_parallel_context(rank: int, world_size: int, backend: str, init_method: str,
                           local_rank: int | None = None,
-                          timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
+                          timeout_s: float = DEFAULT_TIMEOUT_S,
+                          before_rendezvous: Callable[[], None] | None = None) -> ParallelContext:
     """Join the process group (blocks until every rank has joined) and return the context.
 
     `backend` is the ascend_llm backend (cpu / cuda / npu); world size 1 joins nothing.
+    `before_rendezvous` is called once the device is selected, just before blocking (a worker
+    tells its driver that it reached the rendezvous).
     """
     local_rank = rank if local_rank is None else local_rank
     if world_size == 1:
@@ -104,6 +107,8 @@ def init_parallel_context(rank: int, world_size: int, backend: str, init_method:
         raise RuntimeError("torch.distributed is already initialized in this process: shut the "
                            "other tensor-parallel engine down first")
     _select_device(backend, local_rank)
+    if before_rendezvous is not None:
+        before_rendezvous()
     timeout = timedelta(seconds=timeout_s)
     dist_backend = (backend == "npu" and _emulated_npu("emulated_dist_backend")) or DIST_BACKENDS[backend]
     dist.init_process_group(dist_backend, init_method=init_method, rank=rank,
