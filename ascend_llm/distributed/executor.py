@@ -1,41 +1,33 @@
 """Driver side of tensor parallelism: start the worker ranks, broadcast every step, watch them.
 
-`MultiprocExecutor` (`--distributed-executor-backend mp`, the default) spawns tp_size - 1
-worker processes on this node; the engine process is rank 0 and runs its own shard. With
+`MultiprocExecutor` (`--distributed-executor-backend mp`, the default) starts tp_size - 1
+worker processes on this node (fork or spawn: `start_method`); the engine process is rank 0 and runs its own shard. With
 torchrun-style env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) every rank is launched from
 outside: rank 0 drives (`ExternalLaunchExecutor`), the others run the worker loop.
 
-A worker that dies is reported as `WorkerDiedError` naming its rank and exit code (checked before
-every step, and when a collective fails) instead of a hang; the process-group timeout bounds
+A worker that dies is reported as `WorkerDiedError` naming its rank and exit code (at once during
+start-up, before every step, and when a collective fails) instead of a hang; the process-group timeout bounds
 the wait for a rank that hangs without dying.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
 import weakref
 from typing import Any
 
+from ascend_llm.distributed.errors import TensorParallelError, WorkerDiedError
 from ascend_llm.distributed.parallel_state import (ParallelContext, destroy_parallel_context, free_port,
                                                    init_parallel_context)
-from ascend_llm.distributed.worker import CaptureDecodeGraphs, WorkerSpec, broadcast_step, mp_worker_entry
+from ascend_llm.distributed.start_method import ProcessFacts, choose_start_method
+from ascend_llm.distributed.worker import CaptureDecodeGraphs, WorkerSpec, broadcast_step
+from ascend_llm.distributed.worker_processes import (await_reports, first_failure, start_workers,
+                                                     stop_processes)
 
 logger = logging.getLogger(__name__)
 
-_EXIT_GRACE_S = 5.0      # how long a worker may take to exit after the stop message
 _DEATH_POLL_S = 3.0      # after a failed collective: how long to wait for a peer's exit status
 _STARTUP_POLL_S = 15.0   # after a failed start-up: how long to wait for a worker's own report
-
-
-class TensorParallelError(RuntimeError):
-    """A tensor-parallel step failed; the ranks may be out of step, so the engine cannot step
-    any more (fatal: the server turns unhealthy instead of retrying)."""
-    fatal = True
-
-
-class WorkerDiedError(TensorParallelError):
-    """A tensor-parallel rank is gone."""
 
 
 class DriverExecutor:
@@ -97,30 +89,26 @@ class DriverExecutor:
 
 
 class MultiprocExecutor(DriverExecutor):
-    """`mp`: tp_size - 1 spawned worker processes on this node; this process is rank 0."""
+    """`mp`: tp_size - 1 worker processes on this node (fork or spawn, `start_method`); this
+    process is rank 0. Start-up waits for the workers' reports while watching their processes,
+    so a worker that dies is reported at once (rank, exit code, message)."""
 
     def __init__(self, spec: WorkerSpec, tp_size: int) -> None:
+        method = choose_start_method(ProcessFacts.observe(spec.backend))
+        if method.warning:
+            logger.warning(method.warning)
+        logger.info("tensor parallel: starting %d worker process(es) with %s: %s", tp_size - 1,
+                    method.name, method.reason)
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        context = multiprocessing.get_context("spawn")
-        self._procs: list[Any] = []
-        self._conns: list[Any] = []
-        for rank in range(1, tp_size):
-            receiver, sender = context.Pipe(duplex=False)
-            proc = context.Process(target=mp_worker_entry, name=f"ascend-llm-tp-rank{rank}", daemon=True,
-                                   args=(rank, tp_size, init_method, spec, sender))
-            proc.start()
-            sender.close()
-            self._procs.append(proc)
-            self._conns.append(receiver)
-        self._finalizer = weakref.finalize(self, _stop_processes, self._procs)
+        self._workers = start_workers(method, tp_size, init_method, spec)
+        self._finalizer = weakref.finalize(self, stop_processes, [w.process for w in self._workers])
         self.failure = None
+        parallel = None
         try:
+            await_reports(self._workers, "joining", spec.timeout_s)
             parallel = init_parallel_context(0, tp_size, spec.backend, init_method, 0, spec.timeout_s)
-        except Exception as exc:
-            self._startup_failed(exc, None)
-        try:
             runner = spec.build_runner(parallel)
-            self._wait_ready()
+            await_reports(self._workers, "ready", spec.timeout_s)
         except Exception as exc:
             self._startup_failed(exc, parallel)
         super().__init__(parallel, runner)
@@ -129,41 +117,21 @@ class MultiprocExecutor(DriverExecutor):
 
     def _startup_failed(self, exc: Exception, parallel: ParallelContext | None) -> None:
         """Raise the first worker's start-up error (rank and message), else the driver's own."""
-        reported = self._wait_for_dead_worker(_STARTUP_POLL_S)
+        if isinstance(exc, WorkerDiedError):
+            reported: str | None = str(exc)
+        elif isinstance(exc, TensorParallelError):     # a worker still running past the time-out
+            reported = None
+        else:                                          # e.g. a collective that lost its peer
+            reported = first_failure(self._workers, _STARTUP_POLL_S)
         if parallel is not None:
             destroy_parallel_context(parallel, barrier=False)
-        _stop_processes(self._procs)
+        stop_processes([w.process for w in self._workers])
         if reported is not None:
-            raise RuntimeError(f"tensor-parallel start-up failed: {reported}") from exc
+            raise WorkerDiedError(f"tensor-parallel start-up failed: {reported}") from exc
         raise exc
 
-    def _wait_ready(self) -> None:
-        for rank, conn in enumerate(self._conns, start=1):
-            while not conn.poll(0.1):
-                if not self._procs[rank - 1].is_alive():
-                    raise WorkerDiedError(self._describe(rank))
-            kind, _, message = conn.recv()
-            if kind != "ready":
-                raise WorkerDiedError(f"tensor-parallel worker rank {rank} failed: {message}")
-
     def _dead_worker(self) -> str | None:
-        for rank, proc in enumerate(self._procs, start=1):
-            if not proc.is_alive():
-                return self._describe(rank)
-        return None
-
-    def _describe(self, rank: int) -> str:
-        proc, conn = self._procs[rank - 1], self._conns[rank - 1]
-        proc.join(timeout=1.0)
-        message = ""
-        try:
-            while conn.poll(0):
-                kind, _, text = conn.recv()
-                message = text if kind == "error" else message
-        except (EOFError, OSError):
-            pass
-        text = f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}"
-        return f"{text}: {message}" if message else text
+        return first_failure(self._workers)
 
     def shutdown(self) -> None:
         if getattr(self, "_stopped", True):
@@ -177,7 +145,7 @@ class MultiprocExecutor(DriverExecutor):
                 logger.warning("could not send the stop message to the workers: %s", exc)
                 alive = False
         destroy_parallel_context(self.parallel, barrier=alive)
-        _stop_processes(self._procs)
+        stop_processes([w.process for w in self._workers])
 
 
 class ExternalLaunchExecutor(DriverExecutor):
@@ -191,17 +159,3 @@ class ExternalLaunchExecutor(DriverExecutor):
             broadcast_step(self.parallel, None)
         finally:
             destroy_parallel_context(self.parallel)
-
-
-def _stop_processes(procs: list[Any]) -> None:
-    """Wait briefly for workers to exit on their own, then terminate (and kill) the rest."""
-    deadline = time.monotonic() + _EXIT_GRACE_S
-    for proc in procs:
-        proc.join(timeout=max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout=2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=2.0)

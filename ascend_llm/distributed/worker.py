@@ -1,14 +1,16 @@
 """A tensor-parallel worker rank: build this rank's model shard, then run every step the
 driver broadcasts until it broadcasts the stop message.
 
-The same loop serves processes spawned by the `mp` executor, Ray actors and torchrun-launched
-ranks. Start-up and step failures go back to the driver through `report` (a pipe end for `mp`)
-as (kind, rank, message) before the worker exits with a non-zero code.
+The same loop serves processes started by the `mp` executor, Ray actors and torchrun-launched
+ranks. Progress and failures go back to the driver through `report` (a pipe end for `mp`) as
+(kind, rank, message): "joining" just before the rendezvous, "ready" once the shard is built,
+"error" before the worker exits with a non-zero code.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +90,7 @@ def worker_main(rank: int, world_size: int, init_method: str, spec: WorkerSpec,
     parallel = None
     try:
         parallel = init_parallel_context(rank, world_size, spec.backend, init_method, local_rank,
-                                         spec.timeout_s)
+                                         spec.timeout_s, before_rendezvous=lambda: report(("joining", rank, "")))
         runner = spec.build_runner(parallel)
         report(("ready", rank, str(runner.num_blocks)))
         phase = "step"
@@ -112,6 +114,32 @@ def pipe_report(conn: Any) -> Report:
 
 
 def mp_worker_entry(rank: int, world_size: int, init_method: str, spec: WorkerSpec, conn: Any) -> None:
-    """Target of a spawned `mp` worker process."""
-    logging.basicConfig(level=logging.INFO, format=f"[tp rank {rank}] %(levelname)s %(name)s: %(message)s")
-    worker_main(rank, world_size, init_method, spec, pipe_report(conn))
+    """Target of an `mp` worker process (forked or spawned).
+
+    Logging is configured afresh (a forked child inherits the parent's handlers, which may write
+    to places only the parent reads). The worker runs on a new thread: the parent's OpenMP pool,
+    when it has run torch ops, belongs to the forking thread and its workers did not survive the
+    fork, so that thread's first parallel op would hang (libgomp); a new thread builds a new pool.
+    """
+    logging.basicConfig(level=logging.INFO, format=f"[tp rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    run_on_new_thread(worker_main, rank, world_size, init_method, spec, pipe_report(conn))
+
+
+def run_on_new_thread(fn: Callable[..., None], *args: Any) -> None:
+    """Run `fn(*args)` on a new thread and wait for it; its exception (SystemExit included) is
+    raised again here. The thread is a daemon: a process leaving on a signal (KeyboardInterrupt
+    in this thread) does not wait for it."""
+    raised: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:   # carried to the calling thread
+            raised.append(exc)
+
+    thread = threading.Thread(target=body, name=threading.current_thread().name, daemon=True)
+    thread.start()
+    thread.join()
+    if raised:
+        raise raised[0]
