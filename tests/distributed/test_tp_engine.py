@@ -31,7 +31,9 @@ def _generate(llm: LLM) -> tuple[list[list[int]], list[float]]:
 
 
 def worker_pids(parent: int) -> list[int]:
-    """PIDs of the spawned tensor-parallel workers of `parent` (not its resource tracker)."""
+    """PIDs of the live tensor-parallel workers of `parent`: its child processes that were
+    spawned (`spawn_main`) or forked (the parent's own command line)."""
+    parent_cmdline = Path(f"/proc/{parent}/cmdline").read_bytes()
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -39,7 +41,8 @@ def worker_pids(parent: int) -> list[int]:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == parent and b"spawn_main" in cmdline:
+        worker = b"spawn_main" in cmdline or cmdline == parent_cmdline
+        if int(fields[1]) == parent and fields[0] != "Z" and worker:
             pids.append(int(stat.parent.name))
     return pids
 
