@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ascend_llm.ops import cpu_bf16 as bf16
 from ascend_llm.ops import cpu_gemv as gemv
 from ascend_llm.ops import cpu_onednn as onednn
 from ascend_llm.ops import cpu_int8 as int8_kernels
@@ -132,6 +133,7 @@ def register(registry: OpRegistry) -> None:
         registry.register(Kernel(fn.__name__, BACKEND, f"cpu.{fn.__name__}", fn, _supports_float_kv))
     gemv.register(registry)
     onednn.register(registry)
+    bf16.register(registry)
     quant_kernels.register(registry)
     int8_kernels.register(registry)
     kv_quant_kernels.register(registry, attend=paged_attention)

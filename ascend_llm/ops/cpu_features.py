@@ -6,9 +6,9 @@ _reorder_linear_weight` / `_linear_pointwise`, ops/cpu_onednn.py). torch runs it
 with AVX-512 BW + VL + DQ or AVX-NE-CONVERT (float16: AVX512-FP16 or AVX-NE-CONVERT); on an
 AVX2-only x86-64 CPU (AMD Zen 1-3, Intel client cores without AVX-512) it raises
 "mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl
-and avx512dq" (or "could not create a primitive descriptor" for an unpacked weight). The plain
-torch kernel (F.linear, ops/cpu.py) then runs: it also accumulates bf16 products in fp32 and
-rounds once, so the outputs agree within one bf16 rounding. Float32 oneDNN needs only SSE4.1.
+and avx512dq" (or "could not create a primitive descriptor" for an unpacked weight). F.linear then
+runs (ops/cpu_bf16.py): it also accumulates bf16 products in fp32 and rounds once, so the
+outputs agree within one bf16 rounding. Float32 oneDNN needs only SSE4.1.
 The C++ kernels (ops/cpu_extension.py) are float32 only and built on the host itself with
 `-march=native`, AVX2/FMA intrinsics behind `#ifdef __AVX2__` and a scalar path otherwise, so
 they need no feature check.
@@ -154,6 +154,6 @@ def _torch_check(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def log_step_aside(kernel: str, reason: str) -> None:
-    """Log once per process (the cache is the "once") that `kernel` steps aside and why."""
-    logger.info("%s steps aside: %s; the plain torch kernel runs instead", kernel, reason)
+def log_step_aside(kernel: str, reason: str, instead: str) -> None:
+    """Log once per process (the cache is the "once") that `kernel` steps aside, why, and what runs."""
+    logger.info("%s steps aside: %s; %s runs instead", kernel, reason, instead)

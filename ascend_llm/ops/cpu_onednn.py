@@ -4,8 +4,8 @@ On AMD EPYC, oneDNN's linear with a weight pre-packed into its blocked layout ru
 than the MKL sgemm behind F.linear on batched inputs (~300-400 vs ~120-180 GFLOP/s at 32-2048
 tokens) and stays IEEE fp32. On Intel CPUs MKL is faster at decode and these kernels step
 aside (ops/cpu_linear_choice.py). In bfloat16 they need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT;
-without (AMD Zen 3, or ASCEND_LLM_CPU_ISA=avx2) they step aside, logged once, for F.linear
-(ops/cpu_features.py).
+without (AMD Zen 3, or ASCEND_LLM_CPU_ISA=avx2) they step aside, logged once, for F.linear in
+ops/cpu_bf16.py (the decision: ops/cpu_features.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _supports_dense_linear(dtype: torch.dtype | None = None, **traits: Any) -> s
     if reason is None:
         reason = cpu_features().onednn_unavailable(dtype)
         if reason is not None:
-            log_step_aside("oneDNN linear", reason)
+            log_step_aside("oneDNN linear", reason, "F.linear (ops/cpu_bf16.py)")
     if reason is None and not onednn_preferred():
         reason = (f"MKL's F.linear is faster on this CPU ({cpu_vendor() or 'unknown vendor'}); "
                   f"{ENV_VAR}=onednn forces oneDNN")

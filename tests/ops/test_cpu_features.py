@@ -4,9 +4,9 @@ bfloat16 on an AVX2-only x86-64 CPU (issue 24), made reproducible on any host tw
 - a child process under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2: torch itself does too
   (its oneDNN bf16 linear raises, as on a 2-vCPU AMD EPYC Zen 3), and the engine must still run.
 
-Tolerance of bf16 runs against each other: the fallback (F.linear) and oneDNN both accumulate in
-fp32 and round once, so each layer's outputs agree within one bf16 rounding (unit roundoff
-u = 2^-8); a log-prob of magnitude |lp| moves by a few such roundings of values of its size. We
+Tolerance of bf16 runs against each other: the fallback (ops/cpu_bf16.py) and oneDNN both
+accumulate in fp32 and round once, so each layer's outputs agree within one bf16 rounding (unit
+roundoff u = 2^-8); a log-prob of magnitude |lp| moves by a few such roundings of values of its size. We
 allow four: |d lp| <= 4 u max|lp| (~0.1 here; measured 0 in-process, 0.015 under the child's
 AVX2 torch kernels), the bound tests/ops/test_npu_ops.py uses for bf16 outputs. Greedy tokens must
 agree up to the first step whose top-2 margin is within twice that bound (a near-tie may flip).
@@ -151,15 +151,15 @@ def avx2_only(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bf16_linear_falls_back_with_a_logged_reason(avx2_only, caplog):
     ops = build_op_set("cpu")
     with caplog.at_level(logging.INFO, logger=cf.__name__):
-        assert ops.select("linear", dtype=torch.bfloat16).name == "cpu.linear"
-        assert ops.select("linear", dtype=torch.bfloat16, shared_weight=True).name == "cpu.linear"
+        assert ops.select("linear", dtype=torch.bfloat16).name == "cpu.bf16_linear"
+        assert ops.select("linear", dtype=torch.bfloat16, shared_weight=True).name == "cpu.bf16_linear"
     logged = [r.getMessage() for r in caplog.records if "steps aside" in r.getMessage()]
     assert len(logged) == 1 and "ASCEND_LLM_CPU_ISA=avx2" in logged[0], logged       # once, with why
     assert ops.select("linear", dtype=torch.float32).name == "cpu.onednn_linear"      # fp32 needs no AVX-512
 
 
 def test_rejection_reason_reaches_the_registry_error(avx2_only, monkeypatch):
-    monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.linear")
+    monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.bf16_linear,cpu.linear")
     with pytest.raises(ValueError, match=r"cpu\.onednn_linear: oneDNN bfloat16 linear needs the CPU features "
                                          r"avx512bw\+avx512dq\+avx512vl or avx_ne_convert"):
         build_op_set("cpu").select("linear", dtype=torch.bfloat16)
@@ -183,7 +183,7 @@ def _assert_same_run(got: Bf16Run, want: Bf16Run) -> None:
 def test_bf16_engine_under_avx2_cap_matches_native(avx2_only, tiny_llama_dir, native_run, caplog):
     with caplog.at_level(logging.INFO, logger=cf.__name__):
         capped = bf16_run(tiny_llama_dir)
-    assert capped.kernels == ["cpu.linear"] and "ASCEND_LLM_CPU_ISA=avx2" in capped.onednn_reason
+    assert capped.kernels == ["cpu.bf16_linear"] and "ASCEND_LLM_CPU_ISA=avx2" in capped.onednn_reason
     assert any("oneDNN linear steps aside" in r.getMessage() for r in caplog.records)
     _assert_same_run(capped, native_run)
 
@@ -191,7 +191,7 @@ def test_bf16_engine_under_avx2_cap_matches_native(avx2_only, tiny_llama_dir, na
 @pytest.mark.skipif(not ON_X86, reason="ONEDNN_MAX_CPU_ISA=AVX2 names an x86 ISA")
 def test_bf16_engine_runs_where_torchs_onednn_has_no_bf16(tiny_llama_dir, native_run):
     """A child process in which torch itself behaves as on an AVX2-only CPU: its oneDNN bf16
-    linear raises the error of the report, and the engine runs bf16 through F.linear."""
+    linear raises the error of the report, and the engine runs bf16 through ops/cpu_bf16.py."""
     env = {k: v for k, v in os.environ.items() if k not in (cf.ENV_VAR, "ASCEND_LLM_CPU_LINEAR")}
     env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=str(REPO))
     reproduce = ("import torch\ntry:\n    torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8).bfloat16(), 8)\n"
@@ -203,5 +203,5 @@ def test_bf16_engine_runs_where_torchs_onednn_has_no_bf16(tiny_llama_dir, native
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     run = Bf16Run(**json.loads(child.stdout.strip().splitlines()[-1]))
-    assert run.kernels == ["cpu.linear"] and run.onednn_reason is not None     # the flags or torch said no
+    assert run.kernels == ["cpu.bf16_linear"] and run.onednn_reason is not None     # the flags or torch said no
     _assert_same_run(run, native_run)
