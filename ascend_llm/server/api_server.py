@@ -7,7 +7,9 @@ until it is ready). SIGTERM / SIGINT drain: new requests get 503, in-flight ones
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import socket
 import sys
 from types import FrameType
 from typing import Sequence
@@ -26,13 +28,33 @@ _ENDPOINTS = (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("G
               ("GET", "/metrics"))
 
 
+_ENGINE_MARGIN_S = 1.0
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server that tells the engine to stop admitting requests when a signal arrives,
-    and exits normally afterwards instead of re-raising the signal."""
+    drains the engine alongside uvicorn's graceful wait, and exits normally afterwards instead
+    of re-raising the signal."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, drain_timeout: float) -> None:
         super().__init__(config)
         self.engine = engine
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown (stop accepting, wait up to the grace for in-flight responses, cancel
+        the rest) with the engine drained on a worker thread meanwhile, on a slightly earlier
+        deadline. Left to uvicorn alone, a stream still running at the deadline is cut off mid-body,
+        and its engine request keeps computing for nobody while the process winds down (the engine
+        thread may then still be inside a forward pass at interpreter exit: SIGABRT). Drained
+        here, such a request is failed by the engine, so its stream ends with an SSE error event
+        and [DONE] before uvicorn would cancel it, and the engine thread is stopped and joined."""
+        drain = asyncio.create_task(asyncio.to_thread(self.engine.shutdown,
+                                                      _engine_drain_timeout(self.drain_timeout)))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await drain
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         logger.info("received signal %d: draining (in-flight requests finish, new ones get 503)", sig)
@@ -55,7 +77,7 @@ def run_server(args: argparse.Namespace) -> int:
     app = build_app(engine, config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
                                timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on")
-    server = _DrainingServer(uv_config, engine)
+    server = _DrainingServer(uv_config, engine, config.shutdown_timeout)
     engine.on_fatal = lambda reason: setattr(server, "should_exit", True)
     metrics_server = _start_metrics_server(app, config)
     _log_endpoints(config, engine_args)
@@ -69,6 +91,12 @@ def run_server(args: argparse.Namespace) -> int:
         return 1
     logger.info("server stopped")
     return 0
+
+
+def _engine_drain_timeout(grace: float) -> float:
+    """How long the engine lets in-flight requests run after a signal: uvicorn's grace less a
+    margin in which the requests it then fails can still send their final event."""
+    return max(0.0, grace - min(_ENGINE_MARGIN_S, grace / 5))
 
 
 def _start_metrics_server(app, config: ServerConfig):
