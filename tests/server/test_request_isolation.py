@@ -9,6 +9,7 @@ and the engine stays healthy with every KV block free.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -49,21 +50,26 @@ async def _complete(c: httpx.AsyncClient, body: dict) -> httpx.Response:
 
 def test_clients_that_time_out_while_queued_do_not_kill_the_engine(tiny_llama_dir):
     """The reported crash: admission futures cancelled by client time-outs were later resolved
-    by the engine thread (asyncio.InvalidStateError), which failed the engine for good."""
+    by the engine thread (asyncio.InvalidStateError), which failed the engine for good.
+
+    The engine thread is held inside a step until all 24 clients have given up, so every one of
+    them times out while queued (no race with the host's speed); then it drains their commands."""
     llm = make_engine(tiny_llama_dir)
     real_step = llm.step
+    in_step, release = threading.Event(), threading.Event()
 
-    def slow_step():                       # commands queue up while a step runs
-        time.sleep(0.05)
+    def gated_step():                      # commands queue up while a step is held
+        in_step.set()
+        release.wait(30)
         return real_step()
 
-    llm.step = slow_step
+    llm.step = gated_step
     engine = AsyncLLMEngine(llm)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
-    async def impatient(i: int) -> str:
+    async def impatient(i: int, timeout: float) -> str:
         try:
-            await asyncio.wait_for(engine.add_request(f"impatient-{i}", "hello there", params), 0.001)
+            await asyncio.wait_for(engine.add_request(f"impatient-{i}", "hello there", params), timeout)
         except asyncio.TimeoutError:
             return "timed out"
         engine.abort(f"impatient-{i}")     # admitted in time: the client leaves anyway
@@ -71,23 +77,27 @@ def test_clients_that_time_out_while_queued_do_not_kill_the_engine(tiny_llama_di
 
     async def scenario():
         busy = await engine.add_request("busy", "The quick brown fox", params)
-        outcomes = await asyncio.gather(*(impatient(i) for i in range(24)))
+        assert await asyncio.to_thread(in_step.wait, 30)
+        queued = await asyncio.gather(*(impatient(i, 0.05) for i in range(24)))
+        release.set()
+        admitted = await asyncio.gather(*(impatient(24 + i, 30) for i in range(4)))
         while not (item := await busy.get()).finished:
             pass
         after = [out async for out in engine.generate("after", "The quick brown fox", params)]
-        return outcomes, after
+        return queued, admitted, after
 
     try:
-        outcomes, after = _run(scenario())
+        queued, admitted, after = _run(scenario())
         deadline = time.monotonic() + 10
         while llm.requests and time.monotonic() < deadline:
             time.sleep(0.02)
         assert engine.state is EngineState.READY and engine.health() == (True, "ok")
-        assert "timed out" in outcomes
+        assert queued == ["timed out"] * 24 and admitted == ["admitted"] * 4
         assert after[-1].finished and len(after[-1].outputs[0].token_ids) == 8
         assert engine.num_pending_requests == 0
         _assert_engine_clean(llm)
     finally:
+        release.set()
         engine.shutdown(timeout=1)
 
 
