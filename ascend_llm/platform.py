@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from types import ModuleType
+from typing import Mapping
 
 import torch
 
@@ -15,6 +16,16 @@ logger = logging.getLogger(__name__)
 
 # names a module to import instead of torch_npu; importing it must install sys.modules["torch_npu"]
 TORCH_NPU_MODULE_ENV = "ASCEND_LLM_TORCH_NPU_MODULE"
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str,
+               environ: Mapping[str, str] = os.environ) -> str:
+    """The value of environment variable `name` (lower-cased; `default` when unset or blank),
+    ValueError naming the variable and the accepted values when it is not one of `choices`."""
+    value = environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
 
 
 def import_torch_npu() -> ModuleType | None:

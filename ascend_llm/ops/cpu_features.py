@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ascend_llm.platform import env_choice
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "ASCEND_LLM_CPU_ISA"
@@ -91,10 +93,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def isa_cap() -> str:
     """The ASCEND_LLM_CPU_ISA setting (native when unset); ValueError naming a bad value."""
-    value = os.environ.get(ENV_VAR, "native").strip().lower() or "native"
-    if value not in ISA_LEVELS:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(ISA_LEVELS)}")
-    return value
+    return env_choice(ENV_VAR, ISA_LEVELS, "native")
 
 
 def cpu_features() -> CpuFeatures:

@@ -21,9 +21,9 @@ and so the exact fp32 outputs, depend on the load at start-up.
 from __future__ import annotations
 
 import functools
-import os
 
 from ascend_llm.ops.cpu_features import cpuinfo_text, parse_cpuinfo_field
+from ascend_llm.platform import env_choice
 
 ENV_VAR = "ASCEND_LLM_CPU_LINEAR"
 _CHOICES = ("auto", "gemv", "onednn", "mkl")
@@ -31,10 +31,7 @@ _CHOICES = ("auto", "gemv", "onednn", "mkl")
 
 def linear_choice() -> str:
     """The ASCEND_LLM_CPU_LINEAR setting (auto when unset); ValueError naming a bad value."""
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"{ENV_VAR}={choice!r}: expected one of {', '.join(_CHOICES)}")
-    return choice
+    return env_choice(ENV_VAR, _CHOICES, "auto")
 
 
 def onednn_preferred() -> bool:
