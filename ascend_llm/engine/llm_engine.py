@@ -6,8 +6,8 @@ import logging
 import time
 from typing import Any
 
-from ascend_llm.distributed.launch import create_executor, validate_tp_config
-from ascend_llm.distributed.worker import WorkerSpec
+from ascend_llm.executor.launch import create_executor, validate_tp_config
+from ascend_llm.executor.worker import WorkerSpec
 from ascend_llm.engine.arg_utils import EngineArgs
 from ascend_llm.engine.kv_cache import fit_max_model_len
 from ascend_llm.engine.model_runner import ModelRunner, ModelRunnerOutput

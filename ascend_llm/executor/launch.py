@@ -5,10 +5,11 @@ import logging
 from typing import Any
 
 from ascend_llm.config import ParallelConfig
-from ascend_llm.distributed.executor import DriverExecutor, ExternalLaunchExecutor, MultiprocExecutor
 from ascend_llm.distributed.parallel_state import (destroy_parallel_context, init_parallel_context,
                                                    torchrun_env)
-from ascend_llm.distributed.worker import WorkerSpec, run_worker_loop
+from ascend_llm.executor.base import DriverExecutor, ExternalLaunchExecutor
+from ascend_llm.executor.multiproc import MultiprocExecutor
+from ascend_llm.executor.worker import WorkerSpec, run_worker_loop
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def create_executor(parallel_config: ParallelConfig, spec: WorkerSpec) -> Driver
     if tp_size == 1:
         return None
     if parallel_config.distributed_executor_backend == "ray":
-        from ascend_llm.distributed.ray_executor import RayExecutor
+        from ascend_llm.executor.ray import RayExecutor
         return RayExecutor(spec, tp_size)
     return MultiprocExecutor(spec, tp_size)
 

@@ -10,9 +10,10 @@ import logging
 import socket
 from typing import Any
 
-from ascend_llm.distributed.executor import DriverExecutor, WorkerDiedError
 from ascend_llm.distributed.parallel_state import destroy_parallel_context, free_port, init_parallel_context
-from ascend_llm.distributed.worker import WorkerSpec, broadcast_step, worker_main
+from ascend_llm.executor.base import DriverExecutor
+from ascend_llm.executor.errors import WorkerDiedError
+from ascend_llm.executor.worker import WorkerSpec, broadcast_step, worker_main
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_any
 from typing import Any
 
-from ascend_llm.distributed.errors import TensorParallelError, WorkerDiedError
-from ascend_llm.distributed.start_method import StartMethod, hidden_main_file
-from ascend_llm.distributed.worker import WorkerSpec, mp_worker_entry
+from ascend_llm.executor.errors import TensorParallelError, WorkerDiedError
+from ascend_llm.executor.start_method import StartMethod, hidden_main_file
+from ascend_llm.executor.worker import WorkerSpec, mp_worker_entry
 
 EXIT_GRACE_S = 5.0      # how long a worker may take to exit after the stop message
 

@@ -106,7 +106,7 @@ def test_torchrun_env_needs_every_variable(monkeypatch):
 
 
 def test_architectures_without_tensor_parallel_layers_are_refused_up_front():
-    from ascend_llm.distributed.launch import validate_tp_config
+    from ascend_llm.executor.launch import validate_tp_config
     from ascend_llm.models.llama import LlamaForCausalLM
 
     class DenseOnlyForCausalLM(torch.nn.Module):

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from ascend_llm.distributed.errors import TensorParallelError, WorkerDiedError
-from ascend_llm.distributed.start_method import MainModule, ProcessFacts, choose_start_method, hidden_main_file
-from ascend_llm.distributed.worker_processes import WorkerProcess, await_reports
+from ascend_llm.executor.errors import TensorParallelError, WorkerDiedError
+from ascend_llm.executor.start_method import MainModule, ProcessFacts, choose_start_method, hidden_main_file
+from ascend_llm.executor.worker_processes import WorkerProcess, await_reports
 
 SCRIPT = MainModule(file=__file__)
 STDIN = MainModule(file="<stdin>")

@@ -14,9 +14,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from ascend_llm import LLM, SamplingParams
-from ascend_llm.distributed.executor import WorkerDiedError
+from ascend_llm.executor.errors import WorkerDiedError
 from ascend_llm.loader import load_hf_config
-from ascend_llm.distributed.launch import validate_tp_config
+from ascend_llm.executor.launch import validate_tp_config
 from ascend_llm.distributed.parallel_state import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from ascend_llm import LLM, SamplingParams
 from ascend_llm.config import CacheConfig, ModelConfig
-from ascend_llm.distributed.launch import validate_tp_config
+from ascend_llm.executor.launch import validate_tp_config
 from ascend_llm.distributed.parallel_state import ParallelContext
 from ascend_llm.engine.model_runner import ModelRunner, fp32_checkpoint_names
 from ascend_llm.loader import iter_safetensors_weights, load_hf_config

@@ -91,7 +91,7 @@ def test_a_worker_dying_at_start_up_is_reported_at_once(tiny_llama_dir, tmp_path
     assert done.returncode == 1 and "STARTED" not in done.stdout
     assert elapsed < 45, done.stderr[-3000:]         # the rendezvous time-out is 120 s
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("ascend_llm.distributed.errors.WorkerDiedError: tensor-parallel start-up failed: "
+    assert last.startswith("ascend_llm.executor.errors.WorkerDiedError: tensor-parallel start-up failed: "
                            "tensor-parallel worker rank 1 exited with code 1 before it ran the worker code"), last
     assert 'if __name__ == "__main__":' in last and "VLLM_WORKER_MULTIPROC_METHOD=fork" in last
     assert "finished its bootstrapping phase" in done.stderr        # the worker's own traceback

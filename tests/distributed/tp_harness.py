@@ -104,7 +104,7 @@ def spawn_logits(world_size: int, jobs: list[Job]) -> dict[str, torch.Tensor | s
 def _idle_rank_main(rank: int, world_size: int, port: int, idle_s: float, out_path: str) -> None:
     """Rank 0 waits `idle_s` (longer than the group timeout) before broadcasting a step."""
     import time
-    from ascend_llm.distributed.worker import broadcast_step
+    from ascend_llm.executor.worker import broadcast_step
     parallel = init_parallel_context(rank, world_size, "cpu", f"tcp://127.0.0.1:{port}", timeout_s=2)
     try:
         if rank == 0:
