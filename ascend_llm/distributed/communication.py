@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ascend_llm.layers.linear import RowParallelLinear
-
 
 def is_tensor_parallel(layer: nn.Module) -> bool:
     """Whether `layer` runs in a tensor-parallel group of more than one rank."""
@@ -19,8 +17,11 @@ def is_tensor_parallel(layer: nn.Module) -> bool:
 
 
 def splits_input(layer: nn.Module) -> bool:
-    """Whether `layer` holds only a slice of its input dim (row-parallel with tp_size > 1)."""
-    return isinstance(layer, RowParallelLinear) and is_tensor_parallel(layer)
+    """Whether `layer` holds only a slice of its input dim (row-parallel with tp_size > 1).
+
+    Row-parallel layers say so with the class attribute `shards_input_dim` (`layers.linear.
+    RowParallelLinear` and its subclasses), read here without importing the layers."""
+    return getattr(layer, "shards_input_dim", False) is True and is_tensor_parallel(layer)
 
 
 def group_max(layer: nn.Module, values: torch.Tensor) -> torch.Tensor:

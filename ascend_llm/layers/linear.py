@@ -17,6 +17,10 @@ from ascend_llm.quant.unquantized import UnquantizedLinearMethod
 class LinearBase(nn.Module):
     """Common part: pick the quant method, create weights, forward = method.apply."""
 
+    # whether each rank holds only a slice of the input dim (row-parallel); read by code below
+    # the layers (`distributed.communication.splits_input`) that cannot import these classes
+    shards_input_dim = False
+
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
                  params_dtype: torch.dtype, quant_config: QuantConfig | None, prefix: str,
                  tp_rank: int = 0, tp_size: int = 1, ops: OpSet | None = None,
@@ -150,6 +154,8 @@ class RowParallelLinear(LinearBase):
     The bias (float, or W8A8's `quant_bias`) is added on rank 0 only so the sum counts it once.
     Without a `parallel` group (bare layers in tests) the rank's partial sum is returned.
     """
+
+    shards_input_dim = True
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ascend_llm.distributed.communication import splits_input
 from ascend_llm.distributed.parallel_state import ParallelContext, torchrun_env
 from ascend_llm.engine.kv_cache import KVCacheSpec
 from ascend_llm.layers.embedding import VocabShard
-from ascend_llm.layers.linear import QKVParallelLinear, RowParallelLinear
+from ascend_llm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ascend_llm.ops import build_op_set
 from ascend_llm.quant.fp8 import BlockWiseFp8Config
+from ascend_llm.models.moe_common import PartialRowParallelLinear
 from ascend_llm.quant.weight_only import WeightOnlyCheckpointConfig
 from tests.tiny_models import tiny_config
 
@@ -90,6 +92,17 @@ def test_row_parallel_rejects_a_checkpoint_of_the_wrong_width():
     layer = RowParallelLinear(6, 4, prefix="m.down_proj", tp_rank=1, tp_size=2)
     with pytest.raises(ValueError, match=r"m.down_proj: checkpoint tensor has shape \(4, 5\), expected \(4, 6\)"):
         layer.weight.weight_loader(layer.weight, torch.zeros(4, 5))
+
+
+def test_splits_input_means_row_parallel_in_a_group_of_two_or_more():
+    """distributed.communication reads the layer's `shards_input_dim` (it may not import layers)."""
+    two, one = ParallelContext(rank=1, world_size=2), ParallelContext()
+    assert splits_input(RowParallelLinear(6, 4, parallel=two))
+    assert splits_input(PartialRowParallelLinear(6, 4, parallel=two))
+    assert not splits_input(RowParallelLinear(6, 4, parallel=one))
+    assert not splits_input(RowParallelLinear(6, 4, tp_rank=1, tp_size=2))   # no group
+    assert not splits_input(ColumnParallelLinear(6, [4], parallel=two))
+    assert not splits_input(torch.nn.Linear(6, 4))
 
 
 def test_torchrun_env_needs_every_variable(monkeypatch):
