@@ -11,7 +11,7 @@ What a captured step may use: device tensors only. Host values read during captu
 `.tolist()`, shapes that depend on the batch contents) are frozen into the graph. A kernel that
 takes host arguments which change every step (npu_fused_infer_attention_score's
 actual_seq_lengths_kv) is captured in an ACL task group and re-issued with the new arguments
-before each replay (`before_replay`), as vllm-ascend does: `ascend_llm.graph.attention_tasks`.
+before each replay (`before_replay`), as vllm-ascend does: `ascend_llm.ops.npu_attention_tasks`.
 ModelRunner runs pure decode steps through this runner on the npu backend
 (`ascend_llm.graph.model_graphs`); that wiring is verified against the emulated torch_npu only
 (tests/ops/npu_emulation.py), not on Ascend hardware.

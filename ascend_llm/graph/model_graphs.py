@@ -10,7 +10,7 @@ eagerly. Buckets follow vLLM's cudagraph capture sizes: 1, 2, 4, 8, 16, 24, ... 
 
 npu (ACL graphs, torch.npu.NPUGraph): npu_fused_infer_attention_score takes host sequence lengths,
 so each attention launch is captured in a task group and updated with the step's lengths before
-every replay (`ascend_llm.graph.attention_tasks`), as vllm-ascend does. Verified against the
+every replay (`ascend_llm.ops.npu_attention_tasks`), as vllm-ascend does. Verified against the
 emulated torch_npu (tests/ops/npu_emulation.py) only, not on Ascend hardware.
 
 torchair graph mode (opt-in, vllm-ascend's `additional_config` torchair_graph_config.enabled):
@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ascend_llm.graph.attention_tasks import AttentionTaskGroups
 from ascend_llm.graph.capture import (DecodeGraphRunner, GraphAPI, cuda_graph_api, npu_graph_api,
                                      torchair_graph_api)
 from ascend_llm.graph.compile import compile_decode_step, require_torchair
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.ops.attention_metadata import AttentionMetadata
+from ascend_llm.ops.npu_attention_tasks import AttentionTaskGroups
 
 if TYPE_CHECKING:
     from ascend_llm.engine.model_runner import ModelRunner

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ascend_llm.graph.attention_tasks import active_capture
 from ascend_llm.ops.attention_metadata import AttentionMetadata, KVCacheScales
+from ascend_llm.ops.npu_attention_tasks import active_capture
 from ascend_llm.ops.npu_runtime import torch_npu
 
 CAUSAL_MASK_SIZE = 2048       # sparse_mode 3 takes a fixed 2048 x 2048 upper-triangular mask

@@ -104,7 +104,7 @@ def test_enforce_eager_returns_the_step_unchanged():
 
 
 def test_host_values_read_during_capture_are_frozen(npu_emulation):
-    """Why the NPU attention needs the task-group update (ascend_llm.graph.attention_tasks,
+    """Why the NPU attention needs the task-group update (ascend_llm.ops.npu_attention_tasks,
     tests/graph/test_npu_decode_graph_engine.py): npu_fused_infer_attention_score takes the
     sequence lengths as host lists, and a replay keeps the captured ones (as on the device)."""
     def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 `LLM(..., device="npu")` runs pure decode steps through a graph captured per batch bucket, its
 attention launches in task groups whose host sequence lengths are updated before every replay
-(ascend_llm.graph.model_graphs / attention_tasks); prefill steps and batches above the largest
+(ascend_llm.graph.model_graphs, ascend_llm.ops.npu_attention_tasks); prefill steps and batches above the largest
 bucket run eagerly. The emulated NPUGraph replays the recorded aten ops, so host values captured
 into the graph stay frozen unless a task-group update replaces them, as on the device.
 """

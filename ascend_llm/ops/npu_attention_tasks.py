@@ -12,6 +12,8 @@ each launch with the step's lengths between `graph_task_update_begin(update_stre
 `PagedAttention` (ascend_llm.ops.npu_attention) routes its call here while a capture is active
 (`active_capture()`); during capture no device tensor is read on the host (that would be a
 synchronizing read, not allowed while capturing): the lengths come from the graph runner.
+It lives in ops/ (not graph/) so the attention op finds the active capture without importing
+the graph layer; `ascend_llm.graph.model_graphs` opens the capture and calls `update`.
 
 Verified against the emulated torch_npu (tests/ops/npu_emulation.py) only, not on hardware.
 """
