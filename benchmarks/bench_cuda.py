@@ -88,8 +88,8 @@ def _peak(kind: int) -> float | None:
 
 
 def gemm_rows(m: int) -> list[dict]:
+    from ascend_llm.numerics import primitives as P
     from ascend_llm.ops.triton import fp8, int8_gemm
-    from ascend_llm.quant import primitives as P
     rows = []
     for n, k in GEMM_SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -135,9 +135,9 @@ def gemm_rows(m: int) -> list[dict]:
 
 def memory_bound_rows(bandwidth: float) -> list[dict]:
     import types
+    from ascend_llm.numerics import primitives as P
     from ascend_llm.ops.attention_metadata import AttentionMetadata
     from ascend_llm.ops.triton import norm_rope_act, paged_attention, weight_only
-    from ascend_llm.quant import primitives as P
     rows = []
 
     def add(name: str, fn: Callable[[], Any], nbytes: int, flops: int) -> None:

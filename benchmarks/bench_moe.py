@@ -34,13 +34,14 @@ from ascend_llm.loader import iter_safetensors_weights, load_hf_config
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.models.weight_utils import process_weights_after_loading
+from ascend_llm.numerics import primitives as P
+from ascend_llm.numerics.wint2 import dequantize_wint2
 from ascend_llm.ops import AttentionMetadata, build_op_set
-from ascend_llm.quant import primitives as P
 from ascend_llm.quant.fp8 import BlockWiseFp8Config
 from ascend_llm.quant.w8a8 import AscendW8A8Config
 from ascend_llm.quant.weight_only import WInt4Config, WInt8Config
 from ascend_llm.quant.wint2 import WInt2Config
-from ascend_llm.quant.wint2_layout import dequantize_wint2, encode_wint2, rtn_int2_group
+from calib.wint2.encode import encode_wint2, rtn_int2_group
 
 logger = logging.getLogger("bench_moe")
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@
 Methods: float, wint8, wint4, fp8, block_wise_fp8 (online from the float checkpoint), W8A8 and
 W8A8_DYNAMIC (msModelSlim checkpoints written by `calib.pipeline.run_calibration`, small
 calibration: 8 texts x 128 tokens), wint2 (MLP WINT2 + attention wint8, written by
-`ascend_llm.quant.wint2_writer`). Every method is measured in the same run, so the ratios to float
-compare like with like on this machine. Weight bytes come from `ascend_llm.quant.weight_bytes`
+`calib.wint2.writer`). Every method is measured in the same run, so the ratios to float
+compare like with like on this machine. Weight bytes come from `calib.weight_bytes`
 (linear layers, embedding, LM head and the rest; a tied LM head counts once, as the embedding).
 
     .venv/bin/python benchmarks/bench_quant.py [--model smollm2-135m-instruct] [--methods ...]
@@ -26,8 +26,8 @@ import torch
 
 from ascend_llm import LLM, SamplingParams
 from ascend_llm.loader import resolve_model_path
-from ascend_llm.quant.weight_bytes import weight_bytes
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+from calib.weight_bytes import weight_bytes
+from calib.wint2.writer import write_wint2_checkpoint
 
 logger = logging.getLogger("bench_quant")
 ROOT = Path(__file__).resolve().parents[1]

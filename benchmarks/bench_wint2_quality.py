@@ -3,7 +3,7 @@
 Part 1, tiny MoE models (tests/tiny_models.tiny_moe_config: 3 layers, 8 experts, top-2, random
 weights): the routed experts' weights are replaced by their round trip through
   wint4 (per-channel symmetric int4, FastDeploy's w4 experts), RTN 2-bit (min/max per group 64),
-  WINT2 plain (wint2_layout.encode_wint2), WINT2 GPTQ (wint2_gptq + wint2_refine with per-expert
+  WINT2 plain (calib/wint2/encode.encode_wint2), WINT2 GPTQ (calib/wint2/gptq + refine with per-expert
   Hessians of the tokens routed to each expert, one float calibration pass)
 and the relative logits error ||logits_q - logits_f|| / ||logits_f|| is measured on held-out
 random tokens (calibration on other random tokens). Shared experts / dense layers stay float.
@@ -12,7 +12,7 @@ Part 2, SmolLM2-135M-Instruct (unless --skip_smollm2): perplexity of eval_tempes
 --eval_tokens tokens, --window-token windows) for float, RTN 2-bit on the MLP (a float checkpoint
 holding the round-tripped weights, attention float), and the WINT2 writer (MLP WINT2, attention
 wint8) with --methods (plain / search / gptq, and the GPTQ_VARIANTS below; "<row>+tune" is that
-row's checkpoint after quant/wint2_tune.py's distillation of scales and norms, "<row>+tune_groups"
+row's checkpoint after calib/wint2/tune.py's distillation of scales and norms, "<row>+tune_groups"
 the same with the WINT2 group nibbles trained too). Checkpoints go to
 --workdir and are reused if present (a SmolLM2 gptq conversion takes ~10 minutes on one core).
 Each row also gets the perplexity of calib_prose.jsonl split into --window rows: the first 8
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))                       # tests.tiny_models
 
-from ascend_llm.quant import primitives as P  # noqa: E402
-from ascend_llm.quant import wint2_gptq as G  # noqa: E402
-from ascend_llm.quant import wint2_layout as L  # noqa: E402
-from ascend_llm.quant.wint2_refine import refine_wint2  # noqa: E402
+from ascend_llm.numerics import primitives as P  # noqa: E402
+from calib.wint2 import encode as E  # noqa: E402
+from calib.wint2 import gptq as G  # noqa: E402
+from calib.wint2.refine import refine_wint2  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 # GPTQ writer variants: (EncoderOptions fields, calibration rows or None for --calib_samples,
@@ -48,12 +48,12 @@ SHARED = ROOT.parent / "shared" / "data"
 # SmolLM2-135M's first and last; "ends_w4" writes their down_proj wint4 instead of WINT2.
 ALL_MLP_BUT_END_DOWN = ("mlp.gate_proj", "mlp.up_proj", r"re:model\.layers\.(?!0\.|29\.)\d+\.mlp\.down_proj$")
 END_DOWN = (r"re:model\.layers\.(0|29)\.mlp\.down_proj$",)
-AO_CS3 = {"act_orders": ("none", "group"), "code_scales": L.CODE_SCALE_CANDIDATES}   # the writer's default
-ONE = {"act_orders": ("none",), "code_scales": L.DEFAULT_CODE_SCALES}                 # the GPTQ writer before
+AO_CS3 = {"act_orders": ("none", "group"), "code_scales": E.CODE_SCALE_CANDIDATES}   # the writer's default
+ONE = {"act_orders": ("none",), "code_scales": E.DEFAULT_CODE_SCALES}                 # the GPTQ writer before
 GPTQ_VARIANTS: dict[str, tuple[dict, int | None, tuple[str, ...] | None, tuple[str, ...]]] = {
     "gptq": (ONE, None, None, ()),
     "gptq_ao": ({**ONE, "act_orders": ("none", "group")}, None, None, ()),
-    "gptq_cs3": ({**ONE, "code_scales": L.CODE_SCALE_CANDIDATES}, None, None, ()),
+    "gptq_cs3": ({**ONE, "code_scales": E.CODE_SCALE_CANDIDATES}, None, None, ()),
     "gptq_ao_cs3": (AO_CS3, None, None, ()),
     "gptq_64": (ONE, 64, None, ()),
     "gptq_ao_cs3_64": (AO_CS3, 64, None, ()),
@@ -62,7 +62,7 @@ GPTQ_VARIANTS: dict[str, tuple[dict, int | None, tuple[str, ...] | None, tuple[s
 RESULTS = ROOT / "benchmarks" / "results"
 CONVERT_TIMES = "bench_convert_times.json"     # written next to each converted checkpoint
 TUNE_HISTORY = "bench_tune_history.json"       # per-epoch KL of a tuned row, next to its checkpoint
-TUNED = "+tune"     # row suffix: the row's checkpoint after distillation tuning (quant/wint2_tune.py)
+TUNED = "+tune"     # row suffix: the row's checkpoint after distillation tuning (calib/wint2/tune.py)
 TUNED_GROUPS = "+tune_groups"   # the same with the WINT2 group nibbles trained too (--tune_group_lr)
 MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "ernie4_5_moe")
 logger = logging.getLogger("bench_wint2_quality")
@@ -112,9 +112,9 @@ def _round_trip(method: str, w: torch.Tensor, x: torch.Tensor | None) -> torch.T
         q, scale = P.quantize_per_channel(w, 4)
         return P.dequantize_per_channel(q, scale)
     if method == "rtn2":
-        return L.rtn_int2_group(w)
+        return E.rtn_int2_group(w)
     if method == "wint2_plain":
-        return G.dequantize(L.encode_wint2(w))
+        return G.dequantize(E.encode_wint2(w))
     h = x.t() @ x if x is not None and x.shape[0] else torch.eye(w.shape[1])
     encoded = G.encode_wint2_hessian(w, h).tensors
     return G.dequantize(refine_wint2(w, h, encoded).tensors)
@@ -155,7 +155,7 @@ def _rtn_checkpoint(src: Path, out: Path) -> None:
     tensors = load_file(str(src / "model.safetensors"))
     for name, t in tensors.items():
         if ".mlp." in name and name.endswith("_proj.weight"):
-            tensors[name] = L.rtn_int2_group(t).to(t.dtype).contiguous()
+            tensors[name] = E.rtn_int2_group(t).to(t.dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     for path in src.iterdir():
         if path.is_file() and path.suffix != ".safetensors":
@@ -178,9 +178,9 @@ def _build(method: str, src: Path, out: Path, args: argparse.Namespace) -> dict[
 
 def _write(method: str, src: Path, out: Path, args: argparse.Namespace) -> None:
     """The checkpoint of row `method` (rtn2, plain, search, gptq or a GPTQ_VARIANTS name)."""
-    from ascend_llm.quant.wint2_calibration import CalibSpec
-    from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
-    from ascend_llm.quant.wint2_writer import DEFAULT_WINT2_MODULES, write_wint2_checkpoint
+    from calib.wint2.calibration import CalibSpec
+    from calib.wint2.gptq_writer import EncoderOptions
+    from calib.wint2.writer import DEFAULT_WINT2_MODULES, write_wint2_checkpoint
     if method.endswith(TUNED_GROUPS):
         _tune(method.removesuffix(TUNED_GROUPS), src, out, args, group_lr=args.tune_group_lr)
     elif method.endswith(TUNED):
@@ -201,11 +201,11 @@ def _write(method: str, src: Path, out: Path, args: argparse.Namespace) -> None:
 
 
 def _tune(base: str, src: Path, out: Path, args: argparse.Namespace, group_lr: float = 0.0) -> None:
-    """Row "<base>+tune": the row `base` (built first if missing) after quant/wint2_tune.py
+    """Row "<base>+tune": the row `base` (built first if missing) after calib/wint2/tune.py
     (--tune_samples rows of --tune_calib_file or --calib_file, --tune_epochs, --tune_lr; the --holdout
     rows at the end of that stream pick the epoch); "<base>+tune_groups" also trains the nibbles."""
-    from ascend_llm.quant.wint2_calibration import CalibSpec
-    from ascend_llm.quant.wint2_tune import TuneSpec, tune_wint2_checkpoint
+    from calib.wint2.calibration import CalibSpec
+    from calib.wint2.tune import TuneSpec, tune_wint2_checkpoint
     base_dir = Path(args.workdir) / base
     _build(base, src, base_dir, args)
     calib = CalibSpec(args.tune_calib_file or args.calib_file, args.tune_samples, args.calib_seq_len,
@@ -217,8 +217,8 @@ def _tune(base: str, src: Path, out: Path, args: argparse.Namespace, group_lr: f
 
 def calib_split_ids(tokenizer, args: argparse.Namespace) -> tuple[list[int], list[int]]:
     """(first 8 calibration rows, last --holdout rows) of calib_prose.jsonl, flattened."""
-    from ascend_llm.quant.calib_texts import read_calib_texts
-    from ascend_llm.quant.wint2_calibration import CalibSpec, split_calibration_ids
+    from calib.texts import read_calib_texts
+    from calib.wint2.calibration import CalibSpec, split_calibration_ids
     spec = CalibSpec(args.calib_file, 8, args.window, holdout_samples=args.holdout)
     calib, held = split_calibration_ids(tokenizer, read_calib_texts(args.calib_file), spec)
     return calib.reshape(-1).tolist(), held.reshape(-1).tolist()
@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--holdout", type=int, default=8, help="held-out calibration rows (never calibrated on)")
     parser.add_argument("--tune_samples", type=int, default=32, help="calibration rows of '+tune' rows")
     parser.add_argument("--tune_calib_file", default=None,
-                        help="calibration texts of '+tune' rows (default --calib_file), e.g. a calib_mix of "
-                             "synthetic_calib texts with calib_prose.jsonl")
+                        help="calibration texts of '+tune' rows (default --calib_file), e.g. a calib.mix of "
+                             "calib.synthetic texts with calib_prose.jsonl")
     parser.add_argument("--tune_epochs", type=int, default=3)
     parser.add_argument("--tune_lr", type=float, default=3e-3)
     parser.add_argument("--tune_group_lr", type=float, default=1e-2, help="group nibble step of '+tune_groups' rows")

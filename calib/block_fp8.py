@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 from calib.config import CalibError
 from calib.dataset import load_calib_texts, tokenize_texts
 from calib.export import _float_state, copy_side_files

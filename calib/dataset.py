@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from ascend_llm.quant.calib_texts import read_calib_texts
 from calib.config import CalibError
+from calib.texts import read_calib_texts
 
 
 
 def load_calib_texts(path: str | Path, num_samples: int | None = None) -> list[str]:
-    """The first `num_samples` texts of a JSONL file (ascend_llm/quant/calib_texts.py); a bad
+    """The first `num_samples` texts of a JSONL file (calib/texts.py); a bad
     file raises CalibError naming the file and line number."""
     try:
         return read_calib_texts(path, num_samples)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ascend_llm.quant.hessian import DEFAULT_DAMP, inverse_hessian_factor
+from calib.hessians import DEFAULT_DAMP, inverse_hessian_factor
 
 # round_columns(w_cols [n, b] fp32, first column index) -> the representable values [n, b]
 RoundColumns = Callable[[torch.Tensor, int], torch.Tensor]

@@ -1,11 +1,11 @@
 """Interleave two calibration files into one stream, keeping the second file's last texts last.
 
-    python -m ascend_llm.quant.calib_mix --first gen.jsonl --second calib_prose.jsonl \
+    python -m calib.mix --first gen.jsonl --second calib_prose.jsonl \
         --ratio 0.9 --keep_tail 24 --output mix.jsonl
 
 Calibration tools read the first rows of their stream for calibration and, with held-out rows,
-the last ones for validation (wint2_calibration.split_calibration_ids). A mix of synthetic texts
-(quant/synthetic_calib.py) with real ones should give calibration rows from both and keep the
+the last ones for validation (calib/wint2/calibration.split_calibration_ids). A mix of synthetic texts
+(calib/synthetic.py) with real ones should give calibration rows from both and keep the
 held-out rows real: after the i-th text of --first (0-based), texts of --second are added until
 ceil((i + 1) * ratio) of them are in (exact fractions, so ratio 0.9 adds one after each text of
 --first but every tenth); the last --keep_tail texts of --second are held back and written at the
@@ -19,7 +19,7 @@ import math
 from fractions import Fraction
 from pathlib import Path
 
-from ascend_llm.quant.calib_texts import read_calib_texts
+from calib.texts import read_calib_texts
 
 
 def interleave_texts(first: list[str], second: list[str], ratio: float, keep_tail: int) -> list[str]:
@@ -41,7 +41,7 @@ def interleave_texts(first: list[str], second: list[str], ratio: float, keep_tai
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ascend_llm.quant.calib_mix",
+    parser = argparse.ArgumentParser(prog="python -m calib.mix",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--first", required=True, help="JSON lines (key text / prompt), e.g. synthetic texts")
     parser.add_argument("--second", required=True, help="JSON lines whose last --keep_tail texts end the output")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ascend_llm.numerics import primitives as P
 from ascend_llm.ops.cpu_int8 import dynamic_quant_per_token_reference
-from ascend_llm.quant import primitives as P
 from ascend_llm.quant.w8a8 import encode_deq_scale_int64
 from calib.observers import activation_qparams, fake_quant_activation
 

@@ -1,9 +1,9 @@
 """Calibration texts sampled from the float model itself (data-free distillation data).
 
-    python -m ascend_llm.quant.synthetic_calib --model FLOAT --output gen.jsonl \
+    python -m calib.synthetic --model FLOAT --output gen.jsonl \
         [--num_texts 128 --max_tokens 512 --temperature 1.0 --seed 0 --prefix_file calib.jsonl]
 
-Distillation tuning (quant/wint2_tune.py) fits the quantized model to the float model's
+Distillation tuning (calib/wint2/tune.py) fits the quantized model to the float model's
 next-token distributions on the calibration rows. A small calibration file from one domain gets
 fitted too well: the tuned model is close to float on that prose and further away elsewhere. The
 float model can write as much text as wanted from its own distribution, which is the distribution
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ascend_llm.quant.calib_texts import read_calib_texts
+from calib.texts import read_calib_texts
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def write_synthetic_calib(model: str, output: str | Path, spec: SyntheticSpec = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ascend_llm.quant.synthetic_calib",
+    parser = argparse.ArgumentParser(prog="python -m calib.synthetic",
                                      description="write calibration texts sampled from the float model")
     defaults = SyntheticSpec()
     parser.add_argument("--model", required=True, help="the float checkpoint (directory, GGUF or alias)")

@@ -1,6 +1,6 @@
 """Calibration texts: JSON lines with one text per line (msModelSlim boolq.jsonl style).
 
-Shared by every calibrating writer (calib/, quant/wint2_writer.py, quant/wint2_tune.py).
+Shared by every calibrating writer (calib/, calib/wint2/writer.py, calib/wint2/tune.py).
 """
 from __future__ import annotations
 

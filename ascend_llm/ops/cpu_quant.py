@@ -4,7 +4,7 @@ variants of the same math, selected first (priority 1) and tested against the re
 Every kernel has the `linear` signature run(layer, x, bias) with x: [num_tokens, k] and returns
 [num_tokens, n] in x's dtype. They read the tensors a quant method left on the layer:
 - weight_only_matmul: layer.weight int8 [n, k] (bits 8) or uint8 [n, ceil(k/2)] (bits 4, see
-  primitives.pack_int4), layer.weight_scale float32 [n], layer.quant_bits, layer.in_features_k;
+  numerics/primitives.pack_int4), layer.weight_scale float32 [n], layer.quant_bits, layer.in_features_k;
 - fp8_matmul, scheme "per_tensor": layer.weight e4m3 [n, k], layer.weight_scale float32 0-dim;
   activations quantized dynamically per tensor;
 - fp8_matmul, scheme "block": layer.weight e4m3 [n, k], layer.weight_scale_inv float32 [NB, KB],
@@ -13,7 +13,7 @@ Every kernel has the `linear` signature run(layer, x, bias) with x: [num_tokens,
   layer.input_scale float32 0-dim (AutoFP8 `activation_scheme: static`);
 - weight_only_matmul, bits 2: FastDeploy WINT2 tensors layer.quant_weight uint8 [k/4, n],
   layer.weight_scale uint8 [ceil(k/128), n], layer.super_scales [n], layer.code_scale /
-  layer.code_zp float32 [n] (decode rule: quant/wint2_layout.py).
+  layer.code_zp float32 [n] (decode rule: numerics/wint2.py).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ascend_llm.numerics import primitives as P
+from ascend_llm.numerics.wint2 import dequantize_wint2
 from ascend_llm.ops.registry import Kernel, OpRegistry
-from ascend_llm.quant import primitives as P
-from ascend_llm.quant.wint2_layout import dequantize_wint2
 
 BACKEND = "cpu"
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ascend_llm.numerics import primitives as P
 from ascend_llm.ops.npu_runtime import is_310p, to_nz, torch_npu
-from ascend_llm.quant import primitives as P
 
 NPU_ACT_DTYPES = (torch.float16, torch.bfloat16)
 _PROJS = ("w13", "w2")

@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from ascend_llm.distributed.communication import group_max, is_tensor_parallel
 from ascend_llm.layers.linear import RowParallelLinear
+from ascend_llm.numerics import primitives as P
 from ascend_llm.ops import cpu_quant
-from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.moe_fp8 import BlockFp8MoEMethod
 

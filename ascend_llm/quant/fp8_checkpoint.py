@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ascend_llm.layers.linear import RowParallelLinear
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.fp8 import bind_fp8_kernel, check_block_shards, run_fp8
 from ascend_llm.quant.module_patterns import check_regex_entries

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 from ascend_llm.quant.moe_base import (ExpertParamSpec, FusedMoEMethodBase, add_expert_param,
                                        check_experts_loaded, declare_float_experts, dequant_grouped_matmul,
                                        run_experts)

@@ -2,7 +2,7 @@
 pre-quantized wint8 / wint4 expert layout, and FastDeploy WINT2 experts (w4w2 checkpoints).
 
 Per expert and projection the tensors follow the dense layouts (quant/weight_only.py,
-quant/wint2_layout.py): wint8 `weight` int8 [n, k] + `weight_scale` [n]; wint4 `weight` uint8
+numerics/wint2.py): wint8 `weight` int8 [n, k] + `weight_scale` [n]; wint4 `weight` uint8
 [n, ceil(k/2)] (low nibble = even k) + `weight_scale` [n]; WINT2 `quant_weight` [k/4, n],
 `weight_scale` [ceil(k/128), n], `super_scales` / `code_scale` / `code_zp` [n]. Experts compute
 on the rows routed to them only: int8 / int4 as (x @ q.T) * scale, WINT2 by decoding each active
@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ascend_llm.distributed.communication import group_max, is_tensor_parallel
+from ascend_llm.numerics import primitives as P
+from ascend_llm.numerics import wint2 as L
 from ascend_llm.ops import cpu_moe
-from ascend_llm.quant import primitives as P
-from ascend_llm.quant import wint2_layout as L
 from ascend_llm.quant.moe_base import (ExpertParamSpec, FusedMoEMethodBase, add_expert_param,
                                        bind_fused_experts, check_expert_scales, check_experts_loaded,
                                        declare_float_experts,

@@ -25,11 +25,11 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from ascend_llm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from ascend_llm.numerics import primitives as P
 from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference kernels)
     INT8_MAX, INT8_MIN, MAX_EXACT_K, dynamic_quant_matmul_reference, dynamic_quant_per_token_reference,
     int8_matmul_reference, quant_matmul_reference, quantize_per_tensor_reference,
     weight_only_matmul_reference)
-from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.formats import DESCRIPTION_META_KEYS, detect_quant_format, validate_description
 from ascend_llm.quant.moe_w8a8 import w8a8_moe_method

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from ascend_llm.distributed.communication import group_max, splits_input
+from ascend_llm.numerics import primitives as P
 from ascend_llm.ops import cpu_quant
-from ascend_llm.quant import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.moe_weight_only import OnlineWeightOnlyMoEMethod, PrequantWeightOnlyMoEMethod
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for

@@ -8,15 +8,15 @@ config.json `quantization_config` (FastDeploy's WINT2 doc, with the spellings it
     moe_quant_config: {moe_w4_quant_config: {quant_type: wint4, quant_start_layer, quant_end_layer},
                        moe_w2_quant_config: {quant_type: wint2, quant_granularity, quant_group_size,
                                              quant_start_layer, quant_end_layer}}
-MoE experts arrive in a later issue: the ranges are parsed and `method_for_moe_layer` answers
-which one a layer uses. Our extension (FastDeploy has no dense WINT2): `dense_wint2_modules`, a
+MoE experts: `method_for_moe_layer` answers which range (wint4 or wint2) a layer is in and
+quant/moe_weight_only.py runs it. Our extension (FastDeploy has no dense WINT2): `dense_wint2_modules`, a
 list of module-name patterns ("mlp.gate_proj" matches any `...mlp.gate_proj`; "re:<regex>"
 is matched against the full checkpoint module name), makes those dense layers WINT2 too;
 `dense_wint4_modules` (same patterns) makes the dense layers it matches wint4 instead of
 `dense_quant_type` (e.g. keep the first / last layers' down_proj out of WINT2 at 4 bits, like
 FastDeploy's w4 layer range for MoE). WINT2 wins where both match.
 
-WINT2 tensors per Linear, FastDeploy orientation, layout and decode: quant/wint2_layout.py.
+WINT2 tensors per Linear, FastDeploy orientation, layout and decode: numerics/wint2.py.
 Fused layers (gate_up_proj, qkv_proj) concatenate their shards along n (the last dim of the
 [*, n] tensors, the only dim of the [n] ones).
 """
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ascend_llm.quant import wint2_layout as L
+from ascend_llm.numerics import wint2 as L
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.module_patterns import check_regex_entries
 from ascend_llm.quant.moe_weight_only import w4w2_method
@@ -38,7 +38,7 @@ from ascend_llm.quant.weight_only import PrequantWeightOnlyLinearMethod, apply_w
 
 DENSE_TYPES = {"wint8": 8, "wint4": 4}
 WRITER_HINT = ("WINT2 is an offline format: convert a float checkpoint with "
-               "`python -m ascend_llm.quant.wint2_writer --model_path M --save_directory OUT`")
+               "`python -m calib.wint2.writer --model_path M --save_directory OUT`")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ascend_llm.quant.primitives import dequantize_per_channel, quantize_per_channel
+from ascend_llm.numerics.primitives import dequantize_per_channel, quantize_per_channel
 from calib.smoothing.fold import SmoothGroup
 from calib.smoothing.stats import ChannelStats
 

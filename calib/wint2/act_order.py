@@ -7,7 +7,7 @@ scales 64 consecutive columns (a group). The stored layout never changes: the en
 permuted weight W[:, perm] with H[perm][:, perm], and the bytes / nibbles are put back in place.
 
 Modes (`ACT_ORDERS`):
-  none   the original column order (wint2_gptq.encode_wint2_hessian as is);
+  none   the original column order (gptq.encode_wint2_hessian as is);
   group  groups by decreasing sum of H_jj, quads inside each group by decreasing quad sum; a
          group stays one contiguous block, so the per-group nibble search runs unchanged (a
          partial last group stays last);
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from ascend_llm.quant import wint2_gptq as G
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.hessian import check_hessian, inverse_hessian_factor
-from ascend_llm.quant.wint2_refine import unpack_nibbles
+from ascend_llm.numerics import wint2 as L
+from calib.hessians import check_hessian, inverse_hessian_factor
+from calib.wint2 import gptq as G
+from calib.wint2.refine import unpack_nibbles
 
 ACT_ORDERS = ("none", "group", "quad")
 DEFAULT_ACT_ORDER = "none"
-# The writer tries these orders and keeps each row's best (wint2_gptq_writer.EncoderOptions).
+# The writer tries these orders and keeps each row's best (gptq_writer.EncoderOptions).
 # SmolLM2 MLP layers (H of 32 x 512 calibration tokens, + 2 refinement passes), loss on 8 x 512
 # held-out tokens relative to "none": "group" alone 0.995 / 1.018 (layer 15 gate / layer 2 down),
 # "quad" 0.989 / 1.046, the best of none and group per row 0.970-0.993 on three layers.
@@ -69,7 +69,7 @@ def _columns(quads: torch.Tensor) -> torch.Tensor:
 
 def encode_act_order(weight: torch.Tensor, hessian: torch.Tensor, act_order: str = DEFAULT_ACT_ORDER,
                      **kwargs) -> G.HessianEncodeResult:
-    """wint2_gptq.encode_wint2_hessian with the columns visited in `act_order` (module doc);
+    """gptq.encode_wint2_hessian with the columns visited in `act_order` (module doc);
     `kwargs` go to it. The tensors are in the original (stored) order."""
     if act_order not in ACT_ORDERS:
         raise ValueError(f"act_order: {act_order!r} is not one of {ACT_ORDERS}")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ascend_llm.quant import primitives as P
-from ascend_llm.quant import wint2_layout as L
+from ascend_llm.numerics import primitives as P
+from ascend_llm.numerics import wint2 as L
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class CalibSpec:
     num_samples: int = 32
     seq_len: int = 512
     chunk: int = 8            # samples per forward
-    damp: float = 0.1         # damp * mean(diag H) added to H's diagonal (wint2_gptq.DAMP_NOTE)
+    damp: float = 0.1         # damp * mean(diag H) added to H's diagonal (gptq.DAMP_NOTE)
     holdout_samples: int = 0  # rows at the end of the token stream never used for calibration
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Per-row code_scale search for the calibrated WINT2 encoders.
 
 A row's code_scale / code_zp pick which 256 of the 2^15 window 4-tuples its bytes can reach
-(quant/wint2_layout.py). GPTQ treats rows independently (error is only pushed along a row), and
+(calib/wint2/encode.py). GPTQ treats rows independently (error is only pushed along a row), and
 its row loss is that row's exact damped output error, so encoding the whole weight once per
 candidate code_scale and keeping, per row, the candidate with the lowest row loss is an exact
 per-row search. Cost: one encode per candidate. super_scales depend on the weight alone, so
@@ -13,14 +13,15 @@ from collections.abc import Callable
 
 import torch
 
-from ascend_llm.quant import wint2_gptq as G
-from ascend_llm.quant import wint2_layout as L
+from ascend_llm.numerics import wint2 as L
+from calib.wint2 import encode as E
+from calib.wint2 import gptq as G
 
-# The writer's default: all three wint2_layout.CODE_SCALE_CANDIDATES. SmolLM2 MLP layers (GPTQ +
+# The writer's default: all three encode.CODE_SCALE_CANDIDATES. SmolLM2 MLP layers (GPTQ +
 # 2 refinement passes per candidate), held-out loss relative to the first candidate alone:
 # 0.966-0.978 on three layers. With act-order (none, group) and 64 x 512 calibration tokens,
 # perplexity on 4096 eval_tempest tokens 210.3 -> 162.2 (benchmarks/results/wint2_quality_*.json).
-DEFAULT_CODE_SCALES = L.CODE_SCALE_CANDIDATES
+DEFAULT_CODE_SCALES = E.CODE_SCALE_CANDIDATES
 
 
 def encode_best_code_scale(encode: Callable[[float], G.HessianEncodeResult],

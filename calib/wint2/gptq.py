@@ -1,9 +1,9 @@
 """Calibration-aware WINT2 encoders: Hessian-weighted group-scale search and GPTQ compensation.
 
-Both write the exact FastDeploy WINT2 layout of quant/wint2_layout.py (decoded by
+Both write the exact FastDeploy WINT2 layout of ascend_llm/numerics/wint2.py (decoded by
 `dequantize_wint2`). What the layout lets a writer choose, for a weight [n, k]:
   * per output row n: code_scale / code_zp (its 256-entry codebook of 4-vectors in [-32, 31]^4,
-    `wint2_layout.codebook`) and super_scales[n];
+    `numerics.wint2.codebook`) and super_scales[n];
   * per row and 64-column group g: a nibble 1..15, the group scale being nibble * super_scales[n];
   * per row and 4 consecutive columns (a "quad"): one byte, i.e. one codebook entry.
 So WINT2 is a vector quantizer with 256 codewords per quad and a 4-bit scale per group.
@@ -20,7 +20,7 @@ Group scales: at each group, the candidate nibbles (NIBBLE_OFFSETS around an ama
 or all 15) are tried at once (a batch dimension), each with the full within-group GPTQ; every
 row keeps the nibble with the least group loss. `compensate=False` replaces U by
 diag(1 / sqrt(H_jj)): the same search with the H-diagonal-weighted error and no error
-propagation ("search" in the writer). quant/wint2_refine.py then revisits every decision.
+propagation ("search" in the writer). calib/wint2/refine.py then revisits every decision.
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.hessian import DEFAULT_DAMP, check_hessian, damped, inverse_hessian_factor
+from ascend_llm.numerics import wint2 as L
+from calib.hessians import DEFAULT_DAMP, check_hessian, damped, inverse_hessian_factor
+from calib.wint2 import encode as E
 
 # DAMP_NOTE: with few calibration tokens GPTQ overfits H. SmolLM2 MLP layers, H from 8 x 512
 # calibration tokens, loss on 16 x 512 held-out tokens relative to the plain encoder's (GPTQ +
@@ -70,7 +71,7 @@ def super_scales_for(w: torch.Tensor, scale_dtype: torch.dtype,
 
 def encode_wint2_hessian(weight: torch.Tensor, hessian: torch.Tensor, *, compensate: bool = True,
                          scale_dtype: torch.dtype = torch.float32,
-                         code_scale: float = L.DEFAULT_CODE_SCALES[0], damp: float = DEFAULT_DAMP,
+                         code_scale: float = E.DEFAULT_CODE_SCALES[0], damp: float = DEFAULT_DAMP,
                          super_windows: float = SUPER_WINDOWS,
                          nibble_offsets: tuple[int, ...] | None = NIBBLE_OFFSETS) -> HessianEncodeResult:
     """Float weight [n, k] and input Hessian H = X^T X [k, k] -> WINT2 tensors (module doc).
@@ -87,7 +88,7 @@ def encode_wint2_hessian(weight: torch.Tensor, hessian: torch.Tensor, *, compens
     w[:, dead] = 0.0
     supers = super_scales_for(w, scale_dtype, super_windows)
     cs = torch.full((n,), code_scale, dtype=torch.float32)
-    zp = torch.full((n,), L.code_zp_for(code_scale), dtype=torch.float32)
+    zp = torch.full((n,), E.code_zp_for(code_scale), dtype=torch.float32)
     book = L.codebook(cs[:1], zp[:1])[0]                                                # [256, 4]
     nibbles = torch.zeros(n, L.num_groups(k))
     codes = torch.zeros(n, k // L.PACK, dtype=torch.long)
@@ -125,7 +126,7 @@ def quantize_block(w: torch.Tensor, factor: torch.Tensor, scales: torch.Tensor,
 
     w [n, c] (c multiple of 4), factor [c, c] upper triangular, scales [C, n] (one scale per row)
     or [C, n, c/4] (one per row and quad: fixed group scales in a permuted order,
-    quant/wint2_act_order.py), book [256, 4]
+    calib/wint2/act_order.py), book [256, 4]
     -> (bytes [C, n, c/4] int64, scaled errors e [C, n, c], loss [C, n] = sum of e^2).
     """
     cands, n = scales.shape[:2]
@@ -151,7 +152,7 @@ def quantize_block(w: torch.Tensor, factor: torch.Tensor, scales: torch.Tensor,
 
 def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     """[G, n] values 0..15 -> uint8 [ceil(G/2), n]: even group in the high nibble, odd group in
-    the low one, a missing last odd group written as 0 (wint2_layout's weight_scale)."""
+    the low one, a missing last odd group written as 0 (numerics.wint2's weight_scale)."""
     groups, n = nibbles.shape
     nib = torch.cat([nibbles, nibbles.new_zeros(groups % 2, n)]).to(torch.int32)
     return ((nib[0::2] << 4) | nib[1::2]).to(torch.uint8).contiguous()

@@ -1,12 +1,12 @@
 """The writer's calibrated WINT2 path: float model + calibration text -> WINT2 tensors per Linear.
 
 `calibrate_wint2` loads the float checkpoint with transformers (float32, CPU), tokenizes the
-calibration file, and runs quant/wint2_calibration.SequentialCalibrator with the encoder of
-quant/wint2_gptq.py ("gptq": error compensation, then `refine_passes` rounds of coordinate
-descent, quant/wint2_refine.py; "search": H-diagonal scale search only, no refinement), with
-`EncoderOptions`' candidate act-orders (quant/wint2_act_order.py) and code_scales
-(quant/wint2_code_search.py). With `CalibSpec.holdout_samples` the stream's last rows are kept
-out of calibration (quant/wint2_calibration.split_calibration_ids).
+calibration file, and runs calib/wint2/calibration.SequentialCalibrator with the encoder of
+calib/wint2/gptq.py ("gptq": error compensation, then `refine_passes` rounds of coordinate
+descent, calib/wint2/refine.py; "search": H-diagonal scale search only, no refinement), with
+`EncoderOptions`' candidate act-orders (calib/wint2/act_order.py) and code_scales
+(calib/wint2/code_search.py). With `CalibSpec.holdout_samples` the stream's last rows are kept
+out of calibration (calib/wint2/calibration.split_calibration_ids).
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from ascend_llm.quant import wint2_gptq as G
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.wint2_act_order import ACT_ORDERS, DEFAULT_ACT_ORDERS, encode_act_order
-from ascend_llm.quant.calib_texts import read_calib_texts
-from ascend_llm.quant.wint2_calibration import CalibSpec, SequentialCalibrator, split_calibration_ids
-from ascend_llm.quant.wint2_code_search import DEFAULT_CODE_SCALES, encode_best_code_scale, merge_rows
-from ascend_llm.quant.wint2_refine import DEFAULT_PASSES, refine_wint2
+from ascend_llm.numerics import wint2 as L
+from calib.texts import read_calib_texts
+from calib.wint2 import gptq as G
+from calib.wint2.act_order import ACT_ORDERS, DEFAULT_ACT_ORDERS, encode_act_order
+from calib.wint2.calibration import CalibSpec, SequentialCalibrator, split_calibration_ids
+from calib.wint2.code_search import DEFAULT_CODE_SCALES, encode_best_code_scale, merge_rows
+from calib.wint2.refine import DEFAULT_PASSES, refine_wint2
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ def checkpoint_dtype(model_dir: Path) -> torch.dtype:
 class EncoderOptions:
     """How each calibrated WINT2 Linear is encoded.
 
-    Every (act_order, code_scale) pair is one candidate: encoded (quant/wint2_act_order.py),
+    Every (act_order, code_scale) pair is one candidate: encoded (calib/wint2/act_order.py),
     then refined `refine_passes` times (gptq only); each row keeps the candidate with the lowest
-    loss (quant/wint2_code_search.py). The defaults are 2 x 3 candidates (about 3x the CPU time
-    of the single pair act_orders=("none",), code_scales=wint2_layout.DEFAULT_CODE_SCALES).
+    loss (calib/wint2/code_search.py). The defaults are 2 x 3 candidates (about 3x the CPU time
+    of the single pair act_orders=("none",), code_scales=encode.DEFAULT_CODE_SCALES).
     """
     method: str = "gptq"
     refine_passes: int = DEFAULT_PASSES

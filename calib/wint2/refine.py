@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ascend_llm.quant import wint2_gptq as G
-from ascend_llm.quant import wint2_layout as L
+from ascend_llm.numerics import wint2 as L
+from calib.wint2 import gptq as G
 
 DEFAULT_PASSES = 2
 
@@ -38,7 +38,7 @@ class _State:
         self.n, self.k = weight.shape
         self.w = weight.float()
         self.h = hessian
-        # rows sharing a code_scale share a codebook (wint2_code_search): v H v once per book
+        # rows sharing a code_scale share a codebook (code_search.py): v H v once per book
         pairs = torch.stack([tensors.code_scale.float(), tensors.code_zp.float()], dim=1)
         unique, self.book_of_row = torch.unique(pairs, dim=0, return_inverse=True)   # [U, 2], [n]
         self.books = L.codebook(unique[:, 0].contiguous(), unique[:, 1].contiguous())  # [U, 256, 4]

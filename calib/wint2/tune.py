@@ -1,7 +1,7 @@
 """Distillation tuning of a written WINT2 checkpoint's continuous tensors (same layout, same codes
 unless --code_lr).
 
-    python -m ascend_llm.quant.wint2_tune --model_path FLOAT --quant_path WINT2_DIR \
+    python -m calib.wint2.tune --model_path FLOAT --quant_path WINT2_DIR \
         --save_directory OUT --calib_file F.jsonl [--calib_num_samples 32 --calib_seq_len 512
         --epochs 3 --lr 3e-3 --calib_holdout_samples 4]
 
@@ -21,9 +21,9 @@ of the next-token distributions:
 Codes (`quant_weight`, the nibbles in the WINT2 `weight_scale`, `code_scale`, `code_zp`, int8 /
 int4 weights), embeddings and the LM head are copied unchanged, so the output loads exactly like
 the input. With `--code_lr` > 0 the WINT2 bytes (`quant_weight`) train too, by straight-through
-rounding to each column's codebook (quant/wint2_tune_codes.py); with `--group_lr` > 0 the WINT2
+rounding to each column's codebook (calib/wint2/tune_codes.py); with `--group_lr` > 0 the WINT2
 4-bit group nibbles (in `weight_scale`) do, by straight-through rounding to integers
-(quant/wint2_tune_groups.py); everything else stays as said. Held-out rows (`--calib_holdout_samples`, taken from the end of the calibration
+(calib/wint2/tune_groups.py); everything else stays as said. Held-out rows (`--calib_holdout_samples`, taken from the end of the calibration
 stream) pick the best epoch; without them the last epoch is kept.
 """
 from __future__ import annotations
@@ -43,10 +43,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ascend_llm.loader.resolve import resolve_model_path
-from ascend_llm.quant import primitives as P
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.calib_texts import read_calib_texts
-from ascend_llm.quant.wint2_calibration import CalibSpec, split_calibration_ids
+from ascend_llm.numerics import primitives as P
+from ascend_llm.numerics import wint2 as L
+from calib.texts import read_calib_texts
+from calib.wint2.calibration import CalibSpec, split_calibration_ids
+from calib.wint2.student import ScaledCodeLinear
+from calib.wint2.tune_codes import Wint2CodeLinear
+from calib.wint2.tune_groups import Wint2GroupScaleLinear
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,8 @@ class TuneSpec:
     epochs: int = 3
     lr: float = 3e-3          # Adam step on the relative change (3e-3 = 0.3% of the initial value)
     batch_size: int = 1       # calibration rows per optimizer step
-    code_lr: float = 0.0      # > 0: WINT2 bytes move too (wint2_tune_codes), Adam step in window units
-    group_lr: float = 0.0     # > 0: WINT2 group nibbles move too (wint2_tune_groups), relative Adam step
+    code_lr: float = 0.0      # > 0: WINT2 bytes move too (tune_codes.py), Adam step in window units
+    group_lr: float = 0.0     # > 0: WINT2 group nibbles move too (tune_groups.py), relative Adam step
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -88,24 +91,6 @@ class Relative(nn.Module):
         return torch.zeros_like(self.base)
 
 
-class ScaledCodeLinear(nn.Module):
-    """y = (x @ codes.T) * scale (+ bias): fixed decoded codes [n, k], trainable scale [n]."""
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("codes", codes.float())                       # [n, k]
-        self.delta = nn.Parameter(torch.zeros(codes.shape[0]))            # [n]
-        self.register_buffer("base", scale.detach().float().clone())      # [n]
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-
-    def scale(self) -> torch.Tensor:
-        return self.base * (1 + self.delta)                                # [n]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                   # [..., k] -> [..., n]
-        out = F.linear(x, self.codes) * self.scale()
-        return out if self.bias is None else out + self.bias
-
-
 def quantized_codes(tensors: dict[str, torch.Tensor], module: str,
                     in_features: int) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """(codes [n, k] float32, scale [n], scale tensor name) of `module` in a WINT2 checkpoint,
@@ -131,9 +116,6 @@ def build_student(model: nn.Module, tensors: dict[str, torch.Tensor], move_codes
     move_codes: WINT2 Linears become `Wint2CodeLinear`s (their bytes train too); move_groups:
     `Wint2GroupScaleLinear`s (their group nibbles train too)."""
     from torch.nn.utils import parametrize
-
-    from ascend_llm.quant.wint2_tune_codes import Wint2CodeLinear
-    from ascend_llm.quant.wint2_tune_groups import Wint2GroupScaleLinear
 
     with torch.no_grad():   # float tensors of the checkpoint (norms, embeddings) win over the float model's
         for name, param in model.named_parameters():
@@ -306,10 +288,10 @@ def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ascend_llm.quant.wint2_tune",
+    parser = argparse.ArgumentParser(prog="python -m calib.wint2.tune",
                                      description="distil a WINT2 checkpoint's scales and norms from the float model")
     parser.add_argument("--model_path", required=True, help="the float checkpoint (directory or alias)")
-    parser.add_argument("--quant_path", required=True, help="the WINT2 checkpoint written by wint2_writer")
+    parser.add_argument("--quant_path", required=True, help="the WINT2 checkpoint written by calib.wint2.writer")
     parser.add_argument("--save_directory", required=True)
     parser.add_argument("--calib_file", required=True, help="JSON lines, key text / prompt")
     parser.add_argument("--calib_num_samples", type=int, default=32)

@@ -4,7 +4,7 @@
 scale. `Wint2CodeLinear` also lets the codes move, by straight-through rounding: a latent
 weight in window units, `base_windows + shift` ([n, k/4, 4]; base_windows: the written bytes'
 windows - 32; shift: trainable, from 0), is rounded every forward to the nearest byte of its column's 256-entry
-codebook (`wint2_layout.codebook`, exhaustive search as in the encoder); the forward uses the
+codebook (`numerics.wint2.codebook`, exhaustive search as in the encoder); the forward uses the
 rounded weight and the gradient passes to `shift` unchanged. The group nibbles, `code_scale` and
 `code_zp` stay fixed, so the bytes are the only discrete change and the checkpoint keeps its
 layout: `quant_weight()` is the new [k/4, n] uint8 tensor.
@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.wint2_tune import ScaledCodeLinear
+from ascend_llm.numerics import wint2 as L
+from calib.wint2 import encode as E
+from calib.wint2.student import ScaledCodeLinear
 
 
 class Wint2CodeLinear(ScaledCodeLinear):
@@ -46,7 +47,7 @@ class Wint2CodeLinear(ScaledCodeLinear):
         if self._projected_version == self.shift._version:
             return
         with torch.no_grad():
-            self.bytes.copy_(L.nearest_bytes(self.base_windows + self.shift, self.book)[0])
+            self.bytes.copy_(E.nearest_bytes(self.base_windows + self.shift, self.book)[0])
         self._projected_version = self.shift._version
 
     def rounded_windows(self) -> torch.Tensor:

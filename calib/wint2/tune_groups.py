@@ -1,7 +1,7 @@
 """WINT2 Linears whose 4-bit group scales may change during distillation tuning (`TuneSpec.group_lr > 0`).
 
 A WINT2 weight is `nibble[g] * super_scale * (window - 32)`, one uint4 nibble per 64 input rows
-(`wint2_layout`). `ScaledCodeLinear` trains only the per-channel `super_scale`; this layer also
+(ascend_llm/numerics/wint2.py). `ScaledCodeLinear` trains only the per-channel `super_scale`; this layer also
 trains each group's nibble: a latent `nibble * (1 + group_delta)` ([n, G], group_delta trainable
 from 0, so Adam's step is relative as for the scales), clamped to [0, 15] and rounded to an integer
 every forward, the gradient passing the rounding unchanged (straight-through, as LSQ). The bytes,
@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.wint2_tune import ScaledCodeLinear
+from ascend_llm.numerics import wint2 as L
+from calib.wint2 import encode as E
+from calib.wint2.student import ScaledCodeLinear
 
 
 class Wint2GroupScaleLinear(ScaledCodeLinear):
@@ -47,7 +48,7 @@ class Wint2GroupScaleLinear(ScaledCodeLinear):
     def weight_scale(self) -> torch.Tensor:
         """The current nibbles in the checkpoint's packed [ceil(G/2), n] uint8 layout."""
         with torch.no_grad():
-            return L.pack_nibbles(self.nibbles().t())
+            return E.pack_nibbles(self.nibbles().t())
 
     def nibbles_changed(self) -> int:
         """How many nibbles differ from the written ones."""

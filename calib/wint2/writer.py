@@ -1,32 +1,32 @@
 """Convert a float HF checkpoint into a FastDeploy-style WINT2 checkpoint.
 
-    python -m ascend_llm.quant.wint2_writer --model_path M --save_directory OUT \
+    python -m calib.wint2.writer --model_path M --save_directory OUT \
         [--dense_wint2_modules mlp.gate_proj mlp.up_proj mlp.down_proj] [--dense_quant_type wint8]
         [--method plain|search|gptq --calib_file F.jsonl --calib_num_samples 32 --calib_seq_len 512
          --calib_holdout_samples 0 --act_order none group [quad] --code_scales 120.89453125 [...]
          --tune_epochs 0 --tune_lr 3e-3]
 
 Decoder Linear weights (`model.layers.N.<...>_proj.weight`) matching `dense_wint2_modules` become
-the five WINT2 tensors (quant/wint2_layout.py, FastDeploy orientation); the other decoder
+the five WINT2 tensors (ascend_llm/numerics/wint2.py, FastDeploy orientation); the other decoder
 Linears become pre-quantized `dense_quant_type` (wint8: `weight` int8 [n, k] + `weight_scale`
 [n] in the checkpoint dtype; wint4: `weight` uint8 [n, ceil(k/2)], low nibble = even k).
 Embeddings, norms, biases and the LM head are copied unchanged. config.json gets a
 `quantization_config` with `quantization: "wint2"`, and tokenizer files are copied.
 
 Methods (how the WINT2 bytes and group scales are chosen; all write the same layout):
-  plain   no calibration: nearest codeword, amax-based group scales (wint2_layout.encode_wint2)
+  plain   no calibration: nearest codeword, amax-based group scales (encode.encode_wint2)
   search  calibration: per-group nibble search minimising the H-diagonal-weighted error
-  gptq    calibration: per-group nibble search + GPTQ error compensation (quant/wint2_gptq.py),
-          then `--refine_passes` rounds of coordinate descent (quant/wint2_refine.py)
-search / gptq run the float model on `--calib_file` layer by layer (quant/wint2_calibration.py);
+  gptq    calibration: per-group nibble search + GPTQ error compensation (calib/wint2/gptq.py),
+          then `--refine_passes` rounds of coordinate descent (calib/wint2/refine.py)
+search / gptq run the float model on `--calib_file` layer by layer (calib/wint2/calibration.py);
 gptq options: `--act_order` column orders and `--code_scales` candidates, each row keeping its
-lowest-loss candidate (quant/wint2_act_order.py, quant/wint2_code_search.py);
+lowest-loss candidate (calib/wint2/act_order.py, calib/wint2/code_search.py);
 `--calib_holdout_samples` keeps the stream's last rows out of calibration. `--dense_wint4_modules`
 writes the non-WINT2 layers it matches as wint4 (e.g. the first / last layers' down_proj).
 `--tune_epochs N` then trains the written checkpoint's scales and norms by distillation from the
-float model on the same calibration rows (quant/wint2_tune.py; codes unchanged unless
-`--tune_code_lr` > 0, quant/wint2_tune_codes.py; group nibbles unchanged unless `--tune_group_lr`
-> 0, quant/wint2_tune_groups.py).
+float model on the same calibration rows (calib/wint2/tune.py; codes unchanged unless
+`--tune_code_lr` > 0, calib/wint2/tune_codes.py; group nibbles unchanged unless `--tune_group_lr`
+> 0, calib/wint2/tune_groups.py).
 Measured perplexities: benchmarks/bench_wint2_quality.py.
 """
 from __future__ import annotations
@@ -47,13 +47,14 @@ from safetensors.torch import save_file
 
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.loader.resolve import resolve_model_path
-from ascend_llm.quant import primitives as P
-from ascend_llm.quant import wint2_layout as L
+from ascend_llm.numerics import primitives as P
+from ascend_llm.numerics import wint2 as L
 from ascend_llm.quant.wint2 import DENSE_TYPES, WInt2Config
-from ascend_llm.quant.wint2_calibration import CalibSpec
+from calib.wint2 import encode as E
+from calib.wint2.calibration import CalibSpec
 
 if TYPE_CHECKING:
-    from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
+    from calib.wint2.gptq_writer import EncoderOptions
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +91,16 @@ def quantization_config(dense_wint2_modules: tuple[str, ...], dense_quant_type: 
 def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
                            dense_wint2_modules: tuple[str, ...] = DEFAULT_WINT2_MODULES,
                            dense_quant_type: str = "wint8",
-                           code_scales: tuple[float, ...] = L.DEFAULT_CODE_SCALES,
-                           refine_steps: int = L.DEFAULT_REFINE_STEPS, method: str = "plain",
+                           code_scales: tuple[float, ...] = E.DEFAULT_CODE_SCALES,
+                           refine_steps: int = E.DEFAULT_REFINE_STEPS, method: str = "plain",
                            calib: CalibSpec | None = None, gptq_refine_passes: int = 2,
                            encoder_options: "EncoderOptions | None" = None,
                            dense_wint4_modules: tuple[str, ...] = ()) -> WriteReport:
     """Write the WINT2 checkpoint of the float checkpoint at `model_path` into `save_directory`.
 
     `method` (module doc): "plain" ignores `calib`; "search" and "gptq" need it.
-    `gptq_refine_passes`: coordinate-descent rounds after GPTQ (quant/wint2_refine.py).
-    `encoder_options` (quant/wint2_gptq_writer.EncoderOptions; replaces method and
+    `gptq_refine_passes`: coordinate-descent rounds after GPTQ (calib/wint2/refine.py).
+    `encoder_options` (calib/wint2/gptq_writer.EncoderOptions; replaces method and
     gptq_refine_passes for the calibrated path): act-order and code_scale candidates.
     `dense_wint4_modules`: patterns of non-WINT2 dense layers written wint4 (quant/wint2.py).
     """
@@ -115,7 +116,7 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
     selector = WInt2Config.from_config(qconfig, source="--dense_wint2_modules")
     calibrated: dict[str, L.Wint2Tensors] = {}
     if method != "plain":
-        from ascend_llm.quant.wint2_gptq_writer import calibrate_wint2   # transformers: only here
+        from calib.wint2.gptq_writer import calibrate_wint2   # transformers: only here
         calibrated = calibrate_wint2(src, selector.is_wint2_module, selector.dense_bits,
                                      method, calib, gptq_refine_passes, encoder_options)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,10 +148,10 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
 
 def _to_wint2(weight: torch.Tensor, code_scales: tuple[float, ...],
               refine_steps: int) -> tuple[dict[str, torch.Tensor], float]:
-    encoded = L.encode_wint2(weight, weight.dtype, code_scales, refine_steps)
+    encoded = E.encode_wint2(weight, weight.dtype, code_scales, refine_steps)
     deq = L.dequantize_wint2(encoded.quant_weight, encoded.weight_scale, encoded.super_scales,
                              encoded.code_scale, encoded.code_zp)
-    return encoded.as_dict(), L.relative_error(deq, weight)
+    return encoded.as_dict(), E.relative_error(deq, weight)
 
 
 def _calibrated(encoded: L.Wint2Tensors, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
@@ -158,12 +159,12 @@ def _calibrated(encoded: L.Wint2Tensors, weight: torch.Tensor) -> tuple[dict[str
         raise ValueError(f"wint2 writer: super_scales came out {encoded.super_scales.dtype}, "
                          f"the checkpoint weight is {weight.dtype}")
     deq = L.dequantize_wint2(*encoded.as_dict().values())
-    return encoded.as_dict(), L.relative_error(deq, weight)
+    return encoded.as_dict(), E.relative_error(deq, weight)
 
 
 def _to_weight_only(weight: torch.Tensor, bits: int) -> tuple[dict[str, torch.Tensor], float]:
     q, scale = P.quantize_per_channel(weight, bits)                   # [n, k] int8, [n] fp32
-    error = L.relative_error(P.dequantize_per_channel(q, scale), weight)
+    error = E.relative_error(P.dequantize_per_channel(q, scale), weight)
     packed = P.pack_int4(q) if bits == 4 else q
     return {"weight": packed.contiguous(), "weight_scale": scale.to(weight.dtype)}, error
 
@@ -184,7 +185,7 @@ def _copy_side_files(src: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry: convert, then print one line per converted module and the mean errors."""
-    parser = argparse.ArgumentParser(prog="python -m ascend_llm.quant.wint2_writer",
+    parser = argparse.ArgumentParser(prog="python -m calib.wint2.writer",
                                      description="float HF checkpoint -> FastDeploy-style WINT2 checkpoint")
     parser.add_argument("--model_path", required=True, help="float checkpoint directory or alias")
     parser.add_argument("--save_directory", required=True)
@@ -199,24 +200,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib_num_samples", type=int, default=32)
     parser.add_argument("--calib_seq_len", type=int, default=512)
     parser.add_argument("--calib_damp", type=float, default=0.1,
-                        help="Hessian dampening, a fraction of mean(diag H) (wint2_gptq.DAMP_NOTE)")
+                        help="Hessian dampening, a fraction of mean(diag H) (calib/wint2/gptq.DAMP_NOTE)")
     parser.add_argument("--refine_passes", type=int, default=2,
                         help="gptq: coordinate-descent passes after GPTQ (0: GPTQ alone)")
     parser.add_argument("--calib_holdout_samples", type=int, default=0,
                         help="rows at the end of the calibration stream kept out of calibration")
     parser.add_argument("--act_order", nargs="+", default=["none", "group"], choices=["none", "group", "quad"],
-                        help="gptq column orders tried; each row keeps its best (wint2_act_order.py)")
-    parser.add_argument("--code_scales", nargs="+", type=float, default=list(L.CODE_SCALE_CANDIDATES),
+                        help="gptq column orders tried; each row keeps its best (calib/wint2/act_order.py)")
+    parser.add_argument("--code_scales", nargs="+", type=float, default=list(E.CODE_SCALE_CANDIDATES),
                         help="code_scale candidates, multiples of 1/256; each row keeps its best "
-                             f"(wint2_code_search.py; fastest: {L.DEFAULT_CODE_SCALES[0]} alone)")
+                             f"(calib/wint2/code_search.py; fastest: {E.DEFAULT_CODE_SCALES[0]} alone)")
     parser.add_argument("--tune_epochs", type=int, default=0,
-                        help="then distil scales and norms from the float model (quant/wint2_tune.py); 0: off")
+                        help="then distil scales and norms from the float model (calib/wint2/tune.py); 0: off")
     parser.add_argument("--tune_lr", type=float, default=3e-3, help="Adam step of --tune_epochs (relative)")
     parser.add_argument("--tune_code_lr", type=float, default=0.0,
-                        help="--tune_epochs also moves the WINT2 bytes (quant/wint2_tune_codes.py), Adam "
+                        help="--tune_epochs also moves the WINT2 bytes (calib/wint2/tune_codes.py), Adam "
                              "step in window units; 0: bytes unchanged")
     parser.add_argument("--tune_group_lr", type=float, default=0.0,
-                        help="--tune_epochs also moves the WINT2 group nibbles (quant/wint2_tune_groups.py), "
+                        help="--tune_epochs also moves the WINT2 group nibbles (calib/wint2/tune_groups.py), "
                              "relative Adam step; 0: nibbles unchanged")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
                        holdout_samples=args.calib_holdout_samples) if args.calib_file else None)
     options = None
     if args.method != "plain":
-        from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
+        from calib.wint2.gptq_writer import EncoderOptions
         try:
             options = EncoderOptions(args.method, args.refine_passes, args.calib_damp, tuple(args.act_order),
                                      tuple(args.code_scales))
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--tune_epochs needs --calib_file")
     tune = None
     if args.tune_epochs:
-        from ascend_llm.quant.wint2_tune import TuneSpec
+        from calib.wint2.tune import TuneSpec
         try:
             tune = TuneSpec(args.tune_epochs, args.tune_lr, code_lr=args.tune_code_lr,
                             group_lr=args.tune_group_lr)
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
                                         encoder_options=options,
                                         dense_wint4_modules=tuple(args.dense_wint4_modules))
         if tune:
-            from ascend_llm.quant.wint2_tune import tune_wint2_checkpoint
+            from calib.wint2.tune import tune_wint2_checkpoint
             tune_wint2_checkpoint(args.model_path, untuned, target, calib, tune)
     for module, kind, error in report.modules:
         print(f"{module:50s} {kind:6s} {error:.4f}")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ascend_llm import LLM
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 from calib.block_fp8 import BlockFp8Options, convert, main, quantize_block_fp8
 from calib.gptq import gptq_round, output_error
 from tests.calib.test_roundtrip import float_logprobs, prose_ids, runtime_logprobs

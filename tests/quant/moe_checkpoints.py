@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from ascend_llm.loader import iter_safetensors_weights
-from ascend_llm.quant import primitives as P
-from ascend_llm.quant.wint2_layout import encode_wint2
+from ascend_llm.numerics import primitives as P
+from calib.wint2.encode import encode_wint2
 from tests.quant.w8a8_writer import w8a8_dynamic_tensors
 
 _PROJ = re.compile(r"^(model\.layers\.(\d+)\..*_proj)\.weight$")

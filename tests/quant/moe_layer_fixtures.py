@@ -10,15 +10,16 @@ import torch.nn.functional as F
 
 from ascend_llm.layers.moe import FusedMoE
 from ascend_llm.layers.moe_routing import RoutingConfig
+from ascend_llm.numerics import primitives as P
+from ascend_llm.numerics.wint2 import dequantize_wint2
 from ascend_llm.ops import build_op_set
 from ascend_llm.ops.cpu_int8 import dynamic_quant_per_token_reference
-from ascend_llm.quant import primitives as P
 from ascend_llm.quant.fp8 import BlockWiseFp8Config
 from ascend_llm.quant.fp8_checkpoint import Fp8CheckpointConfig
 from ascend_llm.quant.w8a8 import AscendW8A8Config
 from ascend_llm.quant.weight_only import WeightOnlyCheckpointConfig, WInt4Config, WInt8Config
 from ascend_llm.quant.wint2 import WInt2Config
-from ascend_llm.quant.wint2_layout import dequantize_wint2, encode_wint2
+from calib.wint2.encode import encode_wint2
 from tests.quant.moe_checkpoints import W4W2_CONFIG
 from tests.quant.w8a8_writer import w8a8_dynamic_tensors
 

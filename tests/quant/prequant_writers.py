@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ascend_llm.loader import iter_safetensors_weights
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 
 _LINEAR = re.compile(r"^(model\.layers\.\d+\..*_proj)\.weight$")
 Converter = Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ascend_llm import LLM
 from ascend_llm.quant.w8a8 import decode_deq_scale, encode_deq_scale_int64
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+from calib.wint2.writer import write_wint2_checkpoint
 from tests.quant.w8a8_writer import write_w8a8_checkpoint
 
 K_PROJ = "model.layers.0.self_attn.k_proj"            # a fused (qkv) shard: 32 rows x 64

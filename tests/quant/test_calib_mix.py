@@ -1,11 +1,11 @@
-"""calib_mix: the interleaving rule, every text kept once, the tail last, clear CLI errors."""
+"""calib/mix.py: the interleaving rule, every text kept once, the tail last, clear CLI errors."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from ascend_llm.quant.calib_mix import interleave_texts, main
+from calib.mix import interleave_texts, main
 
 
 def _write(path, texts):

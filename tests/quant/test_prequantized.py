@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ascend_llm import LLM, SamplingParams
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 from ascend_llm.quant.registry import get_quant_config
 from tests.quant.prequant_writers import write_autofp8, write_deepseek_fp8, write_fastdeploy_weight_only
 

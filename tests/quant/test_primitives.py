@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 
 
 def _gen(seed: int) -> torch.Generator:

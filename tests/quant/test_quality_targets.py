@@ -2,7 +2,7 @@
 eval_tempest.txt, scored in 512-token windows (32 windows, 16352 scored tokens), each method
 relative to the float model measured in this module.
 
-Targets (the issue's): wint8 <= 1.01x, fp8 <= 1.03x, block_wise_fp8 <= 1.02x, W8A8_DYNAMIC <= 1.05x,
+Targets: wint8 <= 1.01x, fp8 <= 1.03x, block_wise_fp8 <= 1.02x, W8A8_DYNAMIC <= 1.05x,
 fp8 KV cache <= 1.02x, int8 KV cache <= 1.02x. wint4 and naive static W8A8 must at least match
 plain round-to-nearest: each is compared with a float model whose linear weights (and, for
 W8A8, inputs) are fake-quantized in the same granularity -- per-channel symmetric int4 weights;
@@ -39,7 +39,7 @@ import torch
 from ascend_llm import LLM
 from ascend_llm.eval.perplexity import perplexity
 from ascend_llm.loader.resolve import resolve_model_path
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 
 pytestmark = pytest.mark.slow
 

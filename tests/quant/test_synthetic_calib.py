@@ -1,4 +1,4 @@
-"""Calibration texts sampled from the float model (quant/synthetic_calib.py), on a tiny Llama."""
+"""Calibration texts sampled from the float model (calib/synthetic.py), on a tiny Llama."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ascend_llm import LLM
-from ascend_llm.quant.calib_texts import read_calib_texts
-from ascend_llm.quant.synthetic_calib import (SyntheticSpec, main, prefix_starts, random_starts,
+from calib.synthetic import (SyntheticSpec, main, prefix_starts, random_starts,
                                               sample_token_ids, write_synthetic_calib)
+from calib.texts import read_calib_texts
 
 SPEC = SyntheticSpec(num_texts=6, max_tokens=24, seed=3)
 

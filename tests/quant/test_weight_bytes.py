@@ -1,6 +1,6 @@
 """The loaded model's weight bytes reflect the format: a tiny Llama (hidden 64, intermediate 96,
 2 layers, fp32) loaded float and in each format, linear-layer bytes counted by
-`ascend_llm.quant.weight_bytes`. Codes are exactly 1/4 (int8, e4m3), 1/8 (packed int4) and 1/16
+`calib.weight_bytes`. Codes are exactly 1/4 (int8, e4m3), 1/8 (packed int4) and 1/16
 (WINT2 2-bit codes) of the fp32 weight; the scales add a known amount on top (per channel: 4 bytes
 per output row, i.e. 1/k of the fp32 bytes; WINT2: a uint8 scale per 128 k and three float32 per
 row). Embedding and LM head stay float and are reported separately.
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ascend_llm import LLM
-from ascend_llm.quant.weight_bytes import weight_bytes
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+from calib.weight_bytes import weight_bytes
+from calib.wint2.writer import write_wint2_checkpoint
 
 
 def _model(model_dir: Path, quantization: str | None = None) -> torch.nn.Module:

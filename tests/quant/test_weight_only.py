@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from ascend_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear
-from tests.quant.linear_fixtures import OPS, gen as _gen
-from tests.quant.linear_fixtures import loaded_linear
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 from ascend_llm.quant.registry import get_quant_config
 from ascend_llm.quant.weight_only import WeightOnlyLinearMethod, WInt4Config, WInt8Config
+from tests.quant.linear_fixtures import OPS, gen as _gen
+from tests.quant.linear_fixtures import loaded_linear
 
 
 

@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from ascend_llm import LLM, SamplingParams
 from ascend_llm.layers.linear import MergedColumnParallelLinear
-from ascend_llm.quant import wint2_layout as L
+from ascend_llm.numerics import wint2 as L
 from ascend_llm.quant.wint2 import WInt2Config
-from ascend_llm.quant.wint2_writer import main as writer_main
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+from calib.wint2 import encode as E
+from calib.wint2.writer import main as writer_main
+from calib.wint2.writer import write_wint2_checkpoint
 from tests.quant.linear_fixtures import OPS, gen
 
 PARAMS = SamplingParams(max_tokens=6, prompt_logprobs=0, temperature=0.0, ignore_eos=True)
@@ -114,7 +115,7 @@ def test_dense_wint8_only_equals_online_wint8(tiny_llama_dir, tmp_path, float_ru
 def test_wint2_layer_apply_matches_decoded_reference(num_tokens):
     config = WInt2Config(dense_wint2_modules=("mlp.gate_proj", "mlp.up_proj"),
                          packed_modules={"gate_up_proj": ("gate_proj", "up_proj")})
-    encoded = [L.encode_wint2(torch.randn(n, 192, generator=gen(n)), refine_steps=0) for n in (40, 24)]
+    encoded = [E.encode_wint2(torch.randn(n, 192, generator=gen(n)), refine_steps=0) for n in (40, 24)]
     deq = torch.cat([L.dequantize_wint2(*e.as_dict().values()) for e in encoded])       # [64, 192]
     for ops in (OPS, None):                              # bound kernel, then a bare layer
         layer = MergedColumnParallelLinear(192, [40, 24], bias=True, quant_config=config,
@@ -170,7 +171,7 @@ def test_config_errors(update, message):
 
 
 def test_wint2_on_float_checkpoint_names_the_writer(tiny_llama_dir):
-    with pytest.raises(ValueError, match="WINT2 is an offline format.*python -m ascend_llm.quant.wint2_writer"):
+    with pytest.raises(ValueError, match="WINT2 is an offline format.*python -m calib.wint2.writer"):
         LLM(str(tiny_llama_dir), quantization="wint2", max_model_len=64)
 
 

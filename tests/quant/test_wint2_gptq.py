@@ -1,4 +1,4 @@
-"""Calibrated WINT2 writers (quant/wint2_gptq.py, wint2_refine.py, wint2_calibration.py).
+"""Calibrated WINT2 writers (calib/wint2/gptq.py, refine.py, calibration.py).
 
 Layer-output relative error ||X W^T - X W_hat^T|| / ||X W^T|| on a random layer (N(0, 0.05)
 weights with per-row magnitudes U(0.5, 1.5), [96, 256]) and correlated inputs (2048 tokens,
@@ -23,15 +23,16 @@ import torch.nn.functional as F
 
 from ascend_llm import LLM
 from ascend_llm.layers.linear import MergedColumnParallelLinear
-from ascend_llm.quant import wint2_gptq as G
-from ascend_llm.quant import wint2_layout as L
+from ascend_llm.numerics import wint2 as L
 from ascend_llm.quant.wint2 import WInt2Config
-from ascend_llm.quant.calib_texts import read_calib_texts
-from ascend_llm.quant.wint2_calibration import CalibSpec, calibration_ids
-from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
-from ascend_llm.quant.wint2_refine import refine_wint2
-from ascend_llm.quant.wint2_writer import main as writer_main
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+from calib.texts import read_calib_texts
+from calib.wint2 import encode as E
+from calib.wint2 import gptq as G
+from calib.wint2.calibration import CalibSpec, calibration_ids
+from calib.wint2.gptq_writer import EncoderOptions
+from calib.wint2.refine import refine_wint2
+from calib.wint2.writer import main as writer_main
+from calib.wint2.writer import write_wint2_checkpoint
 from tests.quant.linear_fixtures import gen
 from tests.quant.word_text import prompt_logprobs, word_text_file
 
@@ -50,10 +51,10 @@ def _layer(n: int = 96, k: int = 256, m: int = 2048, seed: int = 0):
 def layer_errors():
     w, x, h = _layer()
     gptq = G.encode_wint2_hessian(w, h)
-    encoded = {"plain": L.encode_wint2(w), "search": G.encode_wint2_hessian(w, h, compensate=False).tensors,
+    encoded = {"plain": E.encode_wint2(w), "search": G.encode_wint2_hessian(w, h, compensate=False).tensors,
                "gptq": gptq.tensors, "refined": refine_wint2(w, h, gptq.tensors, passes=2).tensors}
     errors = {name: G.output_error(w, G.dequantize(t), x) for name, t in encoded.items()}
-    errors["rtn"] = G.output_error(w, L.rtn_int2_group(w), x)
+    errors["rtn"] = G.output_error(w, E.rtn_int2_group(w), x)
     return errors, encoded, (w, x, h, gptq)
 
 
@@ -128,7 +129,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="k=6 must be a positive multiple of 4"):
         G.encode_wint2_hessian(torch.randn(4, 6), torch.eye(6))
     with pytest.raises(ValueError, match="passes must be >= 0"):
-        refine_wint2(w, torch.eye(64), L.encode_wint2(w), passes=-1)
+        refine_wint2(w, torch.eye(64), E.encode_wint2(w), passes=-1)
     with pytest.raises(ValueError, match="num_samples must be positive"):
         CalibSpec("x.jsonl", num_samples=0)
     with pytest.raises(ValueError, match="damp must be positive"):
@@ -192,7 +193,7 @@ def test_smollm2_gptq_perplexity(tmp_path):
         pytest.skip(f"{DATA} has no eval_tempest.txt / calib_prose.jsonl")
     out = tmp_path / "smollm2_gptq"
     calib = CalibSpec(str(DATA / "calib_prose.jsonl"), num_samples=8, seq_len=256)
-    single = EncoderOptions("gptq", 0, act_orders=("none",), code_scales=L.DEFAULT_CODE_SCALES)  # as measured
+    single = EncoderOptions("gptq", 0, act_orders=("none",), code_scales=E.DEFAULT_CODE_SCALES)  # as measured
     write_wint2_checkpoint("smollm2-135m-instruct", out, method="gptq", calib=calib,
                            gptq_refine_passes=0, encoder_options=single)
     llm = LLM(str(out), max_model_len=1100, kv_cache_memory_gb=0.25)

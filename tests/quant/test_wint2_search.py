@@ -1,5 +1,5 @@
-"""GPTQ WINT2 writer options: act-order (quant/wint2_act_order.py), per-row code_scale search
-(quant/wint2_code_search.py), held-out calibration rows and EncoderOptions.
+"""GPTQ WINT2 writer options: act-order (calib/wint2/act_order.py), per-row code_scale search
+(calib/wint2/code_search.py), held-out calibration rows and EncoderOptions.
 
 Random layer of test_wint2_gptq._layer with [32, 192] weights and 1024 tokens, seeds 0 / 1,
 measured sums of the damped row losses: order none 7292 / 7802, group 7098 / 6876, quad 6522 /
@@ -17,15 +17,16 @@ import torch.nn.functional as F
 
 from ascend_llm import LLM
 from ascend_llm.layers.linear import MergedColumnParallelLinear
-from ascend_llm.quant import wint2_gptq as G
-from ascend_llm.quant import wint2_layout as L
+from ascend_llm.numerics import wint2 as L
 from ascend_llm.quant.wint2 import WInt2Config
-from ascend_llm.quant.wint2_act_order import encode_act_order, group_order, quad_order
-from ascend_llm.quant.wint2_calibration import CalibSpec, split_calibration_ids
-from ascend_llm.quant.wint2_code_search import encode_best_code_scale, merge_rows
-from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
-from ascend_llm.quant.wint2_refine import refine_wint2
-from ascend_llm.quant.wint2_writer import main as writer_main
+from calib.wint2 import encode as E
+from calib.wint2 import gptq as G
+from calib.wint2.act_order import encode_act_order, group_order, quad_order
+from calib.wint2.calibration import CalibSpec, split_calibration_ids
+from calib.wint2.code_search import encode_best_code_scale, merge_rows
+from calib.wint2.gptq_writer import EncoderOptions
+from calib.wint2.refine import refine_wint2
+from calib.wint2.writer import main as writer_main
 from tests.quant.test_wint2_gptq import _layer
 from tests.quant.word_text import word_text_file
 
@@ -87,14 +88,14 @@ def test_act_order_partial_group_dead_column_and_bad_mode():
 
 def test_code_scale_search_is_per_row_and_loads(small_layer):
     w, h = small_layer
-    single = [G.encode_wint2_hessian(w, h, code_scale=cs) for cs in L.CODE_SCALE_CANDIDATES]
-    best = encode_best_code_scale(lambda cs: G.encode_wint2_hessian(w, h, code_scale=cs), L.CODE_SCALE_CANDIDATES)
+    single = [G.encode_wint2_hessian(w, h, code_scale=cs) for cs in E.CODE_SCALE_CANDIDATES]
+    best = encode_best_code_scale(lambda cs: G.encode_wint2_hessian(w, h, code_scale=cs), E.CODE_SCALE_CANDIDATES)
     assert len(best.tensors.code_scale.unique()) == 3                       # rows really differ
     assert all(bool((best.row_loss <= s.row_loss).all()) for s in single)
     assert float(best.row_loss.sum()) < 0.95 * float(single[0].row_loss.sum())
     torch.testing.assert_close(best.row_loss.double(), _exact_loss(w, best.tensors, h), rtol=2e-3, atol=1e-6)
     for cs, zp in zip(best.tensors.code_scale.tolist(), best.tensors.code_zp.tolist()):
-        assert zp == L.code_zp_for(cs) and cs * 256 == int(cs * 256)
+        assert zp == E.code_zp_for(cs) and cs * 256 == int(cs * 256)
     refined = refine_wint2(w, h, best.tensors, passes=1)                     # mixed codebooks
     assert bool((refined.row_loss <= best.row_loss * (1 + 1e-4)).all())
     torch.testing.assert_close(refined.row_loss.double(), _exact_loss(w, refined.tensors, h), rtol=2e-3, atol=1e-6)
@@ -142,7 +143,7 @@ def test_split_calibration_ids_holds_out_the_tail(tmp_path, tiny_llama_dir):
 
 
 def test_encoder_options_validation():
-    assert EncoderOptions().act_orders == ("none", "group") and EncoderOptions().code_scales == L.CODE_SCALE_CANDIDATES
+    assert EncoderOptions().act_orders == ("none", "group") and EncoderOptions().code_scales == E.CODE_SCALE_CANDIDATES
     with pytest.raises(ValueError, match="act_orders"):
         EncoderOptions(act_orders=("sideways",))
     with pytest.raises(ValueError, match="code_scales"):
@@ -157,12 +158,12 @@ def test_writer_cli_act_order_and_code_scales(tiny_llama_dir, tmp_path, capsys):
     writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(out), "--method", "gptq",
                  "--calib_file", str(calib), "--calib_num_samples", "4", "--calib_seq_len", "32",
                  "--calib_holdout_samples", "1", "--act_order", "none", "quad",
-                 "--code_scales", *map(str, L.CODE_SCALE_CANDIDATES)])
+                 "--code_scales", *map(str, E.CODE_SCALE_CANDIDATES)])
     assert capsys.readouterr().out.strip().splitlines()[-2].startswith("mean relative error wint2:")
     from safetensors.torch import load_file
     tensors = load_file(str(out / "model.safetensors"))
     scales = torch.cat([t for name, t in tensors.items() if name.endswith("code_scale")])
-    assert len(scales.unique()) > 1 and set(scales.unique().tolist()) <= set(L.CODE_SCALE_CANDIDATES)
+    assert len(scales.unique()) > 1 and set(scales.unique().tolist()) <= set(E.CODE_SCALE_CANDIDATES)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quantization"] == "wint2"
     LLM(str(out), max_model_len=64)                                           # loads
     with pytest.raises(SystemExit):

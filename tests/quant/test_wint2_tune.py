@@ -1,4 +1,4 @@
-"""Distillation tuning of WINT2 checkpoints (quant/wint2_tune.py) on a tiny Llama.
+"""Distillation tuning of WINT2 checkpoints (calib/wint2/tune.py) on a tiny Llama.
 
 The tuned checkpoint must keep every code byte, change only the continuous scales and norms,
 load through the normal loader with logits equal to the tuning student's, and sit closer to
@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ascend_llm import LLM
-from ascend_llm.quant.wint2_calibration import CalibSpec
-from ascend_llm.quant.wint2_tune import TuneSpec, build_student, mean_kl, tune_wint2_checkpoint
-from ascend_llm.quant.wint2_tune import main as tune_main
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+from calib.wint2.calibration import CalibSpec
+from calib.wint2.tune import TuneSpec, build_student, mean_kl, tune_wint2_checkpoint
+from calib.wint2.tune import main as tune_main
+from calib.wint2.writer import write_wint2_checkpoint
 from tests.quant.word_text import SCORE_PARAMS, prompt_logprobs, unseen_prompts, word_text, word_text_file
 
 def _calib_file(path: Path) -> Path:
@@ -119,7 +119,7 @@ def test_bad_inputs(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_writer_cli_tunes_after_writing(tiny_llama_dir, tmp_path, capsys):
-    from ascend_llm.quant.wint2_writer import main as writer_main
+    from calib.wint2.writer import main as writer_main
     calib = _calib_file(tmp_path / "c.jsonl")
     out = tmp_path / "w" / "tuned"
     writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(out), "--calib_file", str(calib),
@@ -151,13 +151,13 @@ def test_smollm2_tuning_lowers_perplexity(tmp_path):
     test), then tuned on the same rows (2 epochs, 2 held-out rows pick the epoch). First 1024
     tokens of eval_tempest.txt in one window: see MEASURED."""
     from ascend_llm.eval.perplexity import perplexity
-    from ascend_llm.quant import wint2_layout as L
-    from ascend_llm.quant.wint2_gptq_writer import EncoderOptions
+    from calib.wint2 import encode as E
+    from calib.wint2.gptq_writer import EncoderOptions
     data = Path(__file__).resolve().parents[3] / "shared" / "data"
     if not (data / "eval_tempest.txt").exists() or not (data / "calib_prose.jsonl").exists():
         pytest.skip(f"{data} has no eval_tempest.txt / calib_prose.jsonl")
     calib = CalibSpec(str(data / "calib_prose.jsonl"), num_samples=8, seq_len=256, holdout_samples=2)
-    single = EncoderOptions("gptq", 0, act_orders=("none",), code_scales=L.DEFAULT_CODE_SCALES)
+    single = EncoderOptions("gptq", 0, act_orders=("none",), code_scales=E.DEFAULT_CODE_SCALES)
     write_wint2_checkpoint("smollm2-135m-instruct", tmp_path / "gptq", method="gptq", calib=calib,
                            gptq_refine_passes=0, encoder_options=single)
     history = tune_wint2_checkpoint("smollm2-135m-instruct", tmp_path / "gptq", tmp_path / "tuned", calib,

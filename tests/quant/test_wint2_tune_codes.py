@@ -1,4 +1,4 @@
-"""WINT2 tuning with moving bytes (quant/wint2_tune_codes.py, `TuneSpec.code_lr`) on a tiny Llama.
+"""WINT2 tuning with moving bytes (calib/wint2/tune_codes.py, `TuneSpec.code_lr`) on a tiny Llama.
 
 The byte codebook is sparse in window space (the second-nearest byte of a written one is about
 16 window units away, squared distance ~264), so bytes flip only when the latent weight drifts
@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.wint2_calibration import CalibSpec
-from ascend_llm.quant.wint2_tune import ScaledCodeLinear, TuneSpec, tune_wint2_checkpoint
-from ascend_llm.quant.wint2_tune import main as tune_main
-from ascend_llm.quant.wint2_tune_codes import Wint2CodeLinear
+from ascend_llm.numerics import wint2 as L
+from calib.wint2.calibration import CalibSpec
+from calib.wint2.student import ScaledCodeLinear
+from calib.wint2.tune import TuneSpec, tune_wint2_checkpoint
+from calib.wint2.tune import main as tune_main
+from calib.wint2.tune_codes import Wint2CodeLinear
 from tests.quant.test_wint2_tune import assert_engine_matches_student
 from tests.quant.wint2_written import first_wint2, written  # noqa: F401 (fixture)
 from tests.quant.word_text import word_text_file
@@ -92,7 +93,7 @@ def test_bad_code_lr(tiny_llama_dir, tmp_path, capsys):
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="code_lr must be >= 0"):
             TuneSpec(code_lr=bad)
-    from ascend_llm.quant.wint2_writer import main as writer_main
+    from calib.wint2.writer import main as writer_main
     calib = word_text_file(tmp_path / "c.jsonl", num_texts=4)
     with pytest.raises(SystemExit):
         writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(tmp_path / "x"),

@@ -1,4 +1,4 @@
-"""WINT2 tuning with moving group nibbles (quant/wint2_tune_groups.py, `TuneSpec.group_lr`) on a tiny Llama."""
+"""WINT2 tuning with moving group nibbles (calib/wint2/tune_groups.py, `TuneSpec.group_lr`) on a tiny Llama."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.wint2_calibration import CalibSpec
-from ascend_llm.quant.wint2_tune import ScaledCodeLinear, TuneSpec, tune_wint2_checkpoint
-from ascend_llm.quant.wint2_tune import main as tune_main
-from ascend_llm.quant.wint2_tune_groups import Wint2GroupScaleLinear
+from ascend_llm.numerics import wint2 as L
+from calib.wint2.calibration import CalibSpec
+from calib.wint2.student import ScaledCodeLinear
+from calib.wint2.tune import TuneSpec, tune_wint2_checkpoint
+from calib.wint2.tune import main as tune_main
+from calib.wint2.tune_groups import Wint2GroupScaleLinear
 from tests.quant.test_wint2_tune import assert_engine_matches_student
 from tests.quant.wint2_written import first_wint2, written  # noqa: F401 (fixture)
 from tests.quant.word_text import word_text_file
@@ -120,7 +121,7 @@ def test_bad_group_lr(tiny_llama_dir, tmp_path, capsys):
             TuneSpec(group_lr=bad)
     with pytest.raises(ValueError, match="code_lr and group_lr cannot both be > 0"):
         TuneSpec(code_lr=0.1, group_lr=0.1)
-    from ascend_llm.quant.wint2_writer import main as writer_main
+    from calib.wint2.writer import main as writer_main
     calib = word_text_file(tmp_path / "c.jsonl", num_texts=4)
     with pytest.raises(SystemExit):
         writer_main(["--model_path", str(tiny_llama_dir), "--save_directory", str(tmp_path / "x"),

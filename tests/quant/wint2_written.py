@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ascend_llm.quant import wint2_layout as L
-from ascend_llm.quant.wint2_writer import write_wint2_checkpoint
+from ascend_llm.numerics import wint2 as L
+from calib.wint2.writer import write_wint2_checkpoint
 
 
 @pytest.fixture(scope="module")

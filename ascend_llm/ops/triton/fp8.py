@@ -23,7 +23,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from ascend_llm.quant import primitives as P
+from ascend_llm.numerics import primitives as P
 
 FP8_MAX = P.FP8_MAX
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
+from ascend_llm.numerics import primitives as P  # noqa: E402
 from ascend_llm.ops import cpu_quant  # noqa: E402
 from ascend_llm.ops.triton import fp8  # noqa: E402
-from ascend_llm.quant import primitives as P  # noqa: E402
 from ascend_llm.quant.w8a8 import wfp8_dynamic_matmul_reference  # noqa: E402
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
+from ascend_llm.numerics import primitives as P  # noqa: E402
 from ascend_llm.ops import cpu_quant  # noqa: E402
 from ascend_llm.ops.triton import weight_only  # noqa: E402
-from ascend_llm.quant import primitives as P  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
