@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Convert the ONNX graphs written by `python -m ascend_llm.graph.export` (prefill.onnx,
+# Convert the ONNX graphs written by `python -m ascend_llm.export` (prefill.onnx,
 # decode.onnx) into MindIR files for MindSpore Lite on Ascend, with MindSpore Lite's
 # converter_lite (cloud-side inference package; CANN 7.5 or newer).
 #
@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-[ -n "$onnx_dir" ] || die "--onnx-dir is required (the --out directory of python -m ascend_llm.graph.export)"
+[ -n "$onnx_dir" ] || die "--onnx-dir is required (the --out directory of python -m ascend_llm.export)"
 out_dir="${out_dir:-$onnx_dir}"
 case "$precision_mode" in
   enforce_fp32|preferred_fp32|enforce_fp16|enforce_origin|preferred_optimal) ;;
@@ -51,7 +51,7 @@ IFS=',' read -r -a graph_list <<< "$graphs"
 for graph in "${graph_list[@]}"; do
   case "$graph" in prefill|decode) ;; *) die "--graphs: unknown graph '$graph' (prefill, decode)" ;; esac
   [ -f "$onnx_dir/$graph.onnx" ] ||
-    die "$onnx_dir/$graph.onnx not found; run: python -m ascend_llm.graph.export --model MODEL --out $onnx_dir"
+    die "$onnx_dir/$graph.onnx not found; run: python -m ascend_llm.export --model MODEL --out $onnx_dir"
 done
 
 config="$out_dir/ascend_context.ini"

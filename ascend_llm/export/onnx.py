@@ -1,8 +1,8 @@
 """ONNX export of the prefill and decode graphs (float32), for MindSpore Lite conversion on Ascend.
 
-    python -m ascend_llm.graph.export --model smollm2-135m-instruct --out DIR
+    python -m ascend_llm.export --model smollm2-135m-instruct --out DIR
 
-writes DIR/prefill.onnx and DIR/decode.onnx (graph signatures in `ascend_llm.graph.export_model`)
+writes DIR/prefill.onnx and DIR/decode.onnx (graph signatures in `ascend_llm.export.model`)
 plus DIR/export_info.json (layer count, K/V shapes, input/output names). Then
 `scripts/convert_mslite.sh DIR` turns them into MindIR files with MindSpore Lite's converter_lite.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ascend_llm.graph.export_model import DecodeGraph, PrefillGraph
+from ascend_llm.export.model import DecodeGraph, PrefillGraph
 from ascend_llm.loader import iter_safetensors_weights, load_hf_config, resolve_model_path
 from ascend_llm.models.llama import LlamaForCausalLM
 from ascend_llm.models.registry import get_model_class
@@ -185,7 +185,7 @@ def export_onnx(model: LlamaForCausalLM, out_dir: str | Path, name: str = "model
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ascend_llm.graph.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ascend_llm.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory, .gguf file or alias")
     parser.add_argument("--out", required=True, help="output directory for the ONNX files")

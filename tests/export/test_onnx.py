@@ -1,4 +1,4 @@
-"""ONNX export (ascend_llm.graph.export): the prefill and decode graphs of tiny random Llama and
+"""ONNX export (ascend_llm.export.onnx): the prefill and decode graphs of tiny random Llama and
 Qwen2 models run in onnxruntime and match transformers' logits (full vocabulary, fp32, atol 1e-4)
 and our engine's greedy tokens and top-5 logprobs (atol 1e-4) for a prompt plus decode steps;
 a ragged decode batch (per-row past_lens over right-padded K/V) matches one-row decodes;
@@ -21,7 +21,7 @@ import torch
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a dev dependency (pip install -e .[dev])")
 
 from ascend_llm import LLM, SamplingParams  # noqa: E402
-from ascend_llm.graph.export import export_onnx, load_float_model, main  # noqa: E402
+from ascend_llm.export.onnx import export_onnx, load_float_model, main  # noqa: E402
 from tests.quant.w8a8_writer import write_w8a8_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,6 +153,13 @@ def test_quantized_export_is_rejected(tiny_llama_dir, tmp_path):
     llm = LLM(str(tiny_llama_dir), device="cpu", quantization="wint8", max_model_len=32)
     with pytest.raises(ValueError, match="quantized layers"):
         export_onnx(llm.llm_engine.model_runner.model, tmp_path / "onnx")
+
+
+def test_module_entry_point_is_python_m_ascend_llm_export():
+    proc = subprocess.run([sys.executable, "-m", "ascend_llm.export", "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m ascend_llm.export ") and "--out" in proc.stdout
 
 
 def _script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
