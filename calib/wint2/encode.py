@@ -1,6 +1,6 @@
 """Encoder of FastDeploy's offline WINT2 layout (tensors and decode rule: ascend_llm/numerics/wint2.py).
 
-Encoder (`encode_wint2`): code_scale is a multiple of 1/256 (so b * code_scale is exact in
+`encode_wint2`: code_scale is a multiple of 1/256 (so b * code_scale is exact in
 float32) and code_zp = integer + 1/512, so b * code_scale + code_zp + 0.5 is exact in float32
 and never lands on an integer: the b -> c map is the same with or without a fused multiply-add,
 and the encoder builds each column's 256-entry codebook with the decoder's own formula.
