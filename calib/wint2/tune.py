@@ -23,8 +23,9 @@ int4 weights), embeddings and the LM head are copied unchanged, so the output lo
 the input. With `--code_lr` > 0 the WINT2 bytes (`quant_weight`) train too, by straight-through
 rounding to each column's codebook (calib/wint2/tune_codes.py); with `--group_lr` > 0 the WINT2
 4-bit group nibbles (in `weight_scale`) do, by straight-through rounding to integers
-(calib/wint2/tune_groups.py); everything else stays as said. Held-out rows (`--calib_holdout_samples`, taken from the end of the calibration
-stream) pick the best epoch; without them the last epoch is kept.
+(calib/wint2/tune_groups.py); everything else stays as said. Held-out rows
+(`--calib_holdout_samples`, taken from the end of the calibration stream) pick the best epoch;
+without them the last epoch is kept.
 """
 from __future__ import annotations
 
