@@ -27,8 +27,8 @@ from calib.wint2.code_search import encode_best_code_scale, merge_rows
 from calib.wint2.gptq_writer import EncoderOptions
 from calib.wint2.refine import refine_wint2
 from calib.wint2.writer import main as writer_main
-from tests.quant.test_wint2_gptq import _layer
-from tests.quant.word_text import word_text_file
+from tests.calib.wint2.test_wint2_gptq import _layer
+from tests.calib.wint2.word_text import word_text_file
 
 
 def _exact_loss(w: torch.Tensor, tensors: L.Wint2Tensors, h: torch.Tensor) -> torch.Tensor:

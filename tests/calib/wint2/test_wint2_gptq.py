@@ -33,8 +33,8 @@ from calib.wint2.gptq_writer import EncoderOptions
 from calib.wint2.refine import refine_wint2
 from calib.wint2.writer import main as writer_main
 from calib.wint2.writer import write_wint2_checkpoint
+from tests.calib.wint2.word_text import prompt_logprobs, word_text_file
 from tests.quant.linear_fixtures import gen
-from tests.quant.word_text import prompt_logprobs, word_text_file
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -13,9 +13,9 @@ from calib.wint2.student import ScaledCodeLinear
 from calib.wint2.tune import TuneSpec, tune_wint2_checkpoint
 from calib.wint2.tune import main as tune_main
 from calib.wint2.tune_groups import Wint2GroupScaleLinear
-from tests.quant.test_wint2_tune import assert_engine_matches_student
-from tests.quant.wint2_written import first_wint2, written  # noqa: F401 (fixture)
-from tests.quant.word_text import word_text_file
+from tests.calib.wint2.test_wint2_tune import assert_engine_matches_student
+from tests.calib.wint2.wint2_written import first_wint2, written  # noqa: F401 (fixture)
+from tests.calib.wint2.word_text import word_text_file
 
 
 def _nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:

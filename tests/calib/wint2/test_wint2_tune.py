@@ -20,7 +20,7 @@ from calib.wint2.calibration import CalibSpec
 from calib.wint2.tune import TuneSpec, build_student, mean_kl, tune_wint2_checkpoint
 from calib.wint2.tune import main as tune_main
 from calib.wint2.writer import write_wint2_checkpoint
-from tests.quant.word_text import SCORE_PARAMS, prompt_logprobs, unseen_prompts, word_text, word_text_file
+from tests.calib.wint2.word_text import SCORE_PARAMS, prompt_logprobs, unseen_prompts, word_text, word_text_file
 
 def _calib_file(path: Path) -> Path:
     return word_text_file(path, num_texts=12)
