@@ -1,0 +1,1 @@
+"""Tests of the offline WINT2 tools (calib/wint2/: writer, GPTQ, tuning)."""
