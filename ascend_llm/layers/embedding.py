@@ -79,6 +79,7 @@ class LMHead(nn.Module):
         self.shard = VocabShard(vocab_size, parallel)
         self.quant_method = UnquantizedLinearMethod()
         self.quant_method.create_weights(self, hidden_size, [self.shard.size], params_dtype)
+        self.weight.weight_loader = self.weight_loader
         self.shared_weight = tied is not None
         if tied is not None:
             self.weight = tied.weight
@@ -87,7 +88,8 @@ class LMHead(nn.Module):
             self._all_gather = ops.get("all_gather") if ops is not None else _collective("all_gather")
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        self.shard.load_rows(param.data, loaded, "lm_head.weight")
+        check = getattr(param, "load_check", None)
+        self.shard.load_rows(param.data, check(param, loaded, "lm_head.weight") if check else loaded, "lm_head.weight")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.quant_method.apply(self, hidden, None).float()           # [T, V_r]

@@ -1,25 +1,38 @@
 """Linear layers: replicated, column-/row-parallel, fused QKV and merged gate/up.
 
-Each layer owns its sharding (the `weight_loader` attached to every parameter);
-its quantization method owns tensor layout and math.
+Each layer owns tensor parallelism and checkpoint loading: `LinearBase.weight_loader` is the one
+loading path of every linear parameter, float or quantized. Its quantization method owns tensor
+layout and math, and declares on each parameter its name and where its dims are:
+  quant_name the checkpoint suffix (`weight`, `deq_scale`; by default the parameter's own name)
+  out_dim    the dim that follows the output rows (None: one value per fused shard, shape [shards])
+  out_block  output rows one entry along out_dim covers (block scales; 1 by default)
+  in_dim     the dim a row-parallel layer splits (None: kept whole on every rank)
+  load_check optional (param, tensor, name) -> tensor: the format's dtype checks / conversions
+A float weight [n, k] defaults to out_dim 0, in_dim 1; a bias [n] to out_dim 0.
 """
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ascend_llm.distributed.parallel_state import ParallelContext
+from ascend_llm.layers.sharding import copy_checked, rank_slice
 from ascend_llm.ops.registry import OpSet
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.unquantized import UnquantizedLinearMethod
 
 
 class LinearBase(nn.Module):
-    """Common part: pick the quant method, create weights, forward = method.apply."""
+    """Common part: pick the quant method, create weights, load them, forward = method.apply."""
 
-    # whether each rank holds only a slice of the input dim (row-parallel); read by code below
-    # the layers (`distributed.communication.splits_input`) that cannot import these classes
+    # whether each rank holds only a slice of the input dim (row-parallel) or of the output dim
+    # (column-parallel); read by code below the layers (`distributed.communication`, quant
+    # methods), which cannot import these classes
     shards_input_dim = False
+    shards_output_dim = False
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
                  params_dtype: torch.dtype, quant_config: QuantConfig | None, prefix: str,
@@ -30,6 +43,7 @@ class LinearBase(nn.Module):
         self.input_size, self.output_sizes = input_size, output_sizes
         self.tp_rank, self.tp_size, self.prefix = tp_rank, tp_size, prefix
         self.parallel = parallel    # the group collectives run over (None: no collectives)
+        self.loaded_shards: set[tuple[str, int]] = set()    # (param name, fused shard index)
         method = quant_config.get_quant_method(self, prefix) if quant_config else None
         self.quant_method: QuantMethod = method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, input_size, output_sizes, params_dtype)
@@ -40,31 +54,78 @@ class LinearBase(nn.Module):
                                      requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        for param in self.parameters(recurse=False):
-            if not hasattr(param, "weight_loader"):   # methods may give their tensors their own
-                param.weight_loader = self.weight_loader
+        for name, param in self.named_parameters(recurse=False):
+            _default_dims(param, name)
+            param.weight_loader = self.weight_loader
+
+    def shard_index(self, shard_id: str | int | None) -> int:
+        """The fused-shard index of `shard_id` (0 for an unfused layer, which takes no id)."""
+        if shard_id is not None:
+            raise ValueError(f"{self.prefix}: unexpected shard id {shard_id!r} for an unfused layer")
+        return 0
+
+    def shard_rank(self, index: int) -> int:
+        """Which slice of shard `index`'s checkpoint rows this rank holds."""
+        return self.tp_rank
+
+    def shard_replicas(self, index: int) -> int:
+        """How many ranks hold the same slice of shard `index` (replicated KV heads)."""
+        return 1
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: str | int | None = None) -> None:
-        _copy_checked(param.data, loaded, self.prefix)
+        """Copy one checkpoint tensor (one fused shard, this rank's part of it) into `param`."""
+        index = self.shard_index(shard_id)
+        name = self._tensor_name(param, shard_id)
+        check = getattr(param, "load_check", None)
+        if check is not None:
+            loaded = check(param, loaded, name)
+        if param.out_dim is None:
+            if loaded.numel() != 1:
+                raise ValueError(f"{name}: expected a per-tensor value of shape [1], "
+                                 f"got {tuple(loaded.shape)}")
+            param.data[index] = loaded.reshape(()).to(param.dtype)
+        else:
+            dst, part = self._shard_slices(param, loaded, index, name)
+            copy_checked(dst, part, name)
+        self.loaded_shards.add((param.quant_name, index))
+
+    def _tensor_name(self, param: nn.Parameter, shard_id: Any) -> str:
+        name = f"{self.prefix}.{param.quant_name}"
+        return name if shard_id is None else f"{name}[{shard_id}]"
+
+    def _shard_slices(self, param: nn.Parameter, loaded: torch.Tensor, index: int,
+                      name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slice of param.data, slice of loaded) for shard `index` on this rank."""
+        dst = param.data
+        if self.shards_output_dim:
+            block = param.out_block
+            rows = math.ceil(self.output_sizes[index] / block)
+            # each fused shard has its own block grid (a partial last block included)
+            block_offset = sum(math.ceil(size / block) for size in self.output_sizes[:index])
+            dst = dst.narrow(param.out_dim, block_offset, rows)
+            if self.tp_size > 1 and loaded.dim() > param.out_dim:
+                ranks = self.tp_size // self.shard_replicas(index)
+                loaded = rank_slice(loaded, dst, param.out_dim, self.shard_rank(index), ranks, name)
+        elif self.shards_input_dim and self.tp_size > 1 and param.in_dim is not None:
+            loaded = rank_slice(loaded, dst, param.in_dim, self.tp_rank, self.tp_size, name)
+        return dst, loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
 
 
-def _narrow_rows(loaded: torch.Tensor, start: int, size: int, name: str) -> torch.Tensor:
-    """Rows [start, start + size) of a checkpoint tensor; ValueError if it has too few."""
-    if loaded.dim() == 0 or loaded.shape[0] < start + size:
-        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, "
-                         f"expected at least {start + size} rows")
-    return loaded.narrow(0, start, size)
-
-
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(src.shape)}, "
-                         f"expected {tuple(dst.shape)}")
-    dst.copy_(src)
+def _default_dims(param: nn.Parameter, name: str) -> None:
+    """Name and dims of a parameter its method did not describe: [n, k] weight or [n] vector."""
+    if not hasattr(param, "quant_name"):
+        param.quant_name = name
+    if not hasattr(param, "out_dim"):
+        param.out_dim = 0
+        param.in_dim = 1 if param.dim() == 2 else None
+    if not hasattr(param, "in_dim"):
+        param.in_dim = None
+    if not hasattr(param, "out_block"):
+        param.out_block = 1
 
 
 class ReplicatedLinear(LinearBase):
@@ -78,6 +139,8 @@ class ReplicatedLinear(LinearBase):
 
 class ColumnParallelLinear(LinearBase):
     """Output dim split across ranks; the loader takes this rank's rows of each shard."""
+
+    shards_output_dim = True
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
                  params_dtype: torch.dtype = torch.float32, quant_config: QuantConfig | None = None,
@@ -95,19 +158,16 @@ class ColumnParallelLinear(LinearBase):
         """(offset, size) of fused shard `shard_index` in this rank's output rows."""
         return sum(self.output_sizes[:shard_index]), self.output_sizes[shard_index]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
-        index = self.shard_index(shard_id)
-        offset, size = self.shard_offset(index)
-        part = _narrow_rows(loaded, self.tp_rank * size, size, f"{self.prefix}[{shard_id}]")
-        _copy_checked(param.data.narrow(0, offset, size), part, f"{self.prefix}[{shard_id}]")
-
     def shard_index(self, shard_id: str | int | None) -> int:
         if shard_id is None:
             if len(self.output_sizes) != 1:
                 raise ValueError(f"{self.prefix}: fused layer needs a shard id")
             return 0
-        return int(shard_id)
+        index = int(shard_id)
+        if not 0 <= index < len(self.output_sizes):
+            raise ValueError(f"{self.prefix}: shard id {shard_id!r} out of range for "
+                             f"{len(self.output_sizes)} fused shards")
+        return index
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -137,15 +197,18 @@ class QKVParallelLinear(ColumnParallelLinear):
                          ops, parallel)
 
     def shard_index(self, shard_id: str | int | None) -> int:
-        return {"q": 0, "k": 1, "v": 2}[shard_id]
+        if shard_id not in _QKV_SHARDS:
+            raise ValueError(f"{self.prefix}: shard id {shard_id!r} is not one of q, k, v")
+        return _QKV_SHARDS[shard_id]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
-        index = self.shard_index(shard_id)
-        offset, size = self.shard_offset(index)
-        rank = self.tp_rank if index == 0 else self.tp_rank // self.kv_replicas
-        part = _narrow_rows(loaded, rank * size, size, f"{self.prefix}[{shard_id}]")
-        _copy_checked(param.data.narrow(0, offset, size), part, f"{self.prefix}[{shard_id}]")
+    def shard_rank(self, index: int) -> int:
+        return self.tp_rank if index == 0 else self.tp_rank // self.kv_replicas
+
+    def shard_replicas(self, index: int) -> int:
+        return 1 if index == 0 else self.kv_replicas
+
+
+_QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
 class RowParallelLinear(LinearBase):
@@ -175,17 +238,6 @@ class RowParallelLinear(LinearBase):
         if self._all_reduce is not None:
             out = self._all_reduce(out, self.parallel)
         return out
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
-                      shard_id: str | int | None = None) -> None:
-        if param.dim() == 2 and param is not self.bias:
-            size = self.input_size
-            if loaded.dim() != 2 or loaded.shape[1] != size * self.tp_size:
-                raise ValueError(f"{self.prefix}: checkpoint tensor has shape {tuple(loaded.shape)}, "
-                                 f"expected {(param.shape[0], size * self.tp_size)} (split along dim 1 "
-                                 f"over {self.tp_size} ranks)")
-            loaded = loaded.narrow(1, self.tp_rank * size, size)
-        _copy_checked(param.data, loaded, self.prefix)
 
 
 def _tp_coords(tp_rank: int, tp_size: int, parallel: ParallelContext | None) -> tuple[int, int]:

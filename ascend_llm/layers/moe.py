@@ -4,11 +4,13 @@ Checkpoint names: `{prefix}.{e}.{gate_proj|up_proj|down_proj}.{suffix}` (HF), or
 fused `{prefix}.{e}.up_gate_proj.{suffix}` (gate rows first, then up, along the output dim);
 `prefix` is the layer's, e.g. `model.layers.3.mlp.experts`. The expert quantization method
 (quant/moe_*.py) decides which suffixes exist and how the experts compute; tensor parallelism
-splits the moe intermediate dim (quant/moe_base.py): forward returns this rank's partial sum and
+splits the moe intermediate dim (the layer slices each checkpoint tensor with `layers.sharding`,
+as the linear layers do): forward returns this rank's partial sum and
 the caller all-reduces it (once per MoE block, together with any shared experts' partial sum).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -20,7 +22,9 @@ from ascend_llm.layers.moe_routing import RoutingConfig, combine, dispatch, sele
 from ascend_llm.ops import cpu
 from ascend_llm.ops.registry import OpSet
 from ascend_llm.quant.base import QuantConfig
-from ascend_llm.quant.moe_base import FusedMoEMethodBase, UnquantizedFusedMoEMethod, load_expert_tensor
+from ascend_llm.layers.sharding import copy_checked, rank_slice
+from ascend_llm.quant.moe_base import W13_SHARDS, FusedMoEMethodBase, UnquantizedFusedMoEMethod
+from ascend_llm.quant.param_loading import as_param_dtype
 
 EXPERT_TENSOR = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\."
                            r"(?P<proj>gate_proj|up_proj|down_proj|up_gate_proj)\.(?P<suffix>\w+)$")
@@ -59,6 +63,7 @@ class FusedMoE(nn.Module):
         self.tp_rank, self.tp_size, self.prefix, self.ops = tp_rank, tp_size, prefix, ops
         self.layer_idx = layer_idx if layer_idx is not None else _layer_index(prefix)
         self.silu_and_mul = ops.get("silu_and_mul") if ops is not None else cpu.silu_and_mul
+        self.loaded_expert_tensors: set[tuple[str, int, str]] = set()     # (param, expert, shard)
         method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
         self.quant_method: FusedMoEMethodBase = method or UnquantizedFusedMoEMethod()
         self.quant_method.create_weights(self, num_experts, hidden_size,
@@ -84,13 +89,49 @@ class FusedMoE(nn.Module):
             raise ValueError(f"{name}: not an expert tensor of {self.prefix}")
         expert, proj, suffix = int(match["expert"]), match["proj"], match["suffix"]
         if proj != "up_gate_proj":
-            return [load_expert_tensor(self, suffix, _PROJ_SHARD[proj], expert, tensor, name)]
+            return [self.load_expert(suffix, _PROJ_SHARD[proj], expert, tensor, name)]
         param = getattr(self, f"w13_{suffix}", None)
         spec = getattr(param, "expert_spec", None)
         if spec is None or spec.n_dim is None:
             raise ValueError(f"{name}: unexpected expert tensor for {type(self.quant_method).__name__}")
-        return [load_expert_tensor(self, suffix, shard, expert, half, name)
+        return [self.load_expert(suffix, shard, expert, half, name)
                 for shard, half in zip(("w1", "w3"), _split_up_gate(tensor, spec.n_dim, name))]
+
+
+    def load_expert(self, suffix: str, shard: str, expert: int, loaded: torch.Tensor,
+                    ckpt_name: str) -> str:
+        """Copy one checkpoint tensor (expert `expert`, shard w1/w3/w2) into its stacked parameter;
+        returns the parameter name. ValueError naming `ckpt_name` for a bad expert id, dtype or shape."""
+        name = f"{'w13' if shard in W13_SHARDS else 'w2'}_{suffix}"
+        names = getattr(self, "expert_param_names", ())
+        param = getattr(self, name, None) if name in names else None
+        if param is None:
+            known = sorted({n.split("_", 1)[1] for n in names})
+            raise ValueError(f"{ckpt_name}: unexpected expert tensor for {type(self.quant_method).__name__} "
+                             f"(expected suffixes {known})")
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"{ckpt_name}: expert id {expert} is out of range: the model config has "
+                             f"num_experts={self.num_experts}")
+        loaded = as_param_dtype(param, loaded, ckpt_name)
+        dst, part = self._expert_slices(param, loaded, shard, expert, ckpt_name)
+        copy_checked(dst, part, ckpt_name, " (this rank's part)")
+        self.loaded_expert_tensors.add((name, expert, shard))
+        return name
+
+    def _expert_slices(self, param: nn.Parameter, loaded: torch.Tensor, shard: str, expert: int,
+                       name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this expert's part of param, this rank's slice of loaded): gate rows then up rows of
+        w13 split along the output dim, w2 along its intermediate input dim."""
+        spec = param.expert_spec
+        dst = param.data[expert]
+        if shard in W13_SHARDS:
+            rows = math.ceil(self.intermediate_size_per_partition / spec.n_block)
+            dst = dst.narrow(spec.n_dim, 0 if shard == "w1" else rows, rows)
+            if self.tp_size > 1:
+                loaded = rank_slice(loaded, dst, spec.n_dim, self.tp_rank, self.tp_size, name)
+        elif spec.k_dim is not None and self.tp_size > 1:
+            loaded = rank_slice(loaded, dst, spec.k_dim, self.tp_rank, self.tp_size, name)
+        return dst, loaded
 
 
 def _split_up_gate(tensor: torch.Tensor, dim: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:

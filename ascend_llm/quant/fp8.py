@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from ascend_llm.distributed.communication import group_max, is_tensor_parallel
-from ascend_llm.layers.linear import RowParallelLinear
 from ascend_llm.numerics import primitives as P
 from ascend_llm.ops import cpu_quant
 from ascend_llm.quant.base import QuantConfig, QuantMethod
@@ -83,7 +82,7 @@ def check_block_shards(layer: nn.Module, output_sizes: list[int], input_size: in
         return
     bn, bk = block_size
     prefix = getattr(layer, "prefix", "layer")
-    if isinstance(layer, RowParallelLinear):
+    if getattr(layer, "shards_input_dim", False):
         if input_size % bk:
             raise ValueError(f"{prefix}: block-wise fp8 with tensor_parallel_size {layer.tp_size} needs "
                              f"the per-rank input size ({input_size}) divisible by {bk}")

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ascend_llm.layers.linear import RowParallelLinear
 from ascend_llm.numerics import primitives as P
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.fp8 import bind_fp8_kernel, check_block_shards, run_fp8
@@ -71,7 +70,7 @@ class BlockFp8CheckpointLinearMethod(QuantMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         bn, bk = self.block_size
-        if isinstance(layer, RowParallelLinear) and layer.tp_size > 1 and input_size % bk:
+        if getattr(layer, "shards_input_dim", False) and layer.tp_size > 1 and input_size % bk:
             raise ValueError(f"{layer.prefix}: input size per rank {input_size} is not divisible by "
                              f"weight_block_size k={bk}")
         check_block_shards(layer, output_sizes, input_size, self.block_size)

@@ -8,12 +8,12 @@ splits the moe intermediate dim I: each rank keeps rows [rank * I/tp, (rank + 1)
 gate and up outputs and the same columns of down's input, so the down-projection outputs of all
 ranks sum (all-reduce) to the unsharded result. Every parameter records where those dims are
 (`ExpertParamSpec`) in its per-expert checkpoint layout, and in how many rows per stored row
-(packed int4 bytes: 2, WINT2 bytes: 4, 128-row scale blocks: 128).
+(packed int4 bytes: 2, WINT2 bytes: 4, 128-row scale blocks: 128); the layer
+(`layers.moe.FusedMoE.load_expert`) slices and copies each checkpoint tensor accordingly.
 """
 from __future__ import annotations
 
 import logging
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from ascend_llm.ops import cpu_moe
-from ascend_llm.quant.param_loading import as_param_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -78,53 +77,6 @@ def add_expert_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype:
     layer.register_parameter(name, param)
     layer.expert_param_names = (*getattr(layer, "expert_param_names", ()), name)
     return param
-
-
-def load_expert_tensor(layer: nn.Module, suffix: str, shard: str, expert: int,
-                       loaded: torch.Tensor, ckpt_name: str) -> str:
-    """Copy one checkpoint tensor (expert `expert`, shard w1/w3/w2) into its parameter; returns
-    the parameter name. ValueError naming `ckpt_name` for a bad expert id, dtype or shape."""
-    name = f"{'w13' if shard in W13_SHARDS else 'w2'}_{suffix}"
-    param = getattr(layer, name, None) if name in getattr(layer, "expert_param_names", ()) else None
-    if param is None:
-        known = sorted({n.split("_", 1)[1] for n in getattr(layer, "expert_param_names", ())})
-        raise ValueError(f"{ckpt_name}: unexpected expert tensor for {type(layer.quant_method).__name__} "
-                         f"(expected suffixes {known})")
-    if not 0 <= expert < layer.num_experts:
-        raise ValueError(f"{ckpt_name}: expert id {expert} is out of range: the model config has "
-                         f"num_experts={layer.num_experts}")
-    loaded = as_param_dtype(param, loaded, ckpt_name)
-    dst, part = _expert_destination(layer, param, loaded, shard, expert, ckpt_name)
-    if tuple(dst.shape) != tuple(part.shape):
-        raise ValueError(f"{ckpt_name}: checkpoint tensor has shape {tuple(part.shape)}, expected "
-                         f"{tuple(dst.shape)} (this rank's part)")
-    dst.copy_(part)
-    if not hasattr(layer, "loaded_expert_tensors"):
-        layer.loaded_expert_tensors = set()
-    layer.loaded_expert_tensors.add((name, expert, shard))
-    return name
-
-
-def _expert_destination(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, shard: str,
-                        expert: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    spec: ExpertParamSpec = param.expert_spec
-    dst = param.data[expert]
-    size = layer.intermediate_size_per_partition
-    if shard in W13_SHARDS:
-        rows = math.ceil(size / spec.n_block)
-        part = _narrow(loaded, spec.n_dim, layer.tp_rank * rows, rows, name) if layer.tp_size > 1 else loaded
-        return dst.narrow(spec.n_dim, 0 if shard == "w1" else rows, rows), part
-    if spec.k_dim is not None and layer.tp_size > 1:
-        rows = math.ceil(size / spec.k_block)
-        return dst, _narrow(loaded, spec.k_dim, layer.tp_rank * rows, rows, name)
-    return dst, loaded
-
-
-def _narrow(loaded: torch.Tensor, dim: int, start: int, size: int, name: str) -> torch.Tensor:
-    if loaded.dim() <= dim or loaded.shape[dim] < start + size:
-        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, expected at "
-                         f"least {start + size} entries along dim {dim}")
-    return loaded.narrow(dim, start, size)
 
 
 def check_experts_loaded(layer: nn.Module) -> None:

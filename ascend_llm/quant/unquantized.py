@@ -1,9 +1,6 @@
 """Float linear layers."""
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,7 +15,7 @@ class UnquantizedLinearMethod(QuantMethod):
                        params_dtype: torch.dtype) -> None:
         weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype),
                               requires_grad=False)
-        weight.weight_loader = functools.partial(_load_float_weight, layer)
+        weight.out_dim, weight.in_dim, weight.load_check = 0, 1, float_weight_only
         layer.register_parameter("weight", weight)
         layer.linear_kernel = None
 
@@ -37,19 +34,10 @@ class UnquantizedLinearMethod(QuantMethod):
         return layer.linear_kernel.run(layer, x, bias)
 
 
-def _load_float_weight(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
-                       shard_id: Any = None) -> None:
-    """The layer's own loader, after refusing integer / packed tensors: a quantized weight must
-    never be cast to float silently (e.g. a description marking an int8 layer FLOAT)."""
-    name = getattr(layer, "prefix", "layer") + ".weight" + ("" if shard_id is None else f"[{shard_id}]")
+def float_weight_only(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuse integer / packed tensors: a quantized weight must never be cast to float silently
+    (e.g. a description marking an int8 layer FLOAT)."""
     if not loaded.is_floating_point():
         raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, but the layer is "
                          f"unquantized and expects a floating-point weight")
-    own_loader = getattr(layer, "weight_loader", None)
-    if own_loader is not None:
-        own_loader(param, loaded, shard_id)
-        return
-    if param.shape != loaded.shape:                       # layers without one (the LM head)
-        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, "
-                         f"expected {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    return loaded

@@ -1,6 +1,10 @@
 """msModelSlim (ascendV1) W8A8 static, W8A8_DYNAMIC and W8A16 linear methods.
 
-Checkpoint layout and math: /work/shared/reference/ascend_w8a8_format.md. The CPU reference
+Checkpoint layout (msModelSlim's ascendV1 saver), per Linear: `weight` int8 [n, k] symmetric per
+channel; W8A8 adds `input_scale` / `input_offset` [1] (asymmetric per-tensor activations),
+`deq_scale` [n] = input_scale * weight_scale (int64 holding the float32 bits, or float32 for bf16
+models) and `quant_bias` int32 [n]: y = (q_x @ q_W^T + quant_bias) * deq_scale. W8A8_DYNAMIC and
+W8A16 carry `weight_scale` / `weight_offset` [n, 1]. The CPU reference
 kernels of the NPU ops (`npu_quantize`, `npu_quant_matmul`, `npu_dynamic_quant`,
 `npu_weight_quant_batchmatmul`) live in `ascend_llm/ops/cpu_int8.py` and are bound through the op
 registry (`quantize_per_tensor`, `dynamic_quant_per_token`, `quant_matmul`).
@@ -15,7 +19,6 @@ quantized once per group and multiplied by that group's rows of the weight.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,6 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from ascend_llm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from ascend_llm.numerics import primitives as P
 from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference kernels)
     INT8_MAX, INT8_MIN, MAX_EXACT_K, dynamic_quant_matmul_reference, dynamic_quant_per_token_reference,
@@ -219,50 +221,31 @@ def check_description_tensors(description: Mapping[str, Any], names: set[str], s
 # Parameter creation and loading
 # ---------------------------------------------------------------------------------------------
 
-# `quant_kind` tags how a parameter is loaded:
-#   "weight"    - [n, k]: the layer's own loader (rows per fused shard / TP rank, or k for row-parallel)
+# `quant_kind` says how a parameter is laid out for the layer's loader (`layers.linear`):
+#   "weight"    - [n, k]: rows per fused shard / TP rank, or k for row-parallel
 #   "channel"   - per output channel ([n] or [n, 1]): rows like the weight, never split along dim 1
 #   "deq_scale" - "channel", converted by value between int64 float-bits and float32
 #   "tensor"    - one value per fused shard ([num_shards]); the checkpoint gives [1] per shard
+_KIND_DIMS: dict[str, tuple[int | None, int | None]] = {        # kind -> (out_dim, in_dim)
+    "weight": (0, 1), "channel": (0, None), "deq_scale": (0, None), "tensor": (None, None)}
 
 
 def _add_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
                kind: str) -> None:
     """Register a zero-filled, frozen parameter tagged with its loading kind."""
     param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
-    param.quant_kind = kind
-    param.quant_name = name
+    param.quant_kind, param.quant_name = kind, name
+    param.out_dim, param.in_dim = _KIND_DIMS[kind]
+    param.load_check = _checked_value
     layer.register_parameter(name, param)
 
 
-def _install_loader(layer: nn.Module) -> None:
-    """Route the layer's checkpoint loading through `_load_quant_param`.
-
-    LinearBase assigns `self.weight_loader` to every parameter right after create_weights, so an
-    instance attribute set here is what all of them get; untagged parameters (bias) and int8
-    weights still go to the layer's own (class) loader.
-    """
-    default = layer.weight_loader
-    layer.weight_loader = functools.partial(_load_quant_param, layer, default)
-
-
-def _load_quant_param(layer: nn.Module, default: Callable[..., None], param: nn.Parameter,
-                      loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
-    """Load one checkpoint tensor into `param` according to its `quant_kind`."""
-    kind = getattr(param, "quant_kind", None)
-    name = f"{layer.prefix}.{getattr(param, 'quant_name', '?')}"
-    if kind is not None:
-        _check_dtype(param, loaded, name if shard_id is None else f"{name}[{shard_id}]")
-    if kind == "deq_scale":
-        loaded, kind = _convert_deq_scale(loaded, param.dtype), "channel"
-    if kind is None or kind == "weight":
-        default(param, loaded, shard_id)
-    elif kind == "channel":
-        _load_channel(layer, default, param, loaded, shard_id, name)
-    elif kind == "tensor":
-        _load_per_shard_scalar(layer, param, loaded, shard_id, name)
-    else:
-        raise ValueError(f"{name}: unknown quant_kind {kind!r}")
+def _checked_value(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+    """The checkpoint tensor after its dtype check (deq_scale re-encoded for the model dtype)."""
+    _check_dtype(param, loaded, name)
+    if param.quant_kind == "deq_scale":
+        return _convert_deq_scale(loaded, param.dtype)
+    return loaded
 
 
 def _check_dtype(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
@@ -270,13 +253,12 @@ def _check_dtype(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
     value: integer tensors (weight, quant_bias) need their exact dtype, deq_scale int64 float-bits
     or float32 (re-encoded by value for the model dtype), float scales a float tensor, offsets any
     real dtype (their integrality is checked after loading)."""
-    quant_name = getattr(param, "quant_name", "")
-    if getattr(param, "quant_kind", None) == "deq_scale":
+    if param.quant_kind == "deq_scale":
         expected = "int64 (fp16 / fp32 models) or float32 (bf16 models)"
         ok = loaded.dtype in (torch.int64, torch.float32)
     elif not param.dtype.is_floating_point:
         expected, ok = str(param.dtype), loaded.dtype == param.dtype
-    elif quant_name.endswith("offset"):
+    elif param.quant_name.endswith("offset"):
         expected, ok = "a float or integer tensor", loaded.dtype != torch.bool
     else:
         expected, ok = "a floating-point tensor", loaded.is_floating_point()
@@ -284,33 +266,9 @@ def _check_dtype(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: checkpoint tensor has dtype {loaded.dtype}, expected {expected}")
 
 
-def _load_channel(layer: nn.Module, default: Callable[..., None], param: nn.Parameter,
-                  loaded: torch.Tensor, shard_id: str | int | None, name: str) -> None:
-    """Per-output-channel tensors: rows like the weight; row-parallel layers take them whole."""
-    if isinstance(layer, ColumnParallelLinear):
-        default(param, loaded, shard_id)
-        return
-    if loaded.shape != param.shape:
-        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded.shape)}, "
-                         f"expected {tuple(param.shape)}")
-    param.data.copy_(loaded)
-
-
-def _load_per_shard_scalar(layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor,
-                           shard_id: str | int | None, name: str) -> None:
-    """A per-tensor value ([1] or scalar) into this fused shard's slot of `param` [num_shards]."""
-    if loaded.numel() != 1:
-        raise ValueError(f"{name}[{shard_id}]: expected a per-tensor value of shape [1], "
-                         f"got {tuple(loaded.shape)}")
-    if shard_id is None and param.numel() != 1:
-        raise ValueError(f"{name}: fused layer needs a shard id")
-    index = layer.shard_index(shard_id) if isinstance(layer, ColumnParallelLinear) else 0
-    param.data[index] = loaded.reshape(()).to(param.dtype)
-
-
 def _adds_quant_bias(layer: nn.Module) -> bool:
     """quant_bias holds the zero-point correction over all of k: add it on one TP rank only."""
-    return not (isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) != 0)
+    return not (getattr(layer, "shards_input_dim", False) and getattr(layer, "tp_rank", 0) != 0)
 
 
 def _flatten_x(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -347,7 +305,6 @@ class W8A8StaticLinearMethod(_AscendLinearMethod):
         _add_param(layer, "input_offset", (shards,), torch.float32, "tensor")       # [shards]
         _add_param(layer, "deq_scale", (n,), deq_dtype, "deq_scale")                # [n]
         _add_param(layer, "quant_bias", (n,), torch.int32, "channel")               # [n]
-        _install_loader(layer)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         scale, offset = layer.input_scale.data, layer.input_offset.data
@@ -444,7 +401,6 @@ class _PerChannelScaleMethod(_AscendLinearMethod):
         _add_param(layer, "weight", (n, input_size), torch.int8, "weight")          # [n, k]
         _add_param(layer, "weight_scale", (n, 1), torch.float32, "channel")         # [n, 1]
         _add_param(layer, "weight_offset", (n, 1), torch.float32, "channel")        # [n, 1]
-        _install_loader(layer)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         scale = layer.weight_scale.data
@@ -512,7 +468,6 @@ class WFp8AFp8DynamicLinearMethod(_AscendLinearMethod):
         n = sum(output_sizes)
         _add_param(layer, "weight", (n, input_size), P.FP8_DTYPE, "weight")         # [n, k] e4m3
         _add_param(layer, "weight_scale", (n, 1), torch.float32, "channel")         # [n, 1]
-        _install_loader(layer)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         scale = layer.weight_scale.data

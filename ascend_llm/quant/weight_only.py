@@ -130,8 +130,7 @@ class PrequantWeightOnlyLinearMethod(QuantMethod):
 
 def splits_input_dim(layer: nn.Module) -> bool:
     """Row-parallel with more than one rank (known at create_weights time, before any group)."""
-    from ascend_llm.layers.linear import RowParallelLinear
-    return isinstance(layer, RowParallelLinear) and getattr(layer, "tp_size", 1) > 1
+    return getattr(layer, "shards_input_dim", False) and getattr(layer, "tp_size", 1) > 1
 
 
 class WeightOnlyConfig(QuantConfig):

@@ -90,7 +90,8 @@ def test_row_parallel_adds_bias_on_rank_zero_only():
 
 def test_row_parallel_rejects_a_checkpoint_of_the_wrong_width():
     layer = RowParallelLinear(6, 4, prefix="m.down_proj", tp_rank=1, tp_size=2)
-    with pytest.raises(ValueError, match=r"m.down_proj: checkpoint tensor has shape \(4, 5\), expected \(4, 6\)"):
+    with pytest.raises(ValueError, match=r"m.down_proj.weight: checkpoint tensor has shape \(4, 5\), "
+                                         r"expected \(4, 6\) \(split along dim 1 over 2 ranks\)"):
         layer.weight.weight_loader(layer.weight, torch.zeros(4, 5))
 
 

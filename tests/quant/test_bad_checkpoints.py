@@ -95,9 +95,9 @@ def test_good_checkpoint_loads(w8a8_dir):
     (_set(f"{DOWN}.weight_scale", lambda v: torch.cat([v, v[:1]])), None,
      r"down_proj.weight_scale: checkpoint tensor has shape \(65, 1\), expected \(64, 1\)"),
     (_set(f"{K_PROJ}.deq_scale", lambda v: v[:-1].clone()), None,
-     r"qkv_proj\[k\]: checkpoint tensor has shape \(31,\), expected at least 32 rows"),
+     r"qkv_proj.deq_scale\[k\]: checkpoint tensor has shape \(31,\), expected \(32,\)"),
     (_set(f"{K_PROJ}.weight", lambda v: v[:, :-1].contiguous()), None,
-     r"qkv_proj\[k\]: checkpoint tensor has shape \(32, 63\), expected \(32, 64\)"),
+     r"qkv_proj.weight\[k\]: checkpoint tensor has shape \(32, 63\), expected \(32, 64\)"),
     # unknown quantization strings in the description
     (None, lambda d: d.__setitem__(f"{K_PROJ}.weight", "W4A4"),
      f"tensor '{K_PROJ}.weight' has unknown quant type 'W4A4'"),

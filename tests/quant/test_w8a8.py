@@ -268,7 +268,7 @@ def test_static_rejects_bad_per_tensor_values():
     t = _random_static_shard(gen, 24, HIDDEN, 2.0)
     with pytest.raises(ValueError, match=r"m.o_proj.input_offset: must be integers"):
         _load(layer, {None: {**t, "input_offset": torch.tensor([0.5])}})
-    with pytest.raises(ValueError, match=r"m.o_proj.input_scale\[None\]: expected a per-tensor"):
+    with pytest.raises(ValueError, match=r"m.o_proj.input_scale: expected a per-tensor value of shape \[1\]"):
         _load(layer, {None: {**t, "input_scale": torch.ones(2)}})
 
 
