@@ -1,6 +1,7 @@
 """Write the msModelSlim ascendV1 layout: quant_model_description.json, quant_model_weights
 (.safetensors, or -0000i-of-0000N shards + index), config/tokenizer files without
-`quantization_config`. Layout and dtypes: /work/shared/reference/ascend_w8a8_format.md.
+`quantization_config`. Layout and dtypes: the per-Linear tensors that
+`ascend_llm/quant/w8a8.py` loads (msModelSlim's ascendV1 saver).
 
 deq_scale dtype: float32 for a bfloat16 source model, int64 (float32 bits in the low 32 bits)
 otherwise. msModelSlim's rule is "int64 unless the model dtype is bf16", so float16 and float32

@@ -1,9 +1,9 @@
 """Per-Linear checkpoint tensors of each msModelSlim type, and the simulated ("fake-quant")
 output of each type that the error-driven choices (auto observer, sensitivity, MoFQ) compare.
 
-Formulas: /work/shared/reference/ascend_w8a8_format.md §1-2 (weights [n, k], symmetric
+Formulas (msModelSlim's, as its ascendV1 saver writes them): weights [n, k], symmetric
 per-channel int8; deq_scale = input_scale * weight_scale; quant_bias folds the float bias and
-the activation zero point). WFP8AFP8_DYNAMIC: e4m3 weight [n, k] with a float32 per-channel
+the activation zero point. WFP8AFP8_DYNAMIC: e4m3 weight [n, k] with a float32 per-channel
 `weight_scale` [n, 1] = max|W_row| / 448, activations e4m3 per token at run time.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Calibrate tiny random Llama / Qwen2 models, load the output with ascend_llm.LLM (no
 `quantization` argument) and compare with the float model; check the files against the
-ascendV1 layout in /work/shared/reference/ascend_w8a8_format.md."""
+ascendV1 layout (ascend_llm/quant/w8a8.py)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""`LLM(tensor_parallel_size=2)` from the programs users write (issue #24), each run in its own
+"""`LLM(tensor_parallel_size=2)` from the programs users write, each run in its own
 interpreter: a program piped to `python -` (a heredoc), a script without an
 `if __name__ == "__main__":` guard, the first under a forced spawn, and a worker that dies
 during start-up (the unguarded script under spawn: its worker re-runs the script and exits),

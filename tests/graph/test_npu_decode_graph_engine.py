@@ -1,4 +1,4 @@
-"""Decode ACL graphs in the engine on the emulated torch_npu (issue #7).
+"""Decode ACL graphs in the engine on the emulated torch_npu.
 
 `LLM(..., device="npu")` runs pure decode steps through a graph captured per batch bucket, its
 attention launches in task groups whose host sequence lengths are updated before every replay

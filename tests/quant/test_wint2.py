@@ -209,7 +209,7 @@ def test_smollm2_wint2_perplexity(tmp_path):
     Measured: float 27.77; this checkpoint 3699 (133x float: 2 bits on every MLP weight of a 135M
     model without calibration breaks it). For comparison (MLP only, same tokens): plain 2-bit RTN
     per 64 gives 18343 (transformers), the encoder with an MSE-optimal rms-based start 24195, with
-    three code_scales per column 18010. Issue 9 aims at 1.6x with a smarter writer."""
+    three code_scales per column 18010. The calibrated writer (GPTQ, tuning) does far better."""
     from ascend_llm.eval.perplexity import perplexity
     text = DATA.read_text() if DATA.exists() else pytest.skip(f"{DATA} not found")
     out = tmp_path / "smollm2_wint2"

@@ -1,8 +1,8 @@
 """Test-side writer of msModelSlim ascendV1 checkpoints from a float HF directory.
 
 Naive calibration: per-tensor min-max of every decoder Linear's input over a few random prompts
-(transformers forward hooks), per-channel symmetric weights; formulas from
-/work/shared/reference/ascend_w8a8_format.md §1. No anti-outlier step, so no norm bias.
+(transformers forward hooks), per-channel symmetric weights; msModelSlim's formulas (see
+ascend_llm/quant/w8a8.py). No anti-outlier step, so no norm bias.
 Writes `quant_model_description.json` + `quant_model_weights.safetensors` and copies the
 config (without `quantization_config`) and tokenizer files.
 """

@@ -1,4 +1,4 @@
-"""Load faults against a real server process (issue #24): clients that disconnect or time out at
+"""Load faults against a real server process: clients that disconnect or time out at
 random points, abort storms, KV exhaustion forcing preemption, SIGTERM while streams are open.
 
 One SmolLM2 server with a tiny KV cache (so load preempts) serves scenarios a-c; it is restarted

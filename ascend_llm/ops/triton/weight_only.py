@@ -3,7 +3,7 @@
 y[m, n] = (sum_k x[m, k] * q[n, k]) * scale[n] + bias[n], accumulated in fp32, as
 `ops/cpu_quant.weight_only_matmul`. Weights stay in the layout the quant method stores:
 int8 [n, k], or int4 packed two per byte along k, uint8 [n, ceil(k/2)] (low nibble = even k,
-two's complement, `quant/primitives.pack_int4`). The kernel never re-interleaves the nibbles:
+two's complement, `numerics/primitives.pack_int4`). The kernel never re-interleaves the nibbles:
 it multiplies the even-k activations by the low nibbles and the odd-k ones by the high nibbles
 (two dots per tile), so `prepare` only checks and fixes contiguity.
 
