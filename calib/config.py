@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,29 +98,34 @@ def _require(ok: bool, message: str) -> None:
         raise CalibError(message)
 
 
-def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe file path, or the name of a bundled recipe in calib/recipes/ (with or without .yaml)."""
+def resolve_recipe(name_or_path: str, recipes_dir: Path = RECIPES_DIR) -> Path:
+    """A recipe file path, or the name of a bundled recipe in `recipes_dir` (calib/recipes/ for
+    `python -m calib`; with or without .yaml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
+    for candidate in (recipes_dir / name_or_path, recipes_dir / f"{name_or_path}.yaml"):
         if candidate.is_file():
             return candidate
-    bundled = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    bundled = ", ".join(sorted(p.stem for p in recipes_dir.glob("*.yaml")))
     raise CalibError(f"--recipe: {name_or_path!r} is neither a file nor a bundled recipe "
                      f"(bundled: {bundled})")
 
 
-def load_recipe(name_or_path: str) -> dict[str, Any]:
-    """The option values of a recipe; CalibError for unreadable YAML or unknown keys."""
-    path = resolve_recipe(name_or_path)
+def load_recipe(name_or_path: str, known: Iterable[str] | None = None,
+                recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
+    """The option values of a recipe; CalibError for unreadable YAML or unknown keys. `known`:
+    the option names a recipe may set (default: CalibConfig's, for `python -m calib`)."""
+    path = resolve_recipe(name_or_path, recipes_dir)
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise CalibError(f"recipe {path}: unreadable YAML: {exc}") from exc
     if not isinstance(values, dict):
         raise CalibError(f"recipe {path}: expected a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(CalibConfig)} - {"recipe"}
+    if known is None:
+        known = {f.name for f in dataclasses.fields(CalibConfig)}
+    known = set(known) - {"recipe"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise CalibError(f"recipe {path}: unknown option(s) {unknown}; known: {sorted(known)}")
@@ -131,11 +137,19 @@ def build_config(cli_values: dict[str, Any]) -> CalibConfig:
 
     `cli_values` holds only the options the user set (None / absent = not given).
     """
-    given = {k: v for k, v in cli_values.items() if v is not None}
-    merged: dict[str, Any] = {}
-    if given.get("recipe"):
-        merged.update(load_recipe(given["recipe"]))
-    merged.update(given)
+    merged = merge_recipe(cli_values)
     if "disable_names" in merged and isinstance(merged["disable_names"], str):
         merged["disable_names"] = merged["disable_names"].split()
     return CalibConfig(**merged).validate()
+
+
+def merge_recipe(cli_values: dict[str, Any], known: Iterable[str] | None = None,
+                 recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
+    """The recipe named in `cli_values['recipe']` (if any; `known` / `recipes_dir` as in
+    `load_recipe`) updated by the explicit CLI values (None / absent = not given): flags win."""
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    merged: dict[str, Any] = {}
+    if given.get("recipe"):
+        merged.update(load_recipe(given["recipe"], known, recipes_dir))
+    merged.update(given)
+    return merged

@@ -3,6 +3,8 @@
 Everything is written into a temporary sibling directory (same file system) that is renamed onto
 `--save_directory` only once the whole checkpoint and report are written, so a failed or
 interrupted run leaves either nothing or the previous content, never a half-written checkpoint.
+Single-file outputs (the JSONL of calib.synthetic / calib.mix) get the same treatment through
+`check_output_file` and `staged_file`: a temporary file beside the target, `os.replace`d at the end.
 """
 from __future__ import annotations
 
@@ -60,4 +62,35 @@ def _publish(staging: Path, target: Path) -> None:
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+    logger.info("wrote %s", target)
+
+
+def check_output_file(path: str | Path, overwrite: bool, option: str = "--output") -> Path:
+    """The resolved target file; CalibError if it is a directory, or exists without `overwrite`."""
+    target = Path(path).expanduser().resolve()
+    if target.is_dir():
+        raise CalibError(f"{option}: {str(target)!r} is a directory; give a .jsonl file path")
+    if target.exists() and not overwrite:
+        raise CalibError(f"{option}: {str(target)!r} exists; pass --overwrite to replace it")
+    return target
+
+
+@contextmanager
+def staged_file(target: Path) -> Iterator[Path]:
+    """Yield a fresh temporary file beside `target`; on normal exit it replaces `target`
+    (os.replace), on an exception it is deleted and `target` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    try:
+        os.replace(staging, target)
+    except OSError:
+        staging.unlink(missing_ok=True)
+        raise
     logger.info("wrote %s", target)

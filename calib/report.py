@@ -1,10 +1,19 @@
 """The calibration summary: per-Linear rows (type, observer, activation range before / after
 smoothing, sensitivity, float fall-back reason), stage times; printed as a table and written as
-`calib_report.json` in the output directory."""
+`calib_report.json` in the output directory.
+
+`ToolReport` is the smaller report of the other checkpoint writers (calib.block_fp8,
+calib.wint2.writer, calib.wint2.tune): tool, arguments, source model, start / end times, stage
+seconds, and whatever per-layer summary the tool computes.
+"""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +84,45 @@ class CalibReport:
         return "\n".join(lines)
 
 
+@dataclass
+class ToolReport:
+    """What an offline tool ran on, with which arguments, when and for how long, plus its own
+    summary (`summary` keys land at the top level of the JSON)."""
+
+    tool: str                                      # e.g. "calib.wint2.writer"
+    model_path: str
+    save_directory: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to `stage_seconds[name]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = self.stage_seconds.get(name, 0.0) + time.perf_counter() - start
+            self.stage_seconds[name] = round(spent, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": self.tool, "model_path": self.model_path, "save_directory": self.save_directory,
+                "arguments": _jsonable(self.arguments), "started_at": _iso(self.started_at),
+                "finished_at": _iso(time.time()), "stage_seconds": dict(self.stage_seconds),
+                "total_seconds": round(sum(self.stage_seconds.values()), 3), **_jsonable(self.summary)}
+
+    def write_json(self, out_dir: str | Path, name: str = REPORT_FILE) -> Path:
+        path = Path(out_dir) / name
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+
 def _num(value: float | None) -> str:
     if value is None:
         return "-"
@@ -85,6 +133,8 @@ def _jsonable(value: Any) -> Any:
     """The anti-outlier report (a dataclass, an object with to_dict(), or plain data) as JSON data."""
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
+    if isinstance(value, Path):
+        return str(value)
     if hasattr(value, "to_dict"):
         return _jsonable(value.to_dict())
     if is_dataclass(value):
