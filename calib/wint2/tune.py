@@ -3,7 +3,7 @@ unless --code_lr).
 
     python -m calib.wint2.tune --model_path FLOAT --quant_path WINT2_DIR \
         --save_directory OUT --calib_file F.jsonl [--calib_num_samples 32 --calib_seq_len 512
-        --epochs 3 --lr 3e-3 --calib_holdout_samples 4]
+        --epochs 3 --lr 3e-3 --calib_holdout_samples 4] [--overwrite]
 
 GPTQ picks each Linear's codes against that Linear's own output error; what is left is a model
 whose errors add up across 30 layers. This pass lowers the end-to-end error with the discrete
@@ -26,13 +26,21 @@ rounding to each column's codebook (calib/wint2/tune_codes.py); with `--group_lr
 (calib/wint2/tune_groups.py); everything else stays as said. Held-out rows
 (`--calib_holdout_samples`, taken from the end of the calibration stream) pick the best epoch;
 without them the last epoch is kept.
+
+Output as in `python -m calib` (calib/output_dir.py, calib/report.py): a non-empty
+`--save_directory` is refused without `--overwrite`, the checkpoint is written into a temporary
+sibling and renamed at the end, and `calib_report.json` holds the tool, arguments, models, times,
+the per-epoch history and the input checkpoint's own report (`quant_report`); bad options or
+inputs print one error line and exit with code 2.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +54,9 @@ from tqdm.auto import tqdm
 from ascend_llm.loader.resolve import resolve_model_path
 from ascend_llm.numerics import primitives as P
 from ascend_llm.numerics import wint2 as L
+from calib.config import CalibError
+from calib.output_dir import check_output_dir, staged_output
+from calib.report import REPORT_FILE, ToolReport
 from calib.texts import read_calib_texts
 from calib.wint2.calibration import CalibSpec, split_calibration_ids
 from calib.wint2.student import ScaledCodeLinear
@@ -53,6 +64,8 @@ from calib.wint2.tune_codes import Wint2CodeLinear
 from calib.wint2.tune_groups import Wint2GroupScaleLinear
 
 logger = logging.getLogger(__name__)
+
+TOOL = "calib.wint2.tune"
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,26 +262,39 @@ def tuned_tensors(student: nn.Module, replaced: dict[str, tuple[ScaledCodeLinear
 
 
 def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_directory: str | Path,
-                          calib: CalibSpec, spec: TuneSpec = TuneSpec()) -> list[dict]:
+                          calib: CalibSpec, spec: TuneSpec = TuneSpec(), overwrite: bool = False,
+                          tool_report: ToolReport | None = None) -> list[dict]:
     """Tune the WINT2 checkpoint at `quant_path` against the float one at `model_path` (module doc)
-    and write it to `save_directory`; returns the per-epoch history."""
+    and write it to `save_directory`; returns the per-epoch history. A non-empty `save_directory`
+    is refused (CalibError) unless `overwrite`; the output is published atomically with
+    `calib_report.json` (`tool_report` completed, or a new one naming this call)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src, quant, out = Path(resolve_model_path(str(model_path))), Path(quant_path), Path(save_directory)
+    try:
+        src = Path(resolve_model_path(str(model_path)))
+    except ValueError as exc:
+        raise CalibError(f"--model_path: {exc}") from exc
+    quant = Path(quant_path)
     shards = sorted(quant.glob("*.safetensors"))
     if len(shards) != 1:
-        raise ValueError(f"--quant_path {quant}: expected one model.safetensors from the WINT2 writer, "
+        raise CalibError(f"--quant_path {quant}: expected one model.safetensors from the WINT2 writer, "
                          f"found {len(shards)} safetensors files")
-    if out.resolve() in (quant.resolve(), src.resolve()):
-        raise ValueError(f"save_directory {out} must differ from model_path and quant_path")
+    if Path(save_directory).resolve() in (quant.resolve(), src.resolve()):
+        raise CalibError(f"save_directory {save_directory} must differ from model_path and quant_path")
+    out = check_output_dir(save_directory, overwrite)
+    if tool_report is None:
+        tool_report = ToolReport(TOOL, str(model_path), str(save_directory), arguments={
+            "quant_path": str(quant_path), "calib": calib, "spec": spec, "overwrite": overwrite})
+        _attach_quant_report(tool_report, quant)
     start = time.perf_counter()
-    tensors = load_file(str(shards[0]))
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    rows, heldout = split_calibration_ids(tokenizer, read_calib_texts(calib.calib_file), calib)
-    teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    student = copy.deepcopy(teacher)
-    replaced = build_student(student, tensors, move_codes=spec.code_lr > 0, move_groups=spec.group_lr > 0)
-    history = train(student, teacher, rows, heldout, spec)
+    with tool_report.stage("tune"):
+        tensors = load_file(str(shards[0]))
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        rows, heldout = split_calibration_ids(tokenizer, read_calib_texts(calib.calib_file), calib)
+        teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        student = copy.deepcopy(teacher)
+        replaced = build_student(student, tensors, move_codes=spec.code_lr > 0, move_groups=spec.group_lr > 0)
+        history = train(student, teacher, rows, heldout, spec)
     if spec.code_lr > 0:
         moved = sum(layer.num_changed(tensors[f"{name}.quant_weight"]) for name, (layer, _) in replaced.items()
                     if hasattr(layer, "num_changed"))
@@ -281,19 +307,34 @@ def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_d
         moved, total = sum(layer.nibbles_changed() for layer in layers), sum(layer.group_delta.numel() for layer in layers)
         logger.info("wint2_tune: %d of %d WINT2 group nibbles changed (%.2f%%)", moved, total, 100 * moved / max(1, total))
         history[-1]["nibbles_changed"] = moved
-    shutil.copytree(quant, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(shards[0].name))
-    save_file(tuned_tensors(student, replaced, tensors), str(out / shards[0].name), metadata={"format": "pt"})
+    tool_report.summary["tune_history"] = history
+    with tool_report.stage("write"), staged_output(out) as staging:
+        shutil.copytree(quant, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(shards[0].name))
+        save_file(tuned_tensors(student, replaced, tensors), str(staging / shards[0].name), metadata={"format": "pt"})
+        tool_report.write_json(staging)
     logger.info("wint2_tune: %d Linears, %d rows x %d epochs in %.0f s", len(replaced), rows.shape[0],
                 spec.epochs, time.perf_counter() - start)
     return history
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m calib.wint2.tune",
+def _attach_quant_report(tool_report: ToolReport, quant: Path) -> None:
+    """The input checkpoint's own calib_report.json (if any) as `quant_report`: what wrote it."""
+    path = quant / REPORT_FILE
+    if path.is_file():
+        try:
+            tool_report.summary["quant_report"] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning("wint2_tune: %s is unreadable; not copied into the report", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; returns the exit code: 0 done, 2 bad options or inputs (one error line, no traceback)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {TOOL}",
                                      description="distil a WINT2 checkpoint's scales and norms from the float model")
     parser.add_argument("--model_path", required=True, help="the float checkpoint (directory or alias)")
     parser.add_argument("--quant_path", required=True, help="the WINT2 checkpoint written by calib.wint2.writer")
     parser.add_argument("--save_directory", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty --save_directory")
     parser.add_argument("--calib_file", required=True, help="JSON lines, key text / prompt")
     parser.add_argument("--calib_num_samples", type=int, default=32)
     parser.add_argument("--calib_seq_len", type=int, default=512)
@@ -315,12 +356,20 @@ def main(argv: list[str] | None = None) -> None:
         calib = CalibSpec(args.calib_file, args.calib_num_samples, args.calib_seq_len,
                           holdout_samples=args.calib_holdout_samples)
         spec = TuneSpec(args.epochs, args.lr, args.batch_size, args.code_lr, args.group_lr)
-        history = tune_wint2_checkpoint(args.model_path, args.quant_path, args.save_directory, calib, spec)
     except ValueError as exc:
         parser.error(str(exc))
+    report = ToolReport(TOOL, args.model_path, args.save_directory, arguments=vars(args))
+    _attach_quant_report(report, Path(args.quant_path))
+    try:
+        history = tune_wint2_checkpoint(args.model_path, args.quant_path, args.save_directory, calib, spec,
+                                        overwrite=args.overwrite, tool_report=report)
+    except (CalibError, ValueError, OSError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     for entry in history:
         logger.info("epoch %d: train KL %s, held-out KL %s", entry["epoch"], entry.get("train_kl"), entry["heldout_kl"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

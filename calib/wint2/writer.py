@@ -1,6 +1,6 @@
 """Convert a float HF checkpoint into a FastDeploy-style WINT2 checkpoint.
 
-    python -m calib.wint2.writer --model_path M --save_directory OUT \
+    python -m calib.wint2.writer --model_path M --save_directory OUT [--recipe NAME|PATH] [--overwrite] \
         [--dense_wint2_modules mlp.gate_proj mlp.up_proj mlp.down_proj] [--dense_quant_type wint8]
         [--method plain|search|gptq --calib_file F.jsonl --calib_num_samples 32 --calib_seq_len 512
          --calib_holdout_samples 0 --act_order none group [quad] --code_scales 120.89453125 [...]
@@ -28,6 +28,13 @@ float model on the same calibration rows (calib/wint2/tune.py; codes unchanged u
 `--tune_code_lr` > 0, calib/wint2/tune_codes.py; group nibbles unchanged unless `--tune_group_lr`
 > 0, calib/wint2/tune_groups.py).
 Measured perplexities: benchmarks/bench_wint2_quality.py.
+
+Like `python -m calib`: `--recipe` reads option values from a YAML file or a bundled recipe in
+calib/recipes/wint2/ (`wint2_gptq`: the README's best GPTQ + tuning configuration), and explicit
+flags override them; a non-empty `--save_directory` is refused without `--overwrite`; the
+checkpoint is written into a temporary sibling and renamed at the end (calib/output_dir.py), with
+`calib_report.json` (tool, arguments, source model, times, per-module errors; calib/report.py);
+bad options or inputs print one error line and exit with code 2.
 """
 from __future__ import annotations
 
@@ -36,11 +43,11 @@ import json
 import logging
 import re
 import shutil
+import sys
 import tempfile
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -50,6 +57,9 @@ from ascend_llm.loader.resolve import resolve_model_path
 from ascend_llm.numerics import primitives as P
 from ascend_llm.numerics import wint2 as L
 from ascend_llm.quant.wint2 import DENSE_TYPES, WInt2Config
+from calib.config import RECIPES_DIR, CalibError, merge_recipe
+from calib.output_dir import check_output_dir, staged_output
+from calib.report import ToolReport
 from calib.wint2 import encode as E
 from calib.wint2.calibration import CalibSpec
 
@@ -60,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WINT2_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 METHODS = ("plain", "search", "gptq")
+TOOL = "calib.wint2.writer"
+WINT2_RECIPES_DIR = RECIPES_DIR / "wint2"
 _LINEAR = re.compile(r"^(model\.layers\.\d+\..*_proj)\.weight$")
 
 
@@ -95,7 +107,8 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
                            refine_steps: int = E.DEFAULT_REFINE_STEPS, method: str = "plain",
                            calib: CalibSpec | None = None, gptq_refine_passes: int = 2,
                            encoder_options: "EncoderOptions | None" = None,
-                           dense_wint4_modules: tuple[str, ...] = ()) -> WriteReport:
+                           dense_wint4_modules: tuple[str, ...] = (), overwrite: bool = False,
+                           tool_report: ToolReport | None = None) -> WriteReport:
     """Write the WINT2 checkpoint of the float checkpoint at `model_path` into `save_directory`.
 
     `method` (module doc): "plain" ignores `calib`; "search" and "gptq" need it.
@@ -103,46 +116,65 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
     `encoder_options` (calib/wint2/gptq_writer.EncoderOptions; replaces method and
     gptq_refine_passes for the calibrated path): act-order and code_scale candidates.
     `dense_wint4_modules`: patterns of non-WINT2 dense layers written wint4 (quant/wint2.py).
+    A non-empty `save_directory` is refused (CalibError) unless `overwrite`; the output is
+    published atomically with `calib_report.json` (`tool_report`, or a new one naming this call).
     """
     if method not in METHODS:
-        raise ValueError(f"method: {method!r} is not one of {METHODS}")
+        raise CalibError(f"method: {method!r} is not one of {METHODS}")
     if method != "plain" and calib is None:
-        raise ValueError(f"method {method!r} needs calibration data (--calib_file)")
-    src = Path(resolve_model_path(str(model_path)))
-    out = Path(save_directory)
-    if out.resolve() == src.resolve():
-        raise ValueError(f"save_directory {out} must differ from model_path {src}")
+        raise CalibError(f"method {method!r} needs calibration data (--calib_file)")
+    try:
+        src = Path(resolve_model_path(str(model_path)))
+    except ValueError as exc:
+        raise CalibError(f"--model_path: {exc}") from exc
+    if Path(save_directory).resolve() == src.resolve():
+        raise CalibError(f"save_directory {save_directory} must differ from model_path {src}")
+    out = check_output_dir(save_directory, overwrite)
+    if tool_report is None:
+        tool_report = ToolReport(TOOL, str(model_path), str(save_directory), arguments={
+            "dense_wint2_modules": list(dense_wint2_modules), "dense_quant_type": dense_quant_type,
+            "dense_wint4_modules": list(dense_wint4_modules), "method": method, "code_scales": list(code_scales),
+            "refine_steps": refine_steps, "gptq_refine_passes": gptq_refine_passes, "calib": calib,
+            "encoder_options": encoder_options, "overwrite": overwrite})
     qconfig = quantization_config(tuple(dense_wint2_modules), dense_quant_type, tuple(dense_wint4_modules))
     selector = WInt2Config.from_config(qconfig, source="--dense_wint2_modules")
     calibrated: dict[str, L.Wint2Tensors] = {}
     if method != "plain":
         from calib.wint2.gptq_writer import calibrate_wint2   # transformers: only here
-        calibrated = calibrate_wint2(src, selector.is_wint2_module, selector.dense_bits,
-                                     method, calib, gptq_refine_passes, encoder_options)
-    out.mkdir(parents=True, exist_ok=True)
+        with tool_report.stage("calibrate"):
+            calibrated = calibrate_wint2(src, selector.is_wint2_module, selector.dense_bits,
+                                         method, calib, gptq_refine_passes, encoder_options)
     tensors: dict[str, torch.Tensor] = {}
     report = WriteReport()
-    for name, tensor in iter_safetensors_weights(src):
-        match = _LINEAR.match(name)
-        if match is None or tensor.dim() != 2 or not tensor.is_floating_point():
-            tensors[name] = tensor.contiguous()
-            continue
-        module = match.group(1)
-        if module in calibrated:
-            converted, error = _calibrated(calibrated.pop(module), tensor)
-            report.modules.append((module, "wint2", error))
-        elif selector.is_wint2_module(module):
-            converted, error = _to_wint2(tensor, code_scales, refine_steps)
-            report.modules.append((module, "wint2", error))
-        else:
-            bits = selector.dense_bits(module)
-            converted, error = _to_weight_only(tensor, bits)
-            report.modules.append((module, f"wint{bits}", error))
-        tensors.update({f"{module}.{key}": value.contiguous() for key, value in converted.items()})
-        logger.info("%s: %s, relative error %.4f", module, report.modules[-1][1], error)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_config(src, out, qconfig)
-    _copy_side_files(src, out)
+    with tool_report.stage("encode"):
+        for name, tensor in iter_safetensors_weights(src):
+            match = _LINEAR.match(name)
+            if match is None or tensor.dim() != 2 or not tensor.is_floating_point():
+                tensors[name] = tensor.contiguous()
+                continue
+            module = match.group(1)
+            if module in calibrated:
+                converted, error = _calibrated(calibrated.pop(module), tensor)
+                report.modules.append((module, "wint2", error))
+            elif selector.is_wint2_module(module):
+                converted, error = _to_wint2(tensor, code_scales, refine_steps)
+                report.modules.append((module, "wint2", error))
+            else:
+                bits = selector.dense_bits(module)
+                converted, error = _to_weight_only(tensor, bits)
+                report.modules.append((module, f"wint{bits}", error))
+            tensors.update({f"{module}.{key}": value.contiguous() for key, value in converted.items()})
+            logger.info("%s: %s, relative error %.4f", module, report.modules[-1][1], error)
+    kinds = dict.fromkeys(kind for _, kind, _ in report.modules)
+    tool_report.summary.update(
+        quantization_config=qconfig,
+        mean_relative_error={kind: report.mean_error(kind) for kind in kinds},
+        modules=[{"name": module, "kind": kind, "relative_error": error} for module, kind, error in report.modules])
+    with tool_report.stage("write"), staged_output(out) as staging:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        _write_config(src, staging, qconfig)
+        _copy_side_files(src, staging)
+        tool_report.write_json(staging)
     return report
 
 
@@ -183,82 +215,165 @@ def _copy_side_files(src: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry: convert, then print one line per converted module and the mean errors."""
-    parser = argparse.ArgumentParser(prog="python -m calib.wint2.writer",
+_DEFAULTS: dict[str, Any] = {
+    "dense_wint2_modules": list(DEFAULT_WINT2_MODULES), "dense_quant_type": "wint8", "dense_wint4_modules": [],
+    "method": "plain", "calib_file": None, "calib_num_samples": 32, "calib_seq_len": 512, "calib_damp": 0.1,
+    "refine_passes": 2, "calib_holdout_samples": 0, "act_order": ["none", "group"],
+    "code_scales": list(E.CODE_SCALE_CANDIDATES), "tune_epochs": 0, "tune_lr": 3e-3, "tune_code_lr": 0.0,
+    "tune_group_lr": 0.0, "overwrite": False}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option defaults to None so that a recipe's value is only overridden when given
+    (the defaults are `_DEFAULTS`, shown in the help)."""
+    d = _DEFAULTS
+    parser = argparse.ArgumentParser(prog=f"python -m {TOOL}",
                                      description="float HF checkpoint -> FastDeploy-style WINT2 checkpoint")
-    parser.add_argument("--model_path", required=True, help="float checkpoint directory or alias")
-    parser.add_argument("--save_directory", required=True)
-    parser.add_argument("--dense_wint2_modules", nargs="*", default=list(DEFAULT_WINT2_MODULES),
-                        help="module-name patterns written as WINT2 ('re:<regex>' allowed)")
-    parser.add_argument("--dense_quant_type", choices=sorted(DENSE_TYPES), default="wint8")
-    parser.add_argument("--dense_wint4_modules", nargs="*", default=[],
+    parser.add_argument("--model_path", help="float checkpoint directory or alias (required)")
+    parser.add_argument("--save_directory", help="output directory (required)")
+    parser.add_argument("--recipe", help="YAML recipe file or bundled recipe name (calib/recipes/wint2/: "
+                                         "wint2_gptq); explicit flags override it")
+    parser.add_argument("--overwrite", action="store_const", const=True,
+                        help="replace the content of a non-empty --save_directory")
+    parser.add_argument("--dense_wint2_modules", nargs="*",
+                        help="module-name patterns written as WINT2 ('re:<regex>' allowed; default "
+                             f"{' '.join(d['dense_wint2_modules'])})")
+    parser.add_argument("--dense_quant_type", choices=sorted(DENSE_TYPES), help=f"default {d['dense_quant_type']}")
+    parser.add_argument("--dense_wint4_modules", nargs="*",
                         help="patterns of non-WINT2 dense layers written wint4 instead (quant/wint2.py)")
-    parser.add_argument("--method", choices=METHODS, default="plain",
-                        help="plain: no calibration; search / gptq: need --calib_file (module doc)")
-    parser.add_argument("--calib_file", default=None, help="JSON lines, key text / prompt")
-    parser.add_argument("--calib_num_samples", type=int, default=32)
-    parser.add_argument("--calib_seq_len", type=int, default=512)
-    parser.add_argument("--calib_damp", type=float, default=0.1,
-                        help="Hessian dampening, a fraction of mean(diag H) (calib/wint2/gptq.DAMP_NOTE)")
-    parser.add_argument("--refine_passes", type=int, default=2,
-                        help="gptq: coordinate-descent passes after GPTQ (0: GPTQ alone)")
-    parser.add_argument("--calib_holdout_samples", type=int, default=0,
-                        help="rows at the end of the calibration stream kept out of calibration")
-    parser.add_argument("--act_order", nargs="+", default=["none", "group"], choices=["none", "group", "quad"],
-                        help="gptq column orders tried; each row keeps its best (calib/wint2/act_order.py)")
-    parser.add_argument("--code_scales", nargs="+", type=float, default=list(E.CODE_SCALE_CANDIDATES),
+    parser.add_argument("--method", choices=METHODS,
+                        help="plain (default): no calibration; search / gptq: need --calib_file (module doc)")
+    parser.add_argument("--calib_file", help="JSON lines, key text / prompt")
+    parser.add_argument("--calib_num_samples", type=int, help=f"default {d['calib_num_samples']}")
+    parser.add_argument("--calib_seq_len", type=int, help=f"default {d['calib_seq_len']}")
+    parser.add_argument("--calib_damp", type=float,
+                        help="Hessian dampening, a fraction of mean(diag H) (calib/wint2/gptq.DAMP_NOTE; "
+                             f"default {d['calib_damp']})")
+    parser.add_argument("--refine_passes", type=int,
+                        help=f"gptq: coordinate-descent passes after GPTQ (0: GPTQ alone; default {d['refine_passes']})")
+    parser.add_argument("--calib_holdout_samples", type=int,
+                        help="rows at the end of the calibration stream kept out of calibration (default 0)")
+    parser.add_argument("--act_order", nargs="+", choices=["none", "group", "quad"],
+                        help="gptq column orders tried; each row keeps its best (calib/wint2/act_order.py; "
+                             f"default {' '.join(d['act_order'])})")
+    parser.add_argument("--code_scales", nargs="+", type=float,
                         help="code_scale candidates, multiples of 1/256; each row keeps its best "
-                             f"(calib/wint2/code_search.py; fastest: {E.DEFAULT_CODE_SCALES[0]} alone)")
-    parser.add_argument("--tune_epochs", type=int, default=0,
+                             f"(calib/wint2/code_search.py; default {' '.join(map(str, d['code_scales']))}; "
+                             f"fastest: {E.DEFAULT_CODE_SCALES[0]} alone)")
+    parser.add_argument("--tune_epochs", type=int,
                         help="then distil scales and norms from the float model (calib/wint2/tune.py); 0: off")
-    parser.add_argument("--tune_lr", type=float, default=3e-3, help="Adam step of --tune_epochs (relative)")
-    parser.add_argument("--tune_code_lr", type=float, default=0.0,
+    parser.add_argument("--tune_lr", type=float, help=f"Adam step of --tune_epochs (relative; default {d['tune_lr']})")
+    parser.add_argument("--tune_code_lr", type=float,
                         help="--tune_epochs also moves the WINT2 bytes (calib/wint2/tune_codes.py), Adam "
-                             "step in window units; 0: bytes unchanged")
-    parser.add_argument("--tune_group_lr", type=float, default=0.0,
+                             "step in window units; 0 (default): bytes unchanged")
+    parser.add_argument("--tune_group_lr", type=float,
                         help="--tune_epochs also moves the WINT2 group nibbles (calib/wint2/tune_groups.py), "
-                             "relative Adam step; 0: nibbles unchanged")
-    args = parser.parse_args(argv)
+                             "relative Adam step; 0 (default): nibbles unchanged")
+    return parser
+
+
+def resolve_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, Any]:
+    """Defaults < recipe < explicit flags, every value checked by its argparse type and choices
+    (a recipe's YAML values go through the same conversion as the flags)."""
+    cli = vars(parser.parse_args(argv))
+    known = set(_DEFAULTS) | {"model_path", "save_directory"}
+    merged = merge_recipe(cli, known=known, recipes_dir=WINT2_RECIPES_DIR)
+    actions = {a.dest: a for a in parser._actions}
+    options = {**_DEFAULTS, "model_path": None, "save_directory": None, "recipe": None}
+    for key, value in merged.items():
+        options[key] = _convert(actions[key], value, merged.get("recipe"))
+    return options
+
+
+def _convert(action: argparse.Action, value: Any, recipe: str | None) -> Any:
+    """`value` (from argparse or a recipe) as the flag's type, checked against its choices."""
+    if value is None:
+        return None
+    where = f"recipe {recipe}: {action.dest}" if recipe else action.option_strings[0]
+    many = action.nargs in ("*", "+")
+    if many and isinstance(value, str):
+        value = value.split()
+    if many != isinstance(value, (list, tuple)):
+        raise CalibError(f"{where}: expected {'a list' if many else 'a single value'}, got {value!r}")
+    convert = action.type or (lambda v: v)
+    try:
+        values = [convert(v) for v in value] if many else [convert(value)]
+    except (TypeError, ValueError) as exc:
+        raise CalibError(f"{where}: bad value {value!r} ({exc})") from exc
+    if action.const is True and values != [True] and values != [False]:
+        raise CalibError(f"{where}: expected true or false, got {value!r}")
+    bad = [v for v in values if action.choices is not None and v not in action.choices]
+    if bad:
+        raise CalibError(f"{where}: {bad[0]!r} is not one of {sorted(action.choices)}")
+    return values if many else values[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: convert, then print one line per converted module and the mean errors.
+    Returns the exit code: 0 done, 2 bad options or inputs (one error line, no traceback)."""
+    parser = build_parser()
     logging.basicConfig(level=logging.WARNING)
-    if args.method != "plain" and not args.calib_file:
-        parser.error(f"--method {args.method} needs --calib_file")
-    calib = (CalibSpec(args.calib_file, args.calib_num_samples, args.calib_seq_len, damp=args.calib_damp,
-                       holdout_samples=args.calib_holdout_samples) if args.calib_file else None)
+    try:
+        opts = resolve_options(parser, argv)
+    except CalibError as exc:
+        parser.error(str(exc))
+    for required in ("model_path", "save_directory"):
+        if not opts[required]:
+            parser.error(f"--{required} is required (as a flag or in the --recipe)")
+    if opts["method"] != "plain" and not opts["calib_file"]:
+        parser.error(f"--method {opts['method']} needs --calib_file")
+    if opts["tune_epochs"] and not opts["calib_file"]:
+        parser.error("--tune_epochs needs --calib_file")
+    calib = None
+    if opts["calib_file"]:
+        try:
+            calib = CalibSpec(opts["calib_file"], opts["calib_num_samples"], opts["calib_seq_len"],
+                              damp=opts["calib_damp"], holdout_samples=opts["calib_holdout_samples"])
+        except ValueError as exc:
+            parser.error(str(exc))
     options = None
-    if args.method != "plain":
+    if opts["method"] != "plain":
         from calib.wint2.gptq_writer import EncoderOptions
         try:
-            options = EncoderOptions(args.method, args.refine_passes, args.calib_damp, tuple(args.act_order),
-                                     tuple(args.code_scales))
+            options = EncoderOptions(opts["method"], opts["refine_passes"], opts["calib_damp"],
+                                     tuple(opts["act_order"]), tuple(opts["code_scales"]))
         except ValueError as exc:
             parser.error(str(exc))
-    if args.tune_epochs and not args.calib_file:
-        parser.error("--tune_epochs needs --calib_file")
     tune = None
-    if args.tune_epochs:
+    if opts["tune_epochs"]:
         from calib.wint2.tune import TuneSpec
         try:
-            tune = TuneSpec(args.tune_epochs, args.tune_lr, code_lr=args.tune_code_lr,
-                            group_lr=args.tune_group_lr)
+            tune = TuneSpec(opts["tune_epochs"], opts["tune_lr"], code_lr=opts["tune_code_lr"],
+                            group_lr=opts["tune_group_lr"])
         except ValueError as exc:
             parser.error(str(exc))
-    target = Path(args.save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".untuned-", dir=target.parent) if tune else nullcontext() as untuned:
-        report = write_wint2_checkpoint(args.model_path, untuned or target,
-                                        tuple(args.dense_wint2_modules), args.dense_quant_type,
-                                        method=args.method, calib=calib, gptq_refine_passes=args.refine_passes,
-                                        encoder_options=options,
-                                        dense_wint4_modules=tuple(args.dense_wint4_modules))
-        if tune:
+    tool_report = ToolReport(TOOL, str(opts["model_path"]), str(opts["save_directory"]), arguments=opts)
+    write = dict(dense_wint2_modules=tuple(opts["dense_wint2_modules"]), dense_quant_type=opts["dense_quant_type"],
+                 method=opts["method"], calib=calib, gptq_refine_passes=opts["refine_passes"],
+                 encoder_options=options, dense_wint4_modules=tuple(opts["dense_wint4_modules"]),
+                 tool_report=tool_report)
+    try:
+        if tune is None:
+            report = write_wint2_checkpoint(opts["model_path"], opts["save_directory"], overwrite=opts["overwrite"],
+                                            **write)
+        else:
             from calib.wint2.tune import tune_wint2_checkpoint
-            tune_wint2_checkpoint(args.model_path, untuned, target, calib, tune)
+            target = check_output_dir(opts["save_directory"], opts["overwrite"])    # before hours of work
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f".{target.name}.untuned-", dir=target.parent) as tmp:
+                untuned = Path(tmp) / "untuned"
+                report = write_wint2_checkpoint(opts["model_path"], untuned, **write)
+                tune_wint2_checkpoint(opts["model_path"], untuned, target, calib, tune, overwrite=opts["overwrite"],
+                                      tool_report=tool_report)
+    except (CalibError, ValueError, OSError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     for module, kind, error in report.modules:
         print(f"{module:50s} {kind:6s} {error:.4f}")
-    for kind in dict.fromkeys(("wint2", args.dense_quant_type, *(("wint4",) if args.dense_wint4_modules else ()))):
+    for kind in dict.fromkeys(("wint2", opts["dense_quant_type"], *(("wint4",) if opts["dense_wint4_modules"] else ()))):
         print(f"mean relative error {kind}: {report.mean_error(kind):.4f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -109,10 +109,11 @@ def test_bad_inputs(tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="epochs and batch_size must be >= 1"):
         TuneSpec(epochs=0)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit):
-        tune_main(["--model_path", str(tiny_llama_dir), "--quant_path", str(tmp_path / "empty"),
-                   "--save_directory", str(tmp_path / "out"), "--calib_file", str(calib)])
-    assert "expected one model.safetensors" in capsys.readouterr().err
+    code = tune_main(["--model_path", str(tiny_llama_dir), "--quant_path", str(tmp_path / "empty"),
+                      "--save_directory", str(tmp_path / "out"), "--calib_file", str(calib)])
+    err = capsys.readouterr().err
+    assert code == 2 and "expected one model.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="no quantized Linear"):
         from transformers import AutoModelForCausalLM
         build_student(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), {})
