@@ -13,6 +13,11 @@ dynamic per-token-per-bk activations. Embeddings, norms and the LM head are copi
 does). `--method gptq` keeps the same block scales but rounds column by column, pushing each
 column's error onto the columns not yet rounded through the inverse Hessian of the layer's
 calibration inputs (calib/gptq.py), so the layer output, not the weight, stays close to float.
+
+Output as in `python -m calib`: a non-empty `--save_directory` is refused without `--overwrite`,
+the checkpoint is written into a temporary sibling and renamed at the end (calib/output_dir.py),
+and `block_fp8_report.json` holds the tool, arguments, source model, times (calib/report.py
+ToolReport) and the per-Linear output errors; bad inputs print one error line and exit with 2.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +43,7 @@ from calib.hessians import collect_hessians
 from calib.model_spec import find_groups
 from calib.output_dir import check_output_dir, staged_output
 from calib.pipeline import load_model, resolve_device
+from calib.report import ToolReport
 
 logger = logging.getLogger(__name__)
 
@@ -122,34 +128,40 @@ def convert(options: BlockFp8Options) -> BlockFp8Report:
     """Write the block-FP8 checkpoint of `options.model_path`; returns the per-layer errors."""
     options.check()
     target = check_output_dir(options.save_directory, options.overwrite)
-    model, tokenizer, model_dir, source_dtype = load_model(options.model_path,
-                                                           resolve_device(options.device_type))
-    check_finite_weights(model, "in the checkpoint")
+    tool_report = ToolReport("calib.block_fp8", options.model_path, options.save_directory,
+                             arguments=asdict(options))
+    with tool_report.stage("load"):
+        model, tokenizer, model_dir, source_dtype = load_model(options.model_path,
+                                                               resolve_device(options.device_type))
+        check_finite_weights(model, "in the checkpoint")
     groups = find_groups(model)
     hessians = {}
     if options.calib_file:
-        texts = load_calib_texts(options.calib_file, options.num_samples)
-        batches = tokenize_texts(tokenizer, texts, options.max_tokens)
-        hessians = collect_hessians(model, groups, batches, options.progress)
+        with tool_report.stage("hessians"):
+            texts = load_calib_texts(options.calib_file, options.num_samples)
+            batches = tokenize_texts(tokenizer, texts, options.max_tokens)
+            hessians = collect_hessians(model, groups, batches, options.progress)
     report = BlockFp8Report(options.method, options.weight_block_size)
     tensors = {name: t.to(source_dtype) for name, t in _float_state(model).items()}
     modules = dict(model.named_modules())
-    for group in tqdm(groups, desc=f"block fp8 ({options.method})", disable=not options.progress):
-        hessian = hessians.get(group.key)
-        for name in group.names:
-            weight = modules[name].weight.detach().float().cpu()                 # [n, k]
-            q, scale_inv = quantize_block_fp8(weight, options.weight_block_size,
-                                              hessian if options.method == "gptq" else None)
-            tensors[f"{name}.weight"] = q
-            tensors[f"{name}.weight_scale_inv"] = scale_inv
-            if hessian is not None:
-                report.layers.append(_layer_error(name, weight, q, scale_inv,
-                                                  options.weight_block_size, hessian))
-    with staged_output(target) as staging:
+    with tool_report.stage("quantize"):
+        for group in tqdm(groups, desc=f"block fp8 ({options.method})", disable=not options.progress):
+            hessian = hessians.get(group.key)
+            for name in group.names:
+                weight = modules[name].weight.detach().float().cpu()                 # [n, k]
+                q, scale_inv = quantize_block_fp8(weight, options.weight_block_size,
+                                                  hessian if options.method == "gptq" else None)
+                tensors[f"{name}.weight"] = q
+                tensors[f"{name}.weight_scale_inv"] = scale_inv
+                if hessian is not None:
+                    report.layers.append(_layer_error(name, weight, q, scale_inv,
+                                                      options.weight_block_size, hessian))
+    tool_report.summary.update(report.to_json())
+    with tool_report.stage("write"), staged_output(target) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         copy_side_files(model_dir, staging)
         _write_quantization_config(staging / "config.json", options.weight_block_size)
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2))
+        tool_report.write_json(staging, REPORT_FILE)
     return report
 
 
@@ -192,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.device_type, args.overwrite, args.progress)
     try:
         report = convert(options)
-    except (CalibError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (CalibError, ValueError, OSError) as exc:
+        print(f"python -m calib.block_fp8: error: {exc}", file=sys.stderr)
         return 2
     if report.layers:
         logger.info("mean relative output error on the calibration inputs: rtn %.4f, %s %.4f",
