@@ -10,15 +10,16 @@ held-out rows real: after the i-th text of --first (0-based), texts of --second 
 ceil((i + 1) * ratio) of them are in (exact fractions, so ratio 0.9 adds one after each text of
 --first but every tenth); the last --keep_tail texts of --second are held back and written at the
 very end, after whatever else is left. Every input text appears exactly once, unchanged.
+An existing --output is refused without --overwrite; the file is written beside the target under
+a temporary name and renamed at the end (calib/output_dir.write_jsonl), never left half-written.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from fractions import Fraction
-from pathlib import Path
 
+from calib.output_dir import check_output_file, write_jsonl
 from calib.texts import read_calib_texts
 
 
@@ -47,20 +48,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--second", required=True, help="JSON lines whose last --keep_tail texts end the output")
     parser.add_argument("--ratio", type=float, default=1.0, help="texts of --second per text of --first")
     parser.add_argument("--keep_tail", type=int, default=0)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="JSON lines file to write (key text)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
-    output = Path(args.output)
-    if output.is_dir():
-        parser.error(f"--output {output} is a directory; give a .jsonl file path")
-    try:
+    try:                                       # CalibError is a ValueError: one line, exit 2
         texts = interleave_texts(read_calib_texts(args.first), read_calib_texts(args.second), args.ratio,
                                  args.keep_tail)
-    except ValueError as exc:
+        output = check_output_file(args.output, args.overwrite)
+        write_jsonl(output, ({"text": text} for text in texts))
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as handle:
-        for text in texts:
-            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,17 @@ Everything is written into a temporary sibling directory (same file system) that
 `--save_directory` only once the whole checkpoint and report are written, so a failed or
 interrupted run leaves either nothing or the previous content, never a half-written checkpoint.
 Single-file outputs (the JSONL of calib.synthetic / calib.mix) get the same treatment through
-`check_output_file` and `staged_file`: a temporary file beside the target, `os.replace`d at the end.
+`check_output_file` and `staged_file` / `write_jsonl`: a temporary file beside the target,
+`os.replace`d onto it at the end.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,3 +96,10 @@ def staged_file(target: Path) -> Iterator[Path]:
         staging.unlink(missing_ok=True)
         raise
     logger.info("wrote %s", target)
+
+
+def write_jsonl(target: Path, records: Iterable[dict]) -> None:
+    """One JSON line per record, published onto `target` only once all are written (staged_file)."""
+    with staged_file(target) as staging, staging.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,7 +1,7 @@
 """Calibration texts sampled from the float model itself (data-free distillation data).
 
     python -m calib.synthetic --model FLOAT --output gen.jsonl \
-        [--num_texts 128 --max_tokens 512 --temperature 1.0 --seed 0 --prefix_file calib.jsonl]
+        [--num_texts 128 --max_tokens 512 --temperature 1.0 --seed 0 --prefix_file calib.jsonl] [--overwrite]
 
 Distillation tuning (calib/wint2/tune.py) fits the quantized model to the float model's
 next-token distributions on the calibration rows. A small calibration file from one domain gets
@@ -13,12 +13,14 @@ is sampled at temperature 1 over the whole vocabulary, with EOS held back until 
 
 Starts: without --prefix_file, one random non-special vocabulary token per text (seeded); with
 it, the first --prefix_tokens tokens of each calibration text in turn. The output is JSON lines
-with key "text" (start included), readable by every --calib_file.
+with key "text" (start included), readable by every --calib_file. An existing --output is
+refused without --overwrite (checked before any sampling); the file is written beside the target
+under a temporary name and renamed at the end (calib/output_dir.write_jsonl), so a failed run
+leaves the previous file, or none, never a truncated one.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from calib.output_dir import check_output_file, write_jsonl
 from calib.texts import read_calib_texts
 
 logger = logging.getLogger(__name__)
@@ -78,13 +81,12 @@ def sample_token_ids(llm, starts: list[list[int]], spec: SyntheticSpec) -> list[
 
 
 def write_synthetic_calib(model: str, output: str | Path, spec: SyntheticSpec = SyntheticSpec(),
-                          prefix_file: str | None = None, **engine_kwargs) -> list[str]:
-    """Generate the texts (module doc) with our engine on `model` and write them as JSON lines."""
+                          prefix_file: str | None = None, overwrite: bool = False, **engine_kwargs) -> list[str]:
+    """Generate the texts (module doc) with our engine on `model` and write them as JSON lines
+    (atomically; an existing `output` is refused with CalibError unless `overwrite`)."""
     from ascend_llm import LLM
 
-    output = Path(output)
-    if output.exists() and output.is_dir():
-        raise ValueError(f"--output {output} is a directory; give a .jsonl file path")
+    output = check_output_file(output, overwrite)
     start_time = time.perf_counter()
     engine_kwargs.setdefault("max_model_len", spec.max_tokens + spec.prefix_tokens + 1)
     if "max_num_seqs" in engine_kwargs:   # a cache that holds every running text: no preemption
@@ -95,10 +97,7 @@ def write_synthetic_calib(model: str, output: str | Path, spec: SyntheticSpec = 
         starts = (prefix_starts(tokenizer, read_calib_texts(prefix_file), spec.num_texts, spec.prefix_tokens)
                   if prefix_file else random_starts(tokenizer, spec.num_texts, spec.seed))
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in sample_token_ids(llm, starts, spec)]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as handle:
-        for text in texts:
-            handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    write_jsonl(output, ({"text": text} for text in texts))
     logger.info("synthetic_calib: %d texts of %d tokens in %.0f s -> %s", len(texts), spec.max_tokens,
                 time.perf_counter() - start_time, output)
     return texts
@@ -110,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = SyntheticSpec()
     parser.add_argument("--model", required=True, help="the float checkpoint (directory, GGUF or alias)")
     parser.add_argument("--output", required=True, help="JSON lines file to write (key text)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--num_texts", type=int, default=defaults.num_texts)
     parser.add_argument("--max_tokens", type=int, default=defaults.max_tokens, help="sampled tokens per text")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         spec = SyntheticSpec(args.num_texts, args.max_tokens, args.temperature, args.seed, args.prefix_tokens)
-        write_synthetic_calib(args.model, args.output, spec, args.prefix_file, max_num_seqs=args.max_num_seqs)
-    except ValueError as exc:
+        write_synthetic_calib(args.model, args.output, spec, args.prefix_file, overwrite=args.overwrite,
+                              max_num_seqs=args.max_num_seqs)
+    except (ValueError, OSError) as exc:       # CalibError is a ValueError: one line, exit 2
         parser.error(str(exc))
 
 
