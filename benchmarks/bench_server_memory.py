@@ -21,31 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from server_probe import proc_status, wait_healthy     # benchmarks/ is on sys.path
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval_tempest.txt"
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of `pid` in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("server did not become healthy in time")
 
 
 async def load(base: str, model: str, prompts: list[str], output_len: int) -> int:

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from server_probe import proc_status, wait_healthy     # benchmarks/ is on sys.path
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval_tempest.txt"
 RESULTS = Path(__file__).resolve().parent / "results"
 # (range, weight): ~60 prompt words (~75 tokens) and ~27 output tokens per request on average
@@ -196,16 +198,6 @@ async def run_load(client: httpx.AsyncClient, specs: list[RequestSpec], words: l
 
 
 # ------------------------------------------------------------------------------------- server
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of `pid` in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
-
-
 _SAMPLE = re.compile(r'^ascend_llm:(\w+)\{model_name="[^"]*"\} (\S+)$')
 IDLE_GAUGES = ("num_requests_running", "num_requests_waiting", "num_requests_pending", "kv_cache_usage_perc")
 
@@ -224,20 +216,6 @@ def wait_idle(base: str, timeout: float) -> dict[str, float]:
         time.sleep(0.5)
         gauges = engine_gauges(base)
     return gauges
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming healthy")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("server did not become healthy in time")
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_soak.py"
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[Any]:
+    sys.path.insert(0, str(BENCH.parent))       # as when run as a script: its helper modules import
     spec = importlib.util.spec_from_file_location("bench_soak", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module            # dataclasses look their module up while it loads
@@ -25,6 +26,7 @@ def bench() -> Iterator[Any]:
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+        sys.path.remove(str(BENCH.parent))
 
 
 def test_workload_is_seeded_mixed_and_cancels_exactly_the_fraction(bench) -> None:
