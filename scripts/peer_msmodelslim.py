@@ -1,0 +1,162 @@
+"""Write msModelSlim golden fixtures: tiny random Llama / Qwen2 models quantized by the real tool.
+
+Runs inside the peer virtualenv that `scripts/make_peer_fixtures.sh` builds (msmodelslim from PyPI,
+a CPU torch); it drives msModelSlim's classic Python API (AntiOutlier -> Calibrator -> save), the
+one its `example/*/quant_*.py` scripts use, on CPU. Per case it writes to <out>/<case>/:
+  the checkpoint as the tool saved it (description + weights) plus config.json,
+  reference/logits.safetensors (a sub-folder: loaders read every *.safetensors of the checkpoint
+  folder): `input_ids` [2, 8], `float_logits` (the float model) and
+  `fake_quant_logits` (`Calibrator.model` after `run()`: the tool's own quantized model),
+  MANIFEST.json: tool / versions / exact settings / date / writer.
+It is never imported by the runtime or the tests (they read the files it wrote).
+
+Usage: python scripts/peer_msmodelslim.py --out tests/fixtures/peer_checkpoints/msmodelslim [--cases a,b]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.tiny_models import tiny_config  # noqa: E402  (the shape our tests use)
+
+VOCAB = 128                  # small vocabulary: keeps each checkpoint ~130 KB
+SEED = 0
+REF_SHAPE = (2, 8)           # the reference input: 2 sequences of 8 token ids
+
+# case -> settings. "save" is the classic save_type; "anti" an AntiOutlier method or None.
+CASES: dict[str, dict] = {
+    "llama_w8a8": dict(arch="llama", quant=dict(w_bit=8, a_bit=8), save="ascendV1"),
+    "llama_w8a8_safetensor": dict(arch="llama", quant=dict(w_bit=8, a_bit=8), save="safe_tensor"),
+    "qwen2_w8a8": dict(arch="qwen2", quant=dict(w_bit=8, a_bit=8), save="ascendV1"),
+    "llama_w8a8_dynamic": dict(arch="llama", quant=dict(w_bit=8, a_bit=8, is_dynamic=True), save="ascendV1"),
+    "qwen2_w8a8_dynamic": dict(arch="qwen2", quant=dict(w_bit=8, a_bit=8, is_dynamic=True), save="ascendV1"),
+    "llama_w8a16": dict(arch="llama", quant=dict(w_bit=8, a_bit=16), save="ascendV1"),
+    "llama_w8a8_c8": dict(arch="llama", quant=dict(w_bit=8, a_bit=8, use_kvcache_quant=True), save="ascendV1"),
+    "llama_w8a8_m2": dict(arch="llama", quant=dict(w_bit=8, a_bit=8), save="ascendV1", anti="m2"),
+    "llama_w8a8_m2_safetensor": dict(arch="llama", quant=dict(w_bit=8, a_bit=8), save="safe_tensor", anti="m2"),
+    "llama_w8a8_disabled": dict(arch="llama", save="ascendV1", quant=dict(
+        w_bit=8, a_bit=8, disable_names=["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"])),
+}
+# Fixed settings of every run (the example scripts' choices for a CPU run: per-channel weights,
+# min-max activations, lm_head left in float).
+COMMON_QUANT = dict(dev_type="cpu", act_method=1, mm_tensor=False, w_sym=True, disable_last_linear=True)
+
+
+def tiny_model(arch: str):
+    """A random untied tiny model (untied: the classic safetensors savers refuse shared tensors)."""
+    torch.manual_seed(SEED)
+    config, cls = tiny_config(arch, tie=False, vocab_size=VOCAB)
+    config.architectures = [cls.__name__]      # as from_pretrained has it (AntiOutlier reads it)
+    model = cls(config).eval()
+    with torch.no_grad():          # the init of tests/tiny_models.py: logits far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif p.dim() == 1 and p.shape[0] == config.hidden_size:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0, 0.05)
+    return model
+
+
+def calib_data(n: int = 4, length: int = 16) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [[torch.randint(3, VOCAB, (1, length), generator=gen), torch.ones(1, length, dtype=torch.long)]
+            for _ in range(n)]
+
+
+def reference_ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, REF_SHAPE, generator=torch.Generator().manual_seed(2))
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float().contiguous()
+
+
+def run_case(name: str, spec: dict, out_root: Path) -> dict:
+    from msmodelslim.pytorch.llm_ptq.anti_outlier import AntiOutlier, AntiOutlierConfig
+    from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
+
+    out = out_root / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model = tiny_model(spec["arch"])
+    ids = reference_ids()
+    float_logits = logits_of(model, ids)
+    data = calib_data()
+    start = time.time()
+    anti = spec.get("anti")
+    if anti:
+        AntiOutlier(model, calib_data=data, cfg=AntiOutlierConfig(anti_method=anti, dev_type="cpu")).process()
+    quant_args = {**COMMON_QUANT, **spec["quant"]}
+    calibrator = Calibrator(model, QuantConfig(**quant_args), calib_data=data, disable_level="L0")
+    calibrator.run()
+    fake_quant_logits = logits_of(calibrator.model, ids)
+    calibrator.save(str(out), save_type=[spec["save"]])
+    seconds = time.time() - start
+    model.config.save_pretrained(out)      # the example scripts copy config.json next to the weights
+    (out / "reference").mkdir()
+    save_file({"input_ids": ids.contiguous(), "float_logits": float_logits,
+               "fake_quant_logits": fake_quant_logits}, str(out / "reference" / "logits.safetensors"))
+    import msmodelslim  # noqa: F401
+    from importlib.metadata import version
+    manifest = {
+        "tool": "msmodelslim", "tool_version": version("msmodelslim"),
+        "api": "classic (AntiOutlier / Calibrator / save)",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "model": {"arch": spec["arch"], "vocab_size": VOCAB, "seed": SEED, "tie_word_embeddings": False,
+                  "dtype": "float32", "shape": "tests/tiny_models.py tiny_config"},
+        "calib_data": "4 x 16 random token ids (torch.Generator seed 1), attention mask ones",
+        "anti_outlier": {"anti_method": anti, "dev_type": "cpu"} if anti else None,
+        "quant_config": quant_args, "disable_level": "L0", "save_type": [spec["save"]],
+        "reference": {"input_ids": list(REF_SHAPE), "float_logits": "float model before calibration",
+                      "fake_quant_logits": "Calibrator.model after run()"},
+        "seconds": round(seconds, 1),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "written_by": "scripts/make_peer_fixtures.sh -> scripts/peer_msmodelslim.py",
+    }
+    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/peer_checkpoints/msmodelslim")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    os.chdir(tempfile.mkdtemp(prefix="peer_msmodelslim_"))   # AntiOutlier writes features.npy to the cwd
+    failures = {}
+    for name in args.cases.split(","):
+        try:
+            manifest = run_case(name, CASES[name], args.out)
+            print(f"[peer_msmodelslim] {name}: ok ({manifest['seconds']} s)", flush=True)
+        except Exception as exc:      # keep going: report every case that the tool refused
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            print(f"[peer_msmodelslim] {name}: FAILED {failures[name]}", flush=True)
+            shutil.rmtree(args.out / name, ignore_errors=True)
+    if failures:
+        sys.exit(f"{len(failures)} case(s) failed: {', '.join(failures)}")
+
+
+if __name__ == "__main__":
+    main()
