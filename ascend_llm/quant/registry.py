@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ascend_llm.quant.base import QuantConfig
+from ascend_llm.quant.compressed_tensors import CompressedTensorsConfig
 from ascend_llm.quant.formats import config_quant_method, detect_quant_format
 from ascend_llm.quant.fp8 import BlockWiseFp8Config, Fp8Config
 from ascend_llm.quant.fp8_checkpoint import Fp8CheckpointConfig
@@ -31,7 +32,7 @@ ASCEND_NAMES = ("ascend", "w8a8", "w8a8_dynamic")
 # Offline-only formats: a checkpoint in that format is required.
 OFFLINE_METHODS = ("wint2",)
 # config.json quantization_config methods this build loads.
-CHECKPOINT_METHODS = ("fp8", "wint2", "wint8", "wint4")
+CHECKPOINT_METHODS = ("fp8", "wint2", "wint8", "wint4", "compressed-tensors")
 PLANNED_METHODS = tuple(_ONLINE_METHODS) + ASCEND_NAMES + OFFLINE_METHODS
 
 
@@ -113,6 +114,8 @@ def _from_checkpoint(checkpoint: dict[str, Any], packed: dict[str, tuple[str, ..
         return wint2
     if method in ("wint8", "wint4"):
         return weight_only_config_from_checkpoint(config, packed, source)
+    if method == "compressed-tensors":
+        return CompressedTensorsConfig.from_config(config, packed, source)
     raise ValueError(f"{source}: quantization_config method {method!r} is not supported; supported "
                      f"quant_method values: {', '.join(CHECKPOINT_METHODS)} (and msModelSlim "
                      f"checkpoints with a quant_model_description*.json)")

@@ -1,0 +1,399 @@
+"""compressed-tensors checkpoints (config.json `quantization_config.quant_method: "compressed-tensors"`),
+the format llm-compressor writes and most quantized models on the HF hub use.
+
+`quantization_config` fields read: `format` (top level, or per config group), `config_groups`
+({name: {targets, weights, input_activations, output_activations, format}}), `ignore` (module
+names or `re:` regexes), `kv_cache_scheme` (must be null here), `quantization_status` (must be
+"compressed" when given). Each quantization-args dict holds num_bits, type (int | float),
+strategy (tensor | channel | group | token), group_size, symmetric, dynamic, actorder (null or
+"static": no `weight_g_idx`), plus observer settings that only the calibration tool reads. An
+unknown key, format, strategy or combination is a ValueError naming it.
+
+Every scheme maps onto a method that already exists for another format (tensors per Linear):
+- int8 channel weights, dynamic per-token int8 activations (`int-quantized`, preset W8A8):
+  `weight` int8 [n, k], `weight_scale` [n, 1] -> msModelSlim's W8A8_DYNAMIC (`w8a8.py`; on the
+  NPU `npu_dynamic_quant` + int8 matmul).
+- int8 channel / tensor weights, static per-tensor int8 activations (`int-quantized`): also
+  `input_scale` [1] (and `input_zero_point` [1] if asymmetric) -> msModelSlim's static W8A8 with
+  deq_scale = input_scale * weight_scale and quant_bias = -zp * sum_k W (the float bias is added
+  after the matmul instead of being folded into quant_bias).
+- fp8 tensor weights with static per-tensor or dynamic activations (`float-quantized`, preset
+  FP8): `weight` e4m3 [n, k], `weight_scale` [1], `input_scale` [1] -> the AutoFP8 checkpoint
+  method (`fp8_checkpoint.py`; fused shards re-quantized to the max shard scale, as vLLM).
+- fp8 channel weights, dynamic per-token activations (preset FP8_DYNAMIC): `weight` e4m3,
+  `weight_scale` [n, 1] -> msModelSlim's WFP8AFP8_DYNAMIC (`w8a8.py`).
+- int4 / int8 group or channel weights only (`pack-quantized`, W4A16 / W8A16, symmetric or
+  with zero points): `weight_packed`, `weight_scale`, `weight_shape` (`weight_zero_point`) ->
+  `weight_only_group.py`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.fp8_checkpoint import Fp8CheckpointLinearMethod
+from ascend_llm.quant.module_patterns import check_regex_entries
+from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
+from ascend_llm.quant.w8a8 import (W8A8DynamicLinearMethod, W8A8StaticLinearMethod,
+                                   WFp8AFp8DynamicLinearMethod, encode_deq_scale_int64)
+from ascend_llm.quant.weight_only_group import GroupWeightOnlyLinearMethod
+
+METHOD = "compressed-tensors"
+FORMATS = ("int-quantized", "float-quantized", "naive-quantized", "pack-quantized", "mixed-precision")
+ARG_KEYS = frozenset({"num_bits", "type", "symmetric", "group_size", "strategy", "block_structure",
+                      "dynamic", "actorder", "observer", "observer_kwargs", "scale_dtype", "zp_dtype"})
+GROUP_KEYS = frozenset({"targets", "weights", "input_activations", "output_activations", "format"})
+CONFIG_KEYS = frozenset({"quant_method", "format", "config_groups", "ignore", "kv_cache_scheme",
+                         "quantization_status", "global_compression_ratio", "sparsity_config",
+                         "transform_config", "version"})
+STRATEGIES = ("tensor", "channel", "group", "token")
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """One compressed-tensors QuantizationArgs (weights or input activations)."""
+    num_bits: int
+    type: str
+    strategy: str
+    symmetric: bool
+    dynamic: bool
+    group_size: int | None
+
+    @classmethod
+    def parse(cls, args: Any, where: str) -> "QuantArgs":
+        if not isinstance(args, dict):
+            raise ValueError(f"{where}: must be an object, got {type(args).__name__}")
+        unknown = sorted(set(args) - ARG_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(ARG_KEYS))})")
+        num_bits, qtype = args.get("num_bits", 8), args.get("type", "int")
+        strategy, group_size = args.get("strategy"), args.get("group_size")
+        symmetric, dynamic = args.get("symmetric", True), args.get("dynamic", False)
+        if not isinstance(num_bits, int) or isinstance(num_bits, bool) or num_bits <= 0:
+            raise ValueError(f"{where}.num_bits: must be a positive integer, got {num_bits!r}")
+        if qtype not in ("int", "float"):
+            raise ValueError(f"{where}.type: {qtype!r} is not supported (int, float)")
+        if strategy is None:                    # compressed-tensors' default
+            strategy = "group" if group_size else "tensor"
+        if strategy not in STRATEGIES:
+            raise ValueError(f"{where}.strategy: {strategy!r} is not supported ({', '.join(STRATEGIES)})")
+        if strategy == "group":
+            if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+                raise ValueError(f"{where}.group_size: strategy 'group' needs a positive integer, got {group_size!r}")
+        elif group_size not in (None, -1):
+            raise ValueError(f"{where}.group_size: {group_size!r} given with strategy {strategy!r}")
+        if not isinstance(symmetric, bool):
+            raise ValueError(f"{where}.symmetric: must be true or false, got {symmetric!r}")
+        if dynamic not in (True, False):
+            raise ValueError(f"{where}.dynamic: {dynamic!r} is not supported (true, false)")
+        if args.get("block_structure") is not None:
+            raise ValueError(f"{where}.block_structure: block-wise quantization is not supported")
+        if args.get("actorder") not in (None, "static"):
+            raise ValueError(f"{where}.actorder: {args['actorder']!r} (weight_g_idx column permutation) "
+                             f"is not supported; null or 'static' only")
+        return cls(num_bits, qtype, strategy, symmetric, bool(dynamic),
+                   group_size if strategy == "group" else None)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A config group: which modules it targets and what it stores."""
+    name: str
+    targets: tuple[str, ...]
+    weights: QuantArgs
+    inputs: QuantArgs | None
+    format: str
+
+    def kind(self) -> str:
+        """Which of the supported schemes this is; ValueError naming the group otherwise."""
+        w, a, where = self.weights, self.inputs, f"config_groups.{self.name}"
+        if self.format == "pack-quantized":
+            if a is not None:
+                raise ValueError(f"{where}: pack-quantized with input_activations is not supported")
+            if w.type != "int" or w.num_bits not in (4, 8) or w.strategy not in ("group", "channel") or w.dynamic:
+                raise ValueError(f"{where}.weights: pack-quantized supports static int4 / int8 group or "
+                                 f"channel weights, got {_describe(w)}")
+            return "wna16"
+        if self.format in ("int-quantized", "naive-quantized") and w.type == "int":
+            if a is None:
+                raise ValueError(f"{where}: int weights without input_activations in format "
+                                 f"{self.format!r} (unpacked weight-only) are not supported; "
+                                 f"pack-quantized only")
+            if w.num_bits != 8 or a.num_bits != 8 or a.type != "int" or not w.symmetric \
+                    or w.strategy not in ("channel", "tensor") or w.dynamic:
+                raise ValueError(f"{where}: int W8A8 needs symmetric static int8 channel or tensor weights "
+                                 f"and int8 activations, got weights {_describe(w)}, "
+                                 f"input_activations {_describe(a)}")
+            if a.dynamic and a.strategy == "token" and a.symmetric:
+                if w.strategy != "channel":
+                    raise ValueError(f"{where}: dynamic per-token int8 activations need channel weights, "
+                                     f"got {w.strategy!r}")
+                return "w8a8_int8_dynamic"
+            if not a.dynamic and a.strategy == "tensor":
+                return "w8a8_int8_static"
+            raise ValueError(f"{where}.input_activations: int8 {_describe(a)} is not supported "
+                             f"(dynamic symmetric per-token, or static per-tensor)")
+        if self.format in ("float-quantized", "naive-quantized") and w.type == "float":
+            if w.num_bits != 8 or not w.symmetric or w.dynamic or w.strategy not in ("tensor", "channel"):
+                raise ValueError(f"{where}.weights: fp8 needs symmetric static 8-bit tensor or channel "
+                                 f"weights, got {_describe(w)}")
+            if a is None:
+                raise ValueError(f"{where}: fp8 weights without input_activations (W8A16 fp8) are not "
+                                 f"supported")
+            if a.type != "float" or a.num_bits != 8 or not a.symmetric:
+                raise ValueError(f"{where}.input_activations: fp8 weights need symmetric fp8 "
+                                 f"activations, got {_describe(a)}")
+            if w.strategy == "tensor" and not a.dynamic and a.strategy == "tensor":
+                return "fp8_tensor_static"
+            if w.strategy == "tensor" and a.dynamic and a.strategy in ("tensor", "token"):
+                return "fp8_tensor_dynamic"
+            if w.strategy == "channel" and a.dynamic and a.strategy == "token":
+                return "fp8_channel_dynamic"
+            raise ValueError(f"{where}: fp8 weights {w.strategy!r} with activations {_describe(a)} "
+                             f"are not supported")
+        raise ValueError(f"{where}: format {self.format!r} with {w.type} weights is not supported")
+
+
+def _describe(args: QuantArgs) -> str:
+    group = f", group_size {args.group_size}" if args.group_size else ""
+    return (f"({args.num_bits}-bit {args.type}, {args.strategy}{group}, "
+            f"{'symmetric' if args.symmetric else 'asymmetric'}, {'dynamic' if args.dynamic else 'static'})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: the existing ones, with compressed-tensors' tensor names
+# ---------------------------------------------------------------------------------------------
+
+class CtW8A8DynamicMethod(W8A8DynamicLinearMethod):
+    """int8 [n, k] + `weight_scale` [n, 1]; no offsets in the checkpoint (symmetric)."""
+
+    def __init__(self, shard_names: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.shard_names = shard_names
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        n = sum(output_sizes)
+        layer.params_dtype = params_dtype
+        add_param(layer, "weight", (n, input_size), torch.int8, out_dim=0, in_dim=1)       # [n, k]
+        add_param(layer, "weight_scale", (n, 1), torch.float32, out_dim=0)                 # [n, 1]
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        check_loaded(layer, ("weight", "weight_scale"), self.shard_names)
+        layer.weight_offset = nn.Parameter(torch.zeros_like(layer.weight_scale.data), requires_grad=False)
+        super().process_weights_after_loading(layer)
+
+
+class CtW8A8StaticMethod(W8A8StaticLinearMethod):
+    """int8 weights with channel ([n, 1]) or tensor ([1] per shard) scales, static per-tensor
+    int8 activations (`input_scale`, `input_zero_point` if asymmetric), recast as msModelSlim's
+    static W8A8: deq_scale[n] = input_scale * weight_scale[n], quant_bias[n] = -zp * sum_k W[n, k]."""
+
+    def __init__(self, channel_weights: bool, symmetric_inputs: bool, shard_names: tuple[str, ...] = ()) -> None:
+        self.channel, self.symmetric, self.shard_names = channel_weights, symmetric_inputs, shard_names
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        n, shards = sum(output_sizes), len(output_sizes)
+        layer.params_dtype = params_dtype
+        add_param(layer, "weight", (n, input_size), torch.int8, out_dim=0, in_dim=1)       # [n, k]
+        if self.channel:
+            add_param(layer, "weight_scale", (n, 1), torch.float32, out_dim=0)             # [n, 1]
+        else:
+            add_param(layer, "weight_scale", (shards,), torch.float32, out_dim=None)       # [shards]
+        add_param(layer, "input_scale", (shards,), torch.float32, out_dim=None)            # [shards]
+        if not self.symmetric:
+            add_param(layer, "input_zero_point", (shards,), torch.float32, out_dim=None)   # [shards]
+            layer.input_zero_point.load_check = _integer_values
+
+    def _tensors(self) -> tuple[str, ...]:
+        return ("weight", "weight_scale", "input_scale") + (() if self.symmetric else ("input_zero_point",))
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        check_loaded(layer, self._tensors(), self.shard_names)
+        sizes = list(layer.output_sizes)
+        rows = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))     # [n] shard of row
+        w_scale = layer.weight_scale.data
+        w_scale = w_scale.reshape(-1) if self.channel else w_scale[rows]                   # [n]
+        in_scale = layer.input_scale.data                                                   # [shards]
+        zero = (layer.input_zero_point.data if not self.symmetric
+                else torch.zeros_like(in_scale))                                            # [shards]
+        deq = (in_scale[rows] * w_scale).to(torch.float32)
+        deq_dtype = torch.float32 if layer.params_dtype == torch.bfloat16 else torch.int64
+        sums = layer.weight.data.to(torch.int64).sum(dim=1)                                # [n]
+        quant_bias = (-zero[rows].to(torch.int64) * sums).to(torch.int32)
+        if not self.symmetric:
+            del layer.input_zero_point
+        # msModelSlim's optional per-channel extras, consistent with deq_scale by construction
+        layer.weight_scale = nn.Parameter(w_scale.to(torch.float32)[:, None], requires_grad=False)
+        layer.weight_offset = nn.Parameter(torch.zeros(len(w_scale), 1), requires_grad=False)
+        layer.input_offset = nn.Parameter(zero.to(torch.float32), requires_grad=False)
+        layer.deq_scale = nn.Parameter(encode_deq_scale_int64(deq) if deq_dtype == torch.int64 else deq,
+                                       requires_grad=False)
+        layer.quant_bias = nn.Parameter(quant_bias, requires_grad=False)
+        super().process_weights_after_loading(layer)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # msModelSlim folds its float bias into quant_bias; compressed-tensors keeps it separate
+        out = super().apply(layer, x, None)
+        return out if bias is None else out + bias.to(out.dtype)
+
+
+class CtFp8ChannelDynamicMethod(WFp8AFp8DynamicLinearMethod):
+    """e4m3 [n, k] + `weight_scale` [n, 1], dynamic per-token e4m3 activations."""
+
+    def __init__(self, shard_names: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.shard_names = shard_names
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        from ascend_llm.numerics import primitives as P
+        n = sum(output_sizes)
+        add_param(layer, "weight", (n, input_size), P.FP8_DTYPE, out_dim=0, in_dim=1)      # [n, k]
+        add_param(layer, "weight_scale", (n, 1), torch.float32, out_dim=0)                 # [n, 1]
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        check_loaded(layer, ("weight", "weight_scale"), self.shard_names)
+        super().process_weights_after_loading(layer)
+
+
+def _integer_values(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
+    """An int8 zero point: integer values in [-128, 127] in any real dtype."""
+    values = loaded.to(torch.float64)
+    if loaded.dtype == torch.bool or not bool((values == values.round()).all()
+                                              and (values >= -128).all() and (values <= 127).all()):
+        raise ValueError(f"{name}: must hold integers in [-128, 127], got {loaded.flatten()[:8].tolist()}")
+    return loaded.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+class CompressedTensorsConfig(QuantConfig):
+    """A compressed-tensors checkpoint: each Linear gets the method of the config group targeting it."""
+
+    def __init__(self, schemes: list[Scheme], ignore: tuple[str, ...],
+                 packed_modules: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.schemes, self.ignore = schemes, ignore
+        self.packed_modules = dict(packed_modules or {})
+
+    @classmethod
+    def get_name(cls) -> str:
+        return METHOD
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], packed_modules: dict[str, tuple[str, ...]] | None = None,
+                    source: str = "quantization_config") -> "CompressedTensorsConfig":
+        where = f"{source}: quantization_config"
+        unknown = sorted(set(config) - CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
+        status = config.get("quantization_status", "compressed")
+        if status != "compressed":
+            raise ValueError(f"{where}.quantization_status: {status!r} is not supported (a checkpoint "
+                             f"saved with save_compressed=True says 'compressed')")
+        if config.get("kv_cache_scheme") is not None:
+            raise ValueError(f"{where}.kv_cache_scheme: quantized KV-cache schemes are not supported yet "
+                             f"(got {config['kv_cache_scheme']!r}); re-export without one")
+        if config.get("sparsity_config"):
+            raise ValueError(f"{where}.sparsity_config: sparse compressed-tensors checkpoints are not supported")
+        if config.get("transform_config"):
+            raise ValueError(f"{where}.transform_config: transforms (e.g. Hadamard rotations) are not supported")
+        top_format = config.get("format", "dense")
+        if top_format not in FORMATS:
+            raise ValueError(f"{where}.format: {top_format!r} is not supported ({', '.join(FORMATS)})")
+        ignore = config.get("ignore") or []
+        if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
+            raise ValueError(f"{where}.ignore: must be a list of strings, got {ignore!r}")
+        check_regex_entries(ignore, "ignore", source)
+        groups = config.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            raise ValueError(f"{where}.config_groups: must be a non-empty object, got {groups!r}")
+        schemes = [_parse_group(name, group, top_format, f"{where}.config_groups.{name}")
+                   for name, group in groups.items()]
+        for scheme in schemes:          # refuse what cannot be run now, not at the first layer
+            try:
+                scheme.kind()
+            except ValueError as exc:
+                raise ValueError(f"{source}: {exc}") from None
+        if "lm_head" not in ignore and not any(_matches(e, "lm_head") for e in ignore) and any(
+                _matches(t, "lm_head") or t in ("Linear", "re:.*") for s in schemes for t in s.targets):
+            raise ValueError(f"{where}.ignore: the LM head is quantized (not in ignore); quantized "
+                             f"lm_head is not supported")
+        return cls(schemes, tuple(ignore), packed_modules)
+
+    def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
+        if getattr(layer, "is_fused_moe", False):
+            raise ValueError(f"{prefix}: compressed-tensors MoE expert checkpoints are not supported")
+        shard_names = shard_names_for(prefix, self.packed_modules)
+        parent = prefix.rpartition(".")[0]
+        names = [f"{parent}.{s}" if parent else s for s in shard_names] or [prefix]
+        found = {name: self._scheme_for(name) for name in names}
+        if len({id(s) for s in found.values()}) > 1:
+            labels = {n: (s.name if s else "float") for n, s in found.items()}
+            raise ValueError(f"{prefix}: the fused shards have different compressed-tensors schemes "
+                             f"{labels}; they must share one")
+        scheme = next(iter(found.values()))
+        if scheme is None:
+            return None
+        kind = scheme.kind()
+        if kind == "w8a8_int8_dynamic":
+            return CtW8A8DynamicMethod(shard_names)
+        if kind == "w8a8_int8_static":
+            return CtW8A8StaticMethod(scheme.weights.strategy == "channel", scheme.inputs.symmetric, shard_names)
+        if kind in ("fp8_tensor_static", "fp8_tensor_dynamic"):
+            return Fp8CheckpointLinearMethod(kind == "fp8_tensor_static", shard_names)
+        if kind == "fp8_channel_dynamic":
+            return CtFp8ChannelDynamicMethod(shard_names)
+        w = scheme.weights
+        return GroupWeightOnlyLinearMethod(w.num_bits, w.group_size, w.symmetric, shard_names)
+
+    def _scheme_for(self, name: str) -> Scheme | None:
+        """The scheme targeting module `name` (None if ignored or untargeted)."""
+        if any(_matches(entry, name) for entry in self.ignore):
+            return None
+        hits = [s for s in self.schemes if any(t == "Linear" or _matches(t, name) for t in s.targets)]
+        if not hits:
+            return None
+        # compressed-tensors: an exact or regex target wins over the "Linear" class target
+        specific = [s for s in hits if any(t != "Linear" and _matches(t, name) for t in s.targets)]
+        return (specific or hits)[0]
+
+
+def _parse_group(name: str, group: Any, top_format: str, where: str) -> Scheme:
+    if not isinstance(group, dict):
+        raise ValueError(f"{where}: must be an object, got {type(group).__name__}")
+    unknown = sorted(set(group) - GROUP_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(GROUP_KEYS))})")
+    targets = group.get("targets")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{where}.targets: must be a non-empty list of strings, got {targets!r}")
+    check_regex_entries(targets, "targets", where)
+    if group.get("weights") is None:
+        raise ValueError(f"{where}.weights: activation-only schemes are not supported")
+    if group.get("output_activations") is not None:
+        raise ValueError(f"{where}.output_activations: output quantization is not supported")
+    weights = QuantArgs.parse(group["weights"], f"{where}.weights")
+    inputs = group.get("input_activations")
+    inputs = None if inputs is None else QuantArgs.parse(inputs, f"{where}.input_activations")
+    fmt = group.get("format") or top_format
+    if fmt not in FORMATS or fmt == "mixed-precision":
+        raise ValueError(f"{where}.format: {fmt!r} is not supported "
+                         f"({', '.join(f for f in FORMATS if f != 'mixed-precision')})")
+    return Scheme(name, tuple(targets), weights, inputs, fmt)
+
+
+def _matches(entry: str, name: str) -> bool:
+    """compressed-tensors target / ignore matching: `re:<regex>` (re.match) or the exact module
+    name, or its last component (e.g. "lm_head")."""
+    if entry.startswith("re:"):
+        return re.match(entry[3:], name) is not None
+    return entry == name or name.endswith(f".{entry}")

@@ -1,0 +1,213 @@
+"""compressed-tensors checkpoints written by llm-compressor itself (tests/fixtures/peer_checkpoints/
+llmcompressor/, made by scripts/make_peer_fixtures_llmcompressor.sh; see each MANIFEST.json),
+loaded from config.json's `quantization_config` alone, against transformers' logits of the same
+saved checkpoint (compressed-tensors decompresses it and fake-quantizes the activations).
+
+Tolerances, |ours - reference| over the [2, 8, 128] fp32 logits (logit std ~0.63):
+- FP8_DYNAMIC, W8A8 int8 static, W4A16 / W4A16 asym / W8A16 (pack-quantized, group 32): the same
+  codes, scales and activation rounding on both sides (e4m3 casts and int rounding are exact), so
+  only fp32 summation order differs: measured max 1.3e-6, bound 1e-4.
+- W8A8 int8 dynamic: our per-token activation scale is amax / 127 (range +-127, what
+  `npu_dynamic_quant` computes), compressed-tensors' is amax / 127.5 over [-128, 127]: every
+  activation lands on a different int8 grid, an independent rounding as large as the format's
+  own (reference vs float: max 0.037). Measured max 0.042 / mean 0.009, bound 0.1 / 0.02.
+- FP8 (per-tensor static): q/k/v and gate/up each carry their own weight scale (e.g. 6.08e-4,
+  6.02e-4, 6.33e-4); as vLLM, fused shards below the max scale are re-quantized to it (one more
+  e4m3 rounding of those rows, `fp8_checkpoint.requantize_with_max_scale`). Measured max 0.14 /
+  mean 0.027 (reference vs float: max 0.20), bound 0.3 / 0.05; the unfused o_proj / down_proj
+  keep the checkpoint's e4m3 bytes exactly (asserted).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches
+from ascend_llm.loader import iter_safetensors_weights, load_hf_config
+from ascend_llm.models.forward_batch import ForwardBatch
+from ascend_llm.models.registry import get_model_class
+from ascend_llm.models.weight_utils import process_weights_after_loading
+from ascend_llm.ops import AttentionMetadata, build_op_set
+from ascend_llm.quant.compressed_tensors import CompressedTensorsConfig
+from ascend_llm.quant.registry import get_quant_config
+from ascend_llm.quant.weight_only_group import unpack_int32
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints" / "llmcompressor"
+EXACT = (1e-4, 1e-4)                   # (max, mean) bounds
+CASES = {   # case -> (method class of qkv_proj, (max, mean) bound)
+    "llama_w8a8_int8_dynamic": ("CtW8A8DynamicMethod", (0.1, 0.02)),
+    "qwen2_w8a8_int8_dynamic": ("CtW8A8DynamicMethod", (0.1, 0.02)),
+    "llama_w8a8_int8_static": ("CtW8A8StaticMethod", EXACT),
+    "llama_fp8": ("Fp8CheckpointLinearMethod", (0.3, 0.05)),
+    "llama_fp8_dynamic": ("CtFp8ChannelDynamicMethod", EXACT),
+    "llama_w4a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
+    "llama_w4a16_g32_asym": ("GroupWeightOnlyLinearMethod", EXACT),
+    "llama_w8a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
+    "qwen2_w4a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
+}
+BLOCK = 4
+
+
+def build(model_dir: Path):
+    """Load as the engine does: the format from config.json, weights, then process."""
+    config = load_hf_config(model_dir)
+    quant = get_quant_config(None, config, model_dir)
+    model = get_model_class(config)(config, build_op_set("cpu"), quant, torch.float32)
+    model.load_weights(iter_safetensors_weights(model_dir))
+    process_weights_after_loading(model)
+    return config, model.eval()
+
+
+@torch.inference_mode()
+def logits(model, config, token_ids: list[int]) -> torch.Tensor:
+    """One prefill of `token_ids` -> [T, vocab]."""
+    n, num_blocks = len(token_ids), 8
+    kv = allocate_kv_caches(KVCacheSpec.from_hf_config(config, BLOCK, torch.float32), num_blocks,
+                            torch.device("cpu"))
+    table = list(range(-(-n // BLOCK)))
+    slots = [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
+    meta = AttentionMetadata.build([n], [n], [table], slots, BLOCK, num_blocks, torch.device("cpu"))
+    batch = ForwardBatch(torch.tensor(token_ids), torch.arange(n), meta, kv, torch.arange(n))
+    return model.compute_logits(model(batch))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fixture_matches_transformers(case):
+    model_dir = FIXTURES / case
+    manifest = json.loads((model_dir / "MANIFEST.json").read_text())
+    assert manifest["tool"] == "llmcompressor" and manifest["compressed_tensors_version"]
+    config, model = build(model_dir)
+    method, (max_bound, mean_bound) = CASES[case]
+    assert type(model.model.layers[0].self_attn.qkv_proj.quant_method).__name__ == method
+    assert type(model.model.layers[1].mlp.down_proj.quant_method).__name__ == method
+    ref = load_file(str(model_dir / "reference.safetensors"))
+    got = torch.stack([logits(model, config, row.tolist()) for row in ref["input_ids"]])
+    want = ref["logits"]
+    err = (got - want).abs()
+    assert float(err.max()) < max_bound and float(err.mean()) < mean_bound, (err.max(), err.mean())
+    assert want.std() > 0.1                                       # not near-constant logits
+    assert float((want - ref["float_logits"]).abs().max()) > 1e-2   # the checkpoint is quantized
+
+
+def test_fp8_unfused_layers_keep_checkpoint_bytes():
+    _, model = build(FIXTURES / "llama_fp8")
+    tensors = load_file(str(FIXTURES / "llama_fp8" / "model.safetensors"))
+    o_proj = model.model.layers[0].self_attn.o_proj
+    name = "model.layers.0.self_attn.o_proj"
+    assert torch.equal(o_proj.weight.data.view(torch.uint8), tensors[f"{name}.weight"].view(torch.uint8))
+    assert float(o_proj.weight_scale) == float(tensors[f"{name}.weight_scale"])
+
+
+def test_through_llm(tmp_path):
+    """The engine detects the format by itself: prompt logprobs equal the reference's."""
+    from ascend_llm import LLM, SamplingParams
+    from tests.tiny_models import make_tokenizer
+    model_dir = tmp_path / "w4a16"
+    shutil.copytree(FIXTURES / "llama_w4a16_g32", model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    ref = load_file(str(model_dir / "reference.safetensors"))
+    llm = LLM(str(model_dir), max_model_len=32)
+    prompts = ref["input_ids"].tolist()
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    want = torch.log_softmax(ref["logits"], dim=-1)
+    for row, (p, out) in enumerate(zip(prompts, outs)):
+        got = torch.tensor([entry[t].logprob for t, entry in zip(p[1:], out.prompt_logprobs[1:])])
+        expected = want[row, torch.arange(len(p) - 1), torch.tensor(p[1:])]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_unpack_int32_layout():
+    # compressed-tensors' pack_to_int32 (src/compressed_tensors/compressors/quantized_compressors/
+    # pack_quantized.py): codes + 2^(bits-1) as unsigned, 32 / bits per int32 along the row,
+    # least significant bits first, the last word zero-padded; zero points the same along dim 0.
+    codes = torch.tensor([[-8, -1, 0, 7, 3, -4, 5, -6, 1, 2]], dtype=torch.int8)   # 10 -> 2 words
+    unsigned = (codes.to(torch.int64) + 8).tolist()[0] + [0] * 6
+    words = [sum(v << (4 * i) for i, v in enumerate(unsigned[j:j + 8])) for j in (0, 8)]
+    packed = torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in words]], dtype=torch.int32)
+    assert torch.equal(unpack_int32(packed, 4, 10), codes)
+    assert torch.equal(unpack_int32(packed.t().contiguous(), 4, 10, dim=0), codes.t())
+    eight = torch.tensor([[-128, 127, 0, -1, 5]], dtype=torch.int8)                # 4 per word
+    u8 = (eight.to(torch.int64) + 128).tolist()[0] + [0] * 3
+    w8 = [sum(v << (8 * i) for i, v in enumerate(u8[j:j + 4])) for j in (0, 4)]
+    packed8 = torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in w8]], dtype=torch.int32)
+    assert torch.equal(unpack_int32(packed8, 8, 5), eight)
+
+
+def _config(case: str) -> dict:
+    return json.loads((FIXTURES / case / "config.json").read_text())["quantization_config"]
+
+
+def _edit(group: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        group = group[key]
+    group[last] = value
+
+
+@pytest.mark.parametrize("case, path, value, match", [
+    ("llama_w4a16_g32", "config_groups.group_0.weights.foo", 1, r"weights: unknown field 'foo'"),
+    ("llama_w4a16_g32", "config_groups.group_0.bar", 1, r"group_0: unknown field 'bar'"),
+    ("llama_w4a16_g32", "baz", 1, r"quantization_config: unknown field 'baz'"),
+    ("llama_w4a16_g32", "config_groups.group_0.weights.strategy", "attn_head",
+     r"weights.strategy: 'attn_head' is not supported"),
+    ("llama_w4a16_g32", "config_groups.group_0.weights.num_bits", 2,
+     r"pack-quantized supports static int4 / int8 .*2-bit int"),
+    ("llama_w4a16_g32", "config_groups.group_0.weights.group_size", None, r"weights.group_size: strategy 'group'"),
+    ("llama_w4a16_g32", "config_groups.group_0.weights.actorder", "group", r"weights.actorder: 'group'"),
+    ("llama_w4a16_g32", "config_groups.group_0.format", "marlin-24", r"group_0.format: 'marlin-24'"),
+    ("llama_w4a16_g32", "config_groups.group_0.weights.type", "mxfp", r"weights.type: 'mxfp'"),
+    ("llama_fp8", "kv_cache_scheme", {"num_bits": 8, "type": "float", "strategy": "tensor"},
+     r"kv_cache_scheme: quantized KV-cache schemes are not supported"),
+    ("llama_fp8", "ignore", [], r"ignore: the LM head is quantized"),
+    ("llama_fp8_dynamic", "config_groups.group_0.input_activations", None,
+     r"group_0: fp8 weights without input_activations"),
+    ("llama_w8a8_int8_dynamic", "config_groups.group_0.input_activations.strategy", "tensor",
+     r"input_activations: int8 .*tensor.*dynamic\) is not supported"),
+    ("llama_w8a8_int8_dynamic", "quantization_status", "frozen", r"quantization_status: 'frozen'"),
+])
+def test_config_errors_name_the_field(case, path, value, match):
+    config = _config(case)
+    _edit(config, path, value)
+    with pytest.raises(ValueError, match=match):
+        CompressedTensorsConfig.from_config(config, source="config.json")
+
+
+def test_unknown_quant_method_lists_compressed_tensors(tmp_path):
+    """An unknown quant_method still lists the supported ones, compressed-tensors among them."""
+    model_dir = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama_w8a16_g32", model_dir)
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["quant_method"] = "awq"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"method 'awq' is not supported.*compressed-tensors"):
+        build(model_dir)
+
+
+@pytest.mark.parametrize("tensor, change, match", [
+    ("model.layers.0.self_attn.k_proj.weight_scale", "drop",
+     r"missing tensor 'model.layers.0.self_attn.k_proj.weight_scale' \(needed by .*qkv_proj\)"),
+    ("model.layers.0.mlp.up_proj.weight_shape", "shape",
+     r"gate_up_proj.weight_shape\[1\]: weight_shape \[96, 32\] does not match this layer: expected \[n, 64\]"),
+    ("model.layers.0.mlp.down_proj.weight_packed", "dtype",
+     r"down_proj.weight_packed: checkpoint tensor has dtype torch.int64, expected torch.int32"),
+])
+def test_bad_tensors_are_named(tmp_path, tensor, change, match):
+    model_dir = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama_w4a16_g32", model_dir)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    if change == "drop":
+        del tensors[tensor]
+    elif change == "shape":
+        tensors[tensor] = torch.tensor([96, 32])
+    else:
+        tensors[tensor] = tensors[tensor].to(torch.int64)
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match=match):
+        build(model_dir)
