@@ -59,15 +59,22 @@ def w8a16_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return w8a8_dynamic_tensors(weight)
 
 
-def wfp8_dynamic_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """weight [n, k] float8_e4m3fn and weight_scale [n, 1] float32 (WFP8AFP8_DYNAMIC)."""
+def wfp8_dynamic_tensors(weight: torch.Tensor, with_offset: bool = False) -> dict[str, torch.Tensor]:
+    """weight [n, k] float8_e4m3fn and weight_scale [n, 1] float32 (WFP8AFP8_DYNAMIC), plus
+    weight_offset zeros [n, 1] float32 when `with_offset` (msModelSlim's saver writes it and
+    vllm-ascend's W8A8FP8_DYNAMIC method declares it)."""
     q_w, w_scale = quantize_weight_fp8(weight)
-    return {"weight": q_w, "weight_scale": w_scale[:, None].clone()}
+    tensors = {"weight": q_w, "weight_scale": w_scale[:, None].clone()}
+    if with_offset:
+        tensors["weight_offset"] = torch.zeros_like(w_scale)[:, None].clone()
+    return tensors
 
 
 def layer_tensors(quant_type: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                  x_range: tuple[float, float] | None, deq_as_int64: bool) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors (suffix -> tensor) of one Linear; `bias` is written separately."""
+                  x_range: tuple[float, float] | None, deq_as_int64: bool,
+                  fp8_offset: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors (suffix -> tensor) of one Linear; `bias` is written separately.
+    `fp8_offset`: WFP8AFP8_DYNAMIC layers also get a zero `weight_offset`."""
     if quant_type == "W8A8":
         if x_range is None:
             raise ValueError("W8A8 static needs the calibrated activation range")
@@ -77,19 +84,28 @@ def layer_tensors(quant_type: str, weight: torch.Tensor, bias: torch.Tensor | No
     if quant_type == "W8A16":
         return w8a16_tensors(weight)
     if quant_type == "WFP8AFP8_DYNAMIC":
-        return wfp8_dynamic_tensors(weight)
+        return wfp8_dynamic_tensors(weight, fp8_offset)
     if quant_type == "FLOAT":
         return {"weight": weight.detach().float().clone()}
     raise ValueError(f"unknown quant type {quant_type!r}; expected one of {', '.join(QUANT_TYPES)}")
 
 
-def kv_cache_tensors(c_min: torch.Tensor, c_max: torch.Tensor) -> dict[str, torch.Tensor]:
-    """C8 per-channel asymmetric int8 of a K or V cache: cache_int = cache / scale + offset.
+def kv_cache_tensors(c_min: torch.Tensor, c_max: torch.Tensor, asymmetric: bool = False
+                     ) -> dict[str, torch.Tensor]:
+    """C8 per-channel int8 of a K or V cache: cache_int = round(cache / scale + offset).
 
     c_min, c_max: [kv_heads * head_dim] -> kv_cache_scale, kv_cache_offset float32 [same].
+    Symmetric (the default, msModelSlim's): scale = max(|min|, |max|) / 127, offset 0 - the only
+    form vllm-ascend decodes correctly (its C8 decode attention passes the scale alone).
+    Asymmetric: scale = (max' - min') / 255 over the range widened to include 0, and
+    offset = round(-min' / scale) - 128.
     """
+    eps = torch.finfo(torch.float32).eps
+    if not asymmetric:
+        scale = (torch.maximum(c_min.float().abs(), c_max.float().abs()) / 127).clamp_min(eps)
+        return {"kv_cache_scale": scale, "kv_cache_offset": torch.zeros_like(scale)}
     lo, hi = c_min.float().clamp_max(0), c_max.float().clamp_min(0)
-    scale = ((hi - lo) / 255).clamp_min(torch.finfo(torch.float32).eps)
+    scale = ((hi - lo) / 255).clamp_min(eps)
     offset = (torch.round(-lo / scale) - 128).clamp(-128, 127)
     return {"kv_cache_scale": scale, "kv_cache_offset": offset}
 

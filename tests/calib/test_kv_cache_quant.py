@@ -1,7 +1,9 @@
-"""--use_kvcache_quant writes msModelSlim C8 KV-cache scales (format reference §1, "C8")."""
+"""--use_kvcache_quant writes msModelSlim C8 KV-cache scales: symmetric by default (offset 0, the
+form vllm-ascend's C8 decode attention handles), asymmetric on request; the runtime loads both."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -11,18 +13,42 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from calib.config import CalibConfig
 from calib.dataset import load_calib_texts
 from calib.pipeline import run_calibration
+from calib.quantize import kv_cache_tensors
 from tests.shared_data import CALIB_PROSE
 
 CALIB_FILE = str(CALIB_PROSE)
 
 
+def c8_config(model_dir, out, asymmetric: bool = False) -> CalibConfig:
+    cfg = CalibConfig(model_path=str(model_dir), save_directory=str(out), calib_file=CALIB_FILE,
+                      num_samples=3, max_tokens=48, progress=False, use_kvcache_quant=True)
+    if asymmetric:      # the --kv_asymmetric option (read by the pipeline as cfg.kv_asymmetric)
+        cfg.kv_asymmetric = True
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def c8_dir(tiny_qwen2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("c8")
-    run_calibration(CalibConfig(model_path=str(tiny_qwen2_dir), save_directory=str(out),
-                                calib_file=CALIB_FILE, num_samples=3, max_tokens=48, progress=False,
-                                use_kvcache_quant=True))
+    run_calibration(c8_config(tiny_qwen2_dir, out))
     return out
+
+
+@pytest.fixture(scope="module")
+def c8_asym_dir(tiny_qwen2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c8_asym")
+    run_calibration(c8_config(tiny_qwen2_dir, out, asymmetric=True))
+    return out
+
+
+def test_kv_cache_tensors_symmetric_by_default():
+    c_min, c_max = torch.tensor([-2.0, -0.5, 0.25]), torch.tensor([1.0, 3.0, 0.5])
+    sym = kv_cache_tensors(c_min, c_max)
+    assert torch.allclose(sym["kv_cache_scale"], torch.tensor([2.0, 3.0, 0.5]) / 127)
+    assert torch.equal(sym["kv_cache_offset"], torch.zeros(3))
+    asym = kv_cache_tensors(c_min, c_max, asymmetric=True)
+    assert torch.allclose(asym["kv_cache_scale"], torch.tensor([3.0, 3.5, 0.5]) / 255)
+    assert bool((asym["kv_cache_offset"] != 0).any())
 
 
 def test_c8_tensors_have_the_reference_names_shapes_and_types(c8_dir):
@@ -30,7 +56,7 @@ def test_c8_tensors_have_the_reference_names_shapes_and_types(c8_dir):
     tensors = load_file(str(c8_dir / "quant_model_weights.safetensors"))
     config = json.loads((c8_dir / "config.json").read_text())
     channels = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
-    assert desc["kv_cache_type"] == "C8"
+    assert desc["kv_cache_type"] == desc["kv_quant_type"] == "C8"    # both, as msModelSlim writes
     names = [n for n in desc if n.endswith(("kv_cache_scale", "kv_cache_offset"))]
     assert len(names) == 4 * config["num_hidden_layers"]
     for layer in range(config["num_hidden_layers"]):
@@ -42,14 +68,15 @@ def test_c8_tensors_have_the_reference_names_shapes_and_types(c8_dir):
             scale = tensors[f"model.layers.{layer}.self_attn.{proj}.kv_cache_scale"]
             offset = tensors[f"model.layers.{layer}.self_attn.{proj}.kv_cache_offset"]
             assert bool((scale > 0).all())
-            assert bool((offset == offset.round()).all())
-            assert -128 <= float(offset.min()) <= float(offset.max()) <= 127
+            assert bool((offset == 0).all())                                # symmetric default
     assert desc["model.layers.0.self_attn.q_proj.weight"] == "W8A8"     # linears unaffected
 
 
-def test_c8_scales_cover_the_post_rope_cache_of_calibration_text(c8_dir, tiny_qwen2_dir):
+@pytest.mark.parametrize("fixture", ["c8_dir", "c8_asym_dir"])
+def test_c8_scales_cover_the_post_rope_cache_of_calibration_text(fixture, request, tiny_qwen2_dir):
     """cache_int = round(cache / scale + offset) never saturates on a calibration text, and the
     round trip error is at most half a step per channel."""
+    c8_dir = request.getfixturevalue(fixture)
     tensors = load_file(str(c8_dir / "quant_model_weights.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).eval()
     text = load_calib_texts(CALIB_FILE, 1)[0]
@@ -67,10 +94,12 @@ def test_c8_scales_cover_the_post_rope_cache_of_calibration_text(c8_dir, tiny_qw
             assert bool((error <= scale * 0.5 + 1e-5).all())
 
 
-def test_c8_checkpoint_runs_in_the_runtime_close_to_float(c8_dir, tiny_qwen2_dir):
-    """The runtime loads the C8 scales (int8 KV cache) from the description on its own."""
+@pytest.mark.parametrize("fixture", ["c8_dir", "c8_asym_dir"])
+def test_c8_checkpoint_runs_in_the_runtime_close_to_float(fixture, request, tiny_qwen2_dir):
+    """The runtime loads the C8 scales (int8 KV cache), symmetric or not, from the description."""
     from ascend_llm import LLM, SamplingParams
 
+    c8_dir = request.getfixturevalue(fixture)
     text = load_calib_texts(CALIB_FILE, 21)[20]
     ids = AutoTokenizer.from_pretrained(tiny_qwen2_dir)(text)["input_ids"][:60]
     llm = LLM(str(c8_dir), max_model_len=128, enforce_eager=True)
@@ -84,3 +113,14 @@ def test_c8_checkpoint_runs_in_the_runtime_close_to_float(c8_dir, tiny_qwen2_dir
     ref = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     # W8A8 + C8 on the tiny Llama measured mean |d logprob| 0.019 (0.016 without C8)
     assert float((quant - ref).abs().mean()) < 0.08
+
+
+def test_asymmetric_c8_has_offsets_and_warns_about_vllm_ascend(c8_asym_dir, tiny_qwen2_dir, tmp_path, caplog):
+    tensors = load_file(str(c8_asym_dir / "quant_model_weights.safetensors"))
+    offsets = [t for n, t in tensors.items() if n.endswith("kv_cache_offset")]
+    assert any(bool((t != 0).any()) for t in offsets)
+    assert all(bool((t == t.round()).all()) and -128 <= float(t.min()) <= float(t.max()) <= 127
+               for t in offsets)
+    with caplog.at_level(logging.WARNING, logger="calib.export"):
+        run_calibration(c8_config(tiny_qwen2_dir, tmp_path / "out", asymmetric=True))
+    assert any("vllm-ascend" in r.getMessage() and "offset" in r.getMessage() for r in caplog.records)
