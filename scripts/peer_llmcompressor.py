@@ -100,6 +100,11 @@ def recipes():
             QuantizationModifier(config_groups=_group(8, "int", "channel", act=static_int8_act),
                                  ignore=ignore)], True,
             "QuantizationModifier: int8 channel sym weights, static per-tensor sym int8 activations"),
+        "qwen2_w8a8_int8_static_asym": ("qwen2", lambda: [
+            QuantizationModifier(config_groups=_group(8, "int", "tensor", act=dict(static_int8_act, symmetric=False)),
+                                 ignore=ignore)], True,
+            "QuantizationModifier on Qwen2 (q/k/v biases): int8 per-tensor sym weights, static per-tensor "
+            "asymmetric int8 activations (input_zero_point)"),
         "llama_fp8": ("llama", lambda: [QuantizationModifier(targets="Linear", scheme="FP8", ignore=ignore)],
                       True, "QuantizationModifier scheme FP8: e4m3 per-tensor weights, static per-tensor activations"),
         "llama_fp8_dynamic": ("llama", lambda: [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC",

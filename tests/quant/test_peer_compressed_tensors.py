@@ -4,7 +4,8 @@ loaded from config.json's `quantization_config` alone, against transformers' log
 saved checkpoint (compressed-tensors decompresses it and fake-quantizes the activations).
 
 Tolerances, |ours - reference| over the [2, 8, 128] fp32 logits (logit std ~0.63):
-- FP8_DYNAMIC, W8A8 int8 static, W4A16 / W4A16 asym / W8A16 (pack-quantized, group 32): the same
+- FP8_DYNAMIC, W8A8 int8 static (symmetric channel weights; asymmetric activations with
+  per-tensor weights and Qwen2 biases), W4A16 / W4A16 asym / W8A16 (pack-quantized, group 32): the same
   codes, scales and activation rounding on both sides (e4m3 casts and int rounding are exact), so
   only fp32 summation order differs: measured max 1.3e-6, bound 1e-4.
 - W8A8 int8 dynamic: our per-token activation scale is amax / 127 (range +-127, what
@@ -43,6 +44,7 @@ CASES = {   # case -> (method class of qkv_proj, (max, mean) bound)
     "llama_w8a8_int8_dynamic": ("CtW8A8DynamicMethod", (0.1, 0.02)),
     "qwen2_w8a8_int8_dynamic": ("CtW8A8DynamicMethod", (0.1, 0.02)),
     "llama_w8a8_int8_static": ("CtW8A8StaticMethod", EXACT),
+    "qwen2_w8a8_int8_static_asym": ("CtW8A8StaticMethod", EXACT),
     "llama_fp8": ("Fp8CheckpointLinearMethod", (0.3, 0.05)),
     "llama_fp8_dynamic": ("CtFp8ChannelDynamicMethod", EXACT),
     "llama_w4a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
@@ -190,20 +192,24 @@ def test_unknown_quant_method_lists_compressed_tensors(tmp_path):
         build(model_dir)
 
 
-@pytest.mark.parametrize("tensor, change, match", [
-    ("model.layers.0.self_attn.k_proj.weight_scale", "drop",
+@pytest.mark.parametrize("case, tensor, change, match", [
+    ("llama_w4a16_g32", "model.layers.0.self_attn.k_proj.weight_scale", "drop",
      r"missing tensor 'model.layers.0.self_attn.k_proj.weight_scale' \(needed by .*qkv_proj\)"),
-    ("model.layers.0.mlp.up_proj.weight_shape", "shape",
+    ("llama_w4a16_g32", "model.layers.0.mlp.up_proj.weight_shape", "shape",
      r"gate_up_proj.weight_shape\[1\]: weight_shape \[96, 32\] does not match this layer: expected \[n, 64\]"),
-    ("model.layers.0.mlp.down_proj.weight_packed", "dtype",
+    ("llama_w4a16_g32", "model.layers.0.mlp.down_proj.weight_packed", "dtype",
      r"down_proj.weight_packed: checkpoint tensor has dtype torch.int64, expected torch.int32"),
+    ("qwen2_w8a8_int8_static_asym", "model.layers.1.self_attn.v_proj.input_zero_point", "range",
+     r"qkv_proj.input_zero_point\[v\]: must hold integers in \[-128, 127\], got \[200"),
 ])
-def test_bad_tensors_are_named(tmp_path, tensor, change, match):
+def test_bad_tensors_are_named(tmp_path, case, tensor, change, match):
     model_dir = tmp_path / "m"
-    shutil.copytree(FIXTURES / "llama_w4a16_g32", model_dir)
+    shutil.copytree(FIXTURES / case, model_dir)
     tensors = load_file(str(model_dir / "model.safetensors"))
     if change == "drop":
         del tensors[tensor]
+    elif change == "range":
+        tensors[tensor] = torch.tensor([200], dtype=torch.int16)
     elif change == "shape":
         tensors[tensor] = torch.tensor([96, 32])
     else:
