@@ -157,10 +157,11 @@ def convert(options: BlockFp8Options) -> BlockFp8Report:
                     report.layers.append(_layer_error(name, weight, q, scale_inv,
                                                       options.weight_block_size, hessian))
     tool_report.summary.update(report.to_json())
-    with tool_report.stage("write"), staged_output(target) as staging:
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        copy_side_files(model_dir, staging)
-        _write_quantization_config(staging / "config.json", options.weight_block_size)
+    with staged_output(target) as staging:
+        with tool_report.stage("write"):
+            save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            copy_side_files(model_dir, staging)
+            _write_quantization_config(staging / "config.json", options.weight_block_size)
         tool_report.write_json(staging, REPORT_FILE)
     return report
 

@@ -308,9 +308,11 @@ def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_d
         logger.info("wint2_tune: %d of %d WINT2 group nibbles changed (%.2f%%)", moved, total, 100 * moved / max(1, total))
         history[-1]["nibbles_changed"] = moved
     tool_report.summary["tune_history"] = history
-    with tool_report.stage("write"), staged_output(out) as staging:
-        shutil.copytree(quant, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(shards[0].name))
-        save_file(tuned_tensors(student, replaced, tensors), str(staging / shards[0].name), metadata={"format": "pt"})
+    with staged_output(out) as staging:
+        with tool_report.stage("write"):
+            shutil.copytree(quant, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(shards[0].name))
+            save_file(tuned_tensors(student, replaced, tensors), str(staging / shards[0].name),
+                      metadata={"format": "pt"})
         tool_report.write_json(staging)
     logger.info("wint2_tune: %d Linears, %d rows x %d epochs in %.0f s", len(replaced), rows.shape[0],
                 spec.epochs, time.perf_counter() - start)

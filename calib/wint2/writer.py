@@ -170,10 +170,11 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
         quantization_config=qconfig,
         mean_relative_error={kind: report.mean_error(kind) for kind in kinds},
         modules=[{"name": module, "kind": kind, "relative_error": error} for module, kind, error in report.modules])
-    with tool_report.stage("write"), staged_output(out) as staging:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        _write_config(src, staging, qconfig)
-        _copy_side_files(src, staging)
+    with staged_output(out) as staging:
+        with tool_report.stage("write"):
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+            _write_config(src, staging, qconfig)
+            _copy_side_files(src, staging)
         tool_report.write_json(staging)
     return report
 
@@ -293,6 +294,8 @@ def _convert(action: argparse.Action, value: Any, recipe: str | None) -> Any:
     many = action.nargs in ("*", "+")
     if many and isinstance(value, str):
         value = value.split()
+    elif many and isinstance(value, (int, float)):
+        value = [value]
     if many != isinstance(value, (list, tuple)):
         raise CalibError(f"{where}: expected {'a list' if many else 'a single value'}, got {value!r}")
     convert = action.type or (lambda v: v)
