@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Hessian dampening, a fraction of mean(diag H) (calib/wint2/gptq.DAMP_NOTE; "
                              f"default {d['calib_damp']})")
     parser.add_argument("--refine_passes", type=int,
-                        help=f"gptq: coordinate-descent passes after GPTQ (0: GPTQ alone; default {d['refine_passes']})")
+                        help="gptq: coordinate-descent passes after GPTQ (0: GPTQ alone; "
+                             f"default {d['refine_passes']})")
     parser.add_argument("--calib_holdout_samples", type=int,
                         help="rows at the end of the calibration stream kept out of calibration (default 0)")
     parser.add_argument("--act_order", nargs="+", choices=["none", "group", "quad"],
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for module, kind, error in report.modules:
         print(f"{module:50s} {kind:6s} {error:.4f}")
-    for kind in dict.fromkeys(("wint2", opts["dense_quant_type"], *(("wint4",) if opts["dense_wint4_modules"] else ()))):
+    wint4 = ("wint4",) if opts["dense_wint4_modules"] else ()
+    for kind in dict.fromkeys(("wint2", opts["dense_quant_type"], *wint4)):
         print(f"mean relative error {kind}: {report.mean_error(kind):.4f}")
     return 0
 

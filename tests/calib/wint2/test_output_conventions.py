@@ -5,6 +5,8 @@ with exit code 2, and the writer's --recipe values apply unless a flag overrides
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from calib.wint2.writer import WINT2_RECIPES_DIR, build_parser, resolve_options,
 from calib.wint2.writer import main as writer_main
 from tests.calib.wint2.word_text import word_text_file
 
+REPO = Path(__file__).resolve().parents[3]
 REPORT_KEYS = {"tool", "model_path", "save_directory", "arguments", "started_at", "finished_at",
                "stage_seconds", "total_seconds"}
 
@@ -218,3 +221,14 @@ def test_tune_failure_midway_leaves_nothing(plain, tiny_llama_dir, tmp_path, mon
     with pytest.raises(OSError, match="injected"):
         tune_wint2_checkpoint(tiny_llama_dir, plain, out, calib, TuneSpec(epochs=1))
     assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("module, extra", [("calib.wint2.writer", []),
+                                           ("calib.wint2.tune", ["--quant_path", "q", "--calib_file", "c"])])
+def test_python_dash_m_exit_code(module, extra, tmp_path):
+    result = subprocess.run([sys.executable, "-m", module, "--model_path", str(tmp_path / "missing_model"),
+                             "--save_directory", str(tmp_path / "o"), *extra],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "missing_model" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
