@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ascend_llm.distributed.communication import splits_input
+from ascend_llm.ops.collectives import all_reduce
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.fp8_checkpoint import Fp8CheckpointLinearMethod
 from ascend_llm.quant.module_patterns import check_regex_entries
@@ -225,8 +227,7 @@ class CtW8A8StaticMethod(W8A8StaticLinearMethod):
                 else torch.zeros_like(in_scale))                                            # [shards]
         deq = (in_scale[rows] * w_scale).to(torch.float32)
         deq_dtype = torch.float32 if layer.params_dtype == torch.bfloat16 else torch.int64
-        sums = layer.weight.data.to(torch.int64).sum(dim=1)                                # [n]
-        quant_bias = (-zero[rows].to(torch.int64) * sums).to(torch.int32)
+        quant_bias = (-zero[rows].to(torch.int64) * _row_sums_over_k(layer)).to(torch.int32)
         if not self.symmetric:
             del layer.input_zero_point
         # msModelSlim's optional per-channel extras, consistent with deq_scale by construction
@@ -261,6 +262,17 @@ class CtFp8ChannelDynamicMethod(WFp8AFp8DynamicLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_loaded(layer, ("weight", "weight_scale"), self.shard_names)
         super().process_weights_after_loading(layer)
+
+
+def _row_sums_over_k(layer: nn.Module) -> torch.Tensor:
+    """sum_k W[n, k] over the WHOLE input dim [n] int64: quant_bias is added on one rank only
+    (msModelSlim's convention), so a row-parallel rank adds up the other ranks' k slices too."""
+    sums = layer.weight.data.to(torch.int32).sum(dim=1, dtype=torch.int32)              # [n], |.| <= 128 k
+    if splits_input(layer):
+        ops = getattr(layer, "ops", None)
+        reduce = ops.get("all_reduce") if ops is not None else all_reduce
+        sums = reduce(sums.clone(), layer.parallel, "sum")
+    return sums.to(torch.int64)
 
 
 def _integer_values(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:

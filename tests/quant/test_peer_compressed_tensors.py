@@ -217,3 +217,55 @@ def test_bad_tensors_are_named(tmp_path, case, tensor, change, match):
     save_file(tensors, str(model_dir / "model.safetensors"))
     with pytest.raises(ValueError, match=match):
         build(model_dir)
+
+
+def _tp_layers(case: str, tp: int):
+    """Bare qkv / gate_up / o_proj layers of layer 0 at each TP rank, loaded from the fixture."""
+    from ascend_llm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    quant = CompressedTensorsConfig.from_config(_config(case), packed)
+    tensors = load_file(str(FIXTURES / case / "model.safetensors"))
+    ranks = []
+    for rank in range(tp):
+        kw = dict(quant_config=quant, tp_rank=rank, tp_size=tp)
+        layers = {"self_attn.qkv_proj": QKVParallelLinear(64, 16, 4, 2, prefix="m.self_attn.qkv_proj", **kw),
+                  "mlp.gate_up_proj": MergedColumnParallelLinear(64, [96, 96], prefix="m.mlp.gate_up_proj", **kw),
+                  "self_attn.o_proj": RowParallelLinear(64, 64, prefix="m.self_attn.o_proj", **kw)}
+        shards = {"self_attn.qkv_proj": {"q_proj": "q", "k_proj": "k", "v_proj": "v"},
+                  "mlp.gate_up_proj": {"gate_proj": 0, "up_proj": 1}, "self_attn.o_proj": {"o_proj": None}}
+        for key, layer in layers.items():
+            parent = "model.layers.0." + key.rpartition(".")[0]
+            params = dict(layer.named_parameters())
+            for module, shard_id in shards[key].items():
+                for name, tensor in tensors.items():
+                    if name.startswith(f"{parent}.{module}."):
+                        param = params[name.rpartition(".")[2]]
+                        param.weight_loader(param, tensor, shard_id)
+            layer.quant_method.process_weights_after_loading(layer)
+        ranks.append(layers)
+    return ranks
+
+
+@pytest.mark.parametrize("case", ["llama_w4a16_g32_asym", "llama_w8a16_g32"])
+def test_group_weight_only_tensor_parallel_matches_tp1(case):
+    """TP 2 shards of packed codes, group scales and row-packed zero points compute TP 1's result:
+    column layers' rank outputs are TP 1's rows of each shard, row-parallel partial sums add up."""
+    (full,), ranks = _tp_layers(case, 1), _tp_layers(case, 2)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    for key, sizes in (("self_attn.qkv_proj", (64, 32, 32)), ("mlp.gate_up_proj", (96, 96))):
+        want = full[key].quant_method.apply(full[key], x).split(list(sizes), dim=-1)
+        for rank, layers in enumerate(ranks):
+            got = layers[key].quant_method.apply(layers[key], x).split([s // 2 for s in sizes], dim=-1)
+            for g, w, s in zip(got, want, sizes):
+                torch.testing.assert_close(g, w[:, rank * s // 2:(rank + 1) * s // 2], rtol=0, atol=1e-5)
+    row = "self_attn.o_proj"
+    total = sum(layers[row].quant_method.apply(layers[row], x[:, 32 * r:32 * (r + 1)])
+                for r, layers in enumerate(ranks))
+    torch.testing.assert_close(total, full[row].quant_method.apply(full[row], x), rtol=0, atol=1e-5)
+
+
+def test_group_weight_only_refuses_groups_split_by_tensor_parallel():
+    from ascend_llm.layers.linear import RowParallelLinear
+    quant = CompressedTensorsConfig.from_config(_config("llama_w4a16_g32"))
+    with pytest.raises(ValueError, match=r"down_proj: input size per rank 48 must be a multiple of the group size 32"):
+        RowParallelLinear(96, 64, prefix="m.down_proj", quant_config=quant, tp_rank=0, tp_size=2)
