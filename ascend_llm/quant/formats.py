@@ -7,6 +7,7 @@ msModelSlim (ascendV1) writes `quant_model_description.json`; its `--mindie_form
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,20 @@ DESCRIPTION_META_KEYS = frozenset({
     "model_quant_type", "version", "group_size", "metadata", "optional", "kv_cache_type",
     "kv_quant_type", "fa_quant_type", "reduce_quant_type",
 })
+
+
+# Older msModelSlim savers (the classic `safe_tensor` / MindIE save after an anti-outlier run) also
+# write each smoothed norm as `<norm>.module.weight` / `<norm>.module.bias`, typed "W8A8" in the
+# description: copies of `<norm>.weight` / `<norm>.bias` left by its norm wrapper (format
+# reference §1). They are aliases, not quantized layers.
+_NORM_MODULE_ALIAS = re.compile(r"^(?P<norm>.*norm)\.module\.(?P<leaf>weight|bias)$")
+
+
+def norm_module_alias(name: str) -> str | None:
+    """`X.weight` / `X.bias` for an msModelSlim norm alias `X.module.weight` / `X.module.bias`
+    (X a `*norm` module), else None."""
+    match = _NORM_MODULE_ALIAS.match(name)
+    return None if match is None else f"{match['norm']}.{match['leaf']}"
 
 
 def detect_quant_format(model_dir: str | Path) -> dict[str, Any] | None:

@@ -33,7 +33,8 @@ from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference
     int8_matmul_reference, quant_matmul_reference, quantize_per_tensor_reference,
     weight_only_matmul_reference)
 from ascend_llm.quant.base import QuantConfig, QuantMethod
-from ascend_llm.quant.formats import DESCRIPTION_META_KEYS, detect_quant_format, validate_description
+from ascend_llm.quant.formats import (DESCRIPTION_META_KEYS, detect_quant_format, norm_module_alias,
+                                      validate_description)
 from ascend_llm.quant.moe_w8a8 import w8a8_moe_method
 
 DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
@@ -160,6 +161,7 @@ class AscendW8A8Config(QuantConfig):
             raise ValueError(f"{prefix}: quant type {quant_type!r} is not supported for linear "
                              f"layers (supported: {', '.join(SUPPORTED_LINEAR_TYPES)})")
         method.checkpoint_bias = self.layer_has_bias(prefix)
+        method.shard_names = self.packed_modules.get(prefix.rpartition(".")[2], ())
         return method
 
     def layer_has_bias(self, prefix: str) -> bool:
@@ -211,6 +213,8 @@ def check_description_tensors(description: Mapping[str, Any], names: set[str], s
             raise ValueError(f"{source}: lists tensor {key!r} ({quant_type}) but no *.safetensors "
                              f"file in the checkpoint holds it")
         module, _, leaf = key.rpartition(".")
+        if norm_module_alias(key) is not None:     # a norm's copy, not a quantized layer
+            continue
         for suffix in REQUIRED_TENSORS.get(quant_type, ()) if leaf == "weight" else ():
             if f"{module}.{suffix}" not in names:
                 raise ValueError(f"{source}: {module} is {quant_type}, which needs tensor "
@@ -231,13 +235,29 @@ _KIND_DIMS: dict[str, tuple[int | None, int | None]] = {        # kind -> (out_d
 
 
 def _add_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-               kind: str) -> None:
-    """Register a zero-filled, frozen parameter tagged with its loading kind."""
+               kind: str, ignored_reason: str | None = None) -> None:
+    """Register a zero-filled, frozen parameter tagged with its loading kind.
+
+    `ignored_reason`: an optional checkpoint extra the kernel does not use; the model loader
+    (`models.weight_utils`) does not require it and names the loaded ones once at INFO with it.
+    """
     param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
     param.quant_kind, param.quant_name = kind, name
     param.out_dim, param.in_dim = _KIND_DIMS[kind]
     param.load_check = _checked_value
+    if ignored_reason is not None:
+        param.load_optional, param.ignored_reason = True, ignored_reason
     layer.register_parameter(name, param)
+
+
+# msModelSlim's classic (v0) savers write weight_scale / weight_offset [n, 1] for W8A8 static
+# layers too (its `quantized_weight_format.md` table; the v1 AscendV1Saver does not). The static
+# kernel never reads them: deq_scale = input_scale * weight_scale is already in the checkpoint and
+# the weights are symmetric. vllm-ascend likewise creates both parameters and leaves them unused
+# (vllm_ascend/quantization/methods/w8a8_static.py, get_perchannel_param).
+STATIC_EXTRAS_REASON = ("msModelSlim's classic saver writes weight_scale/weight_offset for W8A8 static "
+                        "layers; the static kernel uses deq_scale and quant_bias (as vllm-ascend), so "
+                        "they are only checked against deq_scale and dropped")
 
 
 def _checked_value(param: nn.Parameter, loaded: torch.Tensor, name: str) -> torch.Tensor:
@@ -285,6 +305,7 @@ class _AscendLinearMethod(QuantMethod):
     for this layer (LinearBase must then create `bias` even if the float model has none)."""
 
     checkpoint_bias: bool = False
+    shard_names: tuple[str, ...] = ()      # checkpoint module names of a fused layer's shards
 
 
 class W8A8StaticLinearMethod(_AscendLinearMethod):
@@ -305,6 +326,8 @@ class W8A8StaticLinearMethod(_AscendLinearMethod):
         _add_param(layer, "input_offset", (shards,), torch.float32, "tensor")       # [shards]
         _add_param(layer, "deq_scale", (n,), deq_dtype, "deq_scale")                # [n]
         _add_param(layer, "quant_bias", (n,), torch.int32, "channel")               # [n]
+        _add_param(layer, "weight_scale", (n, 1), torch.float32, "channel", STATIC_EXTRAS_REASON)
+        _add_param(layer, "weight_offset", (n, 1), torch.float32, "channel", STATIC_EXTRAS_REASON)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         scale, offset = layer.input_scale.data, layer.input_offset.data
@@ -315,6 +338,7 @@ class W8A8StaticLinearMethod(_AscendLinearMethod):
             raise ValueError(f"{layer.prefix}.input_offset: must be integers in [-128, 127], "
                              f"got {offset.tolist()}")
         layer.register_buffer("deq_scale_fp32", decode_deq_scale(layer.deq_scale.data), persistent=False)
+        _check_and_drop_static_extras(layer, self.shard_names)
         layer.w8a8_groups = _activation_groups(list(layer.output_sizes), scale, offset)
         layer.w8a8_add_quant_bias = _adds_quant_bias(layer)
         layer.w8a8_quantize = _kernel(layer, "quantize_per_tensor", quantize_per_tensor_reference)
@@ -334,6 +358,46 @@ class W8A8StaticLinearMethod(_AscendLinearMethod):
                 None if quant_bias is None else quant_bias[start:end], x.dtype))   # [T, end - start]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# deq_scale is input_scale * weight_scale rounded once to float32 (bit-exact in msModelSlim's
+# output); 1 % also covers a weight_scale stored in bf16 (relative step 2^-8).
+EXTRAS_RTOL = 1e-2
+
+
+def _check_and_drop_static_extras(layer: nn.Module, shard_names: Sequence[str] = ()) -> None:
+    """Check the optional weight_scale / weight_offset of a W8A8 static layer against the tensors
+    the kernel uses (where the checkpoint had them), then remove both parameters.
+
+    ValueError naming the tensor for a non-zero weight_offset (the int8 weight would not be
+    symmetric, which y = (q_x @ W^T + quant_bias) * deq_scale assumes) or a weight_scale that
+    disagrees with deq_scale / input_scale (a checkpoint put together from different runs).
+    """
+    loaded = getattr(layer, "loaded_shards", set())
+    start = 0
+    for index, size in enumerate(layer.output_sizes):
+        rows = slice(start, start + size)
+        start += size
+        if ("weight_offset", index) in loaded and bool((layer.weight_offset.data[rows] != 0).any()):
+            name = _shard_tensor_name(layer, index, "weight_offset", shard_names)
+            raise ValueError(f"{name}: W8A8 static weights must be symmetric (all offsets 0)")
+        if ("weight_scale", index) in loaded:
+            want = layer.weight_scale.data[rows, 0].float() * layer.input_scale.data[index].float()
+            got = layer.deq_scale_fp32[rows]
+            if not torch.allclose(got, want, rtol=EXTRAS_RTOL, atol=0):
+                worst = float(((got - want).abs() / want.abs().clamp_min(1e-30)).max())
+                name = _shard_tensor_name(layer, index, "weight_scale", shard_names)
+                raise ValueError(f"{name}: disagrees with deq_scale / input_scale (relative error "
+                                 f"{worst:.3g}, tolerance {EXTRAS_RTOL}): deq_scale must equal "
+                                 f"input_scale * weight_scale")
+    del layer.weight_scale, layer.weight_offset
+
+
+def _shard_tensor_name(layer: nn.Module, index: int, name: str, shard_names: Sequence[str]) -> str:
+    """The checkpoint name of fused shard `index`'s tensor (q_proj.weight_scale for qkv_proj)."""
+    if len(layer.output_sizes) > 1 and index < len(shard_names):
+        return f"{layer.prefix.rpartition('.')[0]}.{shard_names[index]}.{name}"
+    return f"{layer.prefix}.{name}" if len(layer.output_sizes) == 1 else f"{layer.prefix}.{name}[{index}]"
 
 
 def quant_matmul_static(q_x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -414,7 +478,11 @@ class _PerChannelScaleMethod(_AscendLinearMethod):
 class W8A8DynamicLinearMethod(_PerChannelScaleMethod):
     """W8A8_DYNAMIC: int8 per-channel symmetric weights, per-token symmetric int8 activations.
 
-    y[t, n] = (sum_k q_x[t, k] * W[n, k]) * weight_scale[n] * token_scale[t] + bias[n].
+    y[t, n] = (sum_k q_x[t, k] * W[n, k]) * weight_scale[n] * token_scale[t] + bias[n], with
+    token_scale = rowmax|x| / 127: the deployed semantics (vllm-ascend's w8a8_dynamic method runs
+    npu_dynamic_quant, then npu_quant_matmul with pertoken_scale and the float bias). msModelSlim's
+    own fake-quant model simulates these activations asymmetrically (zero point per token), so its
+    logits differ from any deployment by that much (tests/quant/test_peer_msmodelslim.py).
     """
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

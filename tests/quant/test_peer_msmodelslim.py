@@ -1,0 +1,243 @@
+"""Checkpoints written by the real msModelSlim (26.1.0, classic API on CPU) load and compute what the
+tool computes.
+
+Fixtures: tests/fixtures/peer_checkpoints/msmodelslim/<case>/, written by scripts/make_peer_fixtures.sh
+(scripts/peer_msmodelslim.py; settings in each MANIFEST.json). Each holds the tool's own reference:
+the logits of `Calibrator.model` (its fake-quantized model) and of the float model on a fixed
+2 x 8 input (reference/logits.safetensors).
+
+Peer files relied on (read in the installed msmodelslim 26.1.0 wheel and in vllm-ascend):
+- msmodelslim/pytorch/llm_ptq/llm_ptq_tools/quant_modules.py: LinearQuantizer / TensorQuantizer
+  (the fake-quant forward; for is_dynamic, per-token min/max in `_stat_dynamic_input` and
+  `linear_quantization_params(..., sym=self.is_sym)`);
+- msmodelslim/pytorch/llm_ptq/llm_ptq_tools/quant_config/quant_config_classes/config_utils.py:
+  `set_quant_param` sets `a_sym = False` (asymmetric activations) for W8A8 and W8A8_DYNAMIC;
+- vllm-ascend vllm_ascend/quantization/methods/w8a8_dynamic.py, AscendW8A8DynamicLinearMethod.apply:
+  `torch_npu.npu_dynamic_quant(x)` (symmetric per token: scale = rowmax|x| / 127, no offset) then
+  `npu_quant_matmul(q, w, weight_scale, pertoken_scale=..., bias=bias)`: the deployed semantics;
+- vllm-ascend vllm_ascend/quantization/methods/w8a8_static.py: creates weight_scale / weight_offset
+  for W8A8 static layers and never reads them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ascend_llm import LLM
+from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches
+from ascend_llm.eval.perplexity import perplexity
+from ascend_llm.loader import iter_safetensors_weights, load_hf_config
+from ascend_llm.models.forward_batch import ForwardBatch
+from ascend_llm.models.registry import get_model_class
+from ascend_llm.models.weight_utils import process_weights_after_loading
+from ascend_llm.ops import AttentionMetadata, build_op_set
+from ascend_llm.quant.w8a8 import AscendW8A8Config, W8A8DynamicLinearMethod
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints" / "msmodelslim"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "MANIFEST.json").is_file())
+DYNAMIC_CASES = [c for c in CASES if c.endswith("_dynamic")]
+
+# Static W8A8 / W8A16: the same int8 codes, exact int32 accumulation and one float32 rescale as the
+# tool (its fake-quant forward rounds and clamps exactly as we do), so only float32 summation order
+# in the float parts (attention, norms, float layers) differs: measured max |diff| <= 1e-6 on logits
+# of magnitude ~1-3. 1e-4 leaves room for other CPUs' float order, while a flipped activation code
+# (one rounding step of one input) already moves the logits by ~1e-3.
+EXACT_ATOL = 1e-4
+# W8A8_DYNAMIC: the tool's fake-quant simulates ASYMMETRIC per-token activations (a_sym = False:
+# zero point, 255 levels over [min(x, 0), max(x, 0)]), while the checkpoint and vllm-ascend deploy
+# SYMMETRIC per-token quantization (npu_dynamic_quant: rowmax|x| / 127, no offset exists in the
+# format). We follow the deployment. Measured on 2026-12-07: max |logit diff| 0.048 (Llama) / 0.052
+# (Qwen2), KL(tool || ours) 7e-5 / 6e-5 nats per token; the bounds leave ~2x margin.
+DYNAMIC_MAX_ABS, DYNAMIC_KL = 0.1, 2e-4
+
+
+def _copy(case: str, tmp_path: Path) -> Path:
+    dst = tmp_path / case
+    shutil.copytree(FIXTURES / case, dst)
+    for f in dst.rglob("*"):
+        f.chmod(0o644 if f.is_file() else 0o755)
+    return dst
+
+
+def _reference(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "reference" / "logits.safetensors"))
+
+
+def _build(model_dir: Path):
+    config = load_hf_config(model_dir)
+    quant_config = AscendW8A8Config.from_model_dir(model_dir)
+    model = get_model_class(config)(config, build_op_set("cpu"), quant_config, torch.float32)
+    model.load_weights(iter_safetensors_weights(model_dir))
+    process_weights_after_loading(model)
+    return config, model.eval()
+
+
+@torch.inference_mode()
+def _logits(model, config, input_ids: torch.Tensor, block_size: int = 4) -> torch.Tensor:
+    """[B, T, vocab]: each row of `input_ids` [B, T] as its own prefill (the tool's forward is causal
+    per row, without padding)."""
+    out = []
+    for row in input_ids.tolist():
+        n = len(row)
+        num_blocks = -(-n // block_size) + 1
+        kv = allocate_kv_caches(KVCacheSpec.from_hf_config(config, block_size, torch.float32), num_blocks,
+                                torch.device("cpu"))
+        meta = AttentionMetadata.build([n], [n], [list(range(num_blocks))], list(range(n)), block_size,
+                                       num_blocks, torch.device("cpu"))
+        out.append(model.compute_logits(model(ForwardBatch(torch.tensor(row), torch.arange(n), meta, kv,
+                                                           torch.arange(n)))))
+    return torch.stack(out)
+
+
+def _kl(want: torch.Tensor, got: torch.Tensor) -> float:
+    """Mean KL(softmax(want) || softmax(got)) in nats per token."""
+    lw, lg = want.log_softmax(-1), got.log_softmax(-1)
+    return float((lw.exp() * (lw - lg)).sum(-1).mean())
+
+
+def _asymmetric_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x [T, k] fake-quantized the way msModelSlim's dynamic Quantizer simulates it (our own
+    rebuild): per token, range [min(x, 0), max(x, 0)] over 255 levels with an int8 zero point."""
+    lo = x.amin(-1, keepdim=True).clamp(max=0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).eps)
+    offset = torch.round(-lo / scale) - 128
+    return (torch.round(x / scale + offset).clamp(-128, 127) - offset) * scale
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fixture_loads_and_matches_the_tool(case):
+    model_dir = FIXTURES / case
+    manifest = json.loads((model_dir / "MANIFEST.json").read_text())
+    assert manifest["tool"] == "msmodelslim"
+    ref = _reference(model_dir)
+    config, model = _build(model_dir)
+    got = _logits(model, config, ref["input_ids"])
+    want = ref["fake_quant_logits"]
+    assert got.shape == want.shape
+    # it is quantized: the tool's own quantized logits are away from the float model's
+    assert (ref["float_logits"] - want).abs().max() > 1e-2
+    layers = model.model.layers
+    quant = manifest["quant_config"]
+    if case in DYNAMIC_CASES:
+        assert isinstance(layers[0].self_attn.qkv_proj.quant_method, W8A8DynamicLinearMethod)
+        assert (got - want).abs().max() < DYNAMIC_MAX_ABS and _kl(want, got) < DYNAMIC_KL
+        assert (got - want).abs().max() > 1e-3      # the documented simulation gap is really there
+    else:
+        torch.testing.assert_close(got, want, atol=EXACT_ATOL, rtol=0)
+    if quant["a_bit"] == 16:
+        assert layers[0].mlp.down_proj.weight.dtype == torch.int8 and not hasattr(layers[0].mlp.down_proj,
+                                                                                  "input_scale")
+    for name in quant.get("disable_names") or []:          # disable_names stay float
+        module = dict(model.named_modules())[name]
+        assert module.weight.dtype == torch.float32, name
+    assert model.lm_head.weight.dtype == torch.float32      # disable_last_linear
+
+
+@pytest.mark.parametrize("case", DYNAMIC_CASES)
+def test_dynamic_gap_is_the_tools_asymmetric_simulation(case):
+    """Swap our symmetric per-token activation quantization (vllm-ascend's) for the tool's
+    asymmetric simulation: the logits then match the tool's to float precision. So the W8A8_DYNAMIC
+    gap is the tool's simulation, not our weights, scales or bias handling."""
+    model_dir = FIXTURES / case
+    ref = _reference(model_dir)
+    config, model = _build(model_dir)
+
+    def simulated(layer, x, bias=None):
+        w = layer.weight.float() * layer.weight_scale_fp32[:, None]            # [n, k]
+        out = torch.nn.functional.linear(_asymmetric_per_token(x.reshape(-1, x.shape[-1]).float()), w, bias)
+        return out.reshape(*x.shape[:-1], -1)
+
+    for module in model.modules():
+        if isinstance(getattr(module, "quant_method", None), W8A8DynamicLinearMethod):
+            module.quant_method.apply = simulated
+    got = _logits(model, config, ref["input_ids"])
+    torch.testing.assert_close(got, ref["fake_quant_logits"], atol=EXACT_ATOL, rtol=0)
+
+
+def test_classic_static_extras_are_checked_and_listed_once(caplog):
+    with caplog.at_level(logging.INFO, logger="ascend_llm.models.weight_utils"):
+        _, model = _build(FIXTURES / "llama_w8a8")
+    lines = [r.getMessage() for r in caplog.records if "weight_scale/weight_offset" in r.getMessage()]
+    # 2 layers x 7 Linears (q, k, v, o, gate, up, down) x 2 tensors, in one line
+    assert len(lines) == 1 and lines[0].startswith("ignoring 28 checkpoint tensors"), lines
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert not hasattr(qkv, "weight_scale") and not hasattr(qkv, "weight_offset")   # dropped after the check
+
+
+@pytest.mark.parametrize("tensor, value, match", [
+    ("model.layers.0.self_attn.k_proj.weight_scale", 2.0,
+     r"model\.layers\.0\.self_attn\.k_proj\.weight_scale: disagrees with deq_scale"),
+    ("model.layers.1.mlp.down_proj.weight_offset", 1.0,
+     r"model\.layers\.1\.mlp\.down_proj\.weight_offset: W8A8 static weights must be symmetric"),
+])
+def test_inconsistent_static_extras_are_refused(tmp_path, tensor, value, match):
+    model_dir = _copy("llama_w8a8", tmp_path)
+    path = model_dir / "quant_model_weight_w8a8.safetensors"
+    weights = load_file(str(path))
+    weights[tensor] = weights[tensor] * value if value != 1.0 else weights[tensor] + value
+    save_file(weights, str(path))
+    with pytest.raises(ValueError, match=match):
+        _build(model_dir)
+
+
+def _add_tensor(model_dir: Path, name: str, tensor: torch.Tensor, description_file: str) -> None:
+    path = next(model_dir.glob("quant_model_weight*.safetensors"))
+    weights = load_file(str(path))
+    weights[name] = tensor
+    save_file(weights, str(path))
+    desc_path = model_dir / description_file
+    desc = json.loads(desc_path.read_text())
+    desc[name] = "FLOAT"
+    desc_path.write_text(json.dumps(desc))
+
+
+@pytest.mark.parametrize("case, description, name, tensor, match", [
+    # an unknown tensor still fails, naming it
+    ("llama_w8a8", "quant_model_description.json", "model.layers.0.mlp.down_proj.smooth_scale",
+     torch.ones(96), r"'model\.layers\.0\.mlp\.down_proj\.smooth_scale' matches no model parameter"),
+    # the final norm has no bias in our model: a non-zero one is refused by name
+    ("llama_w8a8_m2", "quant_model_description.json", "model.norm.bias", torch.full((64,), 0.1),
+     r"'model\.norm\.bias': a non-zero norm bias"),
+    # a .module. norm alias must be the norm's copy
+    ("llama_w8a8_m2_safetensor", "quant_model_description_w8a8.json",
+     "model.layers.0.input_layernorm.module.weight", torch.ones(64),
+     r"'model\.layers\.0\.input_layernorm\.module\.weight' differs from 'model\.layers\.0\.input_layernorm\.weight'"),
+])
+def test_bad_extras_fail_naming_the_tensor(tmp_path, case, description, name, tensor, match):
+    model_dir = _copy(case, tmp_path)
+    _add_tensor(model_dir, name, tensor, description)
+    with pytest.raises(ValueError, match=match):
+        _build(model_dir)
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token NLL (nats) of rows `ids` [B, T] under `logits` [B, T, vocab]."""
+    logp = logits[:, :-1].log_softmax(-1)
+    return float(-logp.gather(-1, ids[:, 1:, None]).mean())
+
+
+@pytest.mark.parametrize("case, bound", [
+    ("llama_w8a8", 1e-4),      # exact arithmetic (see EXACT_ATOL): measured 3e-7 nats / token
+    # C8: the engine switches the KV cache to int8 with the checkpoint's kv_cache_scale/offset; the
+    # tool's fake-quant model does not simulate the KV cache (its logits equal llama_w8a8's), so the
+    # gap is our int8 KV rounding: measured 3.3e-3 nats / token on 2026-12-07 (float vs W8A8 is
+    # 2.6e-2); bound 3x
+    ("llama_w8a8_c8", 1e-2),
+])
+def test_engine_scores_like_the_tool(case, bound, tiny_llama_dir):
+    model_dir = FIXTURES / case
+    ref = _reference(model_dir)
+    # the tool saves no tokenizer; scoring token ids needs one only to decode (ids < 128 exist in any)
+    llm = LLM(str(model_dir), tokenizer=str(tiny_llama_dir), max_model_len=32)
+    if case.endswith("_c8"):
+        assert llm.llm_engine.model_runner.kv_cache_dtype == "int8"
+    ids = ref["input_ids"]
+    ours = sum(perplexity(llm, row, window=ids.shape[1]).mean_nll for row in ids.tolist()) / ids.shape[0]
+    assert abs(ours - _nll(ref["fake_quant_logits"], ids)) < bound, (ours, _nll(ref["fake_quant_logits"], ids))
