@@ -110,6 +110,12 @@ def recipes():
         "llama_fp8_dynamic": ("llama", lambda: [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC",
                                                                      ignore=ignore)], False,
                               "QuantizationModifier scheme FP8_DYNAMIC: e4m3 channel weights, dynamic per-token"),
+        "llama_fp8_dynamic_kv_fp8": ("llama", lambda: [QuantizationModifier(
+            targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore,
+            kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                             "symmetric": True})], True,
+            "QuantizationModifier scheme FP8_DYNAMIC plus an FP8 KV-cache scheme (static per-tensor "
+            "k_scale / v_scale per attention layer)"),
         "llama_w4a16_g32": ("llama", lambda: [GPTQModifier(config_groups=_group(4, "int", "group", 32),
                                                            ignore=ignore)], True,
                             "GPTQ: int4 sym weights, group 32, pack-quantized"),

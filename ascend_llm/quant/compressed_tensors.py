@@ -3,7 +3,8 @@ the format llm-compressor writes and most quantized models on the HF hub use.
 
 `quantization_config` fields read: `format` (top level, or per config group), `config_groups`
 ({name: {targets, weights, input_activations, output_activations, format}}), `ignore` (module
-names or `re:` regexes), `kv_cache_scheme` (must be null here), `quantization_status` (must be
+names or `re:` regexes), `kv_cache_scheme` (null, or fp8 static per-tensor: `self_attn.k_scale` /
+`v_scale` for `--kv-cache-dtype fp8`), `quantization_status` (must be
 "compressed" when given). Each quantization-args dict holds num_bits, type (int | float),
 strategy (tensor | channel | group | token), group_size, symmetric, dynamic, actorder (null or
 "static": no `weight_g_idx`), plus observer settings that only the calibration tool reads. An
@@ -312,8 +313,7 @@ class CompressedTensorsConfig(QuantConfig):
             raise ValueError(f"{where}.quantization_status: {status!r} is not supported (a checkpoint "
                              f"saved with save_compressed=True says 'compressed')")
         if config.get("kv_cache_scheme") is not None:
-            raise ValueError(f"{where}.kv_cache_scheme: quantized KV-cache schemes are not supported yet "
-                             f"(got {config['kv_cache_scheme']!r}); re-export without one")
+            _check_kv_cache_scheme(config["kv_cache_scheme"], f"{where}.kv_cache_scheme")
         if config.get("sparsity_config"):
             raise ValueError(f"{where}.sparsity_config: sparse compressed-tensors checkpoints are not supported")
         if config.get("transform_config"):
@@ -377,6 +377,17 @@ class CompressedTensorsConfig(QuantConfig):
         # compressed-tensors: an exact or regex target wins over the "Linear" class target
         specific = [s for s in hits if any(t != "Linear" and _matches(t, name) for t in s.targets)]
         return (specific or hits)[0]
+
+
+def _check_kv_cache_scheme(scheme: Any, where: str) -> None:
+    """An fp8 per-tensor static KV-cache scheme: its `self_attn.k_scale` / `v_scale` tensors load
+    through the KV-scale path (`layers.kv_scales`) and are used with `--kv-cache-dtype fp8`
+    (ignored with `auto`, as vLLM). Anything else is refused naming the field."""
+    args = QuantArgs.parse(scheme, where)
+    if args.type != "float" or args.num_bits != 8 or args.strategy != "tensor" or args.dynamic \
+            or not args.symmetric:
+        raise ValueError(f"{where}: only an fp8 (8-bit float) static symmetric per-tensor KV-cache scheme "
+                         f"is supported, got {_describe(args)}")
 
 
 def _parse_group(name: str, group: Any, top_format: str, where: str) -> Scheme:
