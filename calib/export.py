@@ -129,7 +129,8 @@ def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{name}.bias"] = bias.detach().cpu().float()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if "lm_head.weight" not in state and head is not None and getattr(head, "weight", None) is not None:
-        state["lm_head.weight"] = head.weight.detach().cpu().float()
+        # a copy: safetensors refuses two names for one storage (float32 models share it here)
+        state["lm_head.weight"] = head.weight.detach().cpu().float().clone()
     return state
 
 

@@ -284,6 +284,19 @@ def test_our_runtime_loads_the_tied_checkpoint_with_its_explicit_lm_head(tied_bf
     assert len(out[0].outputs[0].token_ids) == 3
 
 
+def test_tied_float32_source_writes_a_separate_lm_head(tiny_qwen2_tied_dir, tmp_path):
+    """A float32 model's tied head shares the embedding's storage, which safetensors refuses to
+    write twice: the export copies it."""
+    out = calibrate(Path(tiny_qwen2_tied_dir), tmp_path / "out", "--is_dynamic", "True")
+    assert vllm_ascend_problems(out, torch.float16) == []
+    tensors = load_file(str(out / "quant_model_weights.safetensors"))
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    llm = LLM(str(out), max_model_len=64, enforce_eager=True)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    assert len(llm.generate(prompt_token_ids=[[5, 17, 33]], sampling_params=params,
+                            use_tqdm=False)[0].outputs[0].token_ids) == 2
+
+
 @pytest.mark.parametrize("flags,quant_type", [(("--is_dynamic", "True"), "W8A8_DYNAMIC"),
                                               (("--a_bit", "16"), "W8A16")])
 def test_llama_dynamic_and_weight_only_pass_every_lookup(tiny_llama_dir, tmp_path, flags, quant_type):
