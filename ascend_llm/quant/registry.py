@@ -33,7 +33,9 @@ ASCEND_NAMES = ("ascend", "w8a8", "w8a8_dynamic")
 OFFLINE_METHODS = ("wint2",)
 # config.json quantization_config methods this build loads.
 CHECKPOINT_METHODS = ("fp8", "wint2", "wint8", "wint4", "compressed-tensors")
-PLANNED_METHODS = tuple(_ONLINE_METHODS) + ASCEND_NAMES + OFFLINE_METHODS
+# Checkpoint formats that can also be named (vLLM's `--quantization compressed-tensors`).
+CHECKPOINT_ONLY_METHODS = ("compressed-tensors",)
+PLANNED_METHODS = tuple(_ONLINE_METHODS) + ASCEND_NAMES + OFFLINE_METHODS + CHECKPOINT_ONLY_METHODS
 
 
 def available_methods() -> tuple[str, ...]:
@@ -64,6 +66,13 @@ def get_quant_config(name: str | None, hf_config: object | None = None,
             raise ValueError(f"quantization: {name!r} needs an msModelSlim checkpoint with a "
                              f"quant_model_description*.json; none found in {model_dir}")
         return AscendW8A8Config.from_model_dir(model_dir, packed_modules)
+    if key in CHECKPOINT_ONLY_METHODS:
+        if checkpoint is None or checkpoint["method"] != key:
+            found = "none" if checkpoint is None else repr(checkpoint["method"])
+            raise ValueError(f"quantization: {name!r} needs a checkpoint in that format (config.json "
+                             f"quantization_config quant_method {key!r}); {model_dir or 'this model'} "
+                             f"has {found}")
+        return _from_checkpoint(checkpoint, packed, hf_config)
     if key not in _ONLINE_METHODS and key not in OFFLINE_METHODS:
         raise ValueError(f"quantization: unknown method {name!r}; known methods: {', '.join(PLANNED_METHODS)}")
     if is_ascend:
