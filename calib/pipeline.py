@@ -4,9 +4,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from calib.model_spec import LinearGroup, check_architecture, find_groups, group
 from calib.observers import HistogramObserver, MinMaxObserver, RowSampler
 from calib.output_dir import check_output_dir, staged_output
 from calib.quantize import relative_error, simulate_linear
-from calib.report import CalibReport, LayerRecord
+from calib.report import CalibReport, LayerRecord, timed_stage
 from calib.sensitivity import score_layers, select_float_layers
 
 logger = logging.getLogger(__name__)
@@ -211,13 +210,8 @@ class _Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - start, 3)
+    def stage(self, name: str) -> AbstractContextManager[None]:
+        return timed_stage(self.seconds, name)
 
 
 def run_calibration(cfg: CalibConfig) -> CalibReport:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,15 +97,9 @@ class ToolReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str) -> AbstractContextManager[None]:
         """Add the wall time of the block to `stage_seconds[name]`."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            spent = self.stage_seconds.get(name, 0.0) + time.perf_counter() - start
-            self.stage_seconds[name] = round(spent, 3)
+        return timed_stage(self.stage_seconds, name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"tool": self.tool, "model_path": self.model_path, "save_directory": self.save_directory,
@@ -146,3 +140,13 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return repr(value)
+
+
+@contextmanager
+def timed_stage(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to `seconds[name]` (rounded to ms)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)
