@@ -3,9 +3,9 @@
 #
 # The real tool writes them: a private virtualenv (outside the repository) gets msmodelslim from
 # PyPI and a CPU torch, then scripts/peer_msmodelslim.py quantizes tiny random Llama / Qwen2
-# models with msModelSlim's classic API on CPU and saves, per case, the checkpoint, the float and
-# the tool's own fake-quant logits on a fixed input, and a MANIFEST.json. About 3-4 minutes on 2
-# cores. tests/quant/test_peer_msmodelslim.py loads every case with our runtime.
+# models with msModelSlim's classic API on CPU (and one case with the v1 `msmodelslim quant` CLI)
+# and saves, per case, the checkpoint, the float and (classic API) the tool's own fake-quant logits
+# on a fixed input, and a MANIFEST.json. About 4-5 minutes on 2 cores; ~2 MB in all. tests/quant/test_peer_msmodelslim.py loads every case with our runtime.
 #
 # Usage: scripts/make_peer_fixtures.sh [case,case,...]     (default: every case)
 # Env:   PEER_VENV (default ~/.cache/ascend_llm/peer-msmodelslim-venv), PYTHON (default python3),

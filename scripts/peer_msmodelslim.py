@@ -2,7 +2,8 @@
 
 Runs inside the peer virtualenv that `scripts/make_peer_fixtures.sh` builds (msmodelslim from PyPI,
 a CPU torch); it drives msModelSlim's classic Python API (AntiOutlier -> Calibrator -> save), the
-one its `example/*/quant_*.py` scripts use, on CPU. Per case it writes to <out>/<case>/:
+one its `example/*/quant_*.py` scripts use, on CPU, and for V1_CASES its v1 CLI (`msmodelslim
+quant` with a shipped modelslim_v1 YAML; no fake-quant model there, so float logits only). Per case it writes to <out>/<case>/:
   the checkpoint as the tool saved it (description + weights) plus config.json,
   reference/logits.safetensors (a sub-folder: loaders read every *.safetensors of the checkpoint
   folder): `input_ids` [2, 8], `float_logits` (the float model) and
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,15 +54,22 @@ CASES: dict[str, dict] = {
     "llama_w8a8_disabled": dict(arch="llama", save="ascendV1", quant=dict(
         w_bit=8, a_bit=8, disable_names=["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"])),
 }
+# The v1 flow (`msmodelslim quant` with a modelslim_v1 YAML). Its shipped default-w8a8.yaml:
+# iter_smooth, then int8 per-channel weights and SYMMETRIC per-token activations (W8A8_DYNAMIC),
+# ascendv1_saver. The CLI exposes no fake-quant model: the reference is the float model only.
+V1_CASES: dict[str, dict] = {
+    "qwen2_v1_w8a8": dict(arch="qwen2", config="lab_practice/default/default-w8a8.yaml",
+                          model_type="Qwen2.5-7B-Instruct", tie=True),
+}
 # Fixed settings of every run (the example scripts' choices for a CPU run: per-channel weights,
 # min-max activations, lm_head left in float).
 COMMON_QUANT = dict(dev_type="cpu", act_method=1, mm_tensor=False, w_sym=True, disable_last_linear=True)
 
 
-def tiny_model(arch: str):
-    """A random untied tiny model (untied: the classic safetensors savers refuse shared tensors)."""
+def tiny_model(arch: str, tie: bool = False):
+    """A random tiny model, untied by default (the classic safetensors savers refuse shared tensors)."""
     torch.manual_seed(SEED)
-    config, cls = tiny_config(arch, tie=False, vocab_size=VOCAB)
+    config, cls = tiny_config(arch, tie=tie, vocab_size=VOCAB)
     config.architectures = [cls.__name__]      # as from_pretrained has it (AntiOutlier reads it)
     model = cls(config).eval()
     with torch.no_grad():          # the init of tests/tiny_models.py: logits far from uniform
@@ -137,17 +146,81 @@ def run_case(name: str, spec: dict, out_root: Path) -> dict:
     return manifest
 
 
+def word_tokenizer():
+    """A word-level tokenizer with VOCAB ids (byte-level BPE needs >= 256): the v1 CLI tokenizes
+    its own calibration text; unknown words map to <|endoftext|>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_models import _CORPUS
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for word in " ".join(_CORPUS).split() + [chr(c) for c in range(ord("a"), ord("z") + 1)]:
+        if word not in words and len(words) < VOCAB:
+            words.append(word)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   unk_token="<|endoftext|>")
+
+
+def run_v1_case(name: str, spec: dict, out_root: Path) -> dict:
+    import msmodelslim
+    from importlib.metadata import version
+
+    out = out_root / name
+    if out.exists():
+        shutil.rmtree(out)
+    src = Path(tempfile.mkdtemp(prefix="peer_msmodelslim_src_"))
+    model = tiny_model(spec["arch"], tie=spec["tie"])
+    model.save_pretrained(src)
+    word_tokenizer().save_pretrained(src)
+    ids = reference_ids()
+    float_logits = logits_of(model, ids)
+    config_path = Path(msmodelslim.__file__).parent / spec["config"]
+    command = [str(Path(sys.executable).parent / "msmodelslim"), "quant", "--model_type", spec["model_type"],
+               "--model_path", str(src), "--save_path", str(out), "--device", "cpu",
+               "--config_path", str(config_path), "--trust_remote_code", "False"]
+    start = time.time()
+    subprocess.run(command, check=True)
+    seconds = time.time() - start
+    shutil.rmtree(src)
+    (out / "reference").mkdir()
+    save_file({"input_ids": ids.contiguous(), "float_logits": float_logits},
+              str(out / "reference" / "logits.safetensors"))
+    manifest = {
+        "tool": "msmodelslim", "tool_version": version("msmodelslim"),
+        "api": "v1 CLI (msmodelslim quant, modelslim_v1 YAML)",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "model": {"arch": spec["arch"], "vocab_size": VOCAB, "seed": SEED, "tie_word_embeddings": spec["tie"],
+                  "dtype": "float32", "shape": "tests/tiny_models.py tiny_config",
+                  "tokenizer": "word-level, scripts/peer_msmodelslim.py word_tokenizer"},
+        "command": ["msmodelslim"] + command[1:6] + ["<model_path>", "--save_path", "<case dir>"] + command[8:11]
+                   + [f"<msmodelslim package>/{spec['config']}"] + command[12:],
+        "config": config_path.read_text(),
+        "reference": {"input_ids": list(REF_SHAPE), "float_logits": "float model before quantization",
+                      "fake_quant_logits": None},
+        "seconds": round(seconds, 1),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "written_by": "scripts/make_peer_fixtures.sh -> scripts/peer_msmodelslim.py",
+    }
+    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/peer_checkpoints/msmodelslim")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    every = [*CASES, *V1_CASES]
+    parser.add_argument("--cases", default=",".join(every), help="comma-separated subset of: " + ", ".join(every))
     args = parser.parse_args()
     args.out = args.out.resolve()
     os.chdir(tempfile.mkdtemp(prefix="peer_msmodelslim_"))   # AntiOutlier writes features.npy to the cwd
     failures = {}
     for name in args.cases.split(","):
         try:
-            manifest = run_case(name, CASES[name], args.out)
+            manifest = (run_v1_case(name, V1_CASES[name], args.out) if name in V1_CASES
+                        else run_case(name, CASES[name], args.out))
             print(f"[peer_msmodelslim] {name}: ok ({manifest['seconds']} s)", flush=True)
         except Exception as exc:      # keep going: report every case that the tool refused
             failures[name] = f"{type(exc).__name__}: {exc}"
