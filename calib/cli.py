@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--is_dynamic", nargs="?", const=True, type=_bool,
                    help="per-token dynamic activations (W8A8_DYNAMIC)")
     p.add_argument("--use_kvcache_quant", nargs="?", const=True, type=_bool,
-                   help="write C8 int8 KV-cache scales")
+                   help="write C8 int8 KV-cache scales (symmetric, as msModelSlim writes them)")
+    p.add_argument("--kv_asymmetric", nargs="?", const=True, type=_bool,
+                   help="C8 KV scales with asymmetric offsets (this runtime only: vllm-ascend ignores the offset)")
     p.add_argument("--mixed_format", nargs="?", const=True, type=_bool,
                    help="MoFQ: per layer INT8 (W8A8_DYNAMIC) or FP8 (WFP8AFP8_DYNAMIC) by output error")
     p.add_argument("--num_samples", type=int, help="calibration texts to use (default 16)")

@@ -41,6 +41,7 @@ class CalibConfig:
     disable_names: list[str] = field(default_factory=list)
     is_dynamic: bool = False
     use_kvcache_quant: bool = False
+    kv_asymmetric: bool = False      # C8 with kv_cache_offset (vllm-ascend ignores the offset)
     mixed_format: bool = False
     num_samples: int = 16            # calibration texts used (CPU time grows linearly)
     max_tokens: int = 128            # tokens per calibration text
@@ -74,6 +75,8 @@ class CalibConfig:
         _require(bool(self.calib_file), "--calib_file is required")
         _require(self.w_bit == 8, f"--w_bit: only 8 is supported, got {self.w_bit}")
         _require(self.a_bit in (8, 16), f"--a_bit: 8 or 16 expected, got {self.a_bit}")
+        _require(not self.kv_asymmetric or self.use_kvcache_quant,
+                 "--kv_asymmetric shapes the C8 KV-cache scales; it needs --use_kvcache_quant")
         _require(self.act_method in ACT_METHODS,
                  f"--act_method: unknown value {self.act_method!r}; expected 1 (min-max), "
                  f"2 (histogram) or 3 (auto)")

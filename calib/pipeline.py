@@ -245,10 +245,8 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
         record.absmax_before = before.get(group.names[0])
     with staged_output(target) as staging:
         with timer.stage("export"):
-            # kv_asymmetric: CalibConfig field / --kv_asymmetric flag (symmetric C8 when absent)
             tensors, description = build_checkpoint(model, plans, kv_ranges or None, source_dtype,
-                                                    progress=cfg.progress,
-                                                    kv_asymmetric=bool(getattr(cfg, "kv_asymmetric", False)))
+                                                    progress=cfg.progress, kv_asymmetric=cfg.kv_asymmetric)
             write_checkpoint(staging, tensors, description, cfg.part_file_size)
             copy_side_files(model_dir, staging)
         report = CalibReport(str(model_dir), cfg.save_directory, str(description["model_quant_type"]),

@@ -63,6 +63,7 @@ def test_missing_calibration_file_exits_2(tiny_llama_dir, tmp_path, capsys):
     (["--a_bit", "16", "--is_dynamic"], "need --a_bit 8"),
     (["--device_type", "tpu"], "--device_type: expected one of cpu, cuda, npu"),
     (["--recipe", "no_such_recipe"], "--recipe: 'no_such_recipe' is neither a file nor a bundled recipe"),
+    (["--kv_asymmetric"], "--kv_asymmetric shapes the C8 KV-cache scales; it needs --use_kvcache_quant"),
 ])
 def test_bad_options_exit_2_naming_the_option(tiny_llama_dir, tmp_path, capsys, flags, message):
     code, _, err = run_cli(capsys, *base_args(tiny_llama_dir, tmp_path / "out"), *flags)

@@ -20,11 +20,9 @@ CALIB_FILE = str(CALIB_PROSE)
 
 
 def c8_config(model_dir, out, asymmetric: bool = False) -> CalibConfig:
-    cfg = CalibConfig(model_path=str(model_dir), save_directory=str(out), calib_file=CALIB_FILE,
-                      num_samples=3, max_tokens=48, progress=False, use_kvcache_quant=True)
-    if asymmetric:      # the --kv_asymmetric option (read by the pipeline as cfg.kv_asymmetric)
-        cfg.kv_asymmetric = True
-    return cfg
+    return CalibConfig(model_path=str(model_dir), save_directory=str(out), calib_file=CALIB_FILE,
+                       num_samples=3, max_tokens=48, progress=False, use_kvcache_quant=True,
+                       kv_asymmetric=asymmetric)
 
 
 @pytest.fixture(scope="module")
