@@ -311,3 +311,26 @@ def test_named_method(tmp_path):
     with pytest.raises(ValueError, match=r"already quantized \(quantization_config method 'compressed-tensors'\); "
                                          r"loading it as 'wint8' is not possible"):
         get_quant_config("wint8", config, model_dir)
+
+
+def _qkv(quant):
+    from ascend_llm.layers.linear import QKVParallelLinear
+    return QKVParallelLinear(64, 16, 4, 2, prefix="model.layers.0.self_attn.qkv_proj", quant_config=quant)
+
+
+def test_targets_and_ignore_per_fused_layer():
+    packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+    config = _config("llama_w4a16_g32")
+    config["ignore"] = ["lm_head", "re:model\\.layers\\.0\\.self_attn\\.[qkv]_proj"]
+    assert type(_qkv(CompressedTensorsConfig.from_config(config, packed)).quant_method).__name__ \
+        == "UnquantizedLinearMethod"
+    config["ignore"] = ["lm_head", "model.layers.0.self_attn.q_proj"]
+    with pytest.raises(ValueError, match=r"qkv_proj: the fused shards have different compressed-tensors schemes"):
+        _qkv(CompressedTensorsConfig.from_config(config, packed))
+    # two groups: a named target wins over the "Linear" class target (mixed precision)
+    mixed = _config("llama_w4a16_g32")
+    mixed["config_groups"]["attn"] = dict(_config("llama_w8a8_int8_dynamic")["config_groups"]["group_0"],
+                                          targets=["re:.*self_attn\\.[qkv]_proj$"])
+    mixed["format"] = "mixed-precision"
+    assert type(_qkv(CompressedTensorsConfig.from_config(mixed, packed)).quant_method).__name__ \
+        == "CtW8A8DynamicMethod"
