@@ -9,12 +9,13 @@
 #
 # Usage: scripts/make_peer_fixtures.sh [case,case,...]     (default: every case)
 # Env:   PEER_VENV (default ~/.cache/ascend_llm/peer-msmodelslim-venv), PYTHON (default python3),
+#        PEER_FIXTURES_OUT (default tests/fixtures/peer_checkpoints/msmodelslim),
 #        MSMODELSLIM_VERSION (default 26.1.0), TORCH_VERSION (default 2.13.0)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PEER_VENV:-$HOME/.cache/ascend_llm/peer-msmodelslim-venv}"
-OUT="$ROOT/tests/fixtures/peer_checkpoints/msmodelslim"
+OUT="${PEER_FIXTURES_OUT:-$ROOT/tests/fixtures/peer_checkpoints/msmodelslim}"
 MSMODELSLIM_VERSION="${MSMODELSLIM_VERSION:-26.1.0}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 
