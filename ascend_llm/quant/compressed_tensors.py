@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from ascend_llm.distributed.communication import splits_input
+from ascend_llm.numerics import primitives as P
 from ascend_llm.ops.collectives import all_reduce
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.fp8_checkpoint import Fp8CheckpointLinearMethod
@@ -181,10 +182,8 @@ class CtW8A8DynamicMethod(W8A8DynamicLinearMethod):
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
-        n = sum(output_sizes)
         layer.params_dtype = params_dtype
-        add_param(layer, "weight", (n, input_size), torch.int8, out_dim=0, in_dim=1)       # [n, k]
-        add_param(layer, "weight_scale", (n, 1), torch.float32, out_dim=0)                 # [n, 1]
+        _add_channel_weight(layer, input_size, output_sizes, torch.int8)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_loaded(layer, ("weight", "weight_scale"), self.shard_names)
@@ -255,14 +254,19 @@ class CtFp8ChannelDynamicMethod(WFp8AFp8DynamicLinearMethod):
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
-        from ascend_llm.numerics import primitives as P
-        n = sum(output_sizes)
-        add_param(layer, "weight", (n, input_size), P.FP8_DTYPE, out_dim=0, in_dim=1)      # [n, k]
-        add_param(layer, "weight_scale", (n, 1), torch.float32, out_dim=0)                 # [n, 1]
+        _add_channel_weight(layer, input_size, output_sizes, P.FP8_DTYPE)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_loaded(layer, ("weight", "weight_scale"), self.shard_names)
         super().process_weights_after_loading(layer)
+
+
+def _add_channel_weight(layer: nn.Module, input_size: int, output_sizes: list[int],
+                        dtype: torch.dtype) -> None:
+    """`weight` [n, k] of `dtype` and its per-channel float32 `weight_scale` [n, 1]."""
+    n = sum(output_sizes)
+    add_param(layer, "weight", (n, input_size), dtype, out_dim=0, in_dim=1)             # [n, k]
+    add_param(layer, "weight_scale", (n, 1), torch.float32, out_dim=0)                  # [n, 1]
 
 
 def _row_sums_over_k(layer: nn.Module) -> torch.Tensor:
