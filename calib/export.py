@@ -29,7 +29,6 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ascend_llm.quant.formats import KNOWN_QUANT_TYPES
 from calib.quantize import kv_cache_tensors, layer_tensors
 
 logger = logging.getLogger(__name__)
@@ -44,8 +43,7 @@ TYPE_PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8"
                  "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_MXFP4_SVD")
 # MoFQ's FP8 layers: msModelSlim calls the format WFP8AFP8_DYNAMIC, vllm-ascend registers it as
 # W8A8FP8_DYNAMIC (vllm_ascend/quantization/methods/w8a8fp8_dynamic.py) and knows no other name.
-# The vllm-ascend name (with its zero weight_offset) is written once this repository's runtime
-# accepts it (ascend_llm/quant/formats.py KNOWN_QUANT_TYPES), so the runtime always loads the output.
+# We write the vllm-ascend name with its zero weight_offset; this runtime loads both names.
 VLLM_ASCEND_FP8_TYPE = "W8A8FP8_DYNAMIC"
 _COPIED_SUFFIXES = (".json", ".txt", ".jinja", ".model", ".py", ".tiktoken")
 _NOT_COPIED = (DESCRIPTION_FILE,)
@@ -64,11 +62,6 @@ def deq_scale_is_int64(source_dtype: torch.dtype) -> bool:
     return source_dtype != torch.bfloat16
 
 
-def fp8_export_type() -> str:
-    """The description name MoFQ's FP8 layers are written under (see VLLM_ASCEND_FP8_TYPE)."""
-    return VLLM_ASCEND_FP8_TYPE if VLLM_ASCEND_FP8_TYPE in KNOWN_QUANT_TYPES else "WFP8AFP8_DYNAMIC"
-
-
 def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
                      kv_ranges: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
                      source_dtype: torch.dtype, progress: bool = True, kv_asymmetric: bool = False
@@ -81,7 +74,6 @@ def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
     Linears are float32.
     """
     deq_as_int64 = deq_scale_is_int64(source_dtype)
-    fp8_name = fp8_export_type()
     state = _float_state(model)
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
@@ -90,7 +82,7 @@ def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
         plan = plans.get(module)
         if plan is not None and suffix == "weight":
             bias = state.get(f"{module}.bias")
-            written = fp8_name if plan.quant_type == "WFP8AFP8_DYNAMIC" else plan.quant_type
+            written = VLLM_ASCEND_FP8_TYPE if plan.quant_type == "WFP8AFP8_DYNAMIC" else plan.quant_type
             parts = layer_tensors(plan.quant_type, tensor, bias, plan.x_range, deq_as_int64,
                                   fp8_offset=written == VLLM_ASCEND_FP8_TYPE)
             for part, value in parts.items():
@@ -102,7 +94,7 @@ def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
         else:   # embeddings, norms (+ anti-outlier norm bias), lm_head, float Linears' biases
             tensors[name], types[name] = tensor.detach().to(source_dtype).contiguous(), "FLOAT"
     _warn_dropped_biases(model, plans, state)
-    description = _description(types, plans, fp8_name)
+    description = _description(types, plans)
     if kv_ranges:
         if kv_asymmetric:
             logger.warning("C8 KV cache: asymmetric scales (non-zero kv_cache_offset) requested; "
@@ -169,9 +161,8 @@ def _warn_dropped_biases(model: nn.Module, plans: Mapping[str, LinearPlan],
                        len(added), ", ".join(added[:4]), ", ..." if len(added) > 4 else "")
 
 
-def _description(types: Mapping[str, str], plans: Mapping[str, LinearPlan],
-                 fp8_name: str = "WFP8AFP8_DYNAMIC") -> dict[str, object]:
-    present = {fp8_name if plan.quant_type == "WFP8AFP8_DYNAMIC" else plan.quant_type
+def _description(types: Mapping[str, str], plans: Mapping[str, LinearPlan]) -> dict[str, object]:
+    present = {VLLM_ASCEND_FP8_TYPE if plan.quant_type == "WFP8AFP8_DYNAMIC" else plan.quant_type
                for plan in plans.values()} | {"FLOAT"}
     model_type = max(present, key=TYPE_PRIORITY.index)
     description: dict[str, object] = {"model_quant_type": model_type, "version": "1.0.0", "group_size": 0}

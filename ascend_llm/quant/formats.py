@@ -18,7 +18,7 @@ DESCRIPTION_GLOB = "quant_model_description_*.json"
 KNOWN_QUANT_TYPES = frozenset({
     "FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S", "W8A8SC",
     "W4A16", "W4A8_DYNAMIC", "W4A4_DYNAMIC", "W4A4_FLATQUANT_DYNAMIC", "W8A8_MXFP8",
-    "W4A8_MXFP", "W4A4_MXFP4", "WFP8AFP8_DYNAMIC", "C8", "FAQuant", "FAKQuant", "INT8_DYNAMIC",
+    "W4A8_MXFP", "W4A4_MXFP4", "WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC", "C8", "FAQuant", "FAKQuant", "INT8_DYNAMIC",
 })
 # Top-level description keys that are not tensor names.
 DESCRIPTION_META_KEYS = frozenset({

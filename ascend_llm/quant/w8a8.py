@@ -41,7 +41,7 @@ DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
-SUPPORTED_LINEAR_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "WFP8AFP8_DYNAMIC")
+SUPPORTED_LINEAR_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class AscendW8A8Config(QuantConfig):
             method = W8A8DynamicLinearMethod(self.group_size, prefix)
         elif quant_type == "W8A16":
             method = W8A16LinearMethod(self.group_size, prefix)
-        elif quant_type == "WFP8AFP8_DYNAMIC":
+        elif quant_type in FP8_DYNAMIC_TYPES:
             method = WFp8AFp8DynamicLinearMethod(self.group_size, prefix)
         else:
             raise ValueError(f"{prefix}: quant type {quant_type!r} is not supported for linear "
@@ -191,6 +191,7 @@ REQUIRED_TENSORS: dict[str, tuple[str, ...]] = {
     "W8A8_DYNAMIC": ("weight", "weight_scale"),
     "W8A16": ("weight", "weight_scale"),
     "WFP8AFP8_DYNAMIC": ("weight", "weight_scale"),
+    "W8A8FP8_DYNAMIC": ("weight", "weight_scale"),
 }
 
 
@@ -518,9 +519,18 @@ class W8A16LinearMethod(_PerChannelScaleMethod):
                                             layer.weight_offset_fp32, bias)
 
 
+# msModelSlim names its FP8-weight, FP8-per-token-activation layers WFP8AFP8_DYNAMIC; vllm-ascend
+# registers the same scheme as W8A8FP8_DYNAMIC (vllm_ascend/quantization/methods/w8a8fp8_dynamic.py),
+# with a `weight_offset` [n, 1] beside weight and weight_scale. Both names load here.
+FP8_DYNAMIC_TYPES = ("WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC")
+FP8_OFFSET_REASON = ("msModelSlim / vllm-ascend write a weight_offset for FP8 dynamic layers; the "
+                     "weights are symmetric, so it is checked to be zero and dropped")
+
+
 class WFp8AFp8DynamicLinearMethod(_AscendLinearMethod):
-    """WFP8AFP8_DYNAMIC (MoFQ's FP8 layers): float8_e4m3fn weight [n, k] with a float32
-    per-channel `weight_scale` [n, 1]; activations e4m3 per token, computed at every call.
+    """WFP8AFP8_DYNAMIC / W8A8FP8_DYNAMIC (MoFQ's FP8 layers): float8_e4m3fn weight [n, k] with a
+    float32 per-channel `weight_scale` [n, 1] (and an optional all-zero `weight_offset` [n, 1]);
+    activations e4m3 per token, computed at every call.
 
     y[t, n] = (sum_k q_x[t, k] * W[n, k]) * token_scale[t] * weight_scale[n] + bias[n], with
     token_scale = max(rowmax|x| / 448, 1 / (448 * 512)) (primitives.quantize_fp8_per_token_group).
@@ -536,8 +546,15 @@ class WFp8AFp8DynamicLinearMethod(_AscendLinearMethod):
         n = sum(output_sizes)
         _add_param(layer, "weight", (n, input_size), P.FP8_DTYPE, "weight")         # [n, k] e4m3
         _add_param(layer, "weight_scale", (n, 1), torch.float32, "channel")         # [n, 1]
+        _add_param(layer, "weight_offset", (n, 1), torch.float32, "channel", FP8_OFFSET_REASON)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        offset = getattr(layer, "weight_offset", None)
+        if offset is not None:
+            if bool((offset.data != 0).any()):
+                raise ValueError(f"{layer.prefix}.weight_offset: FP8 dynamic weights must be "
+                                 f"symmetric (all offsets 0)")
+            del layer.weight_offset
         scale = layer.weight_scale.data
         if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
             raise ValueError(f"{layer.prefix}.weight_scale: must be finite and >= 0")

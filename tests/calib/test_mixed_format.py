@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ascend_llm import LLM, SamplingParams
 from ascend_llm.quant.w8a8 import W8A8DynamicLinearMethod, WFp8AFp8DynamicLinearMethod
 from calib.config import CalibConfig
-from calib.export import VLLM_ASCEND_FP8_TYPE, fp8_export_type
+from calib.export import VLLM_ASCEND_FP8_TYPE
 from calib.mixed_format import choose_formats
 from calib.model_spec import LinearGroup
 from calib.pipeline import run_calibration
@@ -73,17 +73,15 @@ def mixed_dir(heavy_model_dir, tmp_path_factory):
 def test_mixed_description_and_tensors(mixed_dir):
     desc = json.loads((mixed_dir / "quant_model_description.json").read_text())
     tensors = load_file(str(mixed_dir / "quant_model_weights.safetensors"))
-    fp8 = fp8_export_type()       # vllm-ascend's W8A8FP8_DYNAMIC once the runtime accepts it
+    fp8 = VLLM_ASCEND_FP8_TYPE       # vllm-ascend's name for msModelSlim's WFP8AFP8_DYNAMIC
     assert desc[f"{HEAVY}.weight"] == desc[f"{HEAVY}.weight_scale"] == fp8
     n, k = 64, 96
     assert tensors[f"{HEAVY}.weight"].dtype == torch.float8_e4m3fn
     assert tuple(tensors[f"{HEAVY}.weight"].shape) == (n, k)
     assert tensors[f"{HEAVY}.weight_scale"].dtype == torch.float32
     assert tuple(tensors[f"{HEAVY}.weight_scale"].shape) == (n, 1)
-    if fp8 == VLLM_ASCEND_FP8_TYPE:   # vllm-ascend's method declares a weight_offset [n, 1]
-        assert torch.equal(tensors[f"{HEAVY}.weight_offset"], torch.zeros(n, 1))
-    else:
-        assert f"{HEAVY}.weight_offset" not in tensors
+    # vllm-ascend's method declares a weight_offset [n, 1]
+    assert torch.equal(tensors[f"{HEAVY}.weight_offset"], torch.zeros(n, 1))
     assert desc["model.layers.0.self_attn.q_proj.weight"] == "W8A8_DYNAMIC"   # gaussian: INT8
     # msModelSlim's priority (AscendV1Saver.QUANT_TYPE_PRIORITY): FP8 ranks above the int8 types
     assert desc["model_quant_type"] == fp8

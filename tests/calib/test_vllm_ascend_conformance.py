@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ascend_llm import LLM, SamplingParams
 from calib.cli import main as calib_main
-from calib.export import VLLM_ASCEND_FP8_TYPE, fp8_export_type
+from calib.export import VLLM_ASCEND_FP8_TYPE
 from tests.calib.test_mixed_format import heavy_model_dir  # noqa: F401  (fixture)
 from tests.shared_data import CALIB_PROSE
 
@@ -305,17 +305,6 @@ def test_llama_dynamic_and_weight_only_pass_every_lookup(tiny_llama_dir, tmp_pat
     assert json.loads((out / "quant_model_description.json").read_text())["model_quant_type"] == quant_type
 
 
-def test_mixed_format_fp8_layers_use_vllm_ascends_type_name(heavy_model_dir, tmp_path):  # noqa: F811
-    out = calibrate(Path(heavy_model_dir), tmp_path / "out", "--mixed_format", "True")
-    desc = json.loads((out / "quant_model_description.json").read_text())
-    assert "WFP8AFP8_DYNAMIC" in desc.values() or VLLM_ASCEND_FP8_TYPE in desc.values()
-    if fp8_export_type() != VLLM_ASCEND_FP8_TYPE:
-        pytest.xfail("the runtime does not accept W8A8FP8_DYNAMIC yet (ascend_llm/quant/formats.py "
-                     "KNOWN_QUANT_TYPES), so the export keeps msModelSlim's WFP8AFP8_DYNAMIC, "
-                     "which vllm-ascend has no scheme for")
-    assert vllm_ascend_problems(out, torch.bfloat16) == []
-
-
 def test_m2_on_dynamic_layers_warns_that_vllm_drops_the_added_biases(tiny_llama_dir, tmp_path, caplog):
     """m2 shifts add Linear biases Llama has no parameter for; vLLM drops them silently, so the
     export warns (the walk finds exactly those biases)."""
@@ -335,13 +324,9 @@ def test_m2_on_static_layers_needs_no_warning(tiny_llama_dir, tmp_path, caplog):
     assert not any("drop such biases" in r.getMessage() for r in caplog.records)
 
 
-def test_fp8_layers_under_vllm_ascends_name_pass_every_lookup(heavy_model_dir, tmp_path,  # noqa: F811
-                                                              monkeypatch):
-    """The export once the runtime accepts W8A8FP8_DYNAMIC (simulated: the export reads
-    KNOWN_QUANT_TYPES): that name, a zero weight_offset, and msModelSlim's priority naming it."""
-    import calib.export as export
-
-    monkeypatch.setattr(export, "KNOWN_QUANT_TYPES", export.KNOWN_QUANT_TYPES | {VLLM_ASCEND_FP8_TYPE})
+def test_fp8_layers_under_vllm_ascends_name_pass_every_lookup(heavy_model_dir, tmp_path):  # noqa: F811
+    """MoFQ's FP8 layers are written as W8A8FP8_DYNAMIC with a zero weight_offset, and
+    msModelSlim's priority names the model after them."""
     out = calibrate(Path(heavy_model_dir), tmp_path / "out", "--mixed_format", "True")
     desc = json.loads((out / "quant_model_description.json").read_text())
     assert desc["model.layers.0.mlp.down_proj.weight"] == VLLM_ASCEND_FP8_TYPE

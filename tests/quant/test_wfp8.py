@@ -101,3 +101,24 @@ def test_bad_inputs_are_named():
                               "m.up_proj.weight": "W8A8_DYNAMIC"})
     with pytest.raises(ValueError, match="different quant types"):
         mixed.get_quant_method(None, "m.gate_up_proj")
+
+
+def test_vllm_ascend_name_and_its_zero_weight_offset():
+    """vllm-ascend's W8A8FP8_DYNAMIC (methods/w8a8fp8_dynamic.py) is the same scheme with a
+    weight_offset [n, 1]: zero offsets are dropped after loading, others are refused by name."""
+    cfg = AscendW8A8Config({"model_quant_type": "W8A8FP8_DYNAMIC", "m.o_proj.weight": "W8A8FP8_DYNAMIC"})
+    gen = torch.Generator().manual_seed(5)
+    _, q_w, scale = fp8_weight(40, gen)
+    for offset, error in ((0.0, None), (1.0, r"m.o_proj.weight_offset: FP8 dynamic weights must be symmetric")):
+        layer = RowParallelLinear(HIDDEN, 40, False, torch.float32, cfg, "m.o_proj")
+        assert isinstance(layer.quant_method, WFp8AFp8DynamicLinearMethod)
+        for name, value in (("weight", q_w), ("weight_scale", scale), ("weight_offset", torch.full((40, 1), offset))):
+            getattr(layer, name).weight_loader(getattr(layer, name), value)
+        if error is None:
+            layer.quant_method.process_weights_after_loading(layer)
+            assert not hasattr(layer, "weight_offset")
+            x = torch.randn(3, HIDDEN, generator=gen)
+            assert torch.allclose(layer(x).double(), independent_reference(x, q_w, scale, None), atol=1e-4)
+        else:
+            with pytest.raises(ValueError, match=error):
+                layer.quant_method.process_weights_after_loading(layer)
