@@ -102,7 +102,8 @@ class LlamaModel(DecoderStack):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, ops, quant_config, f"model.layers.{i}", dtype, biases, parallel)
             for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
+        norm_bias = getattr(quant_config, "norm_has_bias", lambda prefix: False)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, norm_bias("model.norm"))
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
 

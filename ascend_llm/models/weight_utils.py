@@ -68,9 +68,9 @@ class _NormExtras:
 
     - `X.module.weight` / `X.module.bias` (X a `*norm`): copies of `X.weight` / `X.bias` that its
       older savers (classic `safe_tensor`) keep; checked equal to them after loading, then dropped;
-    - `X.bias` of a norm the model builds without a bias (the final `model.norm`: the model gives
-      only decoder-layer norms the description's bias): accepted when all zero (adding it is a
-      no-op), else a ValueError naming it.
+    - `X.bias` of a norm the model builds without a bias (the description does not list it; a
+      listed norm bias, the final `model.norm`'s included, gets a parameter): accepted when all
+      zero (adding it is a no-op), else a ValueError naming it.
     Every other unknown tensor still fails in `load_weights_into`. One INFO line lists them.
     """
 

@@ -225,9 +225,6 @@ def _add_tensor(model_dir: Path, name: str, tensor: torch.Tensor, description_fi
     # an unknown tensor still fails, naming it
     ("llama_w8a8", "quant_model_description.json", "model.layers.0.mlp.down_proj.smooth_scale",
      torch.ones(96), r"'model\.layers\.0\.mlp\.down_proj\.smooth_scale' matches no model parameter"),
-    # the final norm has no bias in our model: a non-zero one is refused by name
-    ("llama_w8a8_m2", "quant_model_description.json", "model.norm.bias", torch.full((64,), 0.1),
-     r"'model\.norm\.bias': a non-zero norm bias"),
     # a .module. norm alias must be the norm's copy
     ("llama_w8a8_m2_safetensor", "quant_model_description_w8a8.json",
      "model.layers.0.input_layernorm.module.weight", torch.ones(64),
@@ -238,6 +235,18 @@ def test_bad_extras_fail_naming_the_tensor(tmp_path, case, description, name, te
     _add_tensor(model_dir, name, tensor, description)
     with pytest.raises(ValueError, match=match):
         _build(model_dir)
+
+
+def test_a_final_norm_bias_in_the_description_is_built_and_applied(tmp_path):
+    """m2 / m4 may shift the final norm too; as vllm-ascend gives a listed norm its bias, the
+    model builds `model.norm` with one and adds it (a non-zero bias changes the logits)."""
+    model_dir = _copy("llama_w8a8_m2", tmp_path)
+    ids = _reference(model_dir)["input_ids"]
+    config, plain = _build(model_dir)
+    _add_tensor(model_dir, "model.norm.bias", torch.full((64,), 0.1), "quant_model_description.json")
+    _, shifted = _build(model_dir)
+    assert torch.equal(shifted.model.norm.bias.data, torch.full((64,), 0.1))
+    assert not torch.allclose(_logits(plain, config, ids), _logits(shifted, config, ids), atol=1e-3)
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
