@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.tiny_models import tiny_config  # noqa: E402  (the shape our tests use)
+from tests.tiny_models import init_tiny_weights, tiny_config  # noqa: E402  (the shape our tests use)
 
 VOCAB = 128                  # small vocabulary: keeps each checkpoint ~130 KB
 SEED = 0
@@ -72,14 +72,7 @@ def tiny_model(arch: str, tie: bool = False):
     config, cls = tiny_config(arch, tie=tie, vocab_size=VOCAB)
     config.architectures = [cls.__name__]      # as from_pretrained has it (AntiOutlier reads it)
     model = cls(config).eval()
-    with torch.no_grad():          # the init of tests/tiny_models.py: logits far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            elif p.dim() == 1 and p.shape[0] == config.hidden_size:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0, 0.05)
+    init_tiny_weights(model, config.hidden_size)        # the init of our tests: logits far from uniform
     return model
 
 

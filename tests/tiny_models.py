@@ -40,19 +40,25 @@ def tiny_config(arch: str, tie: bool = False, vocab_size: int = VOCAB_SIZE):
     raise ValueError(arch)
 
 
+def init_tiny_weights(model: torch.nn.Module, hidden_size: int) -> None:
+    """A larger-than-default init so logits are far from uniform: matrices N(0, 0.08), norm
+    weights U(0.8, 1.2), other vectors N(0, 0.05)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif p.dim() == 1 and p.shape[0] == hidden_size:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0, 0.05)
+
+
 def make_tiny_model_dir(path: Path, arch: str, tie: bool = False, seed: int = 0) -> Path:
     """Save a random tiny HF model + tokenizer to `path` (fp32 safetensors)."""
     torch.manual_seed(seed)
     config, cls = tiny_config(arch, tie)
     model = cls(config).eval()
-    with torch.no_grad():   # larger-than-default init so logits are far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            elif p.dim() == 1 and p.shape[0] == config.hidden_size:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0, 0.05)
+    init_tiny_weights(model, config.hidden_size)
     model.save_pretrained(path, safe_serialization=True)
     make_tokenizer().save_pretrained(path)
     return path
