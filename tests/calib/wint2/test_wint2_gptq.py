@@ -35,8 +35,9 @@ from calib.wint2.writer import main as writer_main
 from calib.wint2.writer import write_wint2_checkpoint
 from tests.calib.wint2.word_text import prompt_logprobs, word_text_file
 from tests.quant.linear_fixtures import gen
+from tests.shared_data import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _layer(n: int = 96, k: int = 256, m: int = 2048, seed: int = 0):

@@ -21,6 +21,8 @@ from calib.wint2.tune import TuneSpec, build_student, mean_kl, tune_wint2_checkp
 from calib.wint2.tune import main as tune_main
 from calib.wint2.writer import write_wint2_checkpoint
 from tests.calib.wint2.word_text import SCORE_PARAMS, prompt_logprobs, unseen_prompts, word_text, word_text_file
+from tests.shared_data import SHARED_DATA
+
 
 def _calib_file(path: Path) -> Path:
     return word_text_file(path, num_texts=12)
@@ -154,7 +156,7 @@ def test_smollm2_tuning_lowers_perplexity(tmp_path):
     from ascend_llm.eval.perplexity import perplexity
     from calib.wint2 import encode as E
     from calib.wint2.gptq_writer import EncoderOptions
-    data = Path(__file__).resolve().parents[3] / "shared" / "data"
+    data = SHARED_DATA
     if not (data / "eval_tempest.txt").exists() or not (data / "calib_prose.jsonl").exists():
         pytest.skip(f"{data} has no eval_tempest.txt / calib_prose.jsonl")
     calib = CalibSpec(str(data / "calib_prose.jsonl"), num_samples=8, seq_len=256, holdout_samples=2)
