@@ -351,7 +351,7 @@ class CompressedTensorsConfig(QuantConfig):
         shard_names = shard_names_for(prefix, self.packed_modules)
         parent = prefix.rpartition(".")[0]
         names = [f"{parent}.{s}" if parent else s for s in shard_names] or [prefix]
-        found = {name: self._scheme_for(name) for name in names}
+        found = {name: self.scheme_for(name) for name in names}
         if len({id(s) for s in found.values()}) > 1:
             labels = {n: (s.name if s else "float") for n, s in found.items()}
             raise ValueError(f"{prefix}: the fused shards have different compressed-tensors schemes "
@@ -371,7 +371,7 @@ class CompressedTensorsConfig(QuantConfig):
         w = scheme.weights
         return GroupWeightOnlyLinearMethod(w.num_bits, w.group_size, w.symmetric, shard_names)
 
-    def _scheme_for(self, name: str) -> Scheme | None:
+    def scheme_for(self, name: str) -> Scheme | None:
         """The scheme targeting module `name` (None if ignored or untargeted)."""
         if any(_matches(entry, name) for entry in self.ignore):
             return None
