@@ -1,6 +1,7 @@
 """Server-sent events and incremental text: what each streamed chunk adds to a choice."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,15 +13,23 @@ from ascend_llm.server.errors import APIError
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = "data: [DONE]\n\n"
 _REPLACEMENT = "\ufffd"
+# Characters JSON leaves raw that str.splitlines() treats as line breaks (NEL, LINE / PARAGRAPH
+# SEPARATOR): clients that split an SSE stream that way (httpx `aiter_lines`, many others) would
+# cut the `data:` line inside a JSON string. Written as JSON escapes they decode to the same text.
+_LINE_BREAKS_IN_JSON = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_data(payload: str) -> str:
+    """One SSE event carrying the JSON text `payload` on a single line, for any line splitter."""
+    return f"data: {payload.translate(_LINE_BREAKS_IN_JSON)}\n\n"
 
 
 def sse(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+    return sse_data(chunk.model_dump_json(exclude_none=True))
 
 
 def sse_error(exc: APIError) -> str:
-    import json
-    return f"data: {json.dumps(exc.body())}\n\n"
+    return sse_data(json.dumps(exc.body()))
 
 
 @dataclass

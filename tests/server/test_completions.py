@@ -134,6 +134,18 @@ def test_echo_prepends_prompt(client):
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == data["choices"][0]["text"]
 
 
+def test_stream_keeps_unicode_line_separators_inside_one_data_line(client):
+    """U+2028 / U+2029 / NEL are valid raw inside JSON, but httpx's `iter_lines` (and any client
+    splitting with str.splitlines) breaks lines there: the soak saw a JSONDecodeError from one."""
+    prompt = "one\u2028two\u2029three\x85four"
+    body = {**GREEDY, "prompt": prompt, "max_tokens": 2, "echo": True}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    events = stream_events(client, "/v1/completions", {**body, "stream": True})
+    assert events[-1] == "[DONE]"
+    streamed = "".join(e["choices"][0]["text"] for e in events[:-1])
+    assert streamed == text and streamed.startswith(prompt)
+
+
 def test_max_tokens_defaults_to_16(client):
     data = client.post("/v1/completions", json={**GREEDY, "prompt": "The"}).json()
     assert data["usage"]["completion_tokens"] == 16
