@@ -107,14 +107,20 @@ def _quantize_experts_per_channel(layer: nn.Module, weight: torch.Tensor, bits: 
 
 
 class PrequantWeightOnlyMoEMethod(FusedMoEMethodBase):
-    """Pre-quantized wint8 / wint4 experts (`weight` + `weight_scale` [n] per expert/projection)."""
+    """Pre-quantized wint8 / wint4 experts (`weight` + `weight_scale` [n] per expert/projection),
+    row-major only (`is_permuted: false`): FastDeploy's CUTLASS expert layout is refused."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, permuted: bool = False) -> None:
         P.int_qmax(bits)
-        self.bits = bits
+        self.bits, self.permuted = bits, permuted
 
     def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
+        if self.permuted:
+            raise ValueError(f"{layer.prefix}: pre-quantized wint{self.bits} MoE experts in FastDeploy's "
+                             f"CUTLASS layout (quantization_config.is_permuted true, FastDeploy's "
+                             f"default) are not read; experts written row-major load with "
+                             f"is_permuted: false")
         inter, pack = intermediate_size_per_partition, 2 if self.bits == 4 else 1
         dtype = torch.uint8 if self.bits == 4 else torch.int8
         add_expert_param(layer, "w13_weight", (2 * inter, -(-hidden_size // pack)), dtype, ExpertParamSpec(n_dim=0))
@@ -177,10 +183,11 @@ class WInt2MoEMethod(FusedMoEMethodBase):
             lambda a: dequant_grouped_matmul(a, group_list, hidden, lambda e: dequant("w2", e)))
 
 
-def w4w2_method(quant_type: str) -> FusedMoEMethodBase:
-    """The expert method of a w4w2 layer range: 'wint4' (pre-quantized) or 'wint2'."""
+def w4w2_method(quant_type: str, permuted: bool = False) -> FusedMoEMethodBase:
+    """The expert method of a w4w2 layer range: 'wint4' (pre-quantized; `permuted`: its stored
+    layout, see PrequantWeightOnlyMoEMethod) or 'wint2'."""
     if quant_type == "wint4":
-        return PrequantWeightOnlyMoEMethod(4)
+        return PrequantWeightOnlyMoEMethod(4, permuted)
     if quant_type == "wint2":
         return WInt2MoEMethod()
     raise ValueError(f"moe_quant_config: quant_type {quant_type!r} is not wint4 / wint2")

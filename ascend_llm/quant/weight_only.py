@@ -6,14 +6,10 @@ quantizes per output channel, symmetric (scale = amax / 127 or amax / 7), replac
 int8 [n, k] (wint8) or packed uint8 [n, ceil(k/2)] (wint4, see `primitives.pack_int4`), adds
 `weight_scale` float32 [n], and drops the float copy. Activations stay in the model dtype.
 
-Pre-quantized FastDeploy checkpoints (`quantization_config: {quantization: wint8|wint4,
-is_quantized: true}`) load `weight` + `weight_scale` [n] directly (`WeightOnlyCheckpointConfig`).
-Accepted layout (the one `quantize_per_channel` / `pack_int4` produce, i.e. Paddle's
-`weight_quantize` output before its GPU-specific step): wint8 `weight` int8 [n, k] row-major;
-wint4 `weight` uint8 (or int8 holding the same bytes) [n, ceil(k/2)], low nibble = even k,
-two's-complement nibbles, no +8 bias. FastDeploy's arch-specific CUTLASS interleave (with its
-+128 / +8 bias) cannot be undone without knowing the GPU arch it was made for: a config flagged
-`is_permuted: true` is rejected.
+Pre-quantized FastDeploy checkpoints (`quantization_config: {quantization: wint8|wint4}`,
+FastDeploy's `is_quantized` default: true) load `quant_weight` + `weight_scale` [n]
+(`WeightOnlyCheckpointConfig`); the stored layout, FastDeploy's CUTLASS one by default
+(`is_permuted`), is read into the row-major kernel layout at load time: quant/weight_only_layout.py.
 """
 from __future__ import annotations
 
@@ -26,6 +22,7 @@ from ascend_llm.ops import cpu_quant
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.moe_weight_only import OnlineWeightOnlyMoEMethod, PrequantWeightOnlyMoEMethod
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
+from ascend_llm.quant.weight_only_layout import LEGACY_WEIGHT, QUANT_WEIGHT, WeightOnlyLayout, read_is_permuted
 
 
 class WeightOnlyLinearMethod(QuantMethod):
@@ -92,13 +89,17 @@ def apply_weight_only(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | No
 
 
 class PrequantWeightOnlyLinearMethod(QuantMethod):
-    """Pre-quantized wint8 / wint4 (`weight` + `weight_scale` [n]; layout in the module doc)."""
+    """Pre-quantized wint8 / wint4: `quant_weight` (layout: quant/weight_only_layout.py) + `weight_scale` [n].
 
-    TENSORS = ("weight", "weight_scale")
+    During loading the layer holds `quant_weight` (already converted to the kernel layout by its
+    load_check) and a `weight` entry: with `is_permuted: false` an alias of the same storage (the
+    older ascend-llm name), else a refusal. After loading only `weight` (kernel layout) remains.
+    """
 
-    def __init__(self, bits: int, shard_names: tuple[str, ...] = ()) -> None:
+    def __init__(self, bits: int, shard_names: tuple[str, ...] = (), permuted: bool = False) -> None:
         P.int_qmax(bits)              # validates bits
         self.bits, self.shard_names = bits, shard_names
+        self.layout = WeightOnlyLayout(bits, permuted)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
@@ -107,22 +108,43 @@ class PrequantWeightOnlyLinearMethod(QuantMethod):
             raise ValueError(f"{layer.prefix}: packed int4 weights split along k need an even "
                              f"per-rank input size, got {input_size}")
         if self.bits == 8:
-            add_param(layer, "weight", (n, input_size), torch.int8, out_dim=0, in_dim=1)       # [n, k]
+            shape, dtype = (n, input_size), torch.int8                                   # [n, k]
         else:
-            add_param(layer, "weight", (n, (input_size + 1) // 2), torch.uint8, out_dim=0, in_dim=1)
-        add_param(layer, "weight_scale", (n,), torch.float32, out_dim=0)                       # [n]
+            shape, dtype = (n, (input_size + 1) // 2), torch.uint8                        # [n, k/2]
+        quant = add_param(layer, QUANT_WEIGHT, shape, dtype, out_dim=0, in_dim=1)
+        quant.load_check, quant.load_optional = self.layout.to_kernel, True
+        legacy = add_param(layer, LEGACY_WEIGHT, shape if not self.layout.permuted else (0,), dtype,
+                           out_dim=0, in_dim=1)
+        if self.layout.permuted:
+            legacy.load_check = self.layout.refuse_legacy_name
+        else:
+            legacy.data, legacy.load_check = quant.data, self.layout.to_kernel     # one storage
+        legacy.load_optional = True
+        add_param(layer, "weight_scale", (n,), torch.float32, out_dim=0)                   # [n]
         layer.quant_bits, layer.in_features_k = self.bits, input_size
         layer.weight_only_kernel, layer.act_dtype = None, params_dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        check_loaded(layer, self.TENSORS, self.shard_names)
+        self._check_weight_loaded(layer)
+        check_loaded(layer, ("weight_scale",), self.shard_names)
         scale = layer.weight_scale.data
         if not bool(torch.isfinite(scale).all() and (scale >= 0).all()):
             raise ValueError(f"{layer.prefix}.weight_scale: must be finite and >= 0")
-        if self.bits == 8 and bool((layer.weight.data == -128).any()):
-            raise ValueError(f"{layer.prefix}.weight: int8 code -128 found; symmetric wint8 uses "
-                             f"[-127, 127] (a +128-biased CUTLASS layout?)")
+        codes = layer.quant_weight.data                         # [n, k] int8 / [n, k/2] uint8
+        del layer.quant_weight, layer.weight
+        layer.weight = nn.Parameter(codes, requires_grad=False)
         bind_weight_only_kernel(layer, self.bits, layer.act_dtype)
+
+    def _check_weight_loaded(self, layer: nn.Module) -> None:
+        """Every fused shard loaded once, as `quant_weight` or (row-major only) `weight`."""
+        loaded = getattr(layer, "loaded_shards", set())
+        for index in range(len(layer.output_sizes)):
+            names = [name for name in (QUANT_WEIGHT, LEGACY_WEIGHT) if (name, index) in loaded]
+            if len(names) == 2:
+                raise ValueError(f"{layer.prefix}: checkpoint has both '{QUANT_WEIGHT}' and "
+                                 f"'{LEGACY_WEIGHT}' for shard {index}; keep one")
+            if not names:
+                check_loaded(layer, (QUANT_WEIGHT,), self.shard_names)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_weight_only(layer, x, bias)
@@ -160,10 +182,16 @@ class WInt4Config(WeightOnlyConfig):
 
 
 class WeightOnlyCheckpointConfig(QuantConfig):
-    """A FastDeploy wint8 / wint4 checkpoint (`quantization_config.is_quantized: true`)."""
+    """A FastDeploy wint8 / wint4 checkpoint (`quantization_config.is_quantized: true`).
 
-    def __init__(self, bits: int, packed_modules: dict[str, tuple[str, ...]] | None = None) -> None:
-        self.bits = bits
+    `is_permuted`: the stored layout (quant/weight_only_layout.py); parsing a checkpoint's config
+    defaults it to FastDeploy's true (`weight_only_config_from_checkpoint`), this constructor to
+    the row-major false of hand-built configs.
+    """
+
+    def __init__(self, bits: int, packed_modules: dict[str, tuple[str, ...]] | None = None,
+                 is_permuted: bool = False) -> None:
+        self.bits, self.is_permuted = bits, is_permuted
         self.packed_modules = dict(packed_modules or {})
 
     def get_name(self) -> str:        # the checkpoint's own method name
@@ -171,29 +199,30 @@ class WeightOnlyCheckpointConfig(QuantConfig):
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
         if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
-            return PrequantWeightOnlyMoEMethod(self.bits)
-        return PrequantWeightOnlyLinearMethod(self.bits, shard_names_for(prefix, self.packed_modules))
+            return PrequantWeightOnlyMoEMethod(self.bits, self.is_permuted)
+        return PrequantWeightOnlyLinearMethod(self.bits, shard_names_for(prefix, self.packed_modules),
+                                              self.is_permuted)
 
 
 def weight_only_config_from_checkpoint(config: dict, packed_modules: dict[str, tuple[str, ...]] | None,
                                        source: str) -> QuantConfig:
-    """`quantization_config` {quantization: wint8|wint4, is_quantized, is_permuted} -> config.
+    """`quantization_config` {quantization: wint8|wint4, is_quantized, is_checkpoint_bf16,
+    is_permuted} -> config.
 
-    is_quantized false (FastDeploy's `is_checkpoint_bf16`) means a float checkpoint quantized
-    online, like `--quantization wint8`.
+    is_quantized false, or FastDeploy's `is_checkpoint_bf16` true (WINT8Config.from_config), means a
+    float checkpoint quantized online, like `--quantization wint8`. is_permuted defaults to true,
+    as FastDeploy (its dense layers always hold `weight_quantize`'s CUTLASS layout).
     """
     name = str(config.get("quantization", config.get("quant_method", ""))).lower()
     bits = {"wint8": 8, "wint4": 4}.get(name)
     if bits is None:
         raise ValueError(f"{source}: quantization_config.quantization {name!r} is not wint8 / wint4")
-    if config.get("is_permuted", False):
-        raise ValueError(f"{source}: quantization_config.is_permuted is true: FastDeploy's CUTLASS "
-                         f"interleaved {name} layout depends on the GPU arch it was made for and "
-                         f"cannot be read; export plain row-major weights (is_permuted: false)")
-    is_quantized = config.get("is_quantized", True)
-    if not isinstance(is_quantized, bool):
-        raise ValueError(f"{source}: quantization_config.is_quantized must be true or false, "
-                         f"got {is_quantized!r}")
-    if not is_quantized:
+    is_permuted = read_is_permuted(config, source)
+    flags = {key: config.get(key, default) for key, default in
+             (("is_quantized", True), ("is_checkpoint_bf16", False))}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{source}: quantization_config.{key} must be true or false, got {value!r}")
+    if not flags["is_quantized"] or flags["is_checkpoint_bf16"]:
         return WInt8Config() if bits == 8 else WInt4Config()
-    return WeightOnlyCheckpointConfig(bits, packed_modules)
+    return WeightOnlyCheckpointConfig(bits, packed_modules, is_permuted)

@@ -3,7 +3,9 @@
 config.json `quantization_config` (FastDeploy's WINT2 doc, with the spellings its code reads):
     quantization: "wint2"
     dense_quant_type | dense_quant_config: "wint8" (default) or "wint4" -- dense Linear layers,
-        pre-quantized (`weight` + `weight_scale`, layout in quant/weight_only.py)
+        pre-quantized (`quant_weight` + `weight_scale`, layout in quant/weight_only_layout.py)
+    is_permuted: the layout of those wint8 / wint4 tensors (and of the w4 MoE experts); FastDeploy's
+        default true = its CUTLASS layout (experts in it are refused), false = row-major
     moe_quant_type: "w4w2"
     moe_quant_config: {moe_w4_quant_config: {quant_type: wint4, quant_start_layer, quant_end_layer},
                        moe_w2_quant_config: {quant_type: wint2, quant_granularity, quant_group_size,
@@ -35,6 +37,7 @@ from ascend_llm.quant.module_patterns import check_regex_entries
 from ascend_llm.quant.moe_weight_only import w4w2_method
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
 from ascend_llm.quant.weight_only import PrequantWeightOnlyLinearMethod, apply_weight_only, bind_weight_only_kernel
+from ascend_llm.quant.weight_only_layout import read_is_permuted
 
 DENSE_TYPES = {"wint8": 8, "wint4": 4}
 WRITER_HINT = ("WINT2 is an offline format: convert a float checkpoint with "
@@ -89,7 +92,7 @@ class WInt2Config(QuantConfig):
     def __init__(self, dense_quant_type: str = "wint8", moe_quant_type: str = "w4w2",
                  moe_ranges: tuple[LayerRange, ...] = (), dense_wint2_modules: tuple[str, ...] = (),
                  packed_modules: dict[str, tuple[str, ...]] | None = None,
-                 dense_wint4_modules: tuple[str, ...] = ()) -> None:
+                 dense_wint4_modules: tuple[str, ...] = (), is_permuted: bool = False) -> None:
         if dense_quant_type not in DENSE_TYPES:
             raise ValueError(f"dense_quant_type: {dense_quant_type!r} is not one of {sorted(DENSE_TYPES)}")
         self.dense_quant_type, self.moe_quant_type = dense_quant_type, moe_quant_type
@@ -97,6 +100,7 @@ class WInt2Config(QuantConfig):
         self.dense_wint2_modules = dense_wint2_modules
         self.dense_wint4_modules = dense_wint4_modules
         self.packed_modules = dict(packed_modules or {})
+        self.is_permuted = is_permuted        # parsed configs: FastDeploy's default, true
 
     @classmethod
     def get_name(cls) -> str:
@@ -117,7 +121,8 @@ class WInt2Config(QuantConfig):
             raise ValueError(f"{source}: moe_quant_type {moe_type!r} is not supported (only 'w4w2')")
         modules, wint4 = (_patterns(config, key, source) for key in ("dense_wint2_modules", "dense_wint4_modules"))
         ranges = _moe_ranges(config.get("moe_quant_config", {}), source)
-        return cls(dense.lower(), moe_type, ranges, modules, packed_modules, wint4)
+        return cls(dense.lower(), moe_type, ranges, modules, packed_modules, wint4,
+                   read_is_permuted(config, source))
 
     def method_for_moe_layer(self, layer_idx: int) -> str:
         """'wint4' or 'wint2' for the MoE experts of decoder layer `layer_idx`."""
@@ -140,11 +145,11 @@ class WInt2Config(QuantConfig):
         if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
             if layer.layer_idx is None:
                 raise ValueError(f"{prefix}: w4w2 needs the decoder layer index of MoE layers")
-            return w4w2_method(self.method_for_moe_layer(layer.layer_idx))
+            return w4w2_method(self.method_for_moe_layer(layer.layer_idx), self.is_permuted)
         shard_names = shard_names_for(prefix, self.packed_modules)
         if self.is_wint2_module(prefix, shard_names):
             return WInt2LinearMethod(shard_names)
-        return PrequantWeightOnlyLinearMethod(self.dense_bits(prefix, shard_names), shard_names)
+        return PrequantWeightOnlyLinearMethod(self.dense_bits(prefix, shard_names), shard_names, self.is_permuted)
 
     def is_wint2_module(self, prefix: str, shard_names: tuple[str, ...] = ()) -> bool:
         """Whether the layer at `prefix` (all of its fused shards) matches `dense_wint2_modules`."""

@@ -9,7 +9,9 @@
 Decoder Linear weights (`model.layers.N.<...>_proj.weight`) matching `dense_wint2_modules` become
 the five WINT2 tensors (ascend_llm/numerics/wint2.py, FastDeploy orientation); the other decoder
 Linears become pre-quantized `dense_quant_type` (wint8: `weight` int8 [n, k] + `weight_scale`
-[n] in the checkpoint dtype; wint4: `weight` uint8 [n, ceil(k/2)], low nibble = even k).
+[n] in the checkpoint dtype; wint4: `weight` uint8 [n, ceil(k/2)], low nibble = even k): the
+row-major layout, so the config says `is_permuted: false` (FastDeploy's default is its CUTLASS
+layout; quant/weight_only_layout.py).
 Embeddings, norms, biases and the LM head are copied unchanged. config.json gets a
 `quantization_config` with `quantization: "wint2"`, and tokenizer files are copied.
 
@@ -90,7 +92,8 @@ def quantization_config(dense_wint2_modules: tuple[str, ...], dense_quant_type: 
     """The config.json `quantization_config` of a written checkpoint (`dense_wint4_modules`
     only when given)."""
     extra = {"dense_wint4_modules": list(dense_wint4_modules)} if dense_wint4_modules else {}
-    return {**extra, "quantization": "wint2", "is_quantized": True, "dense_quant_type": dense_quant_type,
+    return {**extra, "quantization": "wint2", "is_quantized": True, "is_permuted": False,
+            "dense_quant_type": dense_quant_type,
             "moe_quant_type": "w4w2", "dense_wint2_modules": list(dense_wint2_modules),
             "moe_quant_config": {
                 "moe_w4_quant_config": {"quant_type": "wint4", "quant_granularity": "per_channel",

@@ -85,6 +85,7 @@ def write_w4w2(src: Path, out: Path, w4_end_layer: int = 6, drop: str | None = N
     config = json.loads(json.dumps(W4W2_CONFIG))
     config["moe_quant_config"]["moe_w4_quant_config"]["quant_end_layer"] = w4_end_layer
     config["moe_quant_config"]["moe_w2_quant_config"]["quant_start_layer"] = w4_end_layer + 1
+    config["is_permuted"] = False       # the wint8 / wint4 tensors above are row-major, not CUTLASS
     _copy_side_files(src, out, config)
     return out
 

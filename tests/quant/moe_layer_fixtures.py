@@ -82,7 +82,7 @@ def quant_config(fmt: str, prefix: str, num_experts: int):
     if fmt.startswith("prequant_"):
         return WeightOnlyCheckpointConfig(8 if fmt.endswith("8") else 4)
     if fmt == "wint2":
-        return WInt2Config.from_config(W4W2_CONFIG)
+        return WInt2Config.from_config({**W4W2_CONFIG, "is_permuted": False})     # row-major experts
     if fmt == "w8a8_dynamic":
         description = {"model_quant_type": "W8A8_DYNAMIC", "version": "1.0.0", "group_size": 0}
         for e in range(num_experts):

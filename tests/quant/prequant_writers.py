@@ -3,8 +3,10 @@
 - `write_autofp8`: AutoFP8 layout (`weight` e4m3, scalar `weight_scale`, static `input_scale`
   from a calibration pass of the float model through transformers), `ignored_layers`;
 - `write_deepseek_fp8`: `weight` e4m3 + `weight_scale_inv` [ceil(n/bn), ceil(k/bk)];
-- `write_fastdeploy_weight_only`: FastDeploy wint8 / wint4 `weight` + `weight_scale` [n]
-  (plain row-major; wint4 two per byte, low nibble = even k).
+- `write_fastdeploy_weight_only`: FastDeploy wint8 / wint4 `quant_weight` + `weight_scale` [n],
+  row-major with an explicit `is_permuted: false` (wint4 two per byte, low nibble = even k), or
+  with `permuted` FastDeploy's CUTLASS layout (numerics/cutlass_weight_layout.py, is_permuted true);
+  MoE experts keep the row-major `weight` name our expert method reads.
 Each copies the other tensors and the tokenizer, and adds `quantization_config` to config.json.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from ascend_llm.loader import iter_safetensors_weights
+from ascend_llm.numerics import cutlass_weight_layout as C
 from ascend_llm.numerics import primitives as P
 
 _LINEAR = re.compile(r"^(model\.layers\.\d+\..*_proj)\.weight$")
@@ -109,15 +112,19 @@ def write_deepseek_fp8(src: Path, out: Path, block: tuple[int, int] = (128, 128)
 
 
 def write_fastdeploy_weight_only(src: Path, out: Path, bits: int, int4_as_int8: bool = False,
-                                 **extra: object) -> Path:
+                                 permuted: bool = False, **extra: object) -> Path:
     """FastDeploy pre-quantized wint8 / wint4 checkpoint (`extra` goes into quantization_config);
-    `int4_as_int8` stores the packed int4 bytes as int8 (Paddle's container dtype)."""
+    `int4_as_int8` stores the packed int4 bytes as int8 (Paddle's container dtype); `permuted`
+    writes Paddle `weight_quantize`'s CUTLASS layout (needs k % 64 == 0) and is_permuted true."""
     def convert(module: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale = P.quantize_per_channel(w, bits)                    # [n, k] int8, [n]
-        if bits == 4:
+        expert = ".experts." in module             # experts: row-major `weight` only (moe_weight_only.py)
+        if permuted and not expert:
+            q = C.permute(q, bits)                                    # [n, k] / [n/2, k] int8
+        elif bits == 4:
             packed = P.pack_int4(q)                                   # [n, ceil(k/2)] uint8
             q = packed.view(torch.int8) if int4_as_int8 else packed
-        return {"weight": q, "weight_scale": scale}
+        return {"weight" if expert else "quant_weight": q, "weight_scale": scale}
 
-    config = {"quantization": f"wint{bits}", "is_quantized": True, **extra}
+    config = {"quantization": f"wint{bits}", "is_quantized": True, "is_permuted": permuted, **extra}
     return convert_linears(src, out, convert, config)

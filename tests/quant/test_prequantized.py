@@ -66,18 +66,20 @@ def test_fastdeploy_weight_only_equals_online(tiny_llama_dir, tmp_path, bits, in
 def test_fastdeploy_wint8_rejects_biased_uint8(tiny_llama_dir, tmp_path):
     out = write_fastdeploy_weight_only(tiny_llama_dir, tmp_path / "biased", 8)
     tensors = _checkpoint(out)
-    name = "model.layers.0.mlp.down_proj.weight"
+    name = "model.layers.0.mlp.down_proj.quant_weight"
     tensors[name] = (tensors[name].to(torch.int16) + 128).to(torch.uint8)    # CUTLASS's +128 bias
     from safetensors.torch import save_file
     save_file(tensors, str(out / "model.safetensors"))
-    with pytest.raises(ValueError, match="down_proj.weight: checkpoint tensor has dtype torch.uint8, "
+    with pytest.raises(ValueError, match="down_proj.quant_weight: checkpoint tensor has dtype torch.uint8, "
                                          "expected torch.int8"):
         LLM(str(out), max_model_len=64)
 
 
 def test_fastdeploy_flags(tiny_llama_dir, tmp_path):
+    # is_permuted true on row-major bytes: refused by name (tests/quant/test_peer_fastdeploy.py reads
+    # the real CUTLASS layout)
     permuted = write_fastdeploy_weight_only(tiny_llama_dir, tmp_path / "perm", 8, is_permuted=True)
-    with pytest.raises(ValueError, match="is_permuted is true.*GPU arch"):
+    with pytest.raises(ValueError, match=r"quant_weight(\[\w+\])?: .*is_permuted: true"):
         LLM(str(permuted), max_model_len=64)
     config = get_quant_config(None, _Config({"quantization": "wint4", "is_quantized": False}))
     assert config.get_name() == "wint4"                      # a float checkpoint quantized online
