@@ -136,6 +136,18 @@ def config_quant_method(quant: Any, source: str) -> str:
     return method.lower()
 
 
+def checkpoint_model_format(directory: str | Path) -> str:
+    """"paddle" or "torch", as FastDeploy's ModelConfig.read_model_config decides it from config.json
+    (fastdeploy/config.py): `torch_dtype` -> torch; `dtype` -> torch when `transformers_version` is
+    above 4.56.0 (transformers renamed the key), else paddle. Without either key: torch (an HF
+    checkpoint; FastDeploy would refuse it). Paddle-format Linear weights are stored [k, n]."""
+    config = _read_config(Path(directory))
+    if "torch_dtype" in config or "dtype" not in config:
+        return "torch"
+    version = tuple(int(part) for part in re.findall(r"\d+", str(config.get("transformers_version", "")))[:3])
+    return "torch" if version > (4, 56, 0) else "paddle"
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     """config.json as a dict ({} when absent)."""
     path = directory / "config.json"

@@ -4,9 +4,11 @@
   with `activation_scheme: "static"` also `input_scale` float32 scalar. Fused layers (qkv_proj,
   gate_up_proj) get one scale per shard; after loading, as vLLM's `requantize_with_max_scale`,
   every shard is dequantized and re-quantized to the largest shard scale so the layer keeps one
-  scalar, and the static input scale is the max over shards. `ignored_layers` stay float:
-  exact module names, or `re:<regex>` matched (re.match) against the module name; a fused layer
-  is ignored when all its shards are, and mixing is an error.
+  scalar, and the static input scale is the max over shards. `ignored_layers` (or, when that
+  is absent or empty, `modules_to_not_convert`, as vLLM's Fp8Config.from_config) stay float:
+  exact module names (vLLM's is_layer_skipped: `prefix in ignored_layers`), or `re:<regex>`
+  matched (re.match) against the module name; a fused layer is ignored when all its shards are,
+  and mixing is an error.
 - DeepSeek-style blocks (`weight_block_size: [bn, bk]`): `weight` e4m3 [n, k] and
   `weight_scale_inv` float32 [ceil(n/bn), ceil(k/bk)] per shard (a dequant multiplier); activations
   are quantized dynamically per token per bk channels. Fused shards concatenate along n, so each
@@ -158,10 +160,10 @@ class Fp8CheckpointConfig(QuantConfig):
         scheme = config.get("activation_scheme")
         if scheme not in ACTIVATION_SCHEMES:
             raise ValueError(f"{source}: activation_scheme must be one of {ACTIVATION_SCHEMES}, got {scheme!r}")
-        ignored = config.get("ignored_layers", [])
+        key, ignored = ignored_layers_entry(config)
         if not isinstance(ignored, list) or not all(isinstance(i, str) for i in ignored):
-            raise ValueError(f"{source}: ignored_layers must be a list of strings, got {ignored!r}")
-        check_regex_entries(ignored, "ignored_layers", source)
+            raise ValueError(f"{source}: {key} must be a list of strings, got {ignored!r}")
+        check_regex_entries(ignored, key, source)
         block = config.get("weight_block_size")
         if block is not None:
             if not (isinstance(block, list) and len(block) == 2
@@ -197,6 +199,18 @@ class Fp8CheckpointConfig(QuantConfig):
             raise ValueError(f"{prefix}: ignored_layers covers only some fused shards {flags}; "
                              f"the shards of a fused layer must all be quantized or all float")
         return next(iter(flags.values()))
+
+
+def ignored_layers_entry(config: dict[str, Any]) -> tuple[str, Any]:
+    """(key, value) of the float-layer list, as vLLM's Fp8Config.from_config reads it:
+    `ignored_layers`, or `modules_to_not_convert` when that is absent or empty."""
+    ignored = config.get("ignored_layers")
+    if ignored:
+        return "ignored_layers", ignored
+    fallback = config.get("modules_to_not_convert")
+    if fallback:
+        return "modules_to_not_convert", fallback
+    return "ignored_layers", [] if ignored is None else ignored
 
 
 def _matches(entry: str, name: str) -> bool:

@@ -2,9 +2,9 @@
 
 Pre-quantized checkpoints are recognised without a name: msModelSlim description files, and a
 config.json `quantization_config` whose method (`quant_method`, or FastDeploy's `quantization`)
-is one of CHECKPOINT_METHODS. Passing the checkpoint's own method name (or `block_wise_fp8` for
-a DeepSeek block-FP8 checkpoint) loads it as is; any other online method on a quantized
-checkpoint is an error.
+is one of CHECKPOINT_METHODS (FastDeploy's `block_wise_fp8` included: quant/block_wise_fp8_checkpoint.py).
+Passing the checkpoint's own method name (or `block_wise_fp8` for a DeepSeek block-FP8 checkpoint)
+loads it as is; any other online method on a quantized checkpoint is an error.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ascend_llm.quant.base import QuantConfig
+from ascend_llm.quant.block_wise_fp8_checkpoint import block_wise_fp8_from_checkpoint
 from ascend_llm.quant.compressed_tensors import CompressedTensorsConfig
-from ascend_llm.quant.formats import config_quant_method, detect_quant_format
+from ascend_llm.quant.formats import checkpoint_model_format, config_quant_method, detect_quant_format
 from ascend_llm.quant.fp8 import BlockWiseFp8Config, Fp8Config
 from ascend_llm.quant.fp8_checkpoint import Fp8CheckpointConfig
 from ascend_llm.quant.w8a8 import DEFAULT_PACKED_MODULES, AscendW8A8Config
@@ -32,7 +33,7 @@ ASCEND_NAMES = ("ascend", "w8a8", "w8a8_dynamic")
 # Offline-only formats: a checkpoint in that format is required.
 OFFLINE_METHODS = ("wint2",)
 # config.json quantization_config methods this build loads.
-CHECKPOINT_METHODS = ("fp8", "wint2", "wint8", "wint4", "compressed-tensors")
+CHECKPOINT_METHODS = ("fp8", "wint2", "wint8", "wint4", "compressed-tensors", "block_wise_fp8")
 # Checkpoint formats that can also be named (vLLM's `--quantization compressed-tensors`).
 CHECKPOINT_ONLY_METHODS = ("compressed-tensors",)
 PLANNED_METHODS = tuple(_ONLINE_METHODS) + ASCEND_NAMES + OFFLINE_METHODS + CHECKPOINT_ONLY_METHODS
@@ -115,6 +116,8 @@ def _from_checkpoint(checkpoint: dict[str, Any], packed: dict[str, tuple[str, ..
     method, config, source = checkpoint["method"], checkpoint["config"], checkpoint["source"]
     if method == "fp8":
         return Fp8CheckpointConfig.from_config(config, packed, source)
+    if method == "block_wise_fp8":
+        return block_wise_fp8_from_checkpoint(config, packed, source, _model_format(source))
     if method == "wint2":
         wint2 = WInt2Config.from_config(config, packed, source)
         num_layers = getattr(hf_config, "num_hidden_layers", None)
@@ -128,3 +131,10 @@ def _from_checkpoint(checkpoint: dict[str, Any], packed: dict[str, tuple[str, ..
     raise ValueError(f"{source}: quantization_config method {method!r} is not supported; supported "
                      f"quant_method values: {', '.join(CHECKPOINT_METHODS)} (and msModelSlim "
                      f"checkpoints with a quant_model_description*.json)")
+
+
+def _model_format(source: str) -> str:
+    """FastDeploy's "paddle" / "torch" checkpoint format of the config.json at `source` ("torch"
+    when only a config object was given)."""
+    path = Path(source)
+    return checkpoint_model_format(path.parent) if path.name == "config.json" and path.is_file() else "torch"
