@@ -47,8 +47,21 @@ from tests.tiny_models import init_tiny_weights, tiny_config  # noqa: E402
 
 logger = logging.getLogger("make_fastdeploy_fixtures")
 VOCAB, SEED, INTERMEDIATE = 128, 0, 128
-FASTDEPLOY_SOURCE = "PaddlePaddle/FastDeploy develop (2025-2026): files named in this script's docstring"
-PADDLE_SOURCE = "PaddlePaddle/Paddle paddle/phi/kernels/impl/weight_quantize_kernel_gpu_impl.h"
+FORMAT_SOURCES = {      # file -> the commit read (the versions stored by the code search, 2026-12-07)
+    "PaddlePaddle/FastDeploy fastdeploy/model_executor/layers/linear.py": "0009064e6f6ed105cfa5d39c4a52021251e275a2",
+    "PaddlePaddle/FastDeploy fastdeploy/model_executor/layers/quantization/weight_only.py":
+        "00fb14ec319052d13ae47191db9453a30cf68623",
+    "PaddlePaddle/FastDeploy fastdeploy/model_executor/layers/quantization/mix_quant.py":
+        "071be356d78f7c1cc74683e9eb753b49d3e67d83",
+    "PaddlePaddle/FastDeploy fastdeploy/model_executor/layers/quantization/__init__.py":
+        "013ec98141e56d9b3a86bde08b82fc1bc6755a8e",
+    "PaddlePaddle/FastDeploy fastdeploy/model_executor/layers/quantization/block_wise_fp8.py":
+        "034a3bc7d17a3045dee887e2af9891a24392d2b7",
+    "PaddlePaddle/FastDeploy fastdeploy/config.py": "0009064e6f6ed105cfa5d39c4a52021251e275a2",
+    "PaddlePaddle/Paddle paddle/phi/kernels/impl/weight_quantize_kernel_gpu_impl.h":
+        "2c8abd87b4a232e3fc8278c31ff24410f46254cf",
+    "PaddlePaddle/Paddle paddle/phi/kernels/gpu/weight_quantize_kernel.cu": "04818d11b88899de5abe15926ce9b26a2af7aac2",
+}
 CASES = {
     "llama_wint8": {"quantization": "wint8"},
     "llama_wint4": {"quantization": "wint4"},
@@ -170,7 +183,7 @@ def write_case(out: Path, case: str, quant: dict, model: torch.nn.Module, input_
     save_file({k: v.contiguous() for k, v in logits.items()}, str(directory / "reference" / "logits.safetensors"))
     manifest = {
         "tool": "ascend-llm scripts/make_fastdeploy_fixtures.py (NOT written by FastDeploy or Paddle)",
-        "format_from": [FASTDEPLOY_SOURCE, PADDLE_SOURCE],
+        "format_from": FORMAT_SOURCES,
         "layout_checked_against": "tests/fixtures/peer_checkpoints/fastdeploy/paddle_weight_quantize "
                                   "(bytes written by paddlepaddle's own weight_quantize)",
         "quantization_config": quant,
