@@ -7,7 +7,7 @@ import logging
 
 from ascend_llm.ops import collectives
 from ascend_llm.ops.attention_metadata import AttentionMetadata
-from ascend_llm.ops.registry import Kernel, OpRegistry, OpSet
+from ascend_llm.ops.registry import REFERENCE_PRIORITY, Kernel, OpRegistry, OpSet
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _register_reference_fallback(registry: OpRegistry, backend: str) -> None:
     for (op, _), kernels in reference.kernels.items():
         for k in kernels:
             registry.register(Kernel(op, backend, f"{backend}.torch_reference.{op}", k.run,
-                                     k.supports, k.prepare, priority=-100))
+                                     k.supports, k.prepare, priority=REFERENCE_PRIORITY))
 
 
 def build_op_set(backend: str) -> OpSet:

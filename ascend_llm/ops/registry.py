@@ -3,17 +3,24 @@
 A `Kernel` says whether it can run a given configuration (`supports`), may
 re-layout a layer's weights for its backend (`prepare`), and computes (`run`).
 `select` returns the first supporting kernel in priority order, or raises with
-every rejection reason so a user sees why nothing fits.
+every rejection reason so a user sees why nothing fits. When the kernel chosen is a backend's
+plain-torch reference fallback (priority `REFERENCE_PRIORITY`: the backend has no kernel of its
+own for the op, or each one rejected the traits), the step-aside is logged once per registry with
+the reasons, so a user sees which layers do not run the backend's kernels and why.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch.nn as nn
 
+logger = logging.getLogger(__name__)
+
 SupportsFn = Callable[..., "str | None"]
+REFERENCE_PRIORITY = -100          # a backend's plain-torch reference kernels (ops._REFERENCE_FALLBACK)
 
 
 def _always(**traits: Any) -> str | None:
@@ -40,6 +47,7 @@ class Kernel:
 class OpRegistry:
     """Holds kernels per (op, backend), highest priority first."""
     kernels: dict[tuple[str, str], list[Kernel]] = field(default_factory=dict)
+    announced: set[tuple[str, str, str]] = field(default_factory=set)    # step-asides logged
 
     def register(self, kernel: Kernel) -> Kernel:
         entries = self.kernels.setdefault((kernel.op, kernel.backend), [])
@@ -59,12 +67,23 @@ class OpRegistry:
                 continue
             reason = kernel.supports(**traits)
             if reason is None:
+                if kernel.priority <= REFERENCE_PRIORITY:
+                    self._announce_step_aside(kernel, reasons)
                 return kernel
             reasons.append(f"{kernel.name}: {reason}")
         if not reasons:
             reasons.append(f"no kernel registered for op {op!r} on backend {backend!r}")
         raise ValueError(f"no kernel can run op {op!r} on backend {backend!r} with "
                          f"{traits}: " + "; ".join(reasons))
+
+    def _announce_step_aside(self, kernel: Kernel, reasons: list[str]) -> None:
+        why = "; ".join(reasons) or f"no {kernel.backend} kernel is registered for it"
+        key = (kernel.op, kernel.backend, why)
+        if key in self.announced:
+            return
+        self.announced.add(key)
+        logger.info("op %r on backend %r steps aside to the plain-torch reference %s: %s",
+                    kernel.op, kernel.backend, kernel.name, why)
 
 
 def _disabled_kernels() -> set[str]:
