@@ -102,7 +102,8 @@ class _NormExtras:
             if want is None:
                 raise ValueError(f"checkpoint tensor {alias!r} matches no model parameter "
                                  f"(an alias of {original!r}, which the checkpoint lacks)")
-            if want.shape != tensor.shape or not torch.equal(want.float(), tensor.float()):
+            # compared in the model's dtype: a float16 / bfloat16 model holds the rounded copy
+            if want.shape != tensor.shape or not torch.equal(want, tensor.to(want.dtype)):
                 raise ValueError(f"checkpoint tensor {alias!r} differs from {original!r}; msModelSlim "
                                  f"writes it as an identical copy")
         if self.aliases:
