@@ -14,6 +14,10 @@ Every kernel has the `linear` signature run(layer, x, bias) with x: [num_tokens,
 - weight_only_matmul, bits 2: FastDeploy WINT2 tensors layer.quant_weight uint8 [k/4, n],
   layer.weight_scale uint8 [ceil(k/128), n], layer.super_scales [n], layer.code_scale /
   layer.code_zp float32 [n] (decode rule: numerics/wint2.py).
+- weight_only_group_matmul (int4 / int8 codes with group scales, compressed-tensors W4A16 /
+  W8A16): layer.weight int8 [n, k] codes, layer.weight_scale float32 [n, G],
+  layer.weight_zero_point int8 [n, G] or None (symmetric), layer.group_size g (G = ceil(k / g)),
+  layer.quant_bits; W = (code - zero) * scale per group (numerics/group_quant.py).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ascend_llm.numerics import primitives as P
+from ascend_llm.numerics.group_quant import dequantize_groups
 from ascend_llm.numerics.wint2 import dequantize_wint2
 from ascend_llm.ops.registry import Kernel, OpRegistry
 
@@ -65,6 +70,13 @@ def weight_only_matmul_wint2(layer: nn.Module, x: torch.Tensor, bias: torch.Tens
     """WINT2: decode the five FastDeploy tensors to an fp32 [n, k] weight, then x @ W.T in fp32."""
     w = dequantize_wint2(layer.quant_weight, layer.weight_scale, layer.super_scales,
                          layer.code_scale, layer.code_zp)                # [n, k] fp32
+    return _finish(F.linear(x.float(), w), bias, x.dtype)
+
+
+def weight_only_group_matmul(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Group-wise int4 / int8: dequantize the codes to an fp32 [n, k] weight, then x @ W.T in fp32."""
+    w = dequantize_groups(layer.weight, layer.weight_scale, layer.weight_zero_point,
+                          layer.group_size)                                # [n, k] fp32
     return _finish(F.linear(x.float(), w), bias, x.dtype)
 
 
@@ -144,6 +156,8 @@ def register(registry: OpRegistry) -> None:
                              fp8_matmul_block, _supports_scheme("block")))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_per_tensor_static",
                              fp8_matmul_per_tensor_static, _supports_scheme("per_tensor_static")))
+    registry.register(Kernel("weight_only_group_matmul", BACKEND, "cpu.weight_only_group_matmul",
+                             weight_only_group_matmul, _supports_weight_only))
     registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul_wint2",
                              weight_only_matmul_wint2, _supports_int2))
     registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul_split",

@@ -55,3 +55,6 @@ def _register_linear(registry: OpRegistry) -> None:
     registry.register(Kernel("weight_only_matmul", BACKEND, "npu.weight_quant_batchmatmul",
                              linear.run_weight_quant, linear.supports_weight_only,
                              linear.prepare_weight_only))
+    registry.register(Kernel("weight_only_group_matmul", BACKEND, "npu.weight_quant_batchmatmul_group",
+                             linear.run_weight_only_group, linear.supports_weight_only_group,
+                             linear.prepare_weight_only_group))

@@ -10,7 +10,10 @@ torch_npu calls:
 - W8A8 dynamic: npu_dynamic_quant(x) -> (q, per-token scale), then npu_quant_matmul(q, w,
   weight_scale, pertoken_scale=..., bias=bias);
 - W8A16 and wint8 / wint4: npu_weight_quant_batchmatmul(x, w, antiquant_scale, antiquant_offset,
-  bias=...), int4 packed by npu_convert_weight_to_int4pack.
+  bias=...), int4 packed by npu_convert_weight_to_int4pack;
+- group-wise W4A16 / W8A16 (compressed-tensors): the same op with antiquant_scale / offset
+  [ceil(k / g), n] and antiquant_group_size=g (vllm-ascend's AscendwNa16LinearKernel,
+  vllm_ascend/quantization/kernels/mixed_precision/npu.py, makes the same call).
 310P (Atlas inference series) restrictions are reported by `supports` with the reason.
 """
 from __future__ import annotations
@@ -139,6 +142,36 @@ def run_weight_quant(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     return _unflatten(y, x)
 
 
+# ------------------------------------------------------ group-wise weight-only (W4A16 / W8A16)
+
+def prepare_weight_only_group(layer: nn.Module) -> None:
+    """Codes int8 [n, k] -> weight [k, n] int8 (ND), or int4 re-packed by
+    npu_convert_weight_to_int4pack to int32 [k, n / 8]; scale [n, G] -> antiquant_scale [G, n] in
+    the activation dtype; zero points [n, G] -> antiquant_offset = -zero [G, n] (the op computes
+    (w + antiquant_offset) * antiquant_scale, the format (w - zero) * scale). One group (g >= k)
+    is the per-channel form: scale / offset [n], antiquant_group_size 0."""
+    dtype, (n, _) = layer.act_dtype, layer.weight.shape
+    groups = layer.weight_scale.shape[1]
+    scale = layer.weight_scale.data.t().contiguous().to(dtype)                       # [G, n]
+    zero = layer.weight_zero_point
+    offset = None if zero is None else (-zero.data.float()).t().contiguous().to(dtype)   # [G, n]
+    if groups == 1:
+        scale, offset = scale.reshape(n), None if offset is None else offset.reshape(n)   # [n]
+    layer.npu_antiquant_scale, layer.npu_antiquant_offset = scale, offset
+    layer.npu_antiquant_group_size = 0 if groups == 1 else layer.group_size
+    codes = layer.weight.data.t().contiguous()                                        # [k, n] int8
+    if layer.quant_bits == 4:
+        codes = torch_npu().npu_convert_weight_to_int4pack(codes.to(torch.int32))     # [k, n / 8] int32
+    layer.weight = _frozen(codes)
+
+
+def run_weight_only_group(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch_npu().npu_weight_quant_batchmatmul(
+        _flatten(x), layer.weight, layer.npu_antiquant_scale, layer.npu_antiquant_offset,
+        bias=_bias_for_weight_quant(bias, x.dtype), antiquant_group_size=layer.npu_antiquant_group_size)
+    return _unflatten(y, x)
+
+
 # ---------------------------------------------------------------------------------- supports
 
 def supports_w8a8(scheme: str) -> Any:
@@ -160,6 +193,30 @@ def supports_weight_only(bits: int | None = None, dtype: torch.dtype | None = No
     if dtype not in NPU_ACT_DTYPES:
         return f"dtype={dtype} (npu_weight_quant_batchmatmul takes float16/bfloat16 activations)"
     return _soc_reason("w4a16" if bits == 4 else "w8a16", dtype)
+
+
+def supports_weight_only_group(bits: int | None = None, dtype: torch.dtype | None = None,
+                               group_size: int | None = None, k: int | None = None, n: int | None = None,
+                               **_: Any) -> str | None:
+    """npu_weight_quant_batchmatmul's documented limits: per-group needs antiquant_group_size a
+    multiple of 32 in [32, k - 1] and an Atlas A2 / A3 (310P: per-channel int8 only); int4 goes
+    through npu_convert_weight_to_int4pack, which packs n in eights."""
+    reason = supports_weight_only(bits=bits, dtype=dtype)
+    if reason is not None:
+        return reason
+    if group_size is None or k is None or n is None:
+        return "needs the group_size, k and n traits"
+    if group_size < k:
+        if is_310p():
+            return "310P (Atlas inference series): npu_weight_quant_batchmatmul has no per-group antiquant"
+        if group_size % 32:
+            return f"group_size={group_size} (antiquant_group_size must be a multiple of 32 in [32, k - 1])"
+    if bits == 4:
+        if is_310p():
+            return "310P (Atlas inference series): npu_weight_quant_batchmatmul takes int8 weights only"
+        if n % 8:
+            return f"n={n} (npu_convert_weight_to_int4pack packs the output dim in eights)"
+    return None
 
 
 def _soc_reason(scheme: str, dtype: torch.dtype) -> str | None:

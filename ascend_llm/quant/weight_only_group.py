@@ -11,9 +11,13 @@ per Linear (each fused shard separately)
 - `weight_shape` int [2] = the unpacked (n, k) of that shard, checked against the model.
 Dequantization: W[r, c] = (code[r, c] - zp[r, c // g]) * scale[r, c // g]; activations stay float.
 
-After loading, the codes are unpacked once to int8 `weight` [n, k] (the packed int32 is dropped)
-and the CPU reference dequantizes them group by group and runs a float matmul. Row-parallel
-layers split k, so each rank's k must be a multiple of both f and g.
+After loading, the codes are unpacked once to int8 `weight` [n, k] (the packed int32 is dropped),
+zero points to int8 [n, G], and the backend's `weight_only_group_matmul` kernel is selected through
+the op registry and prepares its own layout (CPU: this one, dequantize and float matmul; NPU:
+npu_weight_quant_batchmatmul with antiquant_group_size; CUDA: a Triton kernel). A backend kernel
+that cannot take the layer's traits is passed over for the plain-torch reference on that device,
+logged by the registry. Row-parallel layers split k, so each rank's k must be a multiple of both
+f and g.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ascend_llm.ops import cpu_quant
 from ascend_llm.quant.base import QuantMethod
 from ascend_llm.quant.param_loading import add_param, check_loaded
 
@@ -79,6 +83,7 @@ class GroupWeightOnlyLinearMethod(QuantMethod):
         shape = add_param(layer, "weight_shape", (shards,), torch.float32, out_dim=None)
         shape.load_check = _shape_check(layer, input_size, output_sizes)
         layer.group_size, layer.act_dtype, layer.in_features_k = g, params_dtype, input_size
+        layer.weight_only_group_kernel = None
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_loaded(layer, self._tensors(), self.shard_names)
@@ -102,22 +107,28 @@ class GroupWeightOnlyLinearMethod(QuantMethod):
         layer.weight_scale = nn.Parameter(scale.to(torch.float32), requires_grad=False)
         if zero is None:
             layer.weight_zero_point = None
+        bind_group_kernel(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        weight = dequantize_groups(layer.weight, layer.weight_scale, layer.weight_zero_point, layer.group_size)
-        out = F.linear(x.float(), weight, None if bias is None else bias.float())
-        return out.to(x.dtype)
+        kernel = layer.weight_only_group_kernel
+        if kernel is None:                   # a bare layer (no op set): the CPU reference
+            return cpu_quant.weight_only_group_matmul(layer, x, bias)
+        return kernel.run(layer, x, bias)
 
 
-def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                      group_size: int) -> torch.Tensor:
-    """int8 codes [n, k], scale [n, G], zero [n, G] or None -> float32 [n, k]."""
-    k = codes.shape[1]
-    s = scale.float().repeat_interleave(group_size, dim=1)[:, :k]
-    q = codes.float()
-    if zero is not None:
-        q = q - zero.float().repeat_interleave(group_size, dim=1)[:, :k]
-    return q * s
+def bind_group_kernel(layer: nn.Module) -> None:
+    """Select the backend's `weight_only_group_matmul` kernel for this layer's traits (bits,
+    activation dtype, group size, k, n, zero points) and let it prepare its layout."""
+    layer.weight_only_group_kernel = None
+    ops = getattr(layer, "ops", None)
+    if ops is None:
+        return
+    n, k = layer.weight.shape
+    kernel = ops.select("weight_only_group_matmul", bits=layer.quant_bits, dtype=layer.act_dtype,
+                        group_size=layer.group_size, k=k, n=n,
+                        asymmetric=layer.weight_zero_point is not None)
+    kernel.prepare(layer)
+    layer.weight_only_group_kernel = kernel
 
 
 def _shape_check(layer: nn.Module, input_size: int, output_sizes: list[int]):

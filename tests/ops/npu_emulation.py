@@ -528,33 +528,52 @@ class FakeTorchNPU(types.ModuleType):
                                      bias: torch.Tensor | None = None, antiquant_group_size: int = 0,
                                      inner_precise: int = 0) -> torch.Tensor:
         """y = x @ ((weight + antiquant_offset) * antiquant_scale) + bias, weight [k, n] int8
-        or int32 [k, n / 8] packed int4; per-channel scale/offset [n] in x's dtype."""
+        or int32 [k, n / 8] packed int4. antiquant_group_size 0: per-channel scale/offset [n]
+        (or [1, n]); g > 0 (per-group, Atlas A2 / A3 only; g a multiple of 32 in [32, k - 1]):
+        scale/offset [ceil(k / g), n], row i of the weight taking row i // g. Scale and offset
+        in x's dtype. (hiascend PyTorch API "torch_npu.npu_weight_quant_batchmatmul", 6.0.0
+        ptaoplist_000862; the group-size range from "torch_npu.contrib.module.LinearWeightQuant".)"""
         op = "npu_weight_quant_batchmatmul"
         self._record(op, x=x, weight=weight, antiquant_scale=antiquant_scale,
                      antiquant_offset=antiquant_offset, bias=bias)
         _require(x.dtype in FLOAT_ACTS and x.dim() == 2, op, f"x must be 2-D float16/bfloat16, got {x.dtype}")
         _require(weight.dtype in (torch.int8, torch.int32), op,
                  f"weight dtype {weight.dtype} (int8 or int4-packed int32)")
-        _require(quant_scale is None and quant_offset is None and antiquant_group_size == 0, op,
-                 "only per-channel antiquant without output quantization is emulated")
+        _require(quant_scale is None and quant_offset is None, op,
+                 "only antiquant without output quantization is emulated")
         w = weight.long() if weight.dtype == torch.int8 else self._unpack_int4(weight)   # [k, n]
-        _require(w.shape[0] == x.shape[1], op, f"x {list(x.shape)} @ weight [k, n] = {list(w.shape)}")
-        n = w.shape[1]
+        k, n = w.shape
+        _require(k == x.shape[1], op, f"x {list(x.shape)} @ weight [k, n] = {list(w.shape)}")
+        rows = self._antiquant_rows(op, k, antiquant_group_size)                      # [k] scale row of each k
         for name, t in (("antiquant_scale", antiquant_scale), ("antiquant_offset", antiquant_offset)):
             if t is not None:
                 _require(t.dtype == x.dtype, op, f"{name} dtype {t.dtype} must equal x dtype {x.dtype}")
-                _require(t.numel() == n and t.shape[-1] == n, op, f"{name} shape {list(t.shape)} (per channel [n])")
+                if antiquant_group_size:
+                    _require(tuple(t.shape) == (int(rows[-1]) + 1, n), op,
+                             f"{name} shape {list(t.shape)} (per group [ceil(k / g), n] = "
+                             f"[{int(rows[-1]) + 1}, {n}])")
+                else:
+                    _require(t.numel() == n and t.shape[-1] == n, op, f"{name} shape {list(t.shape)} (per channel [n])")
         if bias is not None:
             want = torch.float32 if x.dtype == torch.bfloat16 else torch.float16
             _require(bias.dtype == want, op, f"bias dtype {bias.dtype} with x {x.dtype} (needs {want})")
         wf = w.float()
         if antiquant_offset is not None:
-            wf = wf + antiquant_offset.float().reshape(1, n)
-        wf = wf * antiquant_scale.float().reshape(1, n)
+            wf = wf + antiquant_offset.float().reshape(-1, n)[rows]
+        wf = wf * antiquant_scale.float().reshape(-1, n)[rows]
         out = x.float() @ wf
         if bias is not None:
             out = out + bias.float()
         return out.to(x.dtype)
+
+    def _antiquant_rows(self, op: str, k: int, group_size: int) -> torch.Tensor:
+        """[k] index of the antiquant row each weight row uses (all 0 per-channel)."""
+        if not group_size:
+            return torch.zeros(k, dtype=torch.long)
+        _require(not self.is_310p, op, "per-group antiquant is not supported on 310P (per-channel only)")
+        _require(group_size % 32 == 0 and 32 <= group_size <= k - 1, op,
+                 f"antiquant_group_size {group_size} must be a multiple of 32 in [32, k - 1] (k={k})")
+        return torch.arange(k) // group_size
 
     # -- norms, activation, rotary
     def npu_rms_norm(self, x: torch.Tensor, gamma: torch.Tensor,

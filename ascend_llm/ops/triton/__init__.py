@@ -4,6 +4,8 @@
 - `int8_gemm`: W8A8 activation quantization (static per-tensor, dynamic per-token) and the
   int8 x int8 -> int32 GEMM with fused dequant;
 - `weight_only`: int8 / int4 weights x float activations (split-K GEMV for decode, tiled GEMM);
+- `weight_only_group`: the same with group-wise scales and zero points (compressed-tensors
+  W4A16 / W8A16);
 - `fp8`: per-token-group e4m3 activation quantization, 128x128 block-fp8 GEMM, and the
   `torch._scaled_mm` wrappers of per-tensor fp8;
 - `paged_attention`: KV-cache write and prefill + decode attention over the block table

@@ -15,7 +15,7 @@ from ascend_llm.quant.weight_only import WInt4Config, WInt8Config  # noqa: E402
 
 TRITON_OPS = ["add_rms_norm", "dynamic_quant_per_token", "fp8_matmul", "grouped_matmul", "paged_attention",
               "quant_matmul", "quantize_per_tensor", "reshape_and_cache", "rms_norm", "rope",
-              "silu_and_mul", "weight_only_matmul"]
+              "silu_and_mul", "weight_only_group_matmul", "weight_only_matmul"]
 
 
 def _cuda_ops() -> OpSet:
