@@ -11,6 +11,9 @@ Every kernel has the `linear` signature run(layer, x, bias) with x: [num_tokens,
   layer.weight_block_size (bn, bk); activations quantized dynamically per token per bk channels.
 - fp8_matmul, scheme "per_tensor_static": as "per_tensor", but activations use the fixed
   layer.input_scale float32 0-dim (AutoFP8 `activation_scheme: static`);
+- fp8_matmul, scheme "per_token" (row-wise: msModelSlim WFP8AFP8_DYNAMIC, compressed-tensors
+  FP8_DYNAMIC): layer.weight e4m3 [n, k], layer.weight_scale float32 [n] or [n, 1]; activations
+  quantized dynamically per token;
 - weight_only_matmul, bits 2: FastDeploy WINT2 tensors layer.quant_weight uint8 [k/4, n],
   layer.weight_scale uint8 [ceil(k/128), n], layer.super_scales [n], layer.code_scale /
   layer.code_zp float32 [n] (decode rule: numerics/wint2.py).
@@ -56,6 +59,26 @@ def fp8_matmul_per_tensor(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor 
     xq, sx = P.quantize_fp8_per_tensor(x, min_scale=P.FP8_MIN_SCALE)   # [m, k] e4m3, 0-dim
     y = F.linear(xq.float(), layer.weight.float()) * (sx * layer.weight_scale.float())
     return _finish(y, bias, x.dtype)
+
+
+def fp8_per_token_matmul_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, k] float, weight [n, k] e4m3, weight_scale [n] -> [T, n] float32:
+    (q_x @ W.T) * token_scale[t] * weight_scale[n] (+ bias), token_scale = max(rowmax|x| / 448,
+    1 / (448 * 512)) (primitives.quantize_fp8_per_token_group). The e4m3 -> float conversion moves
+    bits (exact, `fp8_to_float16_scaled` gives q / 256)."""
+    q_x, token_scale = P.quantize_fp8_per_token_group(x, group_size=x.shape[1])   # [T, k], [T, 1]
+    x16, w16 = P.fp8_to_float16_scaled(q_x), P.fp8_to_float16_scaled(weight)        # q / 256
+    acc = F.linear(x16.float(), w16.float())                                        # [T, n]
+    out = acc * (token_scale * P.FP8_FP16_RESCALE ** 2) * weight_scale.float()[None, :]
+    return out if bias is None else out + bias.float()
+
+
+def fp8_matmul_per_token(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dynamic per-token e4m3 activations x per-channel e4m3 weights (`fp8_per_token_matmul_reference`)."""
+    k = layer.weight.shape[1]
+    out = fp8_per_token_matmul_reference(x.reshape(-1, k), layer.weight, layer.weight_scale.reshape(-1), bias)
+    return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
 def fp8_matmul_per_tensor_static(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -158,6 +181,8 @@ def register(registry: OpRegistry) -> None:
                              fp8_matmul_per_tensor_static, _supports_scheme("per_tensor_static")))
     registry.register(Kernel("weight_only_group_matmul", BACKEND, "cpu.weight_only_group_matmul",
                              weight_only_group_matmul, _supports_weight_only))
+    registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_per_token",
+                             fp8_matmul_per_token, _supports_scheme("per_token")))
     registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul_wint2",
                              weight_only_matmul_wint2, _supports_int2))
     registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul_split",

@@ -7,9 +7,9 @@ only when the runtime is there, i.e. triton is installed and either a CUDA devic
 kernels (`ops._REFERENCE_FALLBACK`, priority -100), which also serve the ops without a kernel
 here: float `linear` (cuBLAS through F.linear is already at the limit), WINT2, `sample`.
 
-fp8_matmul scheme "per_token" (row-wise: per-token activations x per-channel weights) has no
-registered CPU kernel; its reference is `quant/w8a8.wfp8_dynamic_matmul_reference`, and no
-quant method selects it through the registry yet (WFP8AFP8_DYNAMIC calls that reference).
+fp8_matmul scheme "per_token" (row-wise: per-token activations x per-channel weights) is what
+msModelSlim's WFP8AFP8_DYNAMIC and compressed-tensors' FP8_DYNAMIC select; its CPU reference is
+`ops/cpu_quant.fp8_matmul_per_token`.
 
 Status: checked on CPU through the interpreter only; GPU timings come from
 `benchmarks/bench_cuda.py`.

@@ -254,6 +254,7 @@ class CtFp8ChannelDynamicMethod(WFp8AFp8DynamicLinearMethod):
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
+        layer.params_dtype = params_dtype
         _add_channel_weight(layer, input_size, output_sizes, P.FP8_DTYPE)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

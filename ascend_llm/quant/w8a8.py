@@ -32,6 +32,7 @@ from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference
     INT8_MAX, INT8_MIN, MAX_EXACT_K, dynamic_quant_matmul_reference, dynamic_quant_per_token_reference,
     int8_matmul_reference, quant_matmul_reference, quantize_per_tensor_reference,
     weight_only_matmul_reference)
+from ascend_llm.ops.cpu_quant import fp8_per_token_matmul_reference as wfp8_dynamic_matmul_reference
 from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.formats import (DESCRIPTION_META_KEYS, detect_quant_format, norm_module_alias,
                                       validate_description)
@@ -544,6 +545,7 @@ class WFp8AFp8DynamicLinearMethod(_AscendLinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         n = sum(output_sizes)
+        layer.params_dtype = params_dtype
         _add_param(layer, "weight", (n, input_size), P.FP8_DTYPE, "weight")         # [n, k] e4m3
         _add_param(layer, "weight_scale", (n, 1), torch.float32, "channel")         # [n, 1]
         _add_param(layer, "weight_offset", (n, 1), torch.float32, "channel", FP8_OFFSET_REASON)
@@ -562,21 +564,24 @@ class WFp8AFp8DynamicLinearMethod(_AscendLinearMethod):
             raise ValueError(f"{layer.prefix}.weight: WFP8AFP8_DYNAMIC needs float8_e4m3fn, "
                              f"got {layer.weight.dtype}")
         layer.register_buffer("weight_scale_fp32", scale.reshape(-1).to(torch.float32), persistent=False)
+        _bind_per_token_fp8(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        kernel = getattr(layer, "fp8_kernel", None)
+        if kernel is not None:
+            return kernel.run(layer, x, bias)
         x2 = _flatten_x(x, layer.weight.shape[1])                                    # [T, k]
         out = wfp8_dynamic_matmul_reference(x2, layer.weight, layer.weight_scale_fp32, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
-def wfp8_dynamic_matmul_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                                  bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, k] float, weight [n, k] e4m3, weight_scale [n] -> [T, n] float32.
-
-    The e4m3 -> float conversion moves bits (exact, `fp8_to_float16_scaled` gives q / 256).
-    """
-    q_x, token_scale = P.quantize_fp8_per_token_group(x, group_size=x.shape[1])   # [T, k], [T, 1]
-    x16, w16 = P.fp8_to_float16_scaled(q_x), P.fp8_to_float16_scaled(weight)        # q / 256
-    acc = torch.nn.functional.linear(x16.float(), w16.float())                      # [T, n]
-    out = acc * (token_scale * P.FP8_FP16_RESCALE ** 2) * weight_scale.float()[None, :]
-    return out if bias is None else out + bias.float()
+def _bind_per_token_fp8(layer: nn.Module) -> None:
+    """The backend's `fp8_matmul` kernel of scheme "per_token" (row-wise fp8), prepared; None for a
+    bare layer (no op set), which runs the reference."""
+    layer.fp8_kernel = None
+    ops = getattr(layer, "ops", None)
+    if ops is None:
+        return
+    kernel = ops.select("fp8_matmul", scheme="per_token", dtype=getattr(layer, "params_dtype", None))
+    kernel.prepare(layer)
+    layer.fp8_kernel = kernel
