@@ -1,0 +1,65 @@
+"""Every golden checkpoint written by a peer tool (tests/fixtures/peer_checkpoints/<tool>/<case>/:
+msModelSlim 26.1.0 and llm-compressor 0.14), built on any backend's op set, for the tests that load
+each one on every backend (tests/quant/test_peer_fixtures_npu.py, tests/ops/triton/
+test_peer_fixtures_cuda.py). The per-tool tests (test_peer_msmodelslim.py,
+test_peer_compressed_tensors.py) compare the CPU backend with the tools' own logits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches
+from ascend_llm.loader import iter_safetensors_weights, load_hf_config
+from ascend_llm.models.forward_batch import ForwardBatch
+from ascend_llm.models.registry import get_model_class
+from ascend_llm.models.weight_utils import process_weights_after_loading
+from ascend_llm.ops import AttentionMetadata
+from ascend_llm.ops.registry import OpSet
+from ascend_llm.quant.registry import get_quant_config
+
+ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints"
+TOOLS = ("msmodelslim", "llmcompressor")          # the tools whose every fixture runs on every backend
+CASES = sorted(f"{tool}/{case.name}" for tool in TOOLS for case in (ROOT / tool).iterdir()
+               if (case / "MANIFEST.json").is_file())
+BLOCK_SIZE = 4
+
+
+def input_ids(case: str) -> torch.Tensor:
+    """The fixture's reference input ids [B, T] (both tools' fixtures store them)."""
+    model_dir = ROOT / case
+    path = model_dir / "reference.safetensors"
+    if not path.is_file():
+        path = model_dir / "reference" / "logits.safetensors"
+    return load_file(str(path))["input_ids"]
+
+
+def build(case: str, ops: OpSet, dtype: torch.dtype, device: torch.device = torch.device("cpu")
+          ) -> tuple[object, nn.Module]:
+    """(hf config, model) as the engine loads it: the format detected from the checkpoint, weights
+    loaded, moved to `device`, then processed (kernels selected and prepared on `ops`)."""
+    model_dir = ROOT / case
+    config = load_hf_config(model_dir)
+    model = get_model_class(config)(config, ops, get_quant_config(None, config, model_dir), dtype)
+    model.load_weights(iter_safetensors_weights(model_dir))
+    model.to(device)
+    process_weights_after_loading(model)
+    return config, model.eval()
+
+
+@torch.inference_mode()
+def prefill_logits(model: nn.Module, config: object, token_ids: list[int], dtype: torch.dtype,
+                   device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """One prefill of `token_ids` with a float KV cache -> float32 logits [T, vocab] on the CPU."""
+    n = len(token_ids)
+    num_blocks = -(-n // BLOCK_SIZE) + 1
+    kv = allocate_kv_caches(KVCacheSpec.from_hf_config(config, BLOCK_SIZE, dtype), num_blocks, device)
+    table = list(range(num_blocks))
+    slots = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n)]
+    meta = AttentionMetadata.build([n], [n], [table], slots, BLOCK_SIZE, num_blocks, device)
+    batch = ForwardBatch(torch.tensor(token_ids, device=device), torch.arange(n, device=device), meta, kv,
+                         torch.arange(n, device=device))
+    return model.compute_logits(model(batch)).float().cpu()
+
