@@ -1,8 +1,10 @@
-"""`ascend-llm generate | chat | serve`."""
+"""`ascend-llm generate | chat | serve | eval | convert`."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import subprocess
 import sys
 from typing import Sequence
 
@@ -112,7 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     _add_serve_parser(sub)
     _add_eval_parser(sub)
+    sub.add_parser("convert", add_help=False,
+                   help="re-write a quantized checkpoint for another runtime (compressed-tensors <-> "
+                        "ascendv1); runs the offline tool `python -m calib.convert`, see --help there")
     return parser
+
+
+OFFLINE_COMMANDS = {"convert": "calib.convert"}
+
+
+def run_offline_tool(module: str, argv: Sequence[str]) -> int:
+    """Run an offline tool (calib/) in a child interpreter: the runtime never imports calib/."""
+    if importlib.util.find_spec(module.partition(".")[0]) is None:
+        logger.error("%s is not installed (it ships with ascend-llm's calib package)", module)
+        return 2
+    return subprocess.run([sys.executable, "-m", module, *argv], check=False).returncode
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -143,6 +159,9 @@ def _missing_server(reason: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in OFFLINE_COMMANDS:
+        return run_offline_tool(OFFLINE_COMMANDS[argv[0]], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,46 @@
+"""The format-neutral form a converter reads into and writes from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEMES = ("int8_dynamic", "int8_static", "int8_weight_only", "fp8_dynamic")
+
+
+@dataclass
+class QuantLinear:
+    """One quantized Linear: symmetric codes with a per-output-channel scale.
+
+    int8_static activations: x_q = clamp(round(x / input_scale) + input_zero_point, -128, 127);
+    the layer computes input_scale * weight_scale * (x_q - zp) . W_q + bias.
+    """
+
+    scheme: str                            # one of SCHEMES
+    weight: torch.Tensor                   # [n, k] int8 or float8_e4m3fn
+    weight_scale: torch.Tensor             # [n] float32
+    bias: torch.Tensor | None = None       # [n] float32, added after the dequantized matmul
+    input_scale: float | None = None       # int8_static only
+    input_zero_point: int = 0              # int8_static only
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r} ({', '.join(SCHEMES)})")
+
+
+@dataclass
+class NeutralCheckpoint:
+    """Every tensor of a checkpoint: float ones by name, quantized Linears by module name."""
+
+    config: dict                                              # config.json without quantization_config
+    floats: dict[str, torch.Tensor] = field(default_factory=dict)
+    linears: dict[str, QuantLinear] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)        # module -> what the conversion changed
+
+    def model_dtype(self) -> torch.dtype:
+        """config.json's torch_dtype (or dtype), float32 when absent."""
+        name = self.config.get("torch_dtype") or self.config.get("dtype") or "float32"
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"config.json: torch_dtype {name!r} is not a float dtype")
+        return dtype

@@ -1,0 +1,122 @@
+"""compressed-tensors (llm-compressor, HF hub) -> NeutralCheckpoint.
+
+The config is validated by the runtime's own parser (`quant/compressed_tensors.py`), so a
+checkpoint converts exactly when it would load here; each Linear's scheme is the config group
+that targets it (`CompressedTensorsConfig.scheme_for`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ascend_llm.quant.compressed_tensors import CompressedTensorsConfig, Scheme
+from ascend_llm.quant.weight_only_group import unpack_int32
+from calib.config import CalibError
+from calib.convert.checkpoint_files import (check_finite_positive, linear_modules, per_channel,
+                                            read_config, read_tensors, take)
+from calib.convert.neutral import NeutralCheckpoint, QuantLinear
+
+QUANT_LEAVES = ("weight_scale", "weight_packed")
+
+
+def read_compressed_tensors(src: Path) -> NeutralCheckpoint:
+    """The checkpoint in `src` (config.json `quantization_config.quant_method: compressed-tensors`)."""
+    config = read_config(src)
+    quant = config.pop("quantization_config", None)
+    if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
+        raise CalibError(f"{src}/config.json: no compressed-tensors quantization_config "
+                         f"(quant_method {None if not isinstance(quant, dict) else quant.get('quant_method')!r})")
+    if quant.get("kv_cache_scheme") is not None:
+        raise CalibError(f"{src}: kv_cache_scheme (fp8 KV-cache scales) has no ascendV1 counterpart "
+                         f"(msModelSlim's C8 is int8 per channel); remove it to convert the weights alone")
+    try:
+        parsed = CompressedTensorsConfig.from_config(quant, None, f"{src}/config.json")
+    except ValueError as exc:
+        raise CalibError(str(exc)) from None
+    tensors = read_tensors(src)
+    checkpoint = NeutralCheckpoint(config)
+    for module in linear_modules(tensors, QUANT_LEAVES):
+        scheme = parsed.scheme_for(module)
+        if scheme is None:
+            raise CalibError(f"{module}: has quantized tensors but no config group targets it "
+                             f"(or it is in ignore)")
+        checkpoint.linears[module] = _read_linear(tensors, module, scheme, checkpoint.notes)
+    _check_unquantized_targets(tensors, parsed)
+    leftovers = sorted(name for name in tensors if name.rpartition(".")[2] not in ("weight", "bias")
+                       and _is_quant_tensor(name))
+    if leftovers:
+        raise CalibError(f"{leftovers[0]}: not read by any converted scheme ({len(leftovers)} such "
+                         f"tensor(s)); e.g. activation-ordered weight_g_idx is not supported")
+    checkpoint.floats = tensors
+    return checkpoint
+
+
+def _check_unquantized_targets(tensors: dict[str, torch.Tensor], parsed: CompressedTensorsConfig) -> None:
+    """A float Linear weight (2-D, not an embedding) that a config group targets lacks its scales."""
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and tensor.dim() == 2 and "embed" not in module and parsed.scheme_for(module):
+            raise CalibError(f"{module}: targeted by compressed-tensors config group "
+                             f"{parsed.scheme_for(module).name!r} but has no weight_scale")
+
+
+def _is_quant_tensor(name: str) -> bool:
+    leaf = name.rpartition(".")[2]
+    return leaf.startswith(("weight_", "input_", "output_")) or leaf in ("k_scale", "v_scale")
+
+
+def _read_linear(tensors: dict[str, torch.Tensor], module: str, scheme: Scheme,
+                 notes: dict[str, str]) -> QuantLinear:
+    kind = scheme.kind()
+    bias = tensors.pop(f"{module}.bias", None)
+    bias = None if bias is None else bias.to(torch.float32)
+    if kind == "wna16":
+        return _read_weight_only(tensors, module, scheme, bias)
+    weight = take(tensors, f"{module}.weight", kind)
+    n = weight.shape[0]
+    scale = per_channel(take(tensors, f"{module}.weight_scale", kind), n, f"{module}.weight_scale")
+    check_finite_positive(scale, f"{module}.weight_scale")
+    if kind == "w8a8_int8_dynamic":
+        return QuantLinear("int8_dynamic", weight, scale, bias)
+    if kind == "w8a8_int8_static":
+        return _read_static(tensors, module, weight, scale, bias)
+    if kind == "fp8_channel_dynamic":
+        return QuantLinear("fp8_dynamic", weight, scale, bias)
+    # fp8 per-tensor weights: vllm-ascend runs FP8 with dynamic per-token activations only
+    if tensors.pop(f"{module}.input_scale", None) is not None:
+        notes[module] = "static per-tensor fp8 activations become dynamic per-token (input_scale dropped)"
+    return QuantLinear("fp8_dynamic", weight, scale, bias)
+
+
+def _read_static(tensors: dict[str, torch.Tensor], module: str, weight: torch.Tensor,
+                 scale: torch.Tensor, bias: torch.Tensor | None) -> QuantLinear:
+    input_scale = take(tensors, f"{module}.input_scale", "static int8 activations").reshape(-1)
+    zero = tensors.pop(f"{module}.input_zero_point", None)
+    if input_scale.numel() != 1:
+        raise CalibError(f"{module}.input_scale: per-tensor [1] expected, got {tuple(input_scale.shape)}")
+    check_finite_positive(input_scale.float(), f"{module}.input_scale")
+    zp = 0 if zero is None else zero.reshape(-1)
+    if zero is not None and (zp.numel() != 1 or not -128 <= int(zp[0]) <= 127):
+        raise CalibError(f"{module}.input_zero_point: one int8 value expected, got {zero.tolist()}")
+    return QuantLinear("int8_static", weight, scale, bias, float(input_scale[0].float()),
+                       0 if zero is None else int(zp[0]))
+
+
+def _read_weight_only(tensors: dict[str, torch.Tensor], module: str, scheme: Scheme,
+                      bias: torch.Tensor | None) -> QuantLinear:
+    w = scheme.weights
+    if w.num_bits != 8 or w.strategy != "channel" or not w.symmetric:
+        raise CalibError(f"{module}: pack-quantized {w.num_bits}-bit {w.strategy} weights "
+                         f"(group_size {w.group_size}, {'symmetric' if w.symmetric else 'asymmetric'}) "
+                         f"have no ascendV1 form this runtime reads; only symmetric 8-bit channel "
+                         f"weights convert (to W8A16)")
+    shape = take(tensors, f"{module}.weight_shape", "pack-quantized").tolist()
+    packed = take(tensors, f"{module}.weight_packed", "pack-quantized")
+    n, k = int(shape[0]), int(shape[1])
+    codes = unpack_int32(packed, 8, k)                                     # [n, k] int8
+    if codes.shape[0] != n:
+        raise CalibError(f"{module}.weight_packed: {tuple(packed.shape)} does not hold weight_shape {shape}")
+    scale = per_channel(take(tensors, f"{module}.weight_scale", "pack-quantized"), n, f"{module}.weight_scale")
+    check_finite_positive(scale, f"{module}.weight_scale")
+    return QuantLinear("int8_weight_only", codes, scale, bias)

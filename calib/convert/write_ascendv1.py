@@ -1,0 +1,85 @@
+"""NeutralCheckpoint -> msModelSlim ascendV1 (quant_model_description.json + quant_model_weights),
+through the calibration exporter's writer so both produce the same layout (`calib/export.py`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ascend_llm.quant.w8a8 import encode_deq_scale_int64
+from calib.convert.neutral import NeutralCheckpoint, QuantLinear
+from calib.export import TYPE_PRIORITY, VLLM_ASCEND_FP8_TYPE, deq_scale_is_int64, write_checkpoint
+
+ASCEND_TYPES = {"int8_dynamic": "W8A8_DYNAMIC", "int8_static": "W8A8", "int8_weight_only": "W8A16",
+                "fp8_dynamic": VLLM_ASCEND_FP8_TYPE}
+
+
+def write_ascendv1(checkpoint: NeutralCheckpoint, dst: Path) -> dict[str, str]:
+    """Write the weights, description and config.json into `dst`; returns module -> written type."""
+    dtype = checkpoint.model_dtype()
+    tensors: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+    for name, tensor in checkpoint.floats.items():
+        tensors[name], types[name] = tensor.contiguous(), "FLOAT"
+    _add_tied_head(checkpoint, tensors, types)
+    written = {}
+    for module, linear in checkpoint.linears.items():
+        quant_type = ASCEND_TYPES[linear.scheme]
+        for leaf, value in linear_tensors(linear, deq_scale_is_int64(dtype)).items():
+            tensors[f"{module}.{leaf}"] = value.contiguous()
+            types[f"{module}.{leaf}"] = "FLOAT" if leaf == "bias" else quant_type
+        written[module] = quant_type
+    present = set(written.values()) | {"FLOAT"}
+    description: dict[str, object] = {"model_quant_type": max(present, key=TYPE_PRIORITY.index),
+                                      "version": "1.0.0", "group_size": 0}
+    description.update(sorted(types.items()))
+    write_checkpoint(dst, dict(sorted(tensors.items())), description)
+    (dst / "config.json").write_text(json.dumps(checkpoint.config, indent=2))
+    return written
+
+
+def _add_tied_head(checkpoint: NeutralCheckpoint, tensors: dict, types: dict) -> None:
+    """msModelSlim writes `lm_head.weight` (FLOAT) for tied models too: vllm-ascend looks it up."""
+    embed = tensors.get("model.embed_tokens.weight")
+    if "lm_head.weight" not in tensors and embed is not None and checkpoint.config.get("tie_word_embeddings"):
+        tensors["lm_head.weight"], types["lm_head.weight"] = embed.clone(), "FLOAT"
+
+
+def linear_tensors(linear: QuantLinear, deq_as_int64: bool) -> dict[str, torch.Tensor]:
+    """The ascendV1 tensors of one Linear (leaf -> tensor)."""
+    n = linear.weight.shape[0]
+    out: dict[str, torch.Tensor] = {"weight": linear.weight}
+    if linear.scheme == "int8_static":
+        out.update(_static_tensors(linear, deq_as_int64))
+    else:
+        out["weight_scale"] = linear.weight_scale.reshape(n, 1).clone()             # [n, 1]
+        out["weight_offset"] = torch.zeros(n, 1, dtype=torch.float32)             # symmetric
+    if linear.bias is not None:
+        out["bias"] = linear.bias.to(torch.float32)
+    return out
+
+
+def _static_tensors(linear: QuantLinear, deq_as_int64: bool) -> dict[str, torch.Tensor]:
+    """input_scale / input_offset [1], deq_scale [n], quant_bias [n] int32 (the float bias and the
+    zero point folded in: quant_bias = round(bias / deq_scale) - zp * sum_k W_q)."""
+    input_scale = torch.tensor([linear.input_scale], dtype=torch.float32)         # [1]
+    deq = (input_scale * linear.weight_scale).to(torch.float32)                  # [n]
+    row_sums = linear.weight.to(torch.int64).sum(dim=1)                          # [n]
+    bias = torch.zeros_like(deq, dtype=torch.float64) if linear.bias is None else linear.bias.double()
+    quant_bias = torch.round(bias / deq.double()) - linear.input_zero_point * row_sums.double()
+    if bool((quant_bias.abs() > 2 ** 31 - 1).any()):
+        raise ValueError("quant_bias overflows int32 (bias / deq_scale too large)")
+    return {"input_scale": input_scale,
+            "input_offset": torch.tensor([float(linear.input_zero_point)], dtype=torch.float32),
+            "deq_scale": encode_deq_scale_int64(deq) if deq_as_int64 else deq,
+            "quant_bias": quant_bias.to(torch.int32)}
+
+
+def static_bias_rounding(linear: QuantLinear) -> float:
+    """max |bias change| of folding the float bias into quant_bias (0 without a bias)."""
+    if linear.bias is None or linear.scheme != "int8_static":
+        return 0.0
+    deq = (torch.tensor([linear.input_scale], dtype=torch.float32) * linear.weight_scale).double()
+    folded = torch.round(linear.bias.double() / deq) * deq
+    return float((folded - linear.bias.double()).abs().max())

@@ -1,0 +1,121 @@
+"""NeutralCheckpoint -> compressed-tensors (what vLLM and transformers load on GPU).
+
+Layout, per Linear (the llm-compressor output this runtime reads, `quant/compressed_tensors.py`;
+the fixtures in tests/fixtures/peer_checkpoints/llmcompressor/ show it):
+- int-quantized: `weight` int8 [n, k], `weight_scale` [n, 1]; static activations add
+  `input_scale` [1] and, when the zero point is not 0, `input_zero_point` int8 [1] (symmetric: false);
+- float-quantized: `weight` e4m3 [n, k], `weight_scale` [n, 1], dynamic per-token fp8 activations;
+- pack-quantized (8-bit weight-only): `weight_packed` int32 [n, ceil(k / 4)] holding code + 128,
+  least significant byte first, `weight_scale` [n, 1], `weight_shape` [2].
+Scales stay float32 (as read; nothing is re-rounded). One config group per scheme; a single
+scheme targets "Linear" with the float Linears in `ignore`, several list their modules by name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from calib.config import CalibError
+from calib.convert.neutral import NeutralCheckpoint, QuantLinear
+
+WEIGHTS_FILE = "model.safetensors"
+_FORMATS = {"int8_dynamic": "int-quantized", "int8_static": "int-quantized",
+            "int8_weight_only": "pack-quantized", "fp8_dynamic": "float-quantized"}
+
+
+def _args(num_bits: int, kind: str, strategy: str, dynamic: bool, symmetric: bool = True) -> dict:
+    return {"num_bits": num_bits, "type": kind, "strategy": strategy, "symmetric": symmetric,
+            "dynamic": dynamic, "group_size": None, "block_structure": None, "actorder": None}
+
+
+def _group(scheme: str, asymmetric_inputs: bool) -> dict:
+    """A config group (without targets) for `scheme`."""
+    inputs: dict | None
+    if scheme == "int8_dynamic":
+        weights, inputs = _args(8, "int", "channel", False), _args(8, "int", "token", True)
+    elif scheme == "int8_static":
+        weights = _args(8, "int", "channel", False)
+        inputs = _args(8, "int", "tensor", False, symmetric=not asymmetric_inputs)
+    elif scheme == "int8_weight_only":
+        weights, inputs = _args(8, "int", "channel", False), None
+    else:
+        weights, inputs = _args(8, "float", "channel", False), _args(8, "float", "token", True)
+    return {"format": _FORMATS[scheme], "weights": weights, "input_activations": inputs,
+            "output_activations": None}
+
+
+def pack_int8_codes(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [n, k] -> int32 [n, ceil(k / 4)] of unsigned (code + 128) bytes, lowest first."""
+    n, k = codes.shape
+    padded = torch.zeros(n, -(-k // 4) * 4, dtype=torch.int64)
+    padded[:, :k] = codes.to(torch.int64) + 128
+    words = (padded.reshape(n, -1, 4) << (torch.arange(4, dtype=torch.int64) * 8)).sum(dim=2)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def linear_tensors(linear: QuantLinear) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one Linear (leaf -> tensor)."""
+    n, k = linear.weight.shape
+    scale = linear.weight_scale.reshape(n, 1).to(torch.float32)                     # [n, 1]
+    if linear.scheme == "int8_weight_only":
+        out = {"weight_packed": pack_int8_codes(linear.weight), "weight_scale": scale,
+               "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+    else:
+        out = {"weight": linear.weight, "weight_scale": scale}
+    if linear.scheme == "int8_static":
+        out["input_scale"] = torch.tensor([linear.input_scale], dtype=torch.float32)
+        if linear.input_zero_point:
+            out["input_zero_point"] = torch.tensor([linear.input_zero_point], dtype=torch.int8)
+    if linear.bias is not None:
+        out["bias"] = linear.bias.to(torch.float32)
+    return out
+
+
+def quantization_config(checkpoint: NeutralCheckpoint) -> dict:
+    """config.json's `quantization_config` for the checkpoint's Linears."""
+    by_group: dict[tuple[str, bool], list[str]] = {}
+    for module, linear in sorted(checkpoint.linears.items()):
+        key = (linear.scheme, linear.scheme == "int8_static" and linear.input_zero_point != 0)
+        by_group.setdefault(key, []).append(module)
+    float_linears = sorted(name.rpartition(".")[0] for name, t in checkpoint.floats.items()
+                           if name.endswith(".weight") and t.dim() == 2 and "embed" not in name)
+    single = len(by_group) == 1
+    groups = {}
+    for index, ((scheme, asym), modules) in enumerate(sorted(by_group.items())):
+        groups[f"group_{index}"] = {"targets": ["Linear"] if single else modules, **_group(scheme, asym)}
+    formats = {group["format"] for group in groups.values()}
+    return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed", "config_groups": groups,
+            "ignore": sorted(set(float_linears) | {"lm_head"}) if single else ["lm_head"],
+            "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {}}
+
+
+def _refuse_norm_biases(checkpoint: NeutralCheckpoint) -> None:
+    """Anti-outlier norm biases (msModelSlim m2 / m4) have no parameter in vLLM's or transformers'
+    Llama / Qwen2 RMSNorm: both would drop them silently and compute something else. They cannot
+    be folded into the next Linear either (the activations were calibrated with the shift in)."""
+    biases = sorted(name for name in checkpoint.floats if name.endswith("norm.bias"))
+    if biases:
+        raise CalibError(f"{biases[0]}: an anti-outlier norm bias ({len(biases)} such tensors) has no "
+                         f"place in a compressed-tensors Llama / Qwen2 (vLLM and transformers RMSNorm "
+                         f"have no bias); convert a checkpoint calibrated without m2 / m4")
+
+
+def write_compressed_tensors(checkpoint: NeutralCheckpoint, dst: Path) -> dict[str, str]:
+    """Write model.safetensors and config.json into `dst`; returns module -> written format."""
+    _refuse_norm_biases(checkpoint)
+    tensors = {name: t.contiguous() for name, t in checkpoint.floats.items()}
+    if checkpoint.config.get("tie_word_embeddings") and "model.embed_tokens.weight" in tensors:
+        tensors.pop("lm_head.weight", None)           # tied: the HF model re-creates it from the embedding
+    written = {}
+    for module, linear in checkpoint.linears.items():
+        for leaf, value in linear_tensors(linear).items():
+            tensors[f"{module}.{leaf}"] = value.contiguous()
+        written[module] = _FORMATS[linear.scheme]
+    save_file(dict(sorted(tensors.items())), str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = dict(checkpoint.config, quantization_config=quantization_config(checkpoint))
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return written

@@ -1,0 +1,175 @@
+"""`python -m calib.convert` on checkpoints the peer tools wrote (tests/fixtures/peer_checkpoints/):
+llm-compressor's compressed-tensors -> ascendV1 and msModelSlim's ascendV1 -> compressed-tensors.
+
+Each converted checkpoint is loaded by this runtime and its logits compared with the source's
+(same runtime, same prompts: the fixtures' reference input_ids). Bounds, max |difference| over the
+[2, 8, 128] fp32 logits:
+- lossless pairs (same codes, same scales; a W8A8 weight_scale re-derived as deq_scale / input_scale
+  multiplies back to deq_scale within one float32 ulp): measured <= 2e-6, bound 1e-4;
+- a static W8A8 float bias folded into quant_bias (Qwen2's q/k/v biases): rounds each bias to a
+  multiple of deq_scale (the report gives the change, measured <= 3.3e-5); the q/k/v outputs move
+  by that much, which can flip a later static activation rounding by one int8 step (0.027 here):
+  measured max 0.012, bound 0.05;
+- per-tensor static FP8 -> W8A8FP8_DYNAMIC: activations switch from the static per-tensor scale to
+  dynamic per-token ones (vllm-ascend has no static FP8): compared with transformers' reference
+  logits of the source, within the bound the runtime meets on the source itself (0.3 / 0.05).
+The ascendV1 outputs also pass every lookup vllm-ascend performs (the conformance walk of
+tests/calib/test_vllm_ascend_conformance.py).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calib.convert.cli import convert, main
+from calib.convert.write_compressed_tensors import pack_int8_codes
+from ascend_llm.quant.weight_only_group import unpack_int32
+from tests.calib.test_vllm_ascend_conformance import vllm_ascend_problems
+from tests.quant.test_peer_compressed_tensors import build, logits
+
+PEERS = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints"
+LLMC, MSMS = PEERS / "llmcompressor", PEERS / "msmodelslim"
+LOSSLESS = 1e-4
+CT_TO_ASCEND = {   # llm-compressor case -> (written ascendV1 type of q_proj, bound)
+    "llama_w8a8_int8_static": ("W8A8", LOSSLESS),
+    "qwen2_w8a8_int8_static_asym": ("W8A8", 0.05),
+    "llama_w8a8_int8_dynamic": ("W8A8_DYNAMIC", LOSSLESS),
+    "qwen2_w8a8_int8_dynamic": ("W8A8_DYNAMIC", LOSSLESS),
+    "llama_fp8_dynamic": ("W8A8FP8_DYNAMIC", LOSSLESS),
+}
+ASCEND_TO_CT = ("llama_w8a8", "qwen2_w8a8", "llama_w8a8_dynamic", "qwen2_w8a8_dynamic",
+                "llama_w8a16", "llama_w8a8_disabled", "llama_w8a8_safetensor", "qwen2_v1_w8a8")
+
+
+def _prompts() -> torch.Tensor:
+    return load_file(str(LLMC / "llama_w8a8_int8_static" / "reference.safetensors"))["input_ids"]
+
+
+def _logits(model_dir: Path) -> torch.Tensor:
+    config, model = build(model_dir)
+    return torch.stack([logits(model, config, row.tolist()) for row in _prompts()])
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    return float((_logits(a) - _logits(b)).abs().max())
+
+
+@pytest.mark.parametrize("case", sorted(CT_TO_ASCEND))
+def test_compressed_tensors_to_ascendv1(case, tmp_path):
+    quant_type, bound = CT_TO_ASCEND[case]
+    out = tmp_path / "out"
+    report = convert("compressed-tensors", "ascendv1", LLMC / case, out)
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description["model.layers.0.self_attn.q_proj.weight"] == quant_type
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert vllm_ascend_problems(out, torch.float32) == []
+    assert _max_diff(LLMC / case, out) < bound
+    assert report.summary["lossless"] == (bound == LOSSLESS)
+
+
+def test_static_bias_folding_is_reported(tmp_path):
+    report = convert("compressed-tensors", "ascendv1", LLMC / "qwen2_w8a8_int8_static_asym", tmp_path / "o")
+    notes = {m: e.get("note", "") for m, e in report.summary["layers"].items()}
+    assert "quant_bias" in notes["model.layers.0.self_attn.q_proj"]         # Qwen2 q/k/v have biases
+    assert notes["model.layers.0.self_attn.o_proj"] == ""                   # no bias: lossless
+    saved = json.loads((tmp_path / "o" / "convert_report.json").read_text())
+    assert saved["tool"] == "calib.convert" and not saved["lossless"]
+
+
+def test_static_fp8_becomes_dynamic_and_stays_within_the_format(tmp_path):
+    out = tmp_path / "out"
+    report = convert("compressed-tensors", "ascendv1", LLMC / "llama_fp8", out)
+    assert "dynamic per-token" in report.summary["layers"]["model.layers.0.mlp.down_proj"]["note"]
+    ref = load_file(str(LLMC / "llama_fp8" / "reference.safetensors"))
+    err = (_logits(out) - ref["logits"]).abs()
+    assert float(err.max()) < 0.3 and float(err.mean()) < 0.05, (err.max(), err.mean())
+    weights = load_file(str(out / "quant_model_weights.safetensors"))
+    source = load_file(str(LLMC / "llama_fp8" / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(weights[f"{name}.weight"].view(torch.uint8), source[f"{name}.weight"].view(torch.uint8))
+
+
+@pytest.mark.parametrize("case", ASCEND_TO_CT)
+def test_ascendv1_to_compressed_tensors(case, tmp_path):
+    out = tmp_path / "out"
+    report = convert("ascendv1", "compressed-tensors", MSMS / case, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert not list(out.glob("quant_model_description*.json"))
+    assert report.summary["lossless"]
+    assert _max_diff(MSMS / case, out) < LOSSLESS
+
+
+def test_disabled_layers_stay_float_through_ignore(tmp_path):
+    convert("ascendv1", "compressed-tensors", MSMS / "llama_w8a8_disabled", tmp_path / "o")
+    quant = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    description = json.loads((MSMS / "llama_w8a8_disabled" / "quant_model_description.json").read_text())
+    floats = {k[:-len(".weight")] for k, v in description.items()
+              if v == "FLOAT" and "_proj.weight" in k}
+    assert floats and set(quant["ignore"]) == floats | {"lm_head"}
+
+
+def test_round_trip_keeps_every_code_and_scale(tmp_path):
+    convert("ascendv1", "compressed-tensors", MSMS / "qwen2_w8a8_dynamic", tmp_path / "ct")
+    convert("compressed-tensors", "ascendv1", tmp_path / "ct", tmp_path / "back")
+    source = load_file(str(next((MSMS / "qwen2_w8a8_dynamic").glob("quant_model_weight*.safetensors"))))
+    back = load_file(str(tmp_path / "back" / "quant_model_weights.safetensors"))
+    for name, tensor in source.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_pack_int8_codes_is_what_the_loader_unpacks():
+    codes = torch.randint(-127, 128, (6, 13), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_int8_codes(codes)
+    assert packed.shape == (6, 4) and packed.dtype == torch.int32
+    assert torch.equal(unpack_int32(packed, 8, 13), codes)
+
+
+@pytest.mark.parametrize("source, src, match", [
+    ("ascendv1", MSMS / "llama_w8a8_c8", "C8 int8 KV-cache scales have no compressed-tensors"),
+    ("ascendv1", MSMS / "llama_w8a8_m2", "anti-outlier norm bias"),
+    ("compressed-tensors", LLMC / "llama_w4a16_g32", "pack-quantized 4-bit group"),
+    ("compressed-tensors", LLMC / "llama_fp8_dynamic_kv_fp8", "kv_cache_scheme"),
+    ("compressed-tensors", MSMS / "llama_w8a8", "no compressed-tensors quantization_config"),
+    ("ascendv1", LLMC / "llama_w8a8_int8_static", "not an msModelSlim checkpoint"),
+])
+def test_unconvertible_input_exits_2_with_one_line(source, src, match, tmp_path, capsys):
+    target = "compressed-tensors" if source == "ascendv1" else "ascendv1"
+    assert main(["--from", source, "--to", target, str(src), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert not (tmp_path / "o").exists()                 # nothing half-written
+
+
+def test_output_conventions(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    args = ["--from", "ascendv1", "--to", "compressed-tensors", str(MSMS / "llama_w8a16"), str(out)]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "convert_report.json").is_file()
+    assert not (out / "MANIFEST.json").exists()            # the source's provenance is not copied
+    same = ["--from", "ascendv1", "--to", "ascendv1", str(MSMS / "llama_w8a16"), str(tmp_path / "x")]
+    assert main(same) == 2 and "nothing to convert" in capsys.readouterr().err
+
+
+def test_ascend_llm_convert_runs_the_converter(tmp_path):
+    """`ascend-llm convert` (the runtime's CLI) runs the offline tool in a child process."""
+    out = tmp_path / "o"
+    done = subprocess.run([sys.executable, "-m", "ascend_llm.cli", "convert", "--from", "ascendv1",
+                           "--to", "compressed-tensors", str(MSMS / "llama_w8a16"), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "convert_report.json").read_text())["lossless"]
+    bad = subprocess.run([sys.executable, "-m", "ascend_llm.cli", "convert", "--from", "ascendv1",
+                          "--to", "compressed-tensors", str(tmp_path / "missing"), str(tmp_path / "o2")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr and "Traceback" not in bad.stderr
