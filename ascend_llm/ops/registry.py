@@ -61,16 +61,18 @@ class OpRegistry:
     def select(self, op: str, backend: str, **traits: Any) -> Kernel:
         disabled = _disabled_kernels()
         reasons: list[str] = []
+        own = 0                     # reasons[:own] are the backend's own kernels' (above the fallback)
         for kernel in self.kernels.get((op, backend), []):
             if kernel.name in disabled:
                 reasons.append(f"{kernel.name}: disabled by ASCEND_LLM_DISABLE_KERNELS")
-                continue
-            reason = kernel.supports(**traits)
-            if reason is None:
-                if kernel.priority <= REFERENCE_PRIORITY:
-                    self._announce_step_aside(kernel, reasons)
-                return kernel
-            reasons.append(f"{kernel.name}: {reason}")
+            else:
+                reason = kernel.supports(**traits)
+                if reason is None:
+                    if kernel.priority <= REFERENCE_PRIORITY:
+                        self._announce_step_aside(kernel, reasons[:own])
+                    return kernel
+                reasons.append(f"{kernel.name}: {reason}")
+            own += kernel.priority > REFERENCE_PRIORITY
         if not reasons:
             reasons.append(f"no kernel registered for op {op!r} on backend {backend!r}")
         raise ValueError(f"no kernel can run op {op!r} on backend {backend!r} with "

@@ -343,9 +343,10 @@ class W8A8StaticLinearMethod(_AscendLinearMethod):
         _check_and_drop_static_extras(layer, self.shard_names)
         layer.w8a8_groups = _activation_groups(list(layer.output_sizes), scale, offset)
         layer.w8a8_add_quant_bias = _adds_quant_bias(layer)
-        layer.w8a8_quantize = _kernel(layer, "quantize_per_tensor", quantize_per_tensor_reference)
-        layer.w8a8_matmul = _kernel(layer, "quant_matmul", quant_matmul_static)
         _bind_layer_kernel(layer, "static")
+        if layer.w8a8_layer_kernel is None:          # the per-op path (no whole-layer kernel here)
+            layer.w8a8_quantize = _kernel(layer, "quantize_per_tensor", quantize_per_tensor_reference)
+            layer.w8a8_matmul = _kernel(layer, "quant_matmul", quant_matmul_static)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.w8a8_layer_kernel is not None:
@@ -492,9 +493,10 @@ class W8A8DynamicLinearMethod(_PerChannelScaleMethod):
         if bool((layer.weight_offset_fp32 != 0).any()):
             raise ValueError(f"{layer.prefix}.weight_offset: W8A8_DYNAMIC weights must be "
                              f"symmetric (all offsets 0)")
-        layer.w8a8_quantize = _kernel(layer, "dynamic_quant_per_token", dynamic_quant_per_token_reference)
-        layer.w8a8_matmul = _kernel(layer, "quant_matmul", quant_matmul_dynamic)
         _bind_layer_kernel(layer, "dynamic")
+        if layer.w8a8_layer_kernel is None:          # the per-op path (no whole-layer kernel here)
+            layer.w8a8_quantize = _kernel(layer, "dynamic_quant_per_token", dynamic_quant_per_token_reference)
+            layer.w8a8_matmul = _kernel(layer, "quant_matmul", quant_matmul_dynamic)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.w8a8_layer_kernel is not None:
