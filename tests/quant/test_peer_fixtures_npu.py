@@ -28,6 +28,8 @@ between steps, and its antiquant scales are float16. Measured on 2026-12-07, bou
   1/16 - 1/8 of the value, so the same upstream ulps flip much coarser steps: max 0.133, mean
   0.021 (the fp8 checkpoints' own gap to transformers is 0.14 / 0.027,
   test_peer_compressed_tensors.py); bound 0.3 / 0.05.
+The two fixtures with KV-cache scales (msModelSlim C8, the llm-compressor fp8 KV scheme) also run
+through the engine, which applies them (int8 / fp8 cache), NPU vs CPU.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 
 from ascend_llm.ops import build_op_set
 from tests.ops.npu_emulation import npu_emulation  # noqa: F401  (fixture)
-from tests.quant.peer_fixtures import CASES, build, input_ids, prefill_logits
+from tests.quant.peer_fixtures import CASES, ROOT, build, input_ids, prefill_logits
 
 FLOAT_ACT_BOUND, INT8_ACT_BOUND, FP8_ACT_BOUND = (0.02, 0.004), (0.15, 0.03), (0.3, 0.05)
 # quant method of the attention qkv_proj -> (torch_npu op it must call, (max, mean) bound)
@@ -84,3 +86,44 @@ def test_fixture_on_the_emulated_npu_matches_cpu(case, npu_emulation, caplog):
         assert layer.weight_only_group_kernel.name == "npu.weight_quant_batchmatmul_group"
         assert layer.npu_antiquant_group_size == 32 and tuple(layer.npu_antiquant_scale.shape) == (3, 64)
     assert not any("weight_only_group_matmul" in line for line in steps_aside), steps_aside
+
+
+def _engine_prompt_logprobs(case: str, device: str, tokenizer: str, kv_cache_dtype: str):
+    """(LLM, prompt log-probs of the fixture's reference rows) through the engine in float16."""
+    from ascend_llm import LLM, SamplingParams
+    rows = input_ids(case).tolist()
+    llm = LLM(str(ROOT / case), tokenizer=tokenizer, device=device, dtype="float16",
+              kv_cache_dtype=kv_cache_dtype, max_model_len=32, enforce_eager=True)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=rows, sampling_params=params, use_tqdm=False)
+    return llm, torch.tensor([entry[t].logprob for row, out in zip(rows, outs)
+                              for t, entry in zip(row[1:], out.prompt_logprobs[1:])])
+
+
+@pytest.mark.parametrize("case, kv_cache_dtype, cache, bound", [
+    # C8: auto -> int8 with the checkpoint's kv_cache_scale / offset; the NPU writes the int8 cache
+    # and attends with FIA antiquant scales. Measured max / mean |d logprob| 0.026 / 0.011
+    ("msmodelslim/llama_w8a8_c8", "auto", "int8", (0.08, 0.03)),
+    # the fp8 KV scheme's k_scale / v_scale: the NPU has no fp8-cache kernels, so reshape_and_cache
+    # and paged_attention step aside to the torch reference (logged); fp8 activations and cache
+    # on both sides, measured 0.062 / 0.025
+    ("llmcompressor/llama_fp8_dynamic_kv_fp8", "fp8", "fp8", (0.2, 0.06)),
+])
+def test_quantized_kv_cache_fixture_on_the_emulated_npu_engine(case, kv_cache_dtype, cache, bound, tiny_llama_dir,
+                                                               npu_emulation, caplog):
+    """The fixtures that carry KV-cache scales, through the engine (which applies them) on the NPU
+    vs the CPU; the tool saves no tokenizer, any one decodes ids < 128."""
+    _, want = _engine_prompt_logprobs(case, "cpu", str(tiny_llama_dir), kv_cache_dtype)
+    with caplog.at_level(logging.INFO, logger="ascend_llm.ops.registry"):
+        llm, got = _engine_prompt_logprobs(case, "npu", str(tiny_llama_dir), kv_cache_dtype)
+    assert llm.llm_engine.model_runner.kv_cache_dtype == cache
+    err = (got - want).abs()
+    assert float(err.max()) < bound[0] and float(err.mean()) < bound[1], (err.max(), err.mean())
+    steps_aside = " ".join(r.getMessage() for r in caplog.records if "steps aside" in r.getMessage())
+    if cache == "int8":
+        assert npu_emulation.called("npu_fused_infer_attention_score")[-1].args["key"].startswith("int8")
+        assert "'paged_attention' on backend 'npu'" not in steps_aside
+    else:
+        assert not npu_emulation.called("npu_fused_infer_attention_score")
+        assert "'reshape_and_cache' on backend 'npu'" in steps_aside and "NPU quantized KV: int8 only" in steps_aside
+        assert "'paged_attention' on backend 'npu'" in steps_aside
