@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches
+from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches, kv_cache_storage_dtype
+from ascend_llm.layers.attention import Attention
+from ascend_llm.layers.kv_scales import bind_kv_cache_scales
 from ascend_llm.loader import iter_safetensors_weights, load_hf_config
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
@@ -36,26 +38,33 @@ def input_ids(case: str) -> torch.Tensor:
     return load_file(str(path))["input_ids"]
 
 
-def build(case: str, ops: OpSet, dtype: torch.dtype, device: torch.device = torch.device("cpu")
-          ) -> tuple[object, nn.Module]:
+def build(case: str, ops: OpSet, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
+          kv_cache_dtype: str = "auto") -> tuple[object, nn.Module]:
     """(hf config, model) as the engine loads it: the format detected from the checkpoint, weights
-    loaded, moved to `device`, then processed (kernels selected and prepared on `ops`)."""
+    loaded, moved to `device`, then processed (kernels selected and prepared on `ops`); with a
+    quantized `kv_cache_dtype` the attention layers get the checkpoint's KV scales and cache
+    kernels, as the model runner binds them."""
     model_dir = ROOT / case
     config = load_hf_config(model_dir)
     model = get_model_class(config)(config, ops, get_quant_config(None, config, model_dir), dtype)
     model.load_weights(iter_safetensors_weights(model_dir))
     model.to(device)
     process_weights_after_loading(model)
+    if kv_cache_dtype != "auto":
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        bind_kv_cache_scales(layers, kv_cache_dtype, False, None, device)
     return config, model.eval()
 
 
 @torch.inference_mode()
 def prefill_logits(model: nn.Module, config: object, token_ids: list[int], dtype: torch.dtype,
-                   device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """One prefill of `token_ids` with a float KV cache -> float32 logits [T, vocab] on the CPU."""
+                   device: torch.device = torch.device("cpu"), kv_cache_dtype: str = "auto") -> torch.Tensor:
+    """One prefill of `token_ids` -> float32 logits [T, vocab] on the CPU (the cache in the
+    model's dtype, or int8 / fp8 for a quantized `kv_cache_dtype` bound by `build`)."""
     n = len(token_ids)
     num_blocks = -(-n // BLOCK_SIZE) + 1
-    kv = allocate_kv_caches(KVCacheSpec.from_hf_config(config, BLOCK_SIZE, dtype), num_blocks, device)
+    spec = KVCacheSpec.from_hf_config(config, BLOCK_SIZE, kv_cache_storage_dtype(kv_cache_dtype, dtype))
+    kv = allocate_kv_caches(spec, num_blocks, device)
     table = list(range(num_blocks))
     slots = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n)]
     meta = AttentionMetadata.build([n], [n], [table], slots, BLOCK_SIZE, num_blocks, device)

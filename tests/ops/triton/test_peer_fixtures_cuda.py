@@ -15,6 +15,8 @@ What each scheme runs (asserted by kernel name):
 Tolerance: fp32 on both sides with the same integer codes and scales, so only summation order
 differs, except where an int8 activation sits within fp32 rounding of a quantization boundary
 (none measured): logits within 1e-4 (measured max 1.1e-6, 2026-12-07; 0 to 1.1e-6 per fixture).
+The two fixtures with KV-cache scales (msModelSlim C8, the llm-compressor fp8 KV scheme) also run
+with their int8 / fp8 cache on the Triton cache write and paged attention.
 """
 from __future__ import annotations
 
@@ -70,3 +72,25 @@ def test_fixture_on_triton_matches_cpu(case, device):
     if method in ("W8A8StaticLinearMethod", "CtW8A8StaticMethod", "W8A8DynamicLinearMethod", "CtW8A8DynamicMethod"):
         assert qkv.w8a8_matmul.__module__ == "ascend_llm.ops.triton.int8_gemm"
         assert qkv.w8a8_quantize.__module__ == "ascend_llm.ops.triton.int8_gemm"
+
+
+@pytest.mark.parametrize("case, kv_cache_dtype", [
+    ("msmodelslim/llama_w8a8_c8", "int8"),                   # msModelSlim C8 kv_cache_scale / offset
+    ("llmcompressor/llama_fp8_dynamic_kv_fp8", "fp8"),      # compressed-tensors k_scale / v_scale
+])
+def test_kv_cache_scales_fixture_on_triton_matches_cpu(case, kv_cache_dtype, device):
+    """The checkpoint's KV scales in a quantized cache: the Triton cache write and paged attention
+    against the CPU's, the same rounding of K / V on both sides (measured max 0 / 7e-7, bound 1e-4)."""
+    dtype = torch.float32
+    config, cpu_model = build(case, _ops("cpu"), dtype, kv_cache_dtype=kv_cache_dtype)
+    _, cuda_model = build(case, _ops("cuda"), dtype, device, kv_cache_dtype=kv_cache_dtype)
+    attn = cuda_model.model.layers[0].self_attn.attn
+    assert attn.kv_cache_dtype == kv_cache_dtype and attn.kv_scales is not None
+    assert attn._paged_attention.__module__ == "ascend_llm.ops.triton.paged_attention"
+    row = input_ids(case)[0].tolist()
+    want = prefill_logits(cpu_model, config, row, dtype, kv_cache_dtype=kv_cache_dtype)
+    got = prefill_logits(cuda_model, config, row, dtype, device, kv_cache_dtype=kv_cache_dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    _, float_cache_model = build(case, _ops("cpu"), dtype)
+    float_cache = prefill_logits(float_cache_model, config, row, dtype)
+    assert float((want - float_cache).abs().max()) > 1e-4          # the cache really is quantized
