@@ -123,6 +123,7 @@ class PrequantWeightOnlyLinearMethod(QuantMethod):
         add_param(layer, "weight_scale", (n,), torch.float32, out_dim=0)                   # [n]
         layer.quant_bits, layer.in_features_k = self.bits, input_size
         layer.weight_only_kernel, layer.act_dtype = None, params_dtype
+        layer.params_dtype = params_dtype      # the model dtype, as the online method records it
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         self._check_weight_loaded(layer)

@@ -1,5 +1,6 @@
 """Every golden checkpoint written by a peer tool (tests/fixtures/peer_checkpoints/<tool>/<case>/:
-msModelSlim 26.1.0 and llm-compressor 0.14), built on any backend's op set, for the tests that load
+msModelSlim 26.1.0, llm-compressor 0.14, and the FastDeploy layouts our script writes from
+FastDeploy's and Paddle's code), built on any backend's op set, for the tests that load
 each one on every backend (tests/quant/test_peer_fixtures_npu.py, tests/ops/triton/
 test_peer_fixtures_cuda.py). The per-tool tests (test_peer_msmodelslim.py,
 test_peer_compressed_tensors.py) compare the CPU backend with the tools' own logits."""
@@ -23,14 +24,14 @@ from ascend_llm.ops.registry import OpSet
 from ascend_llm.quant.registry import get_quant_config
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints"
-TOOLS = ("msmodelslim", "llmcompressor")          # the tools whose every fixture runs on every backend
+TOOLS = ("msmodelslim", "llmcompressor", "fastdeploy")   # every checkpoint fixture runs on every backend
 CASES = sorted(f"{tool}/{case.name}" for tool in TOOLS for case in (ROOT / tool).iterdir()
-               if (case / "MANIFEST.json").is_file())
+               if (case / "MANIFEST.json").is_file() and (case / "config.json").is_file())
 BLOCK_SIZE = 4
 
 
 def input_ids(case: str) -> torch.Tensor:
-    """The fixture's reference input ids [B, T] (both tools' fixtures store them)."""
+    """The fixture's reference input ids [B, T] (every tool's fixtures store them)."""
     model_dir = ROOT / case
     path = model_dir / "reference.safetensors"
     if not path.is_file():

@@ -11,8 +11,10 @@ What each scheme runs on the NPU, asserted through the recorded torch_npu calls 
 - W8A16 (msModelSlim, per channel): npu_weight_quant_batchmatmul;
 - W4A16 / W8A16 group 32, symmetric or with zero points (compressed-tensors pack-quantized):
   npu_weight_quant_batchmatmul with antiquant_group_size 32 (scale / offset [k / 32, n]);
-- FP8 per-tensor (compressed-tensors FP8) and per-channel dynamic (FP8_DYNAMIC, also with the fp8
-  KV scheme): the NPU backend has no `fp8_matmul` kernel (Atlas A2 / A3 have no fp8 matmul), so the
+- FastDeploy wint8 / wint4 (`quant_weight` in Paddle's CUTLASS layout, read back to row-major at
+  load): npu_weight_quant_batchmatmul (wint4 re-packed by npu_convert_weight_to_int4pack);
+- FP8 per-tensor (compressed-tensors FP8), per-channel dynamic (FP8_DYNAMIC, also with the fp8
+  KV scheme) and FastDeploy block_wise_fp8 (128 x 128 blocks): the NPU backend has no `fp8_matmul` kernel (Atlas A2 / A3 have no fp8 matmul), so the
   registry steps aside to the plain-torch reference on the NPU device and logs why (asserted, and
   that no torch_npu matmul ran for them).
 
@@ -52,6 +54,8 @@ EXPECTED = {
     "W8A16LinearMethod": ("npu_weight_quant_batchmatmul", FLOAT_ACT_BOUND),
     "GroupWeightOnlyLinearMethod": ("npu_weight_quant_batchmatmul", FLOAT_ACT_BOUND),
     "Fp8CheckpointLinearMethod": (None, FP8_ACT_BOUND),
+    "BlockFp8CheckpointLinearMethod": (None, FP8_ACT_BOUND),
+    "PrequantWeightOnlyLinearMethod": ("npu_weight_quant_batchmatmul", FLOAT_ACT_BOUND),
     "CtFp8ChannelDynamicMethod": (None, FP8_ACT_BOUND),
 }
 QUANT_MATMULS = ("npu_quant_matmul", "npu_weight_quant_batchmatmul", "npu_grouped_matmul")
