@@ -27,11 +27,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ascend_llm.quant.weight_only_group import unpack_int32
 from calib.convert.cli import convert, main
 from calib.convert.write_compressed_tensors import pack_int8_codes
-from ascend_llm.quant.weight_only_group import unpack_int32
 from tests.calib.test_vllm_ascend_conformance import vllm_ascend_problems
-from tests.quant.test_peer_compressed_tensors import build, logits
+from tests.quant.peer_fixtures import batch_logits, build_dir
 
 PEERS = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints"
 LLMC, MSMS = PEERS / "llmcompressor", PEERS / "msmodelslim"
@@ -52,8 +52,8 @@ def _prompts() -> torch.Tensor:
 
 
 def _logits(model_dir: Path) -> torch.Tensor:
-    config, model = build(model_dir)
-    return torch.stack([logits(model, config, row.tolist()) for row in _prompts()])
+    config, model = build_dir(model_dir)
+    return batch_logits(model, config, _prompts())
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -195,8 +195,8 @@ def test_transformers_reads_the_converted_checkpoint_as_we_do(case, tmp_path):
     assert manifest["compressed_tensors_version"] and case in manifest["source"]
     convert("ascendv1", "compressed-tensors", MSMS / case, tmp_path / "out")
     want = load_file(str(fixture / "transformers_logits.safetensors"))
-    config, model = build(tmp_path / "out")
-    got = torch.stack([logits(model, config, row.tolist()) for row in want["input_ids"]])
+    config, model = build_dir(tmp_path / "out")
+    got = batch_logits(model, config, want["input_ids"])
     err = (got - want["logits"]).abs()
     max_bound, mean_bound = READ_BY_TRANSFORMERS[case]
     assert float(err.max()) < max_bound and float(err.mean()) < mean_bound, (err.max(), err.mean())

@@ -19,7 +19,7 @@ from ascend_llm.loader import iter_safetensors_weights, load_hf_config
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.models.weight_utils import process_weights_after_loading
-from ascend_llm.ops import AttentionMetadata
+from ascend_llm.ops import AttentionMetadata, build_op_set
 from ascend_llm.ops.registry import OpSet
 from ascend_llm.quant.registry import get_quant_config
 
@@ -41,11 +41,17 @@ def input_ids(case: str) -> torch.Tensor:
 
 def build(case: str, ops: OpSet, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
           kv_cache_dtype: str = "auto") -> tuple[object, nn.Module]:
+    """`build_dir` of the fixture `case` ("<tool>/<name>")."""
+    return build_dir(ROOT / case, ops, dtype, device, kv_cache_dtype)
+
+
+def build_dir(model_dir: Path, ops: OpSet | None = None, dtype: torch.dtype = torch.float32,
+              device: torch.device = torch.device("cpu"), kv_cache_dtype: str = "auto") -> tuple[object, nn.Module]:
     """(hf config, model) as the engine loads it: the format detected from the checkpoint, weights
-    loaded, moved to `device`, then processed (kernels selected and prepared on `ops`); with a
-    quantized `kv_cache_dtype` the attention layers get the checkpoint's KV scales and cache
-    kernels, as the model runner binds them."""
-    model_dir = ROOT / case
+    loaded, moved to `device`, then processed (kernels selected and prepared on `ops`, the CPU op
+    set by default); with a quantized `kv_cache_dtype` the attention layers get the checkpoint's
+    KV scales and cache kernels, as the model runner binds them."""
+    ops = build_op_set("cpu") if ops is None else ops
     config = load_hf_config(model_dir)
     model = get_model_class(config)(config, ops, get_quant_config(None, config, model_dir), dtype)
     model.load_weights(iter_safetensors_weights(model_dir))
@@ -73,3 +79,10 @@ def prefill_logits(model: nn.Module, config: object, token_ids: list[int], dtype
                          torch.arange(n, device=device))
     return model.compute_logits(model(batch)).float().cpu()
 
+
+
+def batch_logits(model: nn.Module, config: object, input_ids: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, T, vocab]: each row of `input_ids` [B, T] as its own prefill (the tools' forwards are
+    causal per row, without padding)."""
+    return torch.stack([prefill_logits(model, config, row, dtype) for row in input_ids.tolist()])

@@ -44,15 +44,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches
 from ascend_llm.layers.linear import ColumnParallelLinear, RowParallelLinear
-from ascend_llm.loader import iter_safetensors_weights, load_hf_config
-from ascend_llm.models.forward_batch import ForwardBatch
-from ascend_llm.models.registry import get_model_class
-from ascend_llm.models.weight_utils import process_weights_after_loading
 from ascend_llm.numerics import cutlass_weight_layout as C
 from ascend_llm.numerics import primitives as P
-from ascend_llm.ops import AttentionMetadata, build_op_set
 from ascend_llm.quant.fp8 import BlockWiseFp8Config
 from ascend_llm.quant.fp8_checkpoint import BlockFp8CheckpointLinearMethod, Fp8CheckpointConfig
 from ascend_llm.quant.registry import get_quant_config
@@ -60,6 +54,7 @@ from ascend_llm.quant.unquantized import UnquantizedLinearMethod
 from ascend_llm.quant.weight_only import (PrequantWeightOnlyLinearMethod, WeightOnlyCheckpointConfig,
                                           weight_only_config_from_checkpoint)
 from ascend_llm.quant.weight_only_layout import WeightOnlyLayout
+from tests.quant.peer_fixtures import batch_logits, build_dir
 from tests.quant.prequant_writers import convert_linears, write_autofp8, write_fastdeploy_weight_only
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints" / "fastdeploy"
@@ -69,29 +64,8 @@ FLOAT_BOUNDS = {"llama_wint8": 0.1, "llama_wint4": 1.6}
 FP8_ACT_BOUND = 0.3
 
 
-def _build(model_dir: Path):
-    config = load_hf_config(model_dir)
-    quant_config = get_quant_config(None, config, model_dir)
-    model = get_model_class(config)(config, build_op_set("cpu"), quant_config, torch.float32)
-    model.load_weights(iter_safetensors_weights(model_dir))
-    process_weights_after_loading(model)
-    return config, model.eval()
 
 
-@torch.inference_mode()
-def _logits(model, config, input_ids: torch.Tensor, block_size: int = 4) -> torch.Tensor:
-    """[B, T, vocab]: each row of `input_ids` [B, T] as its own prefill."""
-    out = []
-    for row in input_ids.tolist():
-        n = len(row)
-        num_blocks = -(-n // block_size) + 1
-        kv = allocate_kv_caches(KVCacheSpec.from_hf_config(config, block_size, torch.float32), num_blocks,
-                                torch.device("cpu"))
-        meta = AttentionMetadata.build([n], [n], [list(range(num_blocks))], list(range(n)), block_size,
-                                       num_blocks, torch.device("cpu"))
-        out.append(model.compute_logits(model(ForwardBatch(torch.tensor(row), torch.arange(n), meta, kv,
-                                                           torch.arange(n)))))
-    return torch.stack(out)
 
 
 def _copy(case: str, tmp_path: Path) -> Path:
@@ -155,8 +129,8 @@ def test_fixture_loads_and_matches_its_dequantized_model(case):
     manifest = json.loads((model_dir / "MANIFEST.json").read_text())
     assert "NOT written by FastDeploy" in manifest["tool"]
     ref = load_file(str(model_dir / "reference" / "logits.safetensors"))
-    config, model = _build(model_dir)
-    got = _logits(model, config, ref["input_ids"])
+    config, model = build_dir(model_dir)
+    got = batch_logits(model, config, ref["input_ids"])
     down = model.model.layers[0].mlp.down_proj
     if case == "llama_block_wise_fp8":
         stored = load_file(str(model_dir / "model.safetensors"))
@@ -196,7 +170,7 @@ def test_row_major_tensor_under_the_default_is_refused_by_name(tiny_llama_dir, t
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.\w+\.\w+\.quant_weight(\[\w+\])?: .*"
                                          r"is_permuted: true \(FastDeploy's default\)"):
-        _build(out)
+        build_dir(out)
     codes = P.quantize_per_channel(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)), 8)[0]
     with pytest.raises(ValueError, match=r"m\.o_proj\.quant_weight: wint8 code -128 found when read with "
                                          r"is_permuted: true .*set quantization_config\.is_permuted: false"):
@@ -213,9 +187,9 @@ def test_old_weight_name_errors_clearly_unless_row_major_is_declared(tiny_llama_
                                          r"wint8 checkpoint with is_permuted: true .* stores this layer as "
                                          r"'model\.layers\.0\.\w+\.\w+\.quant_weight(\[\w+\])?'.*"
                                          r"is_permuted: false"):
-        _build(out)
+        build_dir(out)
     _edit(out, is_permuted=False)                                     # declared row-major: it loads
-    _, model = _build(out)
+    _, model = build_dir(out)
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
 
 
@@ -226,7 +200,7 @@ def test_renamed_fastdeploy_tensor_never_loads_as_garbage(tmp_path):
     _edit(out, rename=(".quant_weight", ".weight"), is_permuted=False)
     with pytest.raises(ValueError, match=r"\.weight(\[\w+\])?: wint8 code -128 found when read with "
                                          r"is_permuted: false.*is_permuted: true"):
-        _build(out)
+        build_dir(out)
 
 
 def test_tensor_parallel_slices_after_reading_the_layout():
@@ -276,7 +250,7 @@ def test_vllm_modules_to_not_convert_keeps_layers_float(tiny_llama_dir, tmp_path
     quant.pop("ignored_layers")
     quant["modules_to_not_convert"] = [float_layer]                   # the other spelling vLLM reads
     config_path.write_text(json.dumps(config))
-    _, model = _build(out)
+    _, model = build_dir(out)
     down0, down1 = model.model.layers[0].mlp.down_proj, model.model.layers[1].mlp.down_proj
     assert isinstance(down0.quant_method, UnquantizedLinearMethod) and down0.weight.dtype == torch.float32
     assert down1.weight.dtype == torch.float8_e4m3fn

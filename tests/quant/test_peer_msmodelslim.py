@@ -30,14 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ascend_llm import LLM
-from ascend_llm.engine.kv_cache import KVCacheSpec, allocate_kv_caches
 from ascend_llm.eval.perplexity import perplexity
-from ascend_llm.loader import iter_safetensors_weights, load_hf_config
-from ascend_llm.models.forward_batch import ForwardBatch
-from ascend_llm.models.registry import get_model_class
-from ascend_llm.models.weight_utils import process_weights_after_loading
-from ascend_llm.ops import AttentionMetadata, build_op_set
-from ascend_llm.quant.w8a8 import AscendW8A8Config, W8A8DynamicLinearMethod
+from ascend_llm.quant.w8a8 import W8A8DynamicLinearMethod
+from tests.quant.peer_fixtures import batch_logits, build_dir
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints" / "msmodelslim"
 ALL_CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "MANIFEST.json").is_file())
@@ -72,30 +67,8 @@ def _reference(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "reference" / "logits.safetensors"))
 
 
-def _build(model_dir: Path):
-    config = load_hf_config(model_dir)
-    quant_config = AscendW8A8Config.from_model_dir(model_dir)
-    model = get_model_class(config)(config, build_op_set("cpu"), quant_config, torch.float32)
-    model.load_weights(iter_safetensors_weights(model_dir))
-    process_weights_after_loading(model)
-    return config, model.eval()
 
 
-@torch.inference_mode()
-def _logits(model, config, input_ids: torch.Tensor, block_size: int = 4) -> torch.Tensor:
-    """[B, T, vocab]: each row of `input_ids` [B, T] as its own prefill (the tool's forward is causal
-    per row, without padding)."""
-    out = []
-    for row in input_ids.tolist():
-        n = len(row)
-        num_blocks = -(-n // block_size) + 1
-        kv = allocate_kv_caches(KVCacheSpec.from_hf_config(config, block_size, torch.float32), num_blocks,
-                                torch.device("cpu"))
-        meta = AttentionMetadata.build([n], [n], [list(range(num_blocks))], list(range(n)), block_size,
-                                       num_blocks, torch.device("cpu"))
-        out.append(model.compute_logits(model(ForwardBatch(torch.tensor(row), torch.arange(n), meta, kv,
-                                                           torch.arange(n)))))
-    return torch.stack(out)
 
 
 def _kl(want: torch.Tensor, got: torch.Tensor) -> float:
@@ -120,8 +93,8 @@ def test_fixture_loads_and_matches_the_tool(case):
     manifest = json.loads((model_dir / "MANIFEST.json").read_text())
     assert manifest["tool"] == "msmodelslim"
     ref = _reference(model_dir)
-    config, model = _build(model_dir)
-    got = _logits(model, config, ref["input_ids"])
+    config, model = build_dir(model_dir)
+    got = batch_logits(model, config, ref["input_ids"])
     want = ref["fake_quant_logits"]
     assert got.shape == want.shape
     # it is quantized: the tool's own quantized logits are away from the float model's
@@ -156,9 +129,9 @@ def test_v1_cli_fixture_loads_and_stays_close_to_float(case):
     assert {"metadata", "optional", "version"} <= set(description)          # the v1 saver's keys
     assert (model_dir / "quant_model_weights.safetensors.index.json").is_file()
     ref = _reference(model_dir)
-    config, model = _build(model_dir)
+    config, model = build_dir(model_dir)
     assert isinstance(model.model.layers[0].mlp.down_proj.quant_method, W8A8DynamicLinearMethod)
-    got = _logits(model, config, ref["input_ids"])
+    got = batch_logits(model, config, ref["input_ids"])
     want = ref["float_logits"]
     assert 1e-3 < (got - want).abs().max() < V1_MAX_ABS and _kl(want, got) < V1_KL
 
@@ -170,7 +143,7 @@ def test_dynamic_gap_is_the_tools_asymmetric_simulation(case):
     gap is the tool's simulation, not our weights, scales or bias handling."""
     model_dir = FIXTURES / case
     ref = _reference(model_dir)
-    config, model = _build(model_dir)
+    config, model = build_dir(model_dir)
 
     def simulated(layer, x, bias=None):
         w = layer.weight.float() * layer.weight_scale_fp32[:, None]            # [n, k]
@@ -180,13 +153,13 @@ def test_dynamic_gap_is_the_tools_asymmetric_simulation(case):
     for module in model.modules():
         if isinstance(getattr(module, "quant_method", None), W8A8DynamicLinearMethod):
             module.quant_method.apply = simulated
-    got = _logits(model, config, ref["input_ids"])
+    got = batch_logits(model, config, ref["input_ids"])
     torch.testing.assert_close(got, ref["fake_quant_logits"], atol=EXACT_ATOL, rtol=0)
 
 
 def test_classic_static_extras_are_checked_and_listed_once(caplog):
     with caplog.at_level(logging.INFO, logger="ascend_llm.models.weight_utils"):
-        _, model = _build(FIXTURES / "llama_w8a8")
+        _, model = build_dir(FIXTURES / "llama_w8a8")
     lines = [r.getMessage() for r in caplog.records if "weight_scale/weight_offset" in r.getMessage()]
     # 2 layers x 7 Linears (q, k, v, o, gate, up, down) x 2 tensors, in one line
     assert len(lines) == 1 and lines[0].startswith("ignoring 28 checkpoint tensors"), lines
@@ -207,7 +180,7 @@ def test_inconsistent_static_extras_are_refused(tmp_path, tensor, value, match):
     weights[tensor] = weights[tensor] * value if value != 1.0 else weights[tensor] + value
     save_file(weights, str(path))
     with pytest.raises(ValueError, match=match):
-        _build(model_dir)
+        build_dir(model_dir)
 
 
 def _add_tensor(model_dir: Path, name: str, tensor: torch.Tensor, description_file: str) -> None:
@@ -234,7 +207,7 @@ def test_bad_extras_fail_naming_the_tensor(tmp_path, case, description, name, te
     model_dir = _copy(case, tmp_path)
     _add_tensor(model_dir, name, tensor, description)
     with pytest.raises(ValueError, match=match):
-        _build(model_dir)
+        build_dir(model_dir)
 
 
 def test_a_final_norm_bias_in_the_description_is_built_and_applied(tmp_path):
@@ -242,11 +215,11 @@ def test_a_final_norm_bias_in_the_description_is_built_and_applied(tmp_path):
     model builds `model.norm` with one and adds it (a non-zero bias changes the logits)."""
     model_dir = _copy("llama_w8a8_m2", tmp_path)
     ids = _reference(model_dir)["input_ids"]
-    config, plain = _build(model_dir)
+    config, plain = build_dir(model_dir)
     _add_tensor(model_dir, "model.norm.bias", torch.full((64,), 0.1), "quant_model_description.json")
-    _, shifted = _build(model_dir)
+    _, shifted = build_dir(model_dir)
     assert torch.equal(shifted.model.norm.bias.data, torch.full((64,), 0.1))
-    assert not torch.allclose(_logits(plain, config, ids), _logits(shifted, config, ids), atol=1e-3)
+    assert not torch.allclose(batch_logits(plain, config, ids), batch_logits(shifted, config, ids), atol=1e-3)
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
