@@ -6,6 +6,7 @@ test_peer_fixtures_cuda.py). The per-tool tests (test_peer_msmodelslim.py,
 test_peer_compressed_tensors.py) compare the CPU backend with the tools' own logits."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,6 +29,15 @@ TOOLS = ("msmodelslim", "llmcompressor", "fastdeploy")   # every checkpoint fixt
 CASES = sorted(f"{tool}/{case.name}" for tool in TOOLS for case in (ROOT / tool).iterdir()
                if (case / "MANIFEST.json").is_file() and (case / "config.json").is_file())
 BLOCK_SIZE = 4
+
+
+def copy_fixture(fixture_dir: Path, tmp_path: Path) -> Path:
+    """A writable copy of a fixture directory under tmp_path (its files may be read-only)."""
+    dst = tmp_path / fixture_dir.name
+    shutil.copytree(fixture_dir, dst)
+    for f in dst.rglob("*"):
+        f.chmod(0o644 if f.is_file() else 0o755)
+    return dst
 
 
 def input_ids(case: str) -> torch.Tensor:

@@ -36,7 +36,6 @@ Bounds:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,7 @@ from ascend_llm.quant.unquantized import UnquantizedLinearMethod
 from ascend_llm.quant.weight_only import (PrequantWeightOnlyLinearMethod, WeightOnlyCheckpointConfig,
                                           weight_only_config_from_checkpoint)
 from ascend_llm.quant.weight_only_layout import WeightOnlyLayout
-from tests.quant.peer_fixtures import batch_logits, build_dir
+from tests.quant.peer_fixtures import batch_logits, build_dir, copy_fixture
 from tests.quant.prequant_writers import convert_linears, write_autofp8, write_fastdeploy_weight_only
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints" / "fastdeploy"
@@ -68,12 +67,6 @@ FP8_ACT_BOUND = 0.3
 
 
 
-def _copy(case: str, tmp_path: Path) -> Path:
-    dst = tmp_path / case
-    shutil.copytree(FIXTURES / case, dst)
-    for f in dst.rglob("*"):
-        f.chmod(0o644 if f.is_file() else 0o755)
-    return dst
 
 
 def _edit(model_dir: Path, rename: tuple[str, str] | None = None, **quant_updates: object) -> None:
@@ -196,7 +189,7 @@ def test_old_weight_name_errors_clearly_unless_row_major_is_declared(tiny_llama_
 def test_renamed_fastdeploy_tensor_never_loads_as_garbage(tmp_path):
     """FastDeploy's CUTLASS bytes renamed to `weight` and declared row-major: the +128-biased codes
     decode to -128 where FastDeploy stored 0."""
-    out = _copy("llama_wint8", tmp_path)
+    out = copy_fixture(FIXTURES / "llama_wint8", tmp_path)
     _edit(out, rename=(".quant_weight", ".weight"), is_permuted=False)
     with pytest.raises(ValueError, match=r"\.weight(\[\w+\])?: wint8 code -128 found when read with "
                                          r"is_permuted: false.*is_permuted: true"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from ascend_llm import LLM
 from ascend_llm.eval.perplexity import perplexity
 from ascend_llm.quant.w8a8 import W8A8DynamicLinearMethod
-from tests.quant.peer_fixtures import batch_logits, build_dir
+from tests.quant.peer_fixtures import batch_logits, build_dir, copy_fixture
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peer_checkpoints" / "msmodelslim"
 ALL_CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "MANIFEST.json").is_file())
@@ -55,12 +54,6 @@ EXACT_ATOL = 1e-4
 DYNAMIC_MAX_ABS, DYNAMIC_KL = 0.1, 2e-4
 
 
-def _copy(case: str, tmp_path: Path) -> Path:
-    dst = tmp_path / case
-    shutil.copytree(FIXTURES / case, dst)
-    for f in dst.rglob("*"):
-        f.chmod(0o644 if f.is_file() else 0o755)
-    return dst
 
 
 def _reference(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -174,7 +167,7 @@ def test_classic_static_extras_are_checked_and_listed_once(caplog):
      r"model\.layers\.1\.mlp\.down_proj\.weight_offset: W8A8 static weights must be symmetric"),
 ])
 def test_inconsistent_static_extras_are_refused(tmp_path, tensor, value, match):
-    model_dir = _copy("llama_w8a8", tmp_path)
+    model_dir = copy_fixture(FIXTURES / "llama_w8a8", tmp_path)
     path = model_dir / "quant_model_weight_w8a8.safetensors"
     weights = load_file(str(path))
     weights[tensor] = weights[tensor] * value if value != 1.0 else weights[tensor] + value
@@ -204,7 +197,7 @@ def _add_tensor(model_dir: Path, name: str, tensor: torch.Tensor, description_fi
      r"'model\.layers\.0\.input_layernorm\.module\.weight' differs from 'model\.layers\.0\.input_layernorm\.weight'"),
 ])
 def test_bad_extras_fail_naming_the_tensor(tmp_path, case, description, name, tensor, match):
-    model_dir = _copy(case, tmp_path)
+    model_dir = copy_fixture(FIXTURES / case, tmp_path)
     _add_tensor(model_dir, name, tensor, description)
     with pytest.raises(ValueError, match=match):
         build_dir(model_dir)
@@ -213,7 +206,7 @@ def test_bad_extras_fail_naming_the_tensor(tmp_path, case, description, name, te
 def test_a_final_norm_bias_in_the_description_is_built_and_applied(tmp_path):
     """m2 / m4 may shift the final norm too; as vllm-ascend gives a listed norm its bias, the
     model builds `model.norm` with one and adds it (a non-zero bias changes the logits)."""
-    model_dir = _copy("llama_w8a8_m2", tmp_path)
+    model_dir = copy_fixture(FIXTURES / "llama_w8a8_m2", tmp_path)
     ids = _reference(model_dir)["input_ids"]
     config, plain = build_dir(model_dir)
     _add_tensor(model_dir, "model.norm.bias", torch.full((64,), 0.1), "quant_model_description.json")

@@ -24,19 +24,12 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
-from ascend_llm.ops import build_registry, cuda  # noqa: E402
-from ascend_llm.ops.registry import OpSet  # noqa: E402
+from tests.ops.triton.op_sets import op_set  # noqa: E402
 from tests.quant.peer_fixtures import CASES, build, input_ids, prefill_logits  # noqa: E402
 
 ATOL = 1e-4
 
 
-def _ops(backend: str) -> OpSet:
-    registry = build_registry((backend,))
-    if backend == "cuda" and not any(k.name.startswith("cuda.triton.")
-                                     for ks in registry.kernels.values() for k in ks):
-        cuda.register(registry)           # until "cuda" is one of ops/__init__'s backend modules
-    return OpSet(registry, backend)
 
 
 def _kernel_names(model: torch.nn.Module) -> set[str]:
@@ -53,8 +46,8 @@ def _kernel_names(model: torch.nn.Module) -> set[str]:
 @pytest.mark.parametrize("case", CASES)
 def test_fixture_on_triton_matches_cpu(case, device):
     dtype = torch.float32
-    config, cpu_model = build(case, _ops("cpu"), dtype)
-    _, cuda_model = build(case, _ops("cuda"), dtype, device)
+    config, cpu_model = build(case, op_set("cpu"), dtype)
+    _, cuda_model = build(case, op_set("cuda"), dtype, device)
     row = input_ids(case)[0].tolist()
     want = prefill_logits(cpu_model, config, row, dtype)
     got = prefill_logits(cuda_model, config, row, dtype, device)
@@ -82,8 +75,8 @@ def test_kv_cache_scales_fixture_on_triton_matches_cpu(case, kv_cache_dtype, dev
     """The checkpoint's KV scales in a quantized cache: the Triton cache write and paged attention
     against the CPU's, the same rounding of K / V on both sides (measured max 0 / 7e-7, bound 1e-4)."""
     dtype = torch.float32
-    config, cpu_model = build(case, _ops("cpu"), dtype, kv_cache_dtype=kv_cache_dtype)
-    _, cuda_model = build(case, _ops("cuda"), dtype, device, kv_cache_dtype=kv_cache_dtype)
+    config, cpu_model = build(case, op_set("cpu"), dtype, kv_cache_dtype=kv_cache_dtype)
+    _, cuda_model = build(case, op_set("cuda"), dtype, device, kv_cache_dtype=kv_cache_dtype)
     attn = cuda_model.model.layers[0].self_attn.attn
     assert attn.kv_cache_dtype == kv_cache_dtype and attn.kv_scales is not None
     assert attn._paged_attention.__module__ == "ascend_llm.ops.triton.paged_attention"
@@ -91,6 +84,6 @@ def test_kv_cache_scales_fixture_on_triton_matches_cpu(case, kv_cache_dtype, dev
     want = prefill_logits(cpu_model, config, row, dtype, kv_cache_dtype=kv_cache_dtype)
     got = prefill_logits(cuda_model, config, row, dtype, device, kv_cache_dtype=kv_cache_dtype)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
-    _, float_cache_model = build(case, _ops("cpu"), dtype)
+    _, float_cache_model = build(case, op_set("cpu"), dtype)
     float_cache = prefill_logits(float_cache_model, config, row, dtype)
     assert float((want - float_cache).abs().max()) > 1e-4          # the cache really is quantized

@@ -12,25 +12,19 @@ from ascend_llm.loader import iter_safetensors_weights, load_hf_config  # noqa: 
 from ascend_llm.models.forward_batch import ForwardBatch  # noqa: E402
 from ascend_llm.models.registry import get_model_class  # noqa: E402
 from ascend_llm.models.weight_utils import process_weights_after_loading  # noqa: E402
-from ascend_llm.ops import AttentionMetadata, build_registry, cuda  # noqa: E402
-from ascend_llm.ops.registry import OpSet  # noqa: E402
+from ascend_llm.ops import AttentionMetadata  # noqa: E402
 from ascend_llm.quant.weight_only import WInt4Config, WInt8Config  # noqa: E402
+from tests.ops.triton.op_sets import op_set  # noqa: E402
 
 BLOCK_SIZE = 4
 CHUNKS = [7, 9, 1, 1, 5]                          # prefill, chunked prefill, three decode steps
 
 
-def _ops(backend: str) -> OpSet:
-    registry = build_registry((backend,))
-    if backend == "cuda" and not any(k.name.startswith("cuda.triton.")
-                                     for ks in registry.kernels.values() for k in ks):
-        cuda.register(registry)           # until "cuda" is one of ops/__init__'s backend modules
-    return OpSet(registry, backend)
 
 
 def _build(model_dir, backend: str, quant_config, device: torch.device):
     config = load_hf_config(model_dir)
-    model = get_model_class(config)(config, _ops(backend), quant_config, torch.float32)
+    model = get_model_class(config)(config, op_set(backend), quant_config, torch.float32)
     model.load_weights(iter_safetensors_weights(model_dir))
     model.to(device)
     process_weights_after_loading(model)
