@@ -173,8 +173,10 @@ def _describe(args: QuantArgs) -> str:
 # Methods: the existing ones, with compressed-tensors' tensor names
 # ---------------------------------------------------------------------------------------------
 
-class CtW8A8DynamicMethod(W8A8DynamicLinearMethod):
-    """int8 [n, k] + `weight_scale` [n, 1]; no offsets in the checkpoint (symmetric)."""
+class _CtChannelWeights:
+    """Mixin: a `weight` of WEIGHT_DTYPE [n, k] with `weight_scale` [n, 1], named per fused shard."""
+
+    WEIGHT_DTYPE: torch.dtype
 
     def __init__(self, shard_names: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -183,7 +185,13 @@ class CtW8A8DynamicMethod(W8A8DynamicLinearMethod):
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
         layer.params_dtype = params_dtype
-        _add_channel_weight(layer, input_size, output_sizes, torch.int8)
+        _add_channel_weight(layer, input_size, output_sizes, self.WEIGHT_DTYPE)
+
+
+class CtW8A8DynamicMethod(_CtChannelWeights, W8A8DynamicLinearMethod):
+    """int8 [n, k] + `weight_scale` [n, 1]; no offsets in the checkpoint (symmetric)."""
+
+    WEIGHT_DTYPE = torch.int8
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_loaded(layer, ("weight", "weight_scale"), self.shard_names)
@@ -245,17 +253,10 @@ class CtW8A8StaticMethod(W8A8StaticLinearMethod):
         return out if bias is None else out + bias.to(out.dtype)
 
 
-class CtFp8ChannelDynamicMethod(WFp8AFp8DynamicLinearMethod):
+class CtFp8ChannelDynamicMethod(_CtChannelWeights, WFp8AFp8DynamicLinearMethod):
     """e4m3 [n, k] + `weight_scale` [n, 1], dynamic per-token e4m3 activations."""
 
-    def __init__(self, shard_names: tuple[str, ...] = ()) -> None:
-        super().__init__()
-        self.shard_names = shard_names
-
-    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
-                       params_dtype: torch.dtype) -> None:
-        layer.params_dtype = params_dtype
-        _add_channel_weight(layer, input_size, output_sizes, P.FP8_DTYPE)
+    WEIGHT_DTYPE = P.FP8_DTYPE
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_loaded(layer, ("weight", "weight_scale"), self.shard_names)
