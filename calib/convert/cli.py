@@ -14,8 +14,10 @@ from pathlib import Path
 from calib.config import CalibError
 from calib.convert.neutral import NeutralCheckpoint
 from calib.convert.read_ascendv1 import read_ascendv1
+from calib.convert.read_autofp8 import read_autofp8
 from calib.convert.read_compressed_tensors import read_compressed_tensors
-from calib.convert.write_ascendv1 import static_bias_rounding, write_ascendv1
+from calib.convert.read_fastdeploy import read_fastdeploy
+from calib.convert.write_ascendv1 import ASCEND_CHANGES, static_bias_rounding, write_ascendv1
 from calib.convert.write_compressed_tensors import write_compressed_tensors
 from calib.export import copy_side_files
 from calib.output_dir import check_output_dir, staged_output
@@ -24,7 +26,8 @@ from calib.report import ToolReport
 logger = logging.getLogger(__name__)
 
 READERS: dict[str, Callable[[Path], NeutralCheckpoint]] = {
-    "compressed-tensors": read_compressed_tensors, "ascendv1": read_ascendv1}
+    "compressed-tensors": read_compressed_tensors, "ascendv1": read_ascendv1,
+    "fastdeploy": read_fastdeploy, "autofp8": read_autofp8}
 WRITERS: dict[str, Callable[[NeutralCheckpoint, Path], dict[str, str]]] = {
     "ascendv1": write_ascendv1, "compressed-tensors": write_compressed_tensors}
 NOT_COPIED = ("MANIFEST.json", "calib_report.json", "convert_report.json")
@@ -34,7 +37,8 @@ REPORT_FILE = "convert_report.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m calib.convert",
                                 description="Re-write a quantized checkpoint for another runtime: "
-                                            "compressed-tensors (vLLM) <-> ascendV1 (vllm-ascend, MindIE).")
+                                            "compressed-tensors (vLLM) <-> ascendV1 (vllm-ascend, MindIE); "
+                                            "FastDeploy wint8 / wint4 and AutoFP8 sources too.")
     p.add_argument("--from", dest="source_format", required=True, choices=sorted(READERS))
     p.add_argument("--to", dest="target_format", required=True, choices=sorted(WRITERS))
     p.add_argument("src", help="source checkpoint directory")
@@ -78,6 +82,8 @@ def _summary(checkpoint: NeutralCheckpoint, written: dict[str, str], target_form
     layers = {}
     for module, linear in sorted(checkpoint.linears.items()):
         note = checkpoint.notes.get(module)
+        if target_format == "ascendv1":
+            note = ASCEND_CHANGES.get(linear.scheme, note)
         rounding = static_bias_rounding(linear) if target_format == "ascendv1" else 0.0
         if rounding:
             note = f"float bias folded into quant_bias: max change {rounding:.3g}"

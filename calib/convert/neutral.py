@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-SCHEMES = ("int8_dynamic", "int8_static", "int8_weight_only", "fp8_dynamic")
+SCHEMES = ("int8_dynamic", "int8_static", "int8_weight_only", "int4_weight_only", "fp8_dynamic", "fp8_static")
 
 
 @dataclass
@@ -13,14 +13,16 @@ class QuantLinear:
     """One quantized Linear: symmetric codes with a per-output-channel scale.
 
     int8_static activations: x_q = clamp(round(x / input_scale) + input_zero_point, -128, 127);
-    the layer computes input_scale * weight_scale * (x_q - zp) . W_q + bias.
+    the layer computes input_scale * weight_scale * (x_q - zp) . W_q + bias. fp8_static: e4m3
+    per-tensor weights (weight_scale all equal) and a static per-tensor activation input_scale.
+    int4_weight_only: codes in [-7, 7] (FastDeploy wint4) or [-8, 7], held as int8.
     """
 
     scheme: str                            # one of SCHEMES
-    weight: torch.Tensor                   # [n, k] int8 or float8_e4m3fn
+    weight: torch.Tensor                   # [n, k] int8 (int4 codes too) or float8_e4m3fn
     weight_scale: torch.Tensor             # [n] float32
     bias: torch.Tensor | None = None       # [n] float32, added after the dequantized matmul
-    input_scale: float | None = None       # int8_static only
+    input_scale: float | None = None       # int8_static / fp8_static only
     input_zero_point: int = 0              # int8_static only
 
     def __post_init__(self) -> None:

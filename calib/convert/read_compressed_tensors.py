@@ -41,7 +41,7 @@ def read_compressed_tensors(src: Path) -> NeutralCheckpoint:
         if scheme is None:
             raise CalibError(f"{module}: has quantized tensors but no config group targets it "
                              f"(or it is in ignore)")
-        checkpoint.linears[module] = _read_linear(tensors, module, scheme, checkpoint.notes)
+        checkpoint.linears[module] = _read_linear(tensors, module, scheme)
     _check_unquantized_targets(tensors, parsed)
     leftovers = sorted(name for name in tensors if name.rpartition(".")[2] not in ("weight", "bias")
                        and _is_quant_tensor(name))
@@ -66,8 +66,7 @@ def _is_quant_tensor(name: str) -> bool:
     return leaf.startswith(("weight_", "input_", "output_")) or leaf in ("k_scale", "v_scale")
 
 
-def _read_linear(tensors: dict[str, torch.Tensor], module: str, scheme: Scheme,
-                 notes: dict[str, str]) -> QuantLinear:
+def _read_linear(tensors: dict[str, torch.Tensor], module: str, scheme: Scheme) -> QuantLinear:
     kind = scheme.kind()
     bias = tensors.pop(f"{module}.bias", None)
     bias = None if bias is None else bias.to(torch.float32)
@@ -83,10 +82,11 @@ def _read_linear(tensors: dict[str, torch.Tensor], module: str, scheme: Scheme,
         return _read_static(tensors, module, weight, scale, bias)
     if kind == "fp8_channel_dynamic":
         return QuantLinear("fp8_dynamic", weight, scale, bias)
-    # fp8 per-tensor weights: vllm-ascend runs FP8 with dynamic per-token activations only
-    if tensors.pop(f"{module}.input_scale", None) is not None:
-        notes[module] = "static per-tensor fp8 activations become dynamic per-token (input_scale dropped)"
-    return QuantLinear("fp8_dynamic", weight, scale, bias)
+    if kind == "fp8_tensor_static":
+        input_scale = take(tensors, f"{module}.input_scale", kind).reshape(-1).float()
+        check_finite_positive(input_scale, f"{module}.input_scale")
+        return QuantLinear("fp8_static", weight, scale, bias, float(input_scale[0]))
+    return QuantLinear("fp8_dynamic", weight, scale, bias)          # fp8 tensor weights, dynamic activations
 
 
 def _read_static(tensors: dict[str, torch.Tensor], module: str, weight: torch.Tensor,
@@ -106,17 +106,17 @@ def _read_static(tensors: dict[str, torch.Tensor], module: str, weight: torch.Te
 def _read_weight_only(tensors: dict[str, torch.Tensor], module: str, scheme: Scheme,
                       bias: torch.Tensor | None) -> QuantLinear:
     w = scheme.weights
-    if w.num_bits != 8 or w.strategy != "channel" or not w.symmetric:
+    if w.strategy != "channel" or not w.symmetric:
         raise CalibError(f"{module}: pack-quantized {w.num_bits}-bit {w.strategy} weights "
                          f"(group_size {w.group_size}, {'symmetric' if w.symmetric else 'asymmetric'}) "
-                         f"have no ascendV1 form this runtime reads; only symmetric 8-bit channel "
-                         f"weights convert (to W8A16)")
+                         f"have no ascendV1 form this runtime reads; only symmetric channel weights "
+                         f"convert (8-bit to W8A16)")
     shape = take(tensors, f"{module}.weight_shape", "pack-quantized").tolist()
     packed = take(tensors, f"{module}.weight_packed", "pack-quantized")
     n, k = int(shape[0]), int(shape[1])
-    codes = unpack_int32(packed, 8, k)                                     # [n, k] int8
+    codes = unpack_int32(packed, w.num_bits, k)                            # [n, k] int8
     if codes.shape[0] != n:
         raise CalibError(f"{module}.weight_packed: {tuple(packed.shape)} does not hold weight_shape {shape}")
     scale = per_channel(take(tensors, f"{module}.weight_scale", "pack-quantized"), n, f"{module}.weight_scale")
     check_finite_positive(scale, f"{module}.weight_scale")
-    return QuantLinear("int8_weight_only", codes, scale, bias)
+    return QuantLinear("int8_weight_only" if w.num_bits == 8 else "int4_weight_only", codes, scale, bias)

@@ -8,11 +8,15 @@ from pathlib import Path
 import torch
 
 from ascend_llm.quant.w8a8 import encode_deq_scale_int64
+from calib.config import CalibError
 from calib.convert.neutral import NeutralCheckpoint, QuantLinear
 from calib.export import TYPE_PRIORITY, VLLM_ASCEND_FP8_TYPE, deq_scale_is_int64, write_checkpoint
 
 ASCEND_TYPES = {"int8_dynamic": "W8A8_DYNAMIC", "int8_static": "W8A8", "int8_weight_only": "W8A16",
-                "fp8_dynamic": VLLM_ASCEND_FP8_TYPE}
+                "fp8_dynamic": VLLM_ASCEND_FP8_TYPE, "fp8_static": VLLM_ASCEND_FP8_TYPE}
+# what writing a scheme as ascendV1 changes (the report lists it per layer)
+ASCEND_CHANGES = {"fp8_static": "static per-tensor fp8 activations become dynamic per-token "
+                                "(vllm-ascend has no static FP8; input_scale dropped)"}
 
 
 def write_ascendv1(checkpoint: NeutralCheckpoint, dst: Path) -> dict[str, str]:
@@ -25,7 +29,11 @@ def write_ascendv1(checkpoint: NeutralCheckpoint, dst: Path) -> dict[str, str]:
     _add_tied_head(checkpoint, tensors, types)
     written = {}
     for module, linear in checkpoint.linears.items():
-        quant_type = ASCEND_TYPES[linear.scheme]
+        quant_type = ASCEND_TYPES.get(linear.scheme)
+        if quant_type is None:
+            raise CalibError(f"{module}: {linear.scheme} has no ascendV1 type this runtime or "
+                             f"vllm-ascend's W8A16 reads (per-channel int4 weight-only); convert it "
+                             f"to compressed-tensors instead")
         for leaf, value in linear_tensors(linear, deq_scale_is_int64(dtype)).items():
             tensors[f"{module}.{leaf}"] = value.contiguous()
             types[f"{module}.{leaf}"] = "FLOAT" if leaf == "bias" else quant_type

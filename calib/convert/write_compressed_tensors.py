@@ -5,8 +5,10 @@ the fixtures in tests/fixtures/peer_checkpoints/llmcompressor/ show it):
 - int-quantized: `weight` int8 [n, k], `weight_scale` [n, 1]; static activations add
   `input_scale` [1] and, when the zero point is not 0, `input_zero_point` int8 [1] (symmetric: false);
 - float-quantized: `weight` e4m3 [n, k], `weight_scale` [n, 1], dynamic per-token fp8 activations;
-- pack-quantized (8-bit weight-only): `weight_packed` int32 [n, ceil(k / 4)] holding code + 128,
-  least significant byte first, `weight_scale` [n, 1], `weight_shape` [2].
+- float-quantized static: e4m3 tensor weights with `weight_scale` [1] and `input_scale` [1];
+- pack-quantized (8- or 4-bit channel weight-only): `weight_packed` int32 [n, ceil(k / f)],
+  f = 32 / bits, holding code + 2^(bits-1), lowest bits first, `weight_scale` [n, 1],
+  `weight_shape` [2].
 Scales stay float32 (as read; nothing is re-rounded). One config group per scheme; a single
 scheme targets "Linear" with the float Linears in `ignore`, several list their modules by name.
 """
@@ -23,7 +25,8 @@ from calib.convert.neutral import NeutralCheckpoint, QuantLinear
 
 WEIGHTS_FILE = "model.safetensors"
 _FORMATS = {"int8_dynamic": "int-quantized", "int8_static": "int-quantized",
-            "int8_weight_only": "pack-quantized", "fp8_dynamic": "float-quantized"}
+            "int8_weight_only": "pack-quantized", "int4_weight_only": "pack-quantized",
+            "fp8_dynamic": "float-quantized", "fp8_static": "float-quantized"}
 
 
 def _args(num_bits: int, kind: str, strategy: str, dynamic: bool, symmetric: bool = True) -> dict:
@@ -39,20 +42,24 @@ def _group(scheme: str, asymmetric_inputs: bool) -> dict:
     elif scheme == "int8_static":
         weights = _args(8, "int", "channel", False)
         inputs = _args(8, "int", "tensor", False, symmetric=not asymmetric_inputs)
-    elif scheme == "int8_weight_only":
-        weights, inputs = _args(8, "int", "channel", False), None
+    elif scheme in ("int8_weight_only", "int4_weight_only"):
+        weights, inputs = _args(8 if scheme == "int8_weight_only" else 4, "int", "channel", False), None
+    elif scheme == "fp8_static":
+        weights, inputs = _args(8, "float", "tensor", False), _args(8, "float", "tensor", False)
     else:
         weights, inputs = _args(8, "float", "channel", False), _args(8, "float", "token", True)
     return {"format": _FORMATS[scheme], "weights": weights, "input_activations": inputs,
             "output_activations": None}
 
 
-def pack_int8_codes(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [n, k] -> int32 [n, ceil(k / 4)] of unsigned (code + 128) bytes, lowest first."""
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes [n, k] -> int32 [n, ceil(k / f)], f = 32 / bits, of unsigned code + 2^(bits-1)
+    values, lowest bits first (the inverse of `quant.weight_only_group.unpack_int32`)."""
     n, k = codes.shape
-    padded = torch.zeros(n, -(-k // 4) * 4, dtype=torch.int64)
-    padded[:, :k] = codes.to(torch.int64) + 128
-    words = (padded.reshape(n, -1, 4) << (torch.arange(4, dtype=torch.int64) * 8)).sum(dim=2)
+    f = 32 // bits
+    padded = torch.zeros(n, -(-k // f) * f, dtype=torch.int64)
+    padded[:, :k] = codes.to(torch.int64) + (1 << (bits - 1))
+    words = (padded.reshape(n, -1, f) << (torch.arange(f, dtype=torch.int64) * bits)).sum(dim=2)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
@@ -60,9 +67,13 @@ def linear_tensors(linear: QuantLinear) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of one Linear (leaf -> tensor)."""
     n, k = linear.weight.shape
     scale = linear.weight_scale.reshape(n, 1).to(torch.float32)                     # [n, 1]
-    if linear.scheme == "int8_weight_only":
-        out = {"weight_packed": pack_int8_codes(linear.weight), "weight_scale": scale,
+    if linear.scheme in ("int8_weight_only", "int4_weight_only"):
+        bits = 8 if linear.scheme == "int8_weight_only" else 4
+        out = {"weight_packed": pack_codes(linear.weight, bits), "weight_scale": scale,
                "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+    elif linear.scheme == "fp8_static":
+        out = {"weight": linear.weight, "weight_scale": _per_tensor(linear.weight_scale),
+               "input_scale": torch.tensor([linear.input_scale], dtype=torch.float32)}
     else:
         out = {"weight": linear.weight, "weight_scale": scale}
     if linear.scheme == "int8_static":
@@ -72,6 +83,14 @@ def linear_tensors(linear: QuantLinear) -> dict[str, torch.Tensor]:
     if linear.bias is not None:
         out["bias"] = linear.bias.to(torch.float32)
     return out
+
+
+def _per_tensor(scale: torch.Tensor) -> torch.Tensor:
+    """A per-tensor fp8 weight scale [1] (every channel's scale must be the same)."""
+    if not bool((scale == scale[0]).all()):
+        raise CalibError("fp8 static per-tensor activations need a per-tensor weight scale "
+                         "(compressed-tensors pairs static fp8 activations with tensor weights)")
+    return scale[:1].to(torch.float32).clone()
 
 
 def quantization_config(checkpoint: NeutralCheckpoint) -> dict:

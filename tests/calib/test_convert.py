@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ascend_llm.quant.weight_only_group import unpack_int32
 from calib.convert.cli import convert, main
-from calib.convert.write_compressed_tensors import pack_int8_codes
+from calib.convert.write_compressed_tensors import pack_codes
 from tests.calib.test_vllm_ascend_conformance import vllm_ascend_problems
 from tests.quant.peer_fixtures import batch_logits, build_dir
 
@@ -124,23 +124,28 @@ def test_round_trip_keeps_every_code_and_scale(tmp_path):
         assert torch.equal(back[name], tensor), name
 
 
-def test_pack_int8_codes_is_what_the_loader_unpacks():
-    codes = torch.randint(-127, 128, (6, 13), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
-    packed = pack_int8_codes(codes)
-    assert packed.shape == (6, 4) and packed.dtype == torch.int32
-    assert torch.equal(unpack_int32(packed, 8, 13), codes)
+@pytest.mark.parametrize("bits, words", [(8, 4), (4, 2)])
+def test_pack_codes_is_what_the_loader_unpacks(bits, words):
+    qmax = 2 ** (bits - 1)
+    codes = torch.randint(-qmax, qmax, (6, 13), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (6, words) and packed.dtype == torch.int32
+    assert torch.equal(unpack_int32(packed, bits, 13), codes)
 
 
 @pytest.mark.parametrize("source, src, match", [
     ("ascendv1", MSMS / "llama_w8a8_c8", "C8 int8 KV-cache scales have no compressed-tensors"),
     ("ascendv1", MSMS / "llama_w8a8_m2", "anti-outlier norm bias"),
     ("compressed-tensors", LLMC / "llama_w4a16_g32", "pack-quantized 4-bit group"),
+    ("fastdeploy", PEERS / "fastdeploy" / "llama_block_wise_fp8", "'block_wise_fp8' is not converted"),
+    ("fastdeploy", MSMS / "llama_w8a8", "no quantization_config (not a FastDeploy"),
+    ("autofp8", LLMC / "llama_fp8", "quant_method 'fp8'"),
     ("compressed-tensors", LLMC / "llama_fp8_dynamic_kv_fp8", "kv_cache_scheme"),
     ("compressed-tensors", MSMS / "llama_w8a8", "no compressed-tensors quantization_config"),
     ("ascendv1", LLMC / "llama_w8a8_int8_static", "not an msModelSlim checkpoint"),
 ])
 def test_unconvertible_input_exits_2_with_one_line(source, src, match, tmp_path, capsys):
-    target = "compressed-tensors" if source == "ascendv1" else "ascendv1"
+    target = "ascendv1" if source == "compressed-tensors" else "compressed-tensors"
     assert main(["--from", source, "--to", target, str(src), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err, err
@@ -203,3 +208,43 @@ def test_transformers_reads_the_converted_checkpoint_as_we_do(case, tmp_path):
     source = load_file(str(MSMS / case / "reference" / "logits.safetensors"))
     assert torch.equal(source["input_ids"], want["input_ids"])
     assert float((want["logits"] - source["float_logits"]).abs().max()) > 1e-3    # it is quantized
+
+
+# FastDeploy wint8 / wint4 in Paddle's CUTLASS layout (tests/fixtures/peer_checkpoints/fastdeploy/,
+# written by scripts/make_fastdeploy_fixtures.py from FastDeploy's and Paddle's code): read back to
+# row-major codes, the same codes and scales are written, so the logits are the source's (1e-4).
+@pytest.mark.parametrize("case, target, written", [
+    ("llama_wint8", "ascendv1", "W8A16"), ("llama_wint8", "compressed-tensors", "pack-quantized"),
+    ("llama_wint4", "compressed-tensors", "pack-quantized")])
+def test_fastdeploy_weight_only_converts_losslessly(case, target, written, tmp_path):
+    src = PEERS / "fastdeploy" / case
+    report = convert("fastdeploy", target, src, tmp_path / "out")
+    assert report.summary["lossless"]
+    assert report.summary["layers"]["model.layers.0.mlp.down_proj"]["written"] == written
+    assert _max_diff(src, tmp_path / "out") < LOSSLESS
+
+
+def test_fastdeploy_wint4_has_no_ascendv1_form(tmp_path, capsys):
+    args = ["--from", "fastdeploy", "--to", "ascendv1", str(PEERS / "fastdeploy" / "llama_wint4"), str(tmp_path / "o")]
+    assert main(args) == 2 and "int4_weight_only has no ascendV1 type" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_autofp8_converts_to_both_formats(static, tiny_llama_dir, tmp_path):
+    """AutoFP8 (this project's writer of that layout: e4m3 per-tensor weights, static input_scale
+    or dynamic activations). To compressed-tensors static stays static and tensor-wise (lossless:
+    the same logits to 1e-4); to ascendV1, and dynamic anywhere, activations become dynamic per
+    token (noted; within the fp8 bound of the source's own gap to float, 0.3 / 0.05)."""
+    from tests.quant.prequant_writers import write_autofp8
+    src = write_autofp8(tiny_llama_dir, tmp_path / "fp8", static=static,
+                        ignored_layers=["model.layers.0.mlp.down_proj"])
+    ct = convert("autofp8", "compressed-tensors", src, tmp_path / "ct")
+    ascend = convert("autofp8", "ascendv1", src, tmp_path / "ascend")
+    quant = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.down_proj" in quant["ignore"]
+    assert ct.summary["lossless"] == static and not ascend.summary["lossless"]
+    ids = torch.tensor([[5, 9, 17, 33, 65, 100, 7, 3]])
+    want = batch_logits(*reversed(build_dir(src)), ids)
+    for out, bound in ((tmp_path / "ct", LOSSLESS if static else 0.3), (tmp_path / "ascend", 0.3)):
+        err = (batch_logits(*reversed(build_dir(out)), ids) - want).abs()
+        assert float(err.max()) < bound and float(err.mean()) < 0.05, (out.name, err.max(), err.mean())
