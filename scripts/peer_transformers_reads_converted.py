@@ -1,12 +1,12 @@
-"""Load compressed-tensors checkpoints that `python -m calib.convert` wrote from msModelSlim
-fixtures with transformers + compressed-tensors (the reader vLLM's format comes from), in the
+"""Load compressed-tensors checkpoints that `python -m calib.convert` wrote from msModelSlim and
+FastDeploy-layout fixtures with transformers + compressed-tensors (the reader vLLM's format comes from), in the
 llm-compressor virtualenv, and save their logits as fixtures (run by
 scripts/make_converted_fixtures.sh, never by the runtime).
 
-    python scripts/peer_transformers_reads_converted.py --converted DIR --out DIR --cases a,b
+    python scripts/peer_transformers_reads_converted.py --converted DIR --out DIR --cases a,b --sources t/a,t/b
 
 For each case: <converted>/<case> is our output; <out>/<case>/transformers_logits.safetensors gets
-`input_ids` [2, 8] (the msModelSlim fixture's own prompts, passed in <converted>/<case>/input_ids.json)
+`input_ids` [2, 8] (the source fixture's own prompts, passed in <converted>/<case>/input_ids.json)
 and `logits` [2, 8, vocab] fp32 of transformers' decompressed model, with a MANIFEST.json.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-def write_case(case: str, converted: Path, out_root: Path) -> None:
+def write_case(case: str, source: str, converted: Path, out_root: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     model_dir = converted / case
@@ -35,11 +35,11 @@ def write_case(case: str, converted: Path, out_root: Path) -> None:
     manifest = {
         "tool": "transformers + compressed-tensors (reader)", "transformers_version": version("transformers"),
         "compressed_tensors_version": version("compressed-tensors"), "torch_version": torch.__version__,
-        "case": case, "source": f"tests/fixtures/peer_checkpoints/msmodelslim/{case} (msModelSlim 26.1.0)",
-        "converted_by": "python -m calib.convert --from ascendv1 --to compressed-tensors (this repository)",
+        "case": case, "source": f"tests/fixtures/peer_checkpoints/{source}",
+        "converted_by": "python -m calib.convert --to compressed-tensors (this repository)",
         "format": quant.get("format"),
         "logits": "transformers AutoModelForCausalLM.from_pretrained(converted checkpoint), fp32, "
-                  "on the msModelSlim fixture's reference input_ids",
+                  "on the source fixture's reference input_ids",
         "date": datetime.date.today().isoformat(),
         "script": "scripts/make_converted_fixtures.sh (driver scripts/peer_transformers_reads_converted.py)",
     }
@@ -52,9 +52,13 @@ def main() -> int:
     parser.add_argument("--converted", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", required=True, help="comma-separated")
+    parser.add_argument("--sources", required=True, help="comma-separated <tool>/<case>, one per case")
     args = parser.parse_args()
-    for case in [c for c in args.cases.split(",") if c]:
-        write_case(case, args.converted, args.out)
+    cases, sources = args.cases.split(","), args.sources.split(",")
+    if len(cases) != len(sources):
+        parser.error("--cases and --sources must list the same number of entries")
+    for case, source in zip(cases, sources):
+        write_case(case, source, args.converted, args.out)
     return 0
 
 

@@ -180,34 +180,36 @@ def test_ascend_llm_convert_runs_the_converter(tmp_path):
     assert bad.returncode == 2 and "is not a directory" in bad.stderr and "Traceback" not in bad.stderr
 
 
-# converted from msModelSlim -> compressed-tensors, then loaded by transformers + compressed-tensors
-# (scripts/make_converted_fixtures.sh; logits in tests/fixtures/peer_checkpoints/converted/): the
-# format's own reader sees the same model as this runtime. Bounds as in
-# tests/quant/test_peer_compressed_tensors.py: static int8 and weight-only exact (1e-4; measured
-# <= 9.5e-7); dynamic
-# int8 differs by compressed-tensors' per-token amax / 127.5 grid against ours / 127 (0.1 / 0.02;
-# measured 0.05 / 0.0095).
+# converted from msModelSlim / FastDeploy layouts -> compressed-tensors, then loaded by transformers
+# + compressed-tensors (scripts/make_converted_fixtures.sh; logits in
+# tests/fixtures/peer_checkpoints/converted/): the format's own reader sees the same model as this
+# runtime. Bounds as in tests/quant/test_peer_compressed_tensors.py: static int8 and weight-only
+# (8- and 4-bit channel) exact (1e-4; measured <= 9.5e-7); dynamic int8 differs by
+# compressed-tensors' per-token amax / 127.5 grid against ours / 127 (0.1 / 0.02; measured 0.05 / 0.0095).
 READ_BY_TRANSFORMERS = {"llama_w8a8": (LOSSLESS, LOSSLESS), "qwen2_w8a8": (LOSSLESS, LOSSLESS),
                         "llama_w8a8_disabled": (LOSSLESS, LOSSLESS), "llama_w8a16": (LOSSLESS, LOSSLESS),
                         "llama_w8a8_dynamic": (0.1, 0.02), "qwen2_w8a8_dynamic": (0.1, 0.02),
-                        "qwen2_v1_w8a8": (0.1, 0.02)}
+                        "qwen2_v1_w8a8": (0.1, 0.02), "llama_wint8": (LOSSLESS, LOSSLESS),
+                        "llama_wint4": (LOSSLESS, LOSSLESS)}
+SOURCE_FORMATS = {"msmodelslim": "ascendv1", "fastdeploy": "fastdeploy"}
 
 
 @pytest.mark.parametrize("case", sorted(READ_BY_TRANSFORMERS))
 def test_transformers_reads_the_converted_checkpoint_as_we_do(case, tmp_path):
     fixture = PEERS / "converted" / case
     manifest = json.loads((fixture / "MANIFEST.json").read_text())
-    assert manifest["compressed_tensors_version"] and case in manifest["source"]
-    convert("ascendv1", "compressed-tensors", MSMS / case, tmp_path / "out")
+    assert manifest["compressed_tensors_version"] and manifest["source"].endswith(case)
+    source = PEERS / manifest["source"].removeprefix("tests/fixtures/peer_checkpoints/")
+    convert(SOURCE_FORMATS[source.parent.name], "compressed-tensors", source, tmp_path / "out")
     want = load_file(str(fixture / "transformers_logits.safetensors"))
     config, model = build_dir(tmp_path / "out")
     got = batch_logits(model, config, want["input_ids"])
     err = (got - want["logits"]).abs()
     max_bound, mean_bound = READ_BY_TRANSFORMERS[case]
     assert float(err.max()) < max_bound and float(err.mean()) < mean_bound, (err.max(), err.mean())
-    source = load_file(str(MSMS / case / "reference" / "logits.safetensors"))
-    assert torch.equal(source["input_ids"], want["input_ids"])
-    assert float((want["logits"] - source["float_logits"]).abs().max()) > 1e-3    # it is quantized
+    reference = load_file(str(source / "reference" / "logits.safetensors"))
+    assert torch.equal(reference["input_ids"], want["input_ids"])
+    assert float((want["logits"] - reference["float_logits"]).abs().max()) > 1e-3    # it is quantized
 
 
 # FastDeploy wint8 / wint4 in Paddle's CUTLASS layout (tests/fixtures/peer_checkpoints/fastdeploy/,
