@@ -27,12 +27,17 @@ VOCAB = 128
 SEED = 0
 
 
-def tiny_model(arch: str):
+# cases whose scheme needs wider layers: FP8_BLOCK's per-token-group (128) activations need k >= 128
+WIDER = {"llama_fp8_block": dict(hidden_size=128, intermediate_size=256)}
+
+
+def tiny_model(arch: str, case: str = ""):
     """A tiny random float model, initialised like tests/tiny_models.py (larger-than-default init)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    common.update(WIDER.get(case, {}))
     torch.manual_seed(SEED)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
@@ -128,6 +133,10 @@ def recipes():
         "qwen2_w8a8_int8_dynamic": ("qwen2", lambda: [
             GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)], True,
             "GPTQ scheme W8A8 on Qwen2 (q/k/v biases): int8 channel weights, dynamic per-token activations"),
+        "llama_fp8_block": ("llama", lambda: [QuantizationModifier(targets="Linear", scheme="FP8_BLOCK",
+                                                                   ignore=ignore)], False,
+                            "QuantizationModifier scheme FP8_BLOCK: e4m3 weights in 128 x 128 blocks, dynamic "
+                            "per-token-group (128) activations"),
         "qwen2_w4a16_g32": ("qwen2", lambda: [GPTQModifier(config_groups=_group(4, "int", "group", 32),
                                                            ignore=ignore)], True,
                             "GPTQ: int4 sym weights, group 32, pack-quantized, on Qwen2"),
@@ -148,7 +157,7 @@ def write_case(case: str, out_root: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     float_dir = Path(tempfile.mkdtemp(prefix=f"{case}-float-"))
-    tiny_model(arch).save_pretrained(float_dir)   # oneshot re-reads the model's config from disk
+    tiny_model(arch, case).save_pretrained(float_dir)   # oneshot re-reads the model's config from disk
     model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
     ids = input_ids()
     float_logits = _logits(model, ids)
@@ -169,8 +178,9 @@ def write_case(case: str, out_root: Path) -> None:
         "transformers_version": version("transformers"), "torch_version": torch.__version__,
         "case": case, "arch": arch, "settings": settings, "calibration": (
             "16 random token sequences of 32 (seed 1)" if needs_data else "none (data-free)"),
-        "format": quant.get("format"), "model": "tiny random float32: hidden 64, intermediate 96, 2 layers, "
-        "4 heads / 2 KV heads, vocab 128, seed 0, untied",
+        "format": quant.get("format"), "model": "tiny random float32: hidden {hidden_size}, intermediate {intermediate_size}, 2 layers, "
+        "4 heads / 2 KV heads, vocab 128, seed 0, untied".format(
+            **{"hidden_size": 64, "intermediate_size": 96, **WIDER.get(case, {})}),
         "reference": "reference.safetensors: input_ids [2, 8] (seed 2); logits = transformers "
                      "AutoModelForCausalLM on this saved checkpoint (decompressed), fp32; float_logits = "
                      "the float model before oneshot",

@@ -6,7 +6,7 @@ the format llm-compressor writes and most quantized models on the HF hub use.
 names or `re:` regexes), `kv_cache_scheme` (null, or fp8 static per-tensor: `self_attn.k_scale` /
 `v_scale` for `--kv-cache-dtype fp8`), `quantization_status` (must be
 "compressed" when given). Each quantization-args dict holds num_bits, type (int | float),
-strategy (tensor | channel | group | token), group_size, symmetric, dynamic, actorder (null or
+strategy (tensor | channel | group | token | block), group_size, block_structure, symmetric, dynamic, actorder (null or
 "static": no `weight_g_idx`), plus observer settings that only the calibration tool reads. An
 unknown key, format, strategy or combination is a ValueError naming it.
 
@@ -23,6 +23,9 @@ Every scheme maps onto a method that already exists for another format (tensors 
   method (`fp8_checkpoint.py`; fused shards re-quantized to the max shard scale, as vLLM).
 - fp8 channel weights, dynamic per-token activations (preset FP8_DYNAMIC): `weight` e4m3,
   `weight_scale` [n, 1] -> msModelSlim's WFP8AFP8_DYNAMIC (`w8a8.py`).
+- fp8 block weights (`block_structure` [bn, bk]) with dynamic per-token-group (bk) activations
+  (preset FP8_BLOCK): `weight` e4m3, `weight_scale` [ceil(n / bn), ceil(k / bk)] -> the DeepSeek
+  block-FP8 method (`fp8_checkpoint.py`, which calls the same scales `weight_scale_inv`).
 - int4 / int8 group or channel weights only (`pack-quantized`, W4A16 / W8A16, symmetric or
   with zero points): `weight_packed`, `weight_scale`, `weight_shape` (`weight_zero_point`) ->
   `weight_only_group.py`.
@@ -40,7 +43,7 @@ from ascend_llm.distributed.communication import splits_input
 from ascend_llm.numerics import primitives as P
 from ascend_llm.ops.collectives import all_reduce
 from ascend_llm.quant.base import QuantConfig, QuantMethod
-from ascend_llm.quant.fp8_checkpoint import Fp8CheckpointLinearMethod
+from ascend_llm.quant.fp8_checkpoint import BlockFp8CheckpointLinearMethod, Fp8CheckpointLinearMethod
 from ascend_llm.quant.module_patterns import check_regex_entries
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
 from ascend_llm.quant.w8a8 import (W8A8DynamicLinearMethod, W8A8StaticLinearMethod,
@@ -55,7 +58,7 @@ GROUP_KEYS = frozenset({"targets", "weights", "input_activations", "output_activ
 CONFIG_KEYS = frozenset({"quant_method", "format", "config_groups", "ignore", "kv_cache_scheme",
                          "quantization_status", "global_compression_ratio", "sparsity_config",
                          "transform_config", "version"})
-STRATEGIES = ("tensor", "channel", "group", "token")
+STRATEGIES = ("tensor", "channel", "group", "token", "block")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class QuantArgs:
     symmetric: bool
     dynamic: bool
     group_size: int | None
+    block_structure: tuple[int, int] | None = None       # strategy "block": (rows, cols) per block
 
     @classmethod
     def parse(cls, args: Any, where: str) -> "QuantArgs":
@@ -95,13 +99,24 @@ class QuantArgs:
             raise ValueError(f"{where}.symmetric: must be true or false, got {symmetric!r}")
         if dynamic not in (True, False):
             raise ValueError(f"{where}.dynamic: {dynamic!r} is not supported (true, false)")
-        if args.get("block_structure") is not None:
-            raise ValueError(f"{where}.block_structure: block-wise quantization is not supported")
+        block = _block_structure(args.get("block_structure"), strategy, where)
         if args.get("actorder") not in (None, "static"):
             raise ValueError(f"{where}.actorder: {args['actorder']!r} (weight_g_idx column permutation) "
                              f"is not supported; null or 'static' only")
         return cls(num_bits, qtype, strategy, symmetric, bool(dynamic),
-                   group_size if strategy == "group" else None)
+                   group_size if strategy == "group" else None, block)
+
+
+def _block_structure(block: Any, strategy: str, where: str) -> tuple[int, int] | None:
+    """`block_structure` [rows, cols]: required by strategy 'block', refused with any other."""
+    if strategy != "block":
+        if block is not None:
+            raise ValueError(f"{where}.block_structure: {block!r} given with strategy {strategy!r}")
+        return None
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"{where}.block_structure: strategy 'block' needs two positive integers, got {block!r}")
+    return block[0], block[1]
 
 
 @dataclass(frozen=True)
@@ -143,9 +158,9 @@ class Scheme:
             raise ValueError(f"{where}.input_activations: int8 {_describe(a)} is not supported "
                              f"(dynamic symmetric per-token, or static per-tensor)")
         if self.format in ("float-quantized", "naive-quantized") and w.type == "float":
-            if w.num_bits != 8 or not w.symmetric or w.dynamic or w.strategy not in ("tensor", "channel"):
-                raise ValueError(f"{where}.weights: fp8 needs symmetric static 8-bit tensor or channel "
-                                 f"weights, got {_describe(w)}")
+            if w.num_bits != 8 or not w.symmetric or w.dynamic or w.strategy not in ("tensor", "channel", "block"):
+                raise ValueError(f"{where}.weights: fp8 needs symmetric static 8-bit tensor, channel or "
+                                 f"block weights, got {_describe(w)}")
             if a is None:
                 raise ValueError(f"{where}: fp8 weights without input_activations (W8A16 fp8) are not "
                                  f"supported")
@@ -158,6 +173,9 @@ class Scheme:
                 return "fp8_tensor_dynamic"
             if w.strategy == "channel" and a.dynamic and a.strategy == "token":
                 return "fp8_channel_dynamic"
+            if w.strategy == "block" and a.dynamic and a.strategy == "group" \
+                    and a.group_size == w.block_structure[1]:
+                return "fp8_block"
             raise ValueError(f"{where}: fp8 weights {w.strategy!r} with activations {_describe(a)} "
                              f"are not supported")
         raise ValueError(f"{where}: format {self.format!r} with {w.type} weights is not supported")
@@ -261,6 +279,14 @@ class CtFp8ChannelDynamicMethod(_CtChannelWeights, WFp8AFp8DynamicLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         check_loaded(layer, ("weight", "weight_scale"), self.shard_names)
         super().process_weights_after_loading(layer)
+
+
+class CtFp8BlockMethod(BlockFp8CheckpointLinearMethod):
+    """FP8_BLOCK: e4m3 [n, k] + `weight_scale` [ceil(n / bn), ceil(k / bk)] (the dequant multiplier,
+    DeepSeek's `weight_scale_inv` under compressed-tensors' name), dynamic per-token-group (bk)
+    e4m3 activations: the block FP8 path of `fp8_checkpoint.py`."""
+
+    SCALE_NAME = "weight_scale"
 
 
 def _add_channel_weight(layer: nn.Module, input_size: int, output_sizes: list[int],
@@ -370,6 +396,8 @@ class CompressedTensorsConfig(QuantConfig):
             return Fp8CheckpointLinearMethod(kind == "fp8_tensor_static", shard_names)
         if kind == "fp8_channel_dynamic":
             return CtFp8ChannelDynamicMethod(shard_names)
+        if kind == "fp8_block":
+            return CtFp8BlockMethod(scheme.weights.block_structure, shard_names)
         w = scheme.weights
         return GroupWeightOnlyLinearMethod(w.num_bits, w.group_size, w.symmetric, shard_names)
 

@@ -64,7 +64,10 @@ class Fp8CheckpointLinearMethod(QuantMethod):
 
 
 class BlockFp8CheckpointLinearMethod(QuantMethod):
-    """DeepSeek block FP8: e4m3 weight and `weight_scale_inv` [NB, KB] from the checkpoint."""
+    """DeepSeek block FP8: e4m3 weight and `weight_scale_inv` [NB, KB] from the checkpoint (a
+    subclass may load the scales under another SCALE_NAME; the layer always holds weight_scale_inv)."""
+
+    SCALE_NAME = "weight_scale_inv"
 
     def __init__(self, block_size: tuple[int, int], shard_names: tuple[str, ...] = ()) -> None:
         self.block_size, self.shard_names = block_size, shard_names
@@ -79,13 +82,17 @@ class BlockFp8CheckpointLinearMethod(QuantMethod):
         n = sum(output_sizes)
         nb = sum(P.num_blocks(size, bn) for size in output_sizes)
         add_param(layer, "weight", (n, input_size), P.FP8_DTYPE, out_dim=0, in_dim=1)
-        add_param(layer, "weight_scale_inv", (nb, P.num_blocks(input_size, bk)), torch.float32,
+        add_param(layer, self.SCALE_NAME, (nb, P.num_blocks(input_size, bk)), torch.float32,
                   out_dim=0, out_block=bn, in_dim=1)
         layer.weight_block_size = self.block_size
         layer.fp8_kernel, layer.act_dtype = None, params_dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        check_loaded(layer, ("weight", "weight_scale_inv"), self.shard_names)
+        check_loaded(layer, ("weight", self.SCALE_NAME), self.shard_names)
+        if self.SCALE_NAME != "weight_scale_inv":
+            scale = getattr(layer, self.SCALE_NAME)
+            delattr(layer, self.SCALE_NAME)
+            layer.weight_scale_inv = scale
         _positive(layer, "weight_scale_inv")
         _rows_scales_for_partial_shards(layer, self.block_size)
         bind_fp8_kernel(layer, "block", layer.act_dtype)

@@ -68,6 +68,9 @@ def _is_quant_tensor(name: str) -> bool:
 
 def _read_linear(tensors: dict[str, torch.Tensor], module: str, scheme: Scheme) -> QuantLinear:
     kind = scheme.kind()
+    if kind == "fp8_block":
+        raise CalibError(f"{module}: block-wise FP8 (config group {scheme.name!r}) is not converted: "
+                         f"ascendV1 has no block scheme")
     bias = tensors.pop(f"{module}.bias", None)
     bias = None if bias is None else bias.to(torch.float32)
     if kind == "wna16":

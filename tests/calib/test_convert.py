@@ -137,6 +137,7 @@ def test_pack_codes_is_what_the_loader_unpacks(bits, words):
     ("ascendv1", MSMS / "llama_w8a8_c8", "C8 int8 KV-cache scales have no compressed-tensors"),
     ("ascendv1", MSMS / "llama_w8a8_m2", "anti-outlier norm bias"),
     ("compressed-tensors", LLMC / "llama_w4a16_g32", "pack-quantized 4-bit group"),
+    ("compressed-tensors", LLMC / "llama_fp8_block", "block-wise FP8"),
     ("fastdeploy", PEERS / "fastdeploy" / "llama_block_wise_fp8", "'block_wise_fp8' is not converted"),
     ("fastdeploy", MSMS / "llama_w8a8", "no quantization_config (not a FastDeploy"),
     ("autofp8", LLMC / "llama_fp8", "quant_method 'fp8'"),

@@ -5,7 +5,8 @@ saved checkpoint (compressed-tensors decompresses it and fake-quantizes the acti
 with a kv_cache_scheme).
 
 Tolerances, |ours - reference| over the [2, 8, 128] fp32 logits (logit std ~0.63):
-- FP8_DYNAMIC, W8A8 int8 static (symmetric channel weights; asymmetric activations with
+- FP8_DYNAMIC, FP8_BLOCK (128 x 128 weight blocks, per-token-group activations; this fixture's
+  model is 128 / 256 wide so that a group fits), W8A8 int8 static (symmetric channel weights; asymmetric activations with
   per-tensor weights and Qwen2 biases), W4A16 / W4A16 asym / W8A16 (pack-quantized, group 32): the same
   codes, scales and activation rounding on both sides (e4m3 casts and int rounding are exact), so
   only fp32 summation order differs: measured max 1.3e-6, bound 1e-4.
@@ -48,6 +49,7 @@ CASES = {   # case -> (method class of qkv_proj, (max, mean) bound)
     "qwen2_w8a8_int8_static_asym": ("CtW8A8StaticMethod", EXACT),
     "llama_fp8": ("Fp8CheckpointLinearMethod", (0.3, 0.05)),
     "llama_fp8_dynamic": ("CtFp8ChannelDynamicMethod", EXACT),
+    "llama_fp8_block": ("CtFp8BlockMethod", EXACT),
     "llama_w4a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
     "llama_w4a16_g32_asym": ("GroupWeightOnlyLinearMethod", EXACT),
     "llama_w8a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
@@ -201,6 +203,14 @@ def _edit(group: dict, path: str, value) -> None:
     ("llama_w8a8_int8_dynamic", "config_groups.group_0.input_activations.strategy", "tensor",
      r"input_activations: int8 .*tensor.*dynamic\) is not supported"),
     ("llama_w8a8_int8_dynamic", "quantization_status", "frozen", r"quantization_status: 'frozen'"),
+    ("llama_fp8_block", "config_groups.group_0.weights.block_structure", None,
+     r"weights.block_structure: strategy 'block' needs two positive integers, got None"),
+    ("llama_fp8_block", "config_groups.group_0.weights.block_structure", [128, 0],
+     r"weights.block_structure: .* got \[128, 0\]"),
+    ("llama_fp8_dynamic", "config_groups.group_0.weights.block_structure", [128, 128],
+     r"weights.block_structure: \[128, 128\] given with strategy 'channel'"),
+    ("llama_fp8_block", "config_groups.group_0.input_activations.group_size", 64,
+     r"group_0: fp8 weights 'block' with activations .*group_size 64"),
 ])
 def test_config_errors_name_the_field(case, path, value, match):
     config = _config(case)

@@ -14,7 +14,7 @@ What each scheme runs on the NPU, asserted through the recorded torch_npu calls 
 - FastDeploy wint8 / wint4 (`quant_weight` in Paddle's CUTLASS layout, read back to row-major at
   load): npu_weight_quant_batchmatmul (wint4 re-packed by npu_convert_weight_to_int4pack);
 - FP8 per-tensor (compressed-tensors FP8), per-channel dynamic (FP8_DYNAMIC, also with the fp8
-  KV scheme) and FastDeploy block_wise_fp8 (128 x 128 blocks): the NPU backend has no `fp8_matmul` kernel (Atlas A2 / A3 have no fp8 matmul), so the
+  KV scheme), FastDeploy block_wise_fp8 and compressed-tensors FP8_BLOCK (128 x 128 blocks): the NPU backend has no `fp8_matmul` kernel (Atlas A2 / A3 have no fp8 matmul), so the
   registry steps aside to the plain-torch reference on the NPU device and logs why (asserted, and
   that no torch_npu matmul ran for them).
 
@@ -55,6 +55,7 @@ EXPECTED = {
     "GroupWeightOnlyLinearMethod": ("npu_weight_quant_batchmatmul", FLOAT_ACT_BOUND),
     "Fp8CheckpointLinearMethod": (None, FP8_ACT_BOUND),
     "BlockFp8CheckpointLinearMethod": (None, FP8_ACT_BOUND),
+    "CtFp8BlockMethod": (None, FP8_ACT_BOUND),
     "PrequantWeightOnlyLinearMethod": ("npu_weight_quant_batchmatmul", FLOAT_ACT_BOUND),
     "CtFp8ChannelDynamicMethod": (None, FP8_ACT_BOUND),
 }
