@@ -6,8 +6,8 @@ the format llm-compressor writes and most quantized models on the HF hub use.
 names or `re:` regexes), `kv_cache_scheme` (null, or fp8 static per-tensor: `self_attn.k_scale` /
 `v_scale` for `--kv-cache-dtype fp8`), `quantization_status` (must be
 "compressed" when given). Each quantization-args dict holds num_bits, type (int | float),
-strategy (tensor | channel | group | token | block), group_size, block_structure, symmetric, dynamic, actorder (null or
-"static": no `weight_g_idx`), plus observer settings that only the calibration tool reads. An
+strategy (tensor | channel | group | token | block), group_size, block_structure, symmetric,
+dynamic, actorder (null or "static": no `weight_g_idx`), plus observer settings that only the calibration tool reads. An
 unknown key, format, strategy or combination is a ValueError naming it.
 
 Every scheme maps onto a method that already exists for another format (tensors per Linear):
