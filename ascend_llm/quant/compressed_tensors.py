@@ -7,8 +7,8 @@ names or `re:` regexes), `kv_cache_scheme` (null, or fp8 static per-tensor: `sel
 `v_scale` for `--kv-cache-dtype fp8`), `quantization_status` (must be
 "compressed" when given). Each quantization-args dict holds num_bits, type (int | float),
 strategy (tensor | channel | group | token | block), group_size, block_structure, symmetric,
-dynamic, actorder (null or "static": no `weight_g_idx`), plus observer settings that only the calibration tool reads. An
-unknown key, format, strategy or combination is a ValueError naming it.
+dynamic, actorder (null or "static": no `weight_g_idx`), plus observer settings that only the
+calibration tool reads. An unknown key, format, strategy or combination is a ValueError naming it.
 
 Every scheme maps onto a method that already exists for another format (tensors per Linear):
 - int8 channel weights, dynamic per-token int8 activations (`int-quantized`, preset W8A8):
