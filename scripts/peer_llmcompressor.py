@@ -78,9 +78,11 @@ def input_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
 
 
-def _group(num_bits, wtype, strategy, group_size=None, symmetric=True, act=None):
+def _group(num_bits, wtype, strategy, group_size=None, symmetric=True, act=None, actorder=None):
     weights = {"num_bits": num_bits, "type": wtype, "strategy": strategy, "symmetric": symmetric,
                "dynamic": False}
+    if actorder is not None:
+        weights["actorder"] = actorder
     if group_size is not None:
         weights["group_size"] = group_size
     group = {"targets": ["Linear"], "weights": weights}
@@ -137,6 +139,10 @@ def recipes():
                                                                    ignore=ignore)], False,
                             "QuantizationModifier scheme FP8_BLOCK: e4m3 weights in 128 x 128 blocks, dynamic "
                             "per-token-group (128) activations"),
+        "llama_w4a16_g32_actorder_weight": ("llama", lambda: [GPTQModifier(
+            config_groups=_group(4, "int", "group", 32, actorder="weight"), ignore=ignore)], True,
+            "GPTQ with actorder 'weight' (columns quantized in activation order, stored in the original order "
+            "with contiguous groups, no weight_g_idx; llm-compressor 0.14 removed 'group'): int4 sym, group 32"),
         "qwen2_w4a16_g32": ("qwen2", lambda: [GPTQModifier(config_groups=_group(4, "int", "group", 32),
                                                            ignore=ignore)], True,
                             "GPTQ: int4 sym weights, group 32, pack-quantized, on Qwen2"),

@@ -7,8 +7,9 @@ names or `re:` regexes), `kv_cache_scheme` (null, or fp8 static per-tensor: `sel
 `v_scale` for `--kv-cache-dtype fp8`), `quantization_status` (must be
 "compressed" when given). Each quantization-args dict holds num_bits, type (int | float),
 strategy (tensor | channel | group | token | block), group_size, block_structure, symmetric,
-dynamic, actorder (null or "static": no `weight_g_idx`), plus observer settings that only the
-calibration tool reads. An unknown key, format, strategy or combination is a ValueError naming it.
+dynamic, actorder (null, "static" or "weight": no `weight_g_idx`), plus observer settings that
+only the calibration tool reads. An unknown key, format, strategy or combination is a ValueError
+naming it.
 
 Every scheme maps onto a method that already exists for another format (tensors per Linear):
 - int8 channel weights, dynamic per-token int8 activations (`int-quantized`, preset W8A8):
@@ -59,6 +60,9 @@ CONFIG_KEYS = frozenset({"quant_method", "format", "config_groups", "ignore", "k
                          "quantization_status", "global_compression_ratio", "sparsity_config",
                          "transform_config", "version"})
 STRATEGIES = ("tensor", "channel", "group", "token", "block")
+# GPTQ activation orders that store contiguous groups in the original column order (no
+# weight_g_idx): "static" / "weight" change only the order GPTQ quantized the columns in
+ACTORDERS_WITHOUT_G_IDX = (None, "static", "weight")
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,9 @@ class QuantArgs:
         if dynamic not in (True, False):
             raise ValueError(f"{where}.dynamic: {dynamic!r} is not supported (true, false)")
         block = _block_structure(args.get("block_structure"), strategy, where)
-        if args.get("actorder") not in (None, "static"):
+        if args.get("actorder") not in ACTORDERS_WITHOUT_G_IDX:
             raise ValueError(f"{where}.actorder: {args['actorder']!r} (weight_g_idx column permutation) "
-                             f"is not supported; null or 'static' only")
+                             f"is not supported; null, 'static' or 'weight' only")
         return cls(num_bits, qtype, strategy, symmetric, bool(dynamic),
                    group_size if strategy == "group" else None, block)
 

@@ -5,6 +5,7 @@ saved checkpoint (compressed-tensors decompresses it and fake-quantizes the acti
 with a kv_cache_scheme).
 
 Tolerances, |ours - reference| over the [2, 8, 128] fp32 logits (logit std ~0.63):
+- GPTQ with actorder 'weight' (llm-compressor 0.14's act-order: no weight_g_idx);
 - FP8_DYNAMIC, FP8_BLOCK (128 x 128 weight blocks, per-token-group activations; this fixture's
   model is 128 / 256 wide so that a group fits), W8A8 int8 static (symmetric channel weights; asymmetric activations with
   per-tensor weights and Qwen2 biases), W4A16 / W4A16 asym / W8A16 (pack-quantized, group 32): the same
@@ -52,6 +53,7 @@ CASES = {   # case -> (method class of qkv_proj, (max, mean) bound)
     "llama_fp8_block": ("CtFp8BlockMethod", EXACT),
     "llama_w4a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
     "llama_w4a16_g32_asym": ("GroupWeightOnlyLinearMethod", EXACT),
+    "llama_w4a16_g32_actorder_weight": ("GroupWeightOnlyLinearMethod", EXACT),
     "llama_w8a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
     "qwen2_w4a16_g32": ("GroupWeightOnlyLinearMethod", EXACT),
 }
