@@ -18,6 +18,7 @@ import uvicorn
 
 from ascend_llm.engine.arg_utils import EngineArgs
 from ascend_llm.engine.async_engine import AsyncLLMEngine, EngineState
+from ascend_llm.platform import bound_onednn_caches
 from ascend_llm.server.app import build_app
 from ascend_llm.server.args import ServerConfig, make_parser
 
@@ -67,6 +68,7 @@ class _DrainingServer(uvicorn.Server):
 
 def run_server(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT; 0 on a clean shutdown, 1 if the engine failed."""
+    bound_onednn_caches()     # before the engine thread's first oneDNN call: RSS stays bounded
     config = ServerConfig.from_args(args)
     engine_args = EngineArgs.from_cli_args(args)
     if getattr(args, "kv_cache_ratio", None) is not None:
