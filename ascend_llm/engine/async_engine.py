@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
+from ascend_llm.engine.heap_trim import HeapTrimmer
 from ascend_llm.outputs import RequestOutput
 from ascend_llm.sampling_params import SamplingParams
 
@@ -110,6 +111,7 @@ class AsyncLLMEngine:
         self._snapshot: dict[str, Any] = {}
         self._listeners: list[StatsListener] = []
         self.on_fatal: Callable[[str], None] | None = None
+        self.heap_trimmer = HeapTrimmer()        # freed heap back to the OS between steps
         if engine is not None:
             self._ready.set()
             self._snapshot = self._read_stats()
@@ -268,6 +270,9 @@ class AsyncLLMEngine:
                 self._drain_commands(block=not self._engine.has_unfinished_requests())
                 if self._engine.has_unfinished_requests():
                     self._step_once()
+                    self.heap_trimmer.after_step()
+                else:
+                    self.heap_trimmer.on_idle()
                 self._health.last_progress = time.monotonic()
         except Exception as exc:  # a bug in the loop itself: fail loudly, never hang clients
             logger.exception("engine loop crashed")
