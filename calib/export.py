@@ -94,7 +94,7 @@ def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
         else:   # embeddings, norms (+ anti-outlier norm bias), lm_head, float Linears' biases
             tensors[name], types[name] = tensor.detach().to(source_dtype).contiguous(), "FLOAT"
     _warn_dropped_biases(model, plans, state)
-    description = _description(types, plans)
+    description = quant_description(types)
     if kv_ranges:
         if kv_asymmetric:
             logger.warning("C8 KV cache: asymmetric scales (non-zero kv_cache_offset) requested; "
@@ -161,10 +161,10 @@ def _warn_dropped_biases(model: nn.Module, plans: Mapping[str, LinearPlan],
                        len(added), ", ".join(added[:4]), ", ..." if len(added) > 4 else "")
 
 
-def _description(types: Mapping[str, str], plans: Mapping[str, LinearPlan]) -> dict[str, object]:
-    present = {VLLM_ASCEND_FP8_TYPE if plan.quant_type == "WFP8AFP8_DYNAMIC" else plan.quant_type
-               for plan in plans.values()} | {"FLOAT"}
-    model_type = max(present, key=TYPE_PRIORITY.index)
+def quant_description(types: Mapping[str, str]) -> dict[str, object]:
+    """The description of tensors typed `types` (name -> written type): model_quant_type is the
+    highest-priority type present, then version, group_size and the per-tensor types."""
+    model_type = max(set(types.values()) | {"FLOAT"}, key=TYPE_PRIORITY.index)
     description: dict[str, object] = {"model_quant_type": model_type, "version": "1.0.0", "group_size": 0}
     description.update(sorted(types.items()))
     return description

@@ -36,13 +36,22 @@ def w8a8_static_tensors(weight: torch.Tensor, bias: torch.Tensor | None, x_range
     """weight, input_scale, input_offset, deq_scale, quant_bias of one W8A8 (static) Linear."""
     q_w, w_scale = quantize_weight_int8(weight)                             # [n, k], [n]
     scale, offset = activation_qparams(*x_range)
-    input_scale = torch.tensor([scale], dtype=torch.float32)                # [1]
-    input_offset = torch.tensor([offset], dtype=torch.float32)              # [1]
-    deq = (input_scale * w_scale).to(torch.float32)                         # [n]
-    b = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    return {"weight": q_w, **static_scale_tensors(q_w, w_scale, scale, offset, bias, deq_as_int64)}
+
+
+def static_scale_tensors(q_w: torch.Tensor, w_scale: torch.Tensor, input_scale: float, offset: float,
+                         bias: torch.Tensor | None, deq_as_int64: bool) -> dict[str, torch.Tensor]:
+    """input_scale, input_offset [1], deq_scale [n] = input_scale * w_scale and quant_bias [n]
+    int32 = round(bias / deq_scale - offset * sum_k q_w) of int8 weights q_w [n, k]; ValueError
+    when quant_bias does not fit int32."""
+    scale_t = torch.tensor([input_scale], dtype=torch.float32)             # [1]
+    deq = (scale_t * w_scale).to(torch.float32)                             # [n]
+    b = torch.zeros(q_w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
     row_sums = q_w.double().sum(dim=1)                                      # [n]
     quant_bias = torch.round(b / deq.double() - offset * row_sums)          # [n]
-    return {"weight": q_w, "input_scale": input_scale, "input_offset": input_offset,
+    if bool((quant_bias.abs() > 2 ** 31 - 1).any()):
+        raise ValueError("quant_bias overflows int32 (bias / deq_scale too large)")
+    return {"input_scale": scale_t, "input_offset": torch.tensor([offset], dtype=torch.float32),
             "deq_scale": encode_deq_scale_int64(deq) if deq_as_int64 else deq,
             "quant_bias": quant_bias.to(torch.int32)}
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ascend_llm.quant.w8a8 import encode_deq_scale_int64
 from calib.config import CalibError
 from calib.convert.neutral import NeutralCheckpoint, QuantLinear
-from calib.export import TYPE_PRIORITY, VLLM_ASCEND_FP8_TYPE, deq_scale_is_int64, write_checkpoint
+from calib.export import VLLM_ASCEND_FP8_TYPE, deq_scale_is_int64, quant_description, write_checkpoint
+from calib.quantize import static_scale_tensors
 
 ASCEND_TYPES = {"int8_dynamic": "W8A8_DYNAMIC", "int8_static": "W8A8", "int8_weight_only": "W8A16",
                 "fp8_dynamic": VLLM_ASCEND_FP8_TYPE, "fp8_static": VLLM_ASCEND_FP8_TYPE}
@@ -38,11 +38,7 @@ def write_ascendv1(checkpoint: NeutralCheckpoint, dst: Path) -> dict[str, str]:
             tensors[f"{module}.{leaf}"] = value.contiguous()
             types[f"{module}.{leaf}"] = "FLOAT" if leaf == "bias" else quant_type
         written[module] = quant_type
-    present = set(written.values()) | {"FLOAT"}
-    description: dict[str, object] = {"model_quant_type": max(present, key=TYPE_PRIORITY.index),
-                                      "version": "1.0.0", "group_size": 0}
-    description.update(sorted(types.items()))
-    write_checkpoint(dst, dict(sorted(tensors.items())), description)
+    write_checkpoint(dst, dict(sorted(tensors.items())), quant_description(types))
     (dst / "config.json").write_text(json.dumps(checkpoint.config, indent=2))
     return written
 
@@ -59,29 +55,14 @@ def linear_tensors(linear: QuantLinear, deq_as_int64: bool) -> dict[str, torch.T
     n = linear.weight.shape[0]
     out: dict[str, torch.Tensor] = {"weight": linear.weight}
     if linear.scheme == "int8_static":
-        out.update(_static_tensors(linear, deq_as_int64))
+        out.update(static_scale_tensors(linear.weight, linear.weight_scale, linear.input_scale,
+                                        float(linear.input_zero_point), linear.bias, deq_as_int64))
     else:
         out["weight_scale"] = linear.weight_scale.reshape(n, 1).clone()             # [n, 1]
         out["weight_offset"] = torch.zeros(n, 1, dtype=torch.float32)             # symmetric
     if linear.bias is not None:
         out["bias"] = linear.bias.to(torch.float32)
     return out
-
-
-def _static_tensors(linear: QuantLinear, deq_as_int64: bool) -> dict[str, torch.Tensor]:
-    """input_scale / input_offset [1], deq_scale [n], quant_bias [n] int32 (the float bias and the
-    zero point folded in: quant_bias = round(bias / deq_scale) - zp * sum_k W_q)."""
-    input_scale = torch.tensor([linear.input_scale], dtype=torch.float32)         # [1]
-    deq = (input_scale * linear.weight_scale).to(torch.float32)                  # [n]
-    row_sums = linear.weight.to(torch.int64).sum(dim=1)                          # [n]
-    bias = torch.zeros_like(deq, dtype=torch.float64) if linear.bias is None else linear.bias.double()
-    quant_bias = torch.round(bias / deq.double()) - linear.input_zero_point * row_sums.double()
-    if bool((quant_bias.abs() > 2 ** 31 - 1).any()):
-        raise ValueError("quant_bias overflows int32 (bias / deq_scale too large)")
-    return {"input_scale": input_scale,
-            "input_offset": torch.tensor([float(linear.input_zero_point)], dtype=torch.float32),
-            "deq_scale": encode_deq_scale_int64(deq) if deq_as_int64 else deq,
-            "quant_bias": quant_bias.to(torch.int32)}
 
 
 def static_bias_rounding(linear: QuantLinear) -> float:
