@@ -48,6 +48,15 @@ CASES: dict[str, dict] = {
     "llama_w8a8_dynamic": dict(arch="llama", quant=dict(w_bit=8, a_bit=8, is_dynamic=True), save="ascendV1"),
     "qwen2_w8a8_dynamic": dict(arch="qwen2", quant=dict(w_bit=8, a_bit=8, is_dynamic=True), save="ascendV1"),
     "llama_w8a16": dict(arch="llama", quant=dict(w_bit=8, a_bit=16), save="ascendV1"),
+    # per-group weight-only: msModelSlim takes the per-group path for a_bit 16 with is_lowbit and
+    # open_outlier off (config_utils.check_per_group); group sizes 32 / 64 / 128 / 256.
+    "llama_w8a16_g32": dict(arch="llama", quant=dict(w_bit=8, a_bit=16, is_lowbit=True, open_outlier=False,
+                                                     group_size=32), save="ascendV1"),
+    "llama_w4a16_g32": dict(arch="llama", quant=dict(w_bit=4, a_bit=16, is_lowbit=True, open_outlier=False,
+                                                     group_size=32), save="ascendV1"),
+    "llama_w4a16_g32_asym": dict(arch="llama", quant=dict(w_bit=4, a_bit=16, is_lowbit=True, open_outlier=False,
+                                                          group_size=32, w_sym=False), save="ascendV1"),
+    "llama_w4a16": dict(arch="llama", quant=dict(w_bit=4, a_bit=16), save="ascendV1"),
     "llama_w8a8_c8": dict(arch="llama", quant=dict(w_bit=8, a_bit=8, use_kvcache_quant=True), save="ascendV1"),
     "llama_w8a8_m2": dict(arch="llama", quant=dict(w_bit=8, a_bit=8), save="ascendV1", anti="m2"),
     "llama_w8a8_m2_safetensor": dict(arch="llama", quant=dict(w_bit=8, a_bit=8), save="safe_tensor", anti="m2"),

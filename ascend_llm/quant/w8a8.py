@@ -37,12 +37,14 @@ from ascend_llm.quant.base import QuantConfig, QuantMethod
 from ascend_llm.quant.formats import (DESCRIPTION_META_KEYS, detect_quant_format, norm_module_alias,
                                       validate_description)
 from ascend_llm.quant.moe_w8a8 import w8a8_moe_method
+from ascend_llm.quant.modelslim_weight_only import ModelSlimWeightOnlyMethod
 
 DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
-SUPPORTED_LINEAR_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC")
+SUPPORTED_LINEAR_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "W4A16", "WFP8AFP8_DYNAMIC",
+                          "W8A8FP8_DYNAMIC")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +156,10 @@ class AscendW8A8Config(QuantConfig):
             method: _AscendLinearMethod = W8A8StaticLinearMethod()
         elif quant_type == "W8A8_DYNAMIC":
             method = W8A8DynamicLinearMethod(self.group_size, prefix)
-        elif quant_type == "W8A16":
-            method = W8A16LinearMethod(self.group_size, prefix)
+        elif quant_type == "W8A16" and not self.group_size:
+            method = W8A16LinearMethod(0, prefix)
+        elif quant_type in ("W8A16", "W4A16"):        # int4 codes or group-wise scales
+            method = ModelSlimWeightOnlyMethod(4 if quant_type == "W4A16" else 8, self.group_size, prefix)
         elif quant_type in FP8_DYNAMIC_TYPES:
             method = WFp8AFp8DynamicLinearMethod(self.group_size, prefix)
         else:
@@ -191,6 +195,7 @@ REQUIRED_TENSORS: dict[str, tuple[str, ...]] = {
     "W8A8": ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias"),
     "W8A8_DYNAMIC": ("weight", "weight_scale"),
     "W8A16": ("weight", "weight_scale"),
+    "W4A16": ("weight", "weight_scale", "weight_offset"),
     "WFP8AFP8_DYNAMIC": ("weight", "weight_scale"),
     "W8A8FP8_DYNAMIC": ("weight", "weight_scale"),
 }

@@ -9,8 +9,9 @@ What each scheme runs on the NPU, asserted through the recorded torch_npu calls 
 - W8A8_DYNAMIC (msModelSlim classic and v1, compressed-tensors int8 dynamic): npu_dynamic_quant +
   npu_quant_matmul;
 - W8A16 (msModelSlim, per channel): npu_weight_quant_batchmatmul;
-- W4A16 / W8A16 group 32, symmetric or with zero points (compressed-tensors pack-quantized):
-  npu_weight_quant_batchmatmul with antiquant_group_size 32 (scale / offset [k / 32, n]);
+- W4A16 / W8A16 group 32, symmetric or with zero points (compressed-tensors pack-quantized;
+  msModelSlim W4A16 / W8A16 per-group): npu_weight_quant_batchmatmul with antiquant_group_size 32
+  (scale / offset [k / 32, n]); msModelSlim W4A16 per-channel: the same op per channel;
 - FastDeploy wint8 / wint4 (`quant_weight` in Paddle's CUTLASS layout, read back to row-major at
   load): npu_weight_quant_batchmatmul (wint4 re-packed by npu_convert_weight_to_int4pack);
 - FP8 per-tensor (compressed-tensors FP8), per-channel dynamic (FP8_DYNAMIC, also with the fp8
@@ -53,6 +54,7 @@ EXPECTED = {
     "CtW8A8DynamicMethod": ("npu_dynamic_quant", INT8_ACT_BOUND),
     "W8A16LinearMethod": ("npu_weight_quant_batchmatmul", FLOAT_ACT_BOUND),
     "GroupWeightOnlyLinearMethod": ("npu_weight_quant_batchmatmul", FLOAT_ACT_BOUND),
+    "ModelSlimWeightOnlyMethod": ("npu_weight_quant_batchmatmul", FLOAT_ACT_BOUND),
     "Fp8CheckpointLinearMethod": (None, FP8_ACT_BOUND),
     "BlockFp8CheckpointLinearMethod": (None, FP8_ACT_BOUND),
     "CtFp8BlockMethod": (None, FP8_ACT_BOUND),
@@ -86,9 +88,10 @@ def test_fixture_on_the_emulated_npu_matches_cpu(case, npu_emulation, caplog):
     if op is None:                                                       # the fp8 schemes
         assert any("'fp8_matmul' on backend 'npu'" in line for line in steps_aside), steps_aside
         assert npu_model.model.layers[0].self_attn.qkv_proj.fp8_kernel.name == "npu.torch_reference.fp8_matmul"
-    if method == "GroupWeightOnlyLinearMethod":
-        layer = npu_model.model.layers[0].mlp.down_proj                  # k = 96: three groups of 32
+    layer = npu_model.model.layers[0].mlp.down_proj                      # k = 96: three groups of 32
+    if method in ("GroupWeightOnlyLinearMethod", "ModelSlimWeightOnlyMethod"):
         assert layer.weight_only_group_kernel.name == "npu.weight_quant_batchmatmul_group"
+    if method in ("GroupWeightOnlyLinearMethod", "ModelSlimWeightOnlyMethod") and layer.group_size == 32:
         assert layer.npu_antiquant_group_size == 32 and tuple(layer.npu_antiquant_scale.shape) == (3, 64)
     assert not any("weight_only_group_matmul" in line for line in steps_aside), steps_aside
 

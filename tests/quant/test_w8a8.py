@@ -327,8 +327,8 @@ def test_dynamic_rejects_asymmetric_weights_and_groups():
         _load(layer, {None: {"weight": torch.zeros(24, HIDDEN, dtype=torch.int8),
                              "weight_scale": torch.ones(24, 1), "weight_offset": torch.ones(24, 1)}})
     with pytest.raises(ValueError, match="per-group"):
-        AscendW8A8Config({"model_quant_type": "W8A16", "group_size": 64, "m.o_proj.weight": "W8A16"}
-                         ).get_quant_method(None, "m.o_proj")
+        AscendW8A8Config({"model_quant_type": "W8A8_DYNAMIC", "group_size": 64,
+                          "m.o_proj.weight": "W8A8_DYNAMIC"}).get_quant_method(None, "m.o_proj")
 
 
 # ----------------------------------------------------------------------------- tiny model end to end

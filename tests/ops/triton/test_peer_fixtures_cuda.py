@@ -7,7 +7,8 @@ What each scheme runs (asserted by kernel name):
   and int8 GEMM (`quant_matmul`, `quantize_per_tensor`, `dynamic_quant_per_token`);
 - W8A16 (msModelSlim, per channel): W8A8's per-op path with float activations (the dequantized
   int8 weight through `linear`);
-- W4A16 / W8A16 group 32 (compressed-tensors pack-quantized): the Triton group-wise kernel;
+- W4A16 / W8A16 group 32 (compressed-tensors pack-quantized; msModelSlim W4A16 per-group and
+  per-channel, W8A16 per-group): the Triton group-wise kernel;
 - FP8 per-tensor (compressed-tensors FP8): the Triton per-tensor `fp8_matmul`;
 - FP8 per-channel dynamic (FP8_DYNAMIC, also with the fp8 KV scheme): the Triton row-wise
   `fp8_matmul` (scheme "per_token").
@@ -55,7 +56,7 @@ def test_fixture_on_triton_matches_cpu(case, device):
     assert want.std() > 0.1
     method = type(cuda_model.model.layers[0].self_attn.qkv_proj.quant_method).__name__
     qkv = cuda_model.model.layers[0].self_attn.qkv_proj
-    if method == "GroupWeightOnlyLinearMethod":
+    if method in ("GroupWeightOnlyLinearMethod", "ModelSlimWeightOnlyMethod"):
         assert _kernel_names(cuda_model) == {"cuda.triton.weight_only_group_matmul"}
     if method == "Fp8CheckpointLinearMethod":
         assert _kernel_names(cuda_model) <= {"cuda.triton.fp8_matmul_per_tensor",
