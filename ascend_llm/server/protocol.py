@@ -13,18 +13,26 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIModel(BaseModel):
-    """Base: unknown fields are ignored (as vLLM does); NaN / +-inf floats are rejected."""
+    """Base of responses and nested message objects: unknown fields are ignored; NaN / +-inf floats are rejected."""
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+class RequestModel(OpenAIModel):
+    """Base of request bodies: a field this server does not implement is a 400 naming it, never ignored."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 # ------------------------------------------------------------------ requests
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: bool = True
     continuous_usage_stats: bool = False
 
 
-class SamplingRequest(OpenAIModel):
-    """Fields shared by completions and chat completions."""
+class SamplingRequest(RequestModel):
+    """Fields shared by completions and chat completions.
+
+    Besides the fields that change the output, a few OpenAI fields are accepted as no-ops because
+    they have no effect on what a single-model server without stored completions returns."""
     model: str | None = None
     n: int = 1
     best_of: int | None = None
@@ -46,7 +54,14 @@ class SamplingRequest(OpenAIModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     prompt_logprobs: int | None = None
-    user: str | None = None
+    use_beam_search: bool = False               # vLLM; true is a 400 (no beam search here)
+    # no-ops: end-user / abuse-tracking ids, cache-routing hints, and stored-completion tags
+    user: str | None = None                     # OpenAI: end-user id for abuse monitoring; nothing to do
+    safety_identifier: str | None = None        # OpenAI: successor of `user`; nothing to do
+    prompt_cache_key: str | None = None         # OpenAI: cache routing hint; prefix caching here is automatic
+    service_tier: str | None = None             # OpenAI: pricing / latency tier; one tier here
+    metadata: dict[str, str] | None = None      # OpenAI: tags for stored completions; kept nowhere
+    store: bool | None = None                   # OpenAI: store the completion; true is a 400 (nothing is stored)
 
 
 class CompletionRequest(SamplingRequest):
@@ -83,7 +98,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestModel):
     """POST /tokenize: either `prompt` or chat `messages`."""
     model: str | None = None
     prompt: str | None = None
@@ -92,7 +107,7 @@ class TokenizeRequest(OpenAIModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 

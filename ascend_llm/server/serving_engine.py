@@ -173,6 +173,10 @@ def check_request_fields(req: Any, vocab_size: int) -> None:
         raise bad_request(f"temperature: must be in [0, {MAX_TEMPERATURE}], got {req.temperature}", "temperature")
     if req.logit_bias:
         raise bad_request("logit_bias: not supported yet", "logit_bias")
+    if req.use_beam_search:
+        raise bad_request("use_beam_search: beam search is not supported by this server", "use_beam_search")
+    if req.store:
+        raise bad_request("store: this server does not store completions", "store")
     _check_stop(req.stop)
     ids = req.stop_token_ids or []
     if len(ids) > MAX_STOP_TOKEN_IDS:
