@@ -55,6 +55,7 @@ class SamplingRequest(RequestModel):
     logit_bias: dict[str, float] | None = None
     prompt_logprobs: int | None = None
     use_beam_search: bool = False               # vLLM; true is a 400 (no beam search here)
+    return_tokens_as_token_ids: bool | None = None   # vLLM: logprob tokens as "token_id:N"
     # no-ops: end-user / abuse-tracking ids, cache-routing hints, and stored-completion tags
     user: str | None = None                     # OpenAI: end-user id for abuse monitoring; nothing to do
     safety_identifier: str | None = None        # OpenAI: successor of `user`; nothing to do
@@ -96,6 +97,8 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False        # vLLM: continue the last (assistant) message
+    echo: bool = False                          # vLLM: prefix the output with the last message's content
 
 
 class TokenizeRequest(RequestModel):
@@ -124,6 +127,7 @@ class CompletionLogProbs(OpenAIModel):
     token_logprobs: list[float | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    end_offset: int = Field(default=0, exclude=True)   # text offset after the last token (where a stream continues)
 
 
 class CompletionChoice(OpenAIModel):
