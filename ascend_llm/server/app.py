@@ -22,7 +22,7 @@ from ascend_llm.server.protocol import ChatCompletionRequest, CompletionRequest,
 from ascend_llm.server.serving_chat import ChatServing
 from ascend_llm.server.serving_completion import CompletionServing
 from ascend_llm.server.serving_engine import ServingContext
-from ascend_llm.server.serving_models import list_models
+from ascend_llm.server.serving_models import list_models, retrieve_model
 from ascend_llm.server.serving_tokenize import TokenizeServing
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ def _add_openai_routes(app: FastAPI, h: ServerHandlers) -> None:
     async def models() -> JSONResponse:
         return JSONResponse(list_models(h.ctx).model_dump())
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        return JSONResponse(retrieve_model(h.ctx, model_id).model_dump())
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await parse_request(request, CompletionRequest, limit)
@@ -141,6 +145,10 @@ def _add_openai_routes(app: FastAPI, h: ServerHandlers) -> None:
     async def tokenize(request: Request) -> JSONResponse:
         req = await parse_request(request, TokenizeRequest, limit)
         return JSONResponse(h.tokenize.tokenize(req).model_dump())
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        return JSONResponse(h.tokenize.tokenizer_info())
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:
