@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 from typing import Any, AsyncIterator
 
@@ -28,6 +29,7 @@ from ascend_llm.server.serving_tokenize import TokenizeServing
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499
+_DEFAULT_BUCKET_LEN = 131072    # token-count buckets up to 100k when the context length is not known yet
 
 
 class ServerHandlers:
@@ -43,8 +45,10 @@ class ServerHandlers:
         self.metrics: ServerMetrics | None = None
 
     def attach_metrics(self, model_name: str) -> ServerMetrics:
-        self.metrics = ServerMetrics(model_name, self.engine.stats)
+        self.metrics = ServerMetrics(model_name, self.engine.stats, _max_model_len(self.engine, self.config),
+                                     lambda: cache_config_info(self.engine))
         self.engine.add_stats_listener(self.metrics)
+        self.ctx.metrics = self.metrics
         return self.metrics
 
 
@@ -72,6 +76,26 @@ def _engine_name(engine: AsyncLLMEngine) -> str | None:
         return engine.engine.served_model_name
     except Exception:  # still loading: the label is fixed at build time
         return None
+
+
+def _max_model_len(engine: AsyncLLMEngine, config: ServerConfig) -> int:
+    """For the token-count histogram buckets; the engine's limit once loaded, else the configured one."""
+    try:
+        return engine.engine.max_model_len
+    except Exception:  # still loading
+        return config.max_model_len or _DEFAULT_BUCKET_LEN
+
+
+def cache_config_info(engine: AsyncLLMEngine) -> dict[str, str] | None:
+    """vLLM's `cache_config_info` labels: the KV cache configuration as strings (None while loading)."""
+    try:
+        llm = engine.engine
+    except Exception:  # still loading
+        return None
+    config = llm.cache_config
+    info = {f.name: str(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    info["num_gpu_blocks"] = str(llm.scheduler.block_manager.num_blocks)
+    return info
 
 
 def _lifespan(handlers: ServerHandlers) -> Any:

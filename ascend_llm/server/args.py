@@ -61,6 +61,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     engine_stall_timeout: float = 120.0
     uvicorn_log_level: str = "warning"
+    max_model_len: int | None = None      # --max-model-len (engine flag): the metrics' token-count buckets
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None) -> "ServerConfig":

@@ -39,6 +39,7 @@ class ServingContext:
         self.engine = engine
         self.config = config
         self._tokenizer: Any = None
+        self.metrics: Any = None        # ServerMetrics, once attached: admitted requests' parameters
 
     @property
     def llm(self) -> Any:
@@ -156,6 +157,9 @@ class ServingContext:
             if isinstance(exc, Exception):
                 raise admission_error(exc) from None
             raise
+        if self.metrics is not None:
+            for p in params:
+                self.metrics.record_params(p.n, p.max_tokens)
         return OutputStream(self.engine, out_queue, ids)
 
 
