@@ -78,6 +78,7 @@ def run_server(args: argparse.Namespace) -> int:
                                              stall_timeout_s=config.engine_stall_timeout)
     app = build_app(engine, config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+                               access_log=not config.disable_uvicorn_access_log,
                                timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on")
     server = _DrainingServer(uv_config, engine, config.shutdown_timeout)
     engine.on_fatal = lambda reason: setattr(server, "should_exit", True)

@@ -98,7 +98,7 @@ class ChatServing:
         if p.top_logprobs is None or logprobs is None:
             return None
         return chat_logprobs(token_ids, logprobs, p.top_logprobs, self.ctx.tokenizer,
-                             as_token_ids=bool(p.request.return_tokens_as_token_ids))
+                             as_token_ids=self.ctx.tokens_as_ids(p.request))
 
     async def _stream(self, request_id: str, p: _Prepared, stream: OutputStream) -> AsyncIterator[str]:
         created = int(time.time())

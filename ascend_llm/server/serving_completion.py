@@ -104,7 +104,7 @@ class CompletionServing:
         if p.request.logprobs is None or logprobs is None:
             return None
         return completion_logprobs(token_ids, logprobs, p.request.logprobs, self.ctx.tokenizer, offset,
-                                   as_token_ids=bool(p.request.return_tokens_as_token_ids))
+                                   as_token_ids=self.ctx.tokens_as_ids(p.request))
 
     async def _stream(self, request_id: str, p: _Prepared, stream: OutputStream) -> AsyncIterator[str]:
         created, n = int(time.time()), p.params[0].n

@@ -86,6 +86,11 @@ class ServingContext:
         raise APIError(404, f"The model `{name}` does not exist; this server serves "
                             f"`{self.served_model_name}`.", "model", "not_found_error")
 
+    def tokens_as_ids(self, req: Any) -> bool:
+        """`return_tokens_as_token_ids`: the request's choice, else --return-tokens-as-token-ids."""
+        chosen = req.return_tokens_as_token_ids
+        return self.config.return_tokens_as_token_ids if chosen is None else chosen
+
     # ------------------------------------------------------------- prompts
     def check_token_ids(self, ids: Any, param: str) -> list[int]:
         vocab = self.llm.vocab_size

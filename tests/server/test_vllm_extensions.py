@@ -126,3 +126,18 @@ def test_echo_with_max_tokens_0_returns_the_prompt_logprobs(client):
 def test_max_tokens_0_without_echo_is_still_400(client):
     resp = client.post("/v1/completions", json={"model": MODEL, "prompt": "The quick", "max_tokens": 0})
     assert _error_param(resp) == "max_tokens"
+
+
+def test_return_tokens_as_token_ids_server_default(client, engine, tiny_llama_dir):
+    from fastapi.testclient import TestClient
+
+    from ascend_llm.server.app import build_app
+    from tests.server.conftest import server_args
+    # the engine is already running (the module client started it): no second lifespan
+    other = TestClient(build_app(engine, server_args(tiny_llama_dir, "--return-tokens-as-token-ids")))
+    body = {**GREEDY, "prompt": "The quick", "logprobs": 1}
+    tokens = other.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
+    assert all(re.fullmatch(r"token_id:\d+", t) for t in tokens)
+    override = other.post("/v1/completions", json={**body, "return_tokens_as_token_ids": False}).json()
+    assert override["choices"][0]["logprobs"]["tokens"] == \
+        client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["tokens"]
