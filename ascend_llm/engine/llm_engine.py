@@ -160,6 +160,9 @@ class LLMEngine:
             chunk = result.prompt_logprobs.get(item.seq.seq_id)
             if chunk is not None:
                 state.record_prompt_logprobs(chunk.first_pos, chunk.logprobs, chunk.ranks, self.tokenizer)
+            embedding = result.embeddings.get(item.seq.seq_id)
+            if embedding is not None:
+                state.embedding = embedding
             self._on_tokens(state, item, first_row, result.sampler_output)
         except Exception as exc:
             logger.exception("post-processing failed for request %s", state.request_id)

@@ -19,9 +19,11 @@ from ascend_llm.server.body import parse_request
 from ascend_llm.server.disconnect import cancel_on_disconnect
 from ascend_llm.server.errors import APIError, error_body
 from ascend_llm.server.metrics import ServerMetrics
-from ascend_llm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from ascend_llm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                                        TokenizeRequest)
 from ascend_llm.server.serving_chat import ChatServing
 from ascend_llm.server.serving_completion import CompletionServing
+from ascend_llm.server.serving_embedding import EmbeddingServing
 from ascend_llm.server.serving_engine import ServingContext
 from ascend_llm.server.serving_models import list_models, retrieve_model
 from ascend_llm.server.serving_tokenize import TokenizeServing
@@ -41,6 +43,7 @@ class ServerHandlers:
         self.ctx = ServingContext(engine, config)
         self.completion = CompletionServing(self.ctx)
         self.chat = ChatServing(self.ctx)
+        self.embedding = EmbeddingServing(self.ctx)
         self.tokenize = TokenizeServing(self.ctx, self.chat)
         self.metrics: ServerMetrics | None = None
 
@@ -164,6 +167,12 @@ def _add_openai_routes(app: FastAPI, h: ServerHandlers) -> None:
     async def chat_completions(request: Request) -> Response:
         req = await parse_request(request, ChatCompletionRequest, limit)
         return _or_closed(await cancel_on_disconnect(request, h.chat.create(req)))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        req = await parse_request(request, EmbeddingRequest, limit)
+        response = await cancel_on_disconnect(request, h.embedding.create(req))
+        return _or_closed(None if response is None else JSONResponse(response.model_dump()))
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:

@@ -101,6 +101,15 @@ class ChatCompletionRequest(SamplingRequest):
     echo: bool = False                          # vLLM: prefix the output with the last message's content
 
 
+class EmbeddingRequest(RequestModel):
+    """POST /v1/embeddings: `input` is a string, a list of strings, token ids, or lists of token ids."""
+    model: str | None = None
+    input: Any = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None               # only the model's own size (no Matryoshka truncation)
+    user: str | None = None                     # OpenAI: end-user id for abuse monitoring; nothing to do
+
+
 class TokenizeRequest(RequestModel):
     """POST /tokenize: either `prompt` or chat `messages`."""
     model: str | None = None
@@ -230,3 +239,18 @@ class TokenizeResponse(OpenAIModel):
 
 class DetokenizeResponse(OpenAIModel):
     prompt: str
+
+
+class EmbeddingData(OpenAIModel):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str                # base64: little-endian float32 bytes
+
+
+class EmbeddingResponse(OpenAIModel):
+    id: str
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo
