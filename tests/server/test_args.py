@@ -95,6 +95,7 @@ def test_unimplemented_flags_fail_naming_them(argv, named, capsys):
     assert exc.value.code == 2 and named in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_serve_command_rejects_an_unknown_flag_at_start_up():
     import os
     import subprocess
