@@ -130,6 +130,8 @@ class VllmRequestMetrics:
                               TPOT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                              TPOT_BUCKETS)
+        self.request_tpot = histogram("request_time_per_output_token_seconds", "Histogram of time_per_output_token"
+                                      "_seconds per request.", TPOT_BUCKETS)   # newer vLLM: per-request mean
         self.prefill_per_token = histogram("time_per_prefill_token_request_seconds", "Time spent per token "
                                            "during prefill phase in seconds", PREFILL_TOKEN_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
@@ -158,6 +160,8 @@ class VllmRequestMetrics:
             self.prefill_per_token.observe(req.prefill_time / req.num_prompt_tokens)
         self.inference.observe(req.inference_time)
         self.decode.observe(req.decode_time)
+        if req.num_generation_tokens > 1:
+            self.request_tpot.observe(req.decode_time / (req.num_generation_tokens - 1))
         self.request_prompt_tokens.observe(req.num_prompt_tokens)
         self.request_generation_tokens.observe(req.num_generation_tokens)
 

@@ -21,6 +21,7 @@ EXPECTED = {   # family -> type, as vLLM declares them
     "vllm:request_params_max_tokens": "histogram", "vllm:request_prompt_tokens": "histogram",
     "vllm:request_generation_tokens": "histogram", "vllm:time_to_first_token_seconds": "histogram",
     "vllm:time_per_output_token_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:request_time_per_output_token_seconds": "histogram",
     "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram",
     "vllm:request_inference_time_seconds": "histogram", "vllm:request_prefill_time_seconds": "histogram",
     "vllm:request_decode_time_seconds": "histogram", "vllm:time_per_prefill_token_request_seconds": "histogram",
@@ -83,6 +84,7 @@ def test_vllm_series_count_what_was_served(client):
     assert delta("vllm:time_to_first_token_seconds_count") == 2
     assert delta("vllm:time_per_output_token_seconds_count") >= 6      # 4 steps after the first token + 2
     assert delta("vllm:inter_token_latency_seconds_count") == delta("vllm:time_per_output_token_seconds_count")
+    assert delta("vllm:request_time_per_output_token_seconds_count") == 2
     assert delta("vllm:iteration_tokens_total_count") >= 5
     assert delta("vllm:iteration_tokens_total_sum") >= 13 - 3    # every output token but each last one is computed
     for phase in ("e2e_request_latency", "request_queue_time", "request_prefill_time", "request_decode_time",
