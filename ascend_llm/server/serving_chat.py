@@ -57,8 +57,7 @@ class ChatServing:
         prompt = self.render(req.messages, add_generation_prompt, req.chat_template_kwargs,
                              continue_final_message=req.continue_final_message)
         role = "assistant" if add_generation_prompt else req.messages[-1].role
-        echo = _content_text(req.messages[-1], len(req.messages) - 1) if req.echo and req.messages[-1].role == role \
-            else ""
+        echo = _echo_text(req, role)
         tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self.ctx.resolve_max_tokens(requested, len(prompt.token_ids), "messages", tokens_param)
@@ -163,6 +162,12 @@ def _generation_prompt(req: ChatCompletionRequest) -> bool:
         raise bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
                           "continue_final_message")
     return False
+
+
+def _echo_text(req: ChatCompletionRequest, role: str) -> str:
+    """`echo`: the last message's content when it has the response's role (vLLM's rule), else nothing."""
+    last = req.messages[-1]
+    return _content_text(last, len(req.messages) - 1) if req.echo and last.role == role else ""
 
 
 def _cut_after_final_message(text: str, final: str) -> str:

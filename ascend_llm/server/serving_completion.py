@@ -148,10 +148,9 @@ class CompletionServing:
         choice = CompletionChoice(index=i * p.params[i].n + c.index, text=text, logprobs=logprobs,
                                   finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
         opts = p.request.stream_options
-        running_usage = usage([out], p.echo_only) if opts and opts.include_usage and opts.continuous_usage_stats \
-            else None
+        continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
         return sse(CompletionResponse(id=request_id, created=created, model=p.model, choices=[choice],
-                                      usage=running_usage))
+                                      usage=usage([out], p.echo_only) if continuous else None))
 
 
 def normalize_prompt(prompt: Any) -> list[str | list[int]]:
