@@ -182,6 +182,9 @@ def check_request_fields(req: Any, vocab_size: int) -> None:
         raise bad_request(f"temperature: must be in [0, {MAX_TEMPERATURE}], got {req.temperature}", "temperature")
     if req.logit_bias:
         raise bad_request("logit_bias: not supported yet", "logit_bias")
+    if req.best_of is not None and req.best_of != req.n:     # as vLLM V1: best_of equal to n is the only choice
+        raise bad_request(f"best_of: only best_of == n ({req.n}) is supported (no re-ranking of extra samples), "
+                          f"got {req.best_of}", "best_of")
     if req.use_beam_search:
         raise bad_request("use_beam_search: beam search is not supported by this server", "use_beam_search")
     if req.store:

@@ -25,6 +25,7 @@ def _assert_400(resp, param: str) -> None:
     ("spaces_between_special_tokens", False),
     ("priority", 3),
     ("store", True),                      # OpenAI stored completions: nothing is stored
+    ("best_of", 3),                       # re-ranking extra samples is not implemented (best_of == n is)
     ("definitely_not_a_field", 1),
 ])
 def test_unimplemented_field_is_400_naming_it(client, path, base, field, value):
@@ -47,7 +48,7 @@ def test_tokenizer_routes_reject_unknown_fields(client, path, body):
 @pytest.mark.parametrize("path,base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
 def test_documented_no_ops_are_accepted(client, path, base):
     extra = {"user": "u-1", "safety_identifier": "s-1", "prompt_cache_key": "k", "service_tier": "auto",
-             "metadata": {"team": "a"}, "store": False, "use_beam_search": False}
+             "metadata": {"team": "a"}, "store": False, "use_beam_search": False, "best_of": 1}
     resp = client.post(path, json={**base, **extra, "temperature": 0, "seed": 1})
     assert resp.status_code == 200, resp.text
     plain = client.post(path, json={**base, "temperature": 0, "seed": 1}).json()
