@@ -15,18 +15,22 @@ from tests.server.conftest import MODEL
 TEXTS = ["The quick brown fox", "Full fathom five thy father lies"]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_llama_dir) -> dict[str, np.ndarray]:
+def hf_embeddings(model_dir, texts: list[str]) -> dict[str, np.ndarray]:
     """transformers' final-layer hidden state (after the final norm) of each text's last token, normalised."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     result = {}
     with torch.no_grad():
-        for text in TEXTS:
+        for text in texts:
             ids = torch.tensor([tokenizer.encode(text)])
             last = model(ids, output_hidden_states=True).hidden_states[-1][0, -1].numpy()
             result[text] = last / np.linalg.norm(last)
     return result
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir) -> dict[str, np.ndarray]:
+    return hf_embeddings(tiny_llama_dir, TEXTS)
 
 
 def _embed(client, **body) -> dict:
