@@ -83,6 +83,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     error: str | None = None         # why the request failed (finish_reason "error"), else None
+    embedding: list[float] | None = None   # return_embedding: the last prompt token's final hidden state
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "

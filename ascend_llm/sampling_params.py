@@ -26,7 +26,7 @@ _FIELD_ALIASES = {
 }
 
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-                "include_stop_str_in_output", "detokenize")
+                "include_stop_str_in_output", "detokenize", "return_embedding")
 
 
 class SamplingType(enum.IntEnum):
@@ -135,6 +135,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    return_embedding: bool = False   # also return the last prompt token's final hidden state (LAST pooling)
 
     def __post_init__(self) -> None:
         self._validate_floats()

@@ -32,6 +32,7 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs) -> None:
         model_config, cache_config = args.model_config(), args.cache_config()
+        self.cache_config = cache_config
         parallel_config = args.parallel_config()
         device_config = args.device_config()
         self.model_dir = resolve_model_path(model_config.model)
@@ -68,6 +69,7 @@ class LLMEngine:
                                    self.eos_token_ids, self.speculative_config)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
+        self.step_num_tokens = 0      # tokens computed by the last step (prefill chunks + decodes)
         logger.info("engine ready: %s on %s, max_model_len=%d", self.model_dir, self.backend,
                     self.max_model_len)
 
@@ -126,6 +128,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns outputs of requests that made progress."""
         out = self.scheduler.schedule()
+        self.step_num_tokens = sum(item.num_new_tokens for item in out.scheduled)
         if out.is_empty:
             return []
         now = time.time()
@@ -157,6 +160,9 @@ class LLMEngine:
             chunk = result.prompt_logprobs.get(item.seq.seq_id)
             if chunk is not None:
                 state.record_prompt_logprobs(chunk.first_pos, chunk.logprobs, chunk.ranks, self.tokenizer)
+            embedding = result.embeddings.get(item.seq.seq_id)
+            if embedding is not None:
+                state.embedding = embedding
             self._on_tokens(state, item, first_row, result.sampler_output)
         except Exception as exc:
             logger.exception("post-processing failed for request %s", state.request_id)
@@ -230,7 +236,8 @@ class LLMEngine:
                 "prefix_hit_tokens": bm.num_prefix_hit_tokens,
                 "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
                 "spec_decode_num_draft_tokens": scheduler.num_draft_tokens,
-                "spec_decode_num_accepted_tokens": scheduler.num_accepted_tokens}
+                "spec_decode_num_accepted_tokens": scheduler.num_accepted_tokens,
+                "step_num_tokens": self.step_num_tokens}
 
 
 def _emitted_tokens(out: SchedulerOutput, sampled: list[int]) -> tuple[list[int], list[list[int]]]:

@@ -67,6 +67,20 @@ def fp32_checkpoint_names(model: nn.Module) -> Callable[[str], bool]:
     return keep
 
 
+def last_token_hidden(out: SchedulerOutput, hidden: torch.Tensor) -> dict[int, list[float]]:
+    """LAST pooling: the final hidden state of the last prompt token of each `return_embedding` sequence
+    whose prompt ends in this step (hidden: [num_tokens, hidden_size], rows in scheduling order)."""
+    pooled: dict[int, list[float]] = {}
+    row = 0
+    for item in out.scheduled:
+        seq, start, n = item.seq, item.start_pos, item.num_new_tokens
+        last = seq.num_prompt_tokens - 1
+        if seq.sampling_params.return_embedding and seq.index == 0 and start <= last < start + n:
+            pooled[seq.seq_id] = hidden[row + last - start].float().tolist()
+        row += n
+    return pooled
+
+
 def sampling_rows(out: SchedulerOutput) -> list[Sequence]:
     """The sequence each sampled logits row belongs to, in row order. A row that verifies a
     draft sees the sequence as if the drafts before it were accepted (a view with those
@@ -93,9 +107,10 @@ class PromptLogprobsChunk:
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Sampled tokens (one per sampling sequence) and any prompt logprobs, keyed by seq_id."""
+    """Sampled tokens (one per sampling sequence), and any prompt logprobs and embeddings, keyed by seq_id."""
     sampler_output: SamplerOutput
     prompt_logprobs: dict[int, PromptLogprobsChunk] = field(default_factory=dict)
+    embeddings: dict[int, list[float]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -191,6 +206,7 @@ class ModelRunner:
         result = ModelRunnerOutput(sample_isolated(self.sampler, logits, seqs, self.eos_token_ids,
                                                    self.generators, self.device))
         self._prompt_logprobs(out, hidden, result.prompt_logprobs)
+        result.embeddings = last_token_hidden(out, hidden)
         return result
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,

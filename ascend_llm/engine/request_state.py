@@ -30,6 +30,7 @@ class RequestState:
     outputs: list[SeqOutputState] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     error: str | None = None          # set when the request failed on its own
+    embedding: list[float] | None = None   # return_embedding: set by the step that computes the last prompt token
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -87,7 +88,7 @@ class RequestState:
                 for seq, state in zip(self.seqs, self.outputs)]
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.prompt_logprobs, outs,
                              self.finished, self.metrics,
-                             max(seq.num_cached_tokens for seq in self.seqs), self.error)
+                             max(seq.num_cached_tokens for seq in self.seqs), self.error, self.embedding)
 
 
 def _find_stop(text: str, stops: list[str], prev_len: int) -> tuple[str | None, int]:

@@ -24,9 +24,9 @@ from ascend_llm.server.args import ServerConfig, make_parser
 
 logger = logging.getLogger("ascend_llm.server")
 
-_ENDPOINTS = (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/health"), ("GET", "/version"),
-              ("GET", "/metrics"))
+_ENDPOINTS = (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+              ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+              ("GET", "/tokenizer_info"), ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"))
 
 
 _ENGINE_MARGIN_S = 1.0
@@ -78,6 +78,7 @@ def run_server(args: argparse.Namespace) -> int:
                                              stall_timeout_s=config.engine_stall_timeout)
     app = build_app(engine, config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
+                               access_log=not config.disable_uvicorn_access_log,
                                timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on")
     server = _DrainingServer(uv_config, engine, config.shutdown_timeout)
     engine.on_fatal = lambda reason: setattr(server, "should_exit", True)

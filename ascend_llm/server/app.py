@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 from typing import Any, AsyncIterator
 
@@ -18,16 +19,19 @@ from ascend_llm.server.body import parse_request
 from ascend_llm.server.disconnect import cancel_on_disconnect
 from ascend_llm.server.errors import APIError, error_body
 from ascend_llm.server.metrics import ServerMetrics
-from ascend_llm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from ascend_llm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                                        TokenizeRequest)
 from ascend_llm.server.serving_chat import ChatServing
 from ascend_llm.server.serving_completion import CompletionServing
+from ascend_llm.server.serving_embedding import EmbeddingServing
 from ascend_llm.server.serving_engine import ServingContext
-from ascend_llm.server.serving_models import list_models
+from ascend_llm.server.serving_models import list_models, retrieve_model
 from ascend_llm.server.serving_tokenize import TokenizeServing
 
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499
+_DEFAULT_BUCKET_LEN = 131072    # token-count buckets up to 100k when the context length is not known yet
 
 
 class ServerHandlers:
@@ -39,12 +43,15 @@ class ServerHandlers:
         self.ctx = ServingContext(engine, config)
         self.completion = CompletionServing(self.ctx)
         self.chat = ChatServing(self.ctx)
+        self.embedding = EmbeddingServing(self.ctx)
         self.tokenize = TokenizeServing(self.ctx, self.chat)
         self.metrics: ServerMetrics | None = None
 
     def attach_metrics(self, model_name: str) -> ServerMetrics:
-        self.metrics = ServerMetrics(model_name, self.engine.stats)
+        self.metrics = ServerMetrics(model_name, self.engine.stats, _max_model_len(self.engine, self.config),
+                                     lambda: cache_config_info(self.engine))
         self.engine.add_stats_listener(self.metrics)
+        self.ctx.metrics = self.metrics
         return self.metrics
 
 
@@ -72,6 +79,26 @@ def _engine_name(engine: AsyncLLMEngine) -> str | None:
         return engine.engine.served_model_name
     except Exception:  # still loading: the label is fixed at build time
         return None
+
+
+def _max_model_len(engine: AsyncLLMEngine, config: ServerConfig) -> int:
+    """For the token-count histogram buckets; the engine's limit once loaded, else the configured one."""
+    try:
+        return engine.engine.max_model_len
+    except Exception:  # still loading
+        return config.max_model_len or _DEFAULT_BUCKET_LEN
+
+
+def cache_config_info(engine: AsyncLLMEngine) -> dict[str, str] | None:
+    """vLLM's `cache_config_info` labels: the KV cache configuration as strings (None while loading)."""
+    try:
+        llm = engine.engine
+    except Exception:  # still loading
+        return None
+    config = llm.cache_config
+    info = {f.name: str(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    info["num_gpu_blocks"] = str(llm.scheduler.block_manager.num_blocks)
+    return info
 
 
 def _lifespan(handlers: ServerHandlers) -> Any:
@@ -127,6 +154,10 @@ def _add_openai_routes(app: FastAPI, h: ServerHandlers) -> None:
     async def models() -> JSONResponse:
         return JSONResponse(list_models(h.ctx).model_dump())
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        return JSONResponse(retrieve_model(h.ctx, model_id).model_dump())
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await parse_request(request, CompletionRequest, limit)
@@ -137,10 +168,20 @@ def _add_openai_routes(app: FastAPI, h: ServerHandlers) -> None:
         req = await parse_request(request, ChatCompletionRequest, limit)
         return _or_closed(await cancel_on_disconnect(request, h.chat.create(req)))
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        req = await parse_request(request, EmbeddingRequest, limit)
+        response = await cancel_on_disconnect(request, h.embedding.create(req))
+        return _or_closed(None if response is None else JSONResponse(response.model_dump()))
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         req = await parse_request(request, TokenizeRequest, limit)
         return JSONResponse(h.tokenize.tokenize(req).model_dump())
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        return JSONResponse(h.tokenize.tokenizer_info())
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:

@@ -42,7 +42,34 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--engine-stall-timeout", type=float, default=120.0,
         help="/health returns 503 when one engine step takes longer than this (default: %(default)s)")
     add("--uvicorn-log-level", default="warning")
+    add("--disable-uvicorn-access-log", action="store_true", help="no uvicorn access log lines")
+    add("--return-tokens-as-token-ids", action="store_true",
+        help="logprob tokens as 'token_id:N' unless a request sets return_tokens_as_token_ids (vLLM)")
+    add_vllm_compat_args(parser)
     return parser
+
+
+# vLLM flags whose effect this server already has (or that only grant a permission it never uses):
+# accepted so vLLM launch scripts start unchanged. Every other unknown flag fails at start-up, naming it.
+_VLLM_NO_OP_FLAGS = {
+    "--disable-log-requests": "requests are never logged one by one here",
+    "--disable-log-stats": "there is no periodic stats log line here (see /metrics)",
+    "--disable-frontend-multiprocessing": "the HTTP frontend and the engine share one process here",
+    "--enable-tokenizer-info-endpoint": "GET /tokenizer_info is always served",
+    "--trust-remote-code": "a permission only: no checkpoint code is ever run (own model classes, tokenizers "
+                           "load with trust_remote_code=False), so a model that needs its code fails to load",
+}
+
+
+def add_vllm_compat_args(parser: argparse.ArgumentParser) -> None:
+    """vLLM launch-script flags: documented no-ops, plus the values that match what this server does."""
+    group = parser.add_argument_group("vLLM compatibility (accepted; see each help for what it does here)")
+    for flag, reason in _VLLM_NO_OP_FLAGS.items():
+        group.add_argument(flag, action="store_true", help=f"no-op: {reason}")
+    group.add_argument("--swap-space", type=float, default=None,
+                       help="no-op: preempted sequences are recomputed, never swapped to CPU (as vLLM V1)")
+    group.add_argument("--guided-decoding-backend", default="auto", choices=["auto", "xgrammar"],
+                       help="structured-output backend; xgrammar is the only one (default: %(default)s)")
 
 
 @dataclass
@@ -61,6 +88,9 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     engine_stall_timeout: float = 120.0
     uvicorn_log_level: str = "warning"
+    disable_uvicorn_access_log: bool = False
+    return_tokens_as_token_ids: bool = False
+    max_model_len: int | None = None      # --max-model-len (engine flag): the metrics' token-count buckets
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None) -> "ServerConfig":

@@ -85,6 +85,8 @@ def _validation_error(exc: ValidationError) -> APIError:
     loc = [str(part) for part in first.get("loc", ())]
     param = ".".join(loc) if loc else None
     top = loc[0] if loc else None
+    if first.get("type") == "extra_forbidden":
+        return bad_request(f"{param}: this server does not support the request field `{loc[-1]}`", top)
     return bad_request(f"{param or 'body'}: {first.get('msg', 'invalid value')}", top if top else param)
 
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics (vLLM names under the `ascend_llm:` prefix), one registry per app."""
+"""Prometheus metrics, one registry per app: vLLM's names under the `ascend_llm:` prefix, and vLLM's own
+`vllm:*` series (vllm_metrics.py) so dashboards written for vLLM work."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ascend_llm.outputs import RequestOutput
+from ascend_llm.server.vllm_metrics import FinishedRequest, VllmEngineCollector, VllmRequestMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +72,10 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """Prometheus metrics of one server. Observes engine steps as an AsyncLLMEngine stats listener."""
 
-    def __init__(self, model_name: str, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], dict[str, Any]], max_model_len: int = 8192,
+                 cache_info: Callable[[], dict[str, str] | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
+        self._stats = stats
         self.model_name = model_name
         labels, reg = ["model_name"], self.registry
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prefill tokens processed.", labels, registry=reg)
@@ -92,6 +96,8 @@ class ServerMetrics:
                                                "Generated tokens per request.", labels,
                                                buckets=_TOKEN_BUCKETS, registry=reg)
         self.registry.register(_EngineCollector(stats, model_name))
+        self.vllm = VllmRequestMetrics(self.registry, model_name, max_model_len)
+        self.registry.register(VllmEngineCollector(stats, model_name, cache_info))
         self._init_labels()
         self._progress: dict[str, _Progress] = {}
         self._lock = threading.Lock()
@@ -109,11 +115,20 @@ class ServerMetrics:
         with self._lock:
             for out in outputs:
                 self._record_output(out, now)
+            step_tokens = self._stats().get("step_num_tokens", 0)
+            if step_tokens:
+                self.vllm.iteration_tokens.observe(step_tokens)
 
     def record_abort(self, request_id: str) -> None:
         with self._lock:
             if self._progress.pop(request_id, None) is not None:
                 self.request_success.labels(self.model_name, "abort").inc()
+                self.vllm.count_abort()
+
+    def record_params(self, n: int, max_tokens: int | None) -> None:
+        """An admitted request's `n` and `max_tokens` (vLLM's request_params_* histograms)."""
+        with self._lock:
+            self.vllm.observe_params(n, max_tokens)
 
     def _record_output(self, out: RequestOutput, now: float) -> None:
         progress = self._progress.setdefault(out.request_id, _Progress())
@@ -129,15 +144,20 @@ class ServerMetrics:
     def _record_tokens(self, out: RequestOutput, progress: _Progress, new: int, now: float) -> None:
         name = self.model_name
         self.generation_tokens.labels(name).inc(new)
+        self.vllm.generation_tokens.inc(new)
         if progress.last_token_time is None:
             self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
+            self.vllm.prompt_tokens.inc(len(out.prompt_token_ids))
             self.req_prompt_tokens.labels(name).observe(len(out.prompt_token_ids))
             arrival = out.metrics.arrival_time if out.metrics is not None else now
             self.ttft.labels(name).observe(max(0.0, now - arrival))
+            self.vllm.ttft.observe(max(0.0, now - arrival))
             if out.metrics is not None and out.metrics.time_in_queue is not None:
                 self.queue_time.labels(name).observe(out.metrics.time_in_queue)
         else:
             self.itl.labels(name).observe(now - progress.last_token_time)
+            self.vllm.tpot.observe(now - progress.last_token_time)
+            self.vllm.itl.observe(now - progress.last_token_time)
         progress.last_token_time = now
 
     def _record_finish(self, out: RequestOutput, now: float) -> None:
@@ -148,7 +168,23 @@ class ServerMetrics:
         self.req_generation_tokens.labels(name).observe(sum(len(c.token_ids) for c in out.outputs))
         if out.metrics is not None:
             self.e2e.labels(name).observe(max(0.0, now - out.metrics.arrival_time))
+        self.vllm.observe_finished(_finished_request(out, now))
 
     # -------------------------------------------------------------- export
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _finished_request(out: RequestOutput, now: float) -> FinishedRequest:
+    """Phase times as vLLM defines them: queued = arrival -> first scheduled, prefill = scheduled -> first
+    token, decode = first -> last token, inference = scheduled -> last token (0 for a phase never reached)."""
+    m = out.metrics
+    arrival = m.arrival_time if m is not None else now
+    scheduled = (m.first_scheduled_time if m is not None else None) or arrival
+    first = (m.first_token_time if m is not None else None) or scheduled
+    last = (m.last_token_time if m is not None else None) or first
+    return FinishedRequest(finish_reasons=[c.finish_reason or "unknown" for c in out.outputs],
+                           e2e_latency=max(0.0, now - arrival), queued_time=max(0.0, scheduled - arrival),
+                           prefill_time=max(0.0, first - scheduled), decode_time=max(0.0, last - first),
+                           inference_time=max(0.0, last - scheduled), num_prompt_tokens=len(out.prompt_token_ids),
+                           num_generation_tokens=sum(len(c.token_ids) for c in out.outputs))

@@ -13,18 +13,26 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIModel(BaseModel):
-    """Base: unknown fields are ignored (as vLLM does); NaN / +-inf floats are rejected."""
+    """Base of responses and nested message objects: unknown fields are ignored; NaN / +-inf floats are rejected."""
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+class RequestModel(OpenAIModel):
+    """Base of request bodies: a field this server does not implement is a 400 naming it, never ignored."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 # ------------------------------------------------------------------ requests
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: bool = True
     continuous_usage_stats: bool = False
 
 
-class SamplingRequest(OpenAIModel):
-    """Fields shared by completions and chat completions."""
+class SamplingRequest(RequestModel):
+    """Fields shared by completions and chat completions.
+
+    Besides the fields that change the output, a few OpenAI fields are accepted as no-ops because
+    they have no effect on what a single-model server without stored completions returns."""
     model: str | None = None
     n: int = 1
     best_of: int | None = None
@@ -46,7 +54,15 @@ class SamplingRequest(OpenAIModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     prompt_logprobs: int | None = None
-    user: str | None = None
+    use_beam_search: bool = False               # vLLM; true is a 400 (no beam search here)
+    return_tokens_as_token_ids: bool | None = None   # vLLM: logprob tokens as "token_id:N"
+    # no-ops: end-user / abuse-tracking ids, cache-routing hints, and stored-completion tags
+    user: str | None = None                     # OpenAI: end-user id for abuse monitoring; nothing to do
+    safety_identifier: str | None = None        # OpenAI: successor of `user`; nothing to do
+    prompt_cache_key: str | None = None         # OpenAI: cache routing hint; prefix caching here is automatic
+    service_tier: str | None = None             # OpenAI: pricing / latency tier; one tier here
+    metadata: dict[str, str] | None = None      # OpenAI: tags for stored completions; kept nowhere
+    store: bool | None = None                   # OpenAI: store the completion; true is a 400 (nothing is stored)
 
 
 class CompletionRequest(SamplingRequest):
@@ -81,9 +97,20 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False        # vLLM: continue the last (assistant) message
+    echo: bool = False                          # vLLM: prefix the output with the last message's content
 
 
-class TokenizeRequest(OpenAIModel):
+class EmbeddingRequest(RequestModel):
+    """POST /v1/embeddings: `input` is a string, a list of strings, token ids, or lists of token ids."""
+    model: str | None = None
+    input: Any = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None               # only the model's own size (no Matryoshka truncation)
+    user: str | None = None                     # OpenAI: end-user id for abuse monitoring; nothing to do
+
+
+class TokenizeRequest(RequestModel):
     """POST /tokenize: either `prompt` or chat `messages`."""
     model: str | None = None
     prompt: str | None = None
@@ -92,7 +119,7 @@ class TokenizeRequest(OpenAIModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 
@@ -109,6 +136,7 @@ class CompletionLogProbs(OpenAIModel):
     token_logprobs: list[float | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    end_offset: int = Field(default=0, exclude=True)   # text offset after the last token (where a stream continues)
 
 
 class CompletionChoice(OpenAIModel):
@@ -211,3 +239,18 @@ class TokenizeResponse(OpenAIModel):
 
 class DetokenizeResponse(OpenAIModel):
     prompt: str
+
+
+class EmbeddingData(OpenAIModel):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str                # base64: little-endian float32 bytes
+
+
+class EmbeddingResponse(OpenAIModel):
+    id: str
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: UsageInfo

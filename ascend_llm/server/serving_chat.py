@@ -13,7 +13,7 @@ from ascend_llm.server.errors import APIError, bad_request
 from ascend_llm.server.logprobs import chat_logprobs, prompt_logprobs_json
 from ascend_llm.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                         ChatCompletionResponse, ChatMessageIn, ChatMessageOut,
-                                        ChatStreamChoice, DeltaMessage, random_id)
+                                        ChatStreamChoice, DeltaMessage, UsageInfo, random_id)
 from ascend_llm.server.serving_completion import usage
 from ascend_llm.server.serving_engine import OutputStream, PromptInput, ServingContext
 from ascend_llm.server.streaming import DONE, SSE_HEADERS, DeltaTracker, sse, sse_error
@@ -28,6 +28,8 @@ class _Prepared:
     prompt: PromptInput
     params: SamplingParams
     top_logprobs: int | None
+    role: str = "assistant"     # the response's role: the last message's when no generation prompt is added
+    echo_text: str = ""         # `echo`: the last message's content, sent before the generated text
 
 
 class ChatServing:
@@ -51,16 +53,23 @@ class ChatServing:
         model = self.ctx.check_model(req.model)
         _check_unsupported(req)
         top = _top_logprobs(req)
-        prompt = self.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        add_generation_prompt = _generation_prompt(req)
+        prompt = self.render(req.messages, add_generation_prompt, req.chat_template_kwargs,
+                             continue_final_message=req.continue_final_message)
+        role = "assistant" if add_generation_prompt else req.messages[-1].role
+        echo = _echo_text(req, role)
         tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self.ctx.resolve_max_tokens(requested, len(prompt.token_ids), "messages", tokens_param)
         params = self.ctx.sampling_params(req, max_tokens, top, _RENAMES)
-        return _Prepared(req, model, prompt, params, top)
+        return _Prepared(req, model, prompt, params, top, role, echo)
 
     def render(self, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
-               template_kwargs: dict[str, Any] | None = None) -> PromptInput:
-        """Apply the chat template; 400 naming `messages` when it cannot be applied."""
+               template_kwargs: dict[str, Any] | None = None, continue_final_message: bool = False) -> PromptInput:
+        """Apply the chat template; 400 naming `messages` when it cannot be applied.
+
+        `continue_final_message` renders the conversation open-ended: the text stops right after the
+        last message's content (as transformers' `apply_chat_template(continue_final_message=True)`)."""
         if not messages:
             raise bad_request("messages: must contain at least one message", "messages")
         conversation = [{"role": m.role, "content": _content_text(m, i)} for i, m in enumerate(messages)]
@@ -71,11 +80,13 @@ class ChatServing:
                                                  **(template_kwargs or {}))
         except Exception as exc:  # jinja / template errors: the request's fault or a missing template
             raise bad_request(f"messages: could not apply the chat template: {exc}", "messages") from None
+        if continue_final_message:
+            text = _cut_after_final_message(text, conversation[-1]["content"])
         return PromptInput(text, self.ctx.encode(text, "messages", add_special_tokens=False))
 
     # ------------------------------------------------------------ response
     def _response(self, request_id: str, p: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
+        choices = [ChatChoice(index=c.index, message=ChatMessageOut(role=p.role, content=p.echo_text + c.text),
                               logprobs=self._logprobs(p, c.token_ids, c.logprobs),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for c in final.outputs]
@@ -85,21 +96,28 @@ class ChatServing:
     def _logprobs(self, p: _Prepared, token_ids: list[int], logprobs: Any) -> Any:
         if p.top_logprobs is None or logprobs is None:
             return None
-        return chat_logprobs(token_ids, logprobs, p.top_logprobs, self.ctx.tokenizer)
+        return chat_logprobs(token_ids, logprobs, p.top_logprobs, self.ctx.tokenizer,
+                             as_token_ids=self.ctx.tokens_as_ids(p.request))
 
     async def _stream(self, request_id: str, p: _Prepared, stream: OutputStream) -> AsyncIterator[str]:
         created = int(time.time())
         trackers = [DeltaTracker(p.params.stop_str_buffer_length) for _ in range(p.params.n)]
         final: RequestOutput | None = None
         opts = p.request.stream_options
+        continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+        prompt_usage = UsageInfo(prompt_tokens=len(p.prompt.token_ids), total_tokens=len(p.prompt.token_ids))
         try:
             yield self._chunk(request_id, created, p, [ChatStreamChoice(
-                index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(p.params.n)])
+                index=j, delta=DeltaMessage(role=p.role, content="")) for j in range(p.params.n)],
+                prompt_usage if continuous else None)
+            if p.echo_text:
+                yield self._chunk(request_id, created, p, [ChatStreamChoice(
+                    index=j, delta=DeltaMessage(content=p.echo_text)) for j in range(p.params.n)],
+                    prompt_usage if continuous else None)
             async for _, out in stream:
                 choices = [ch for c in out.outputs if (ch := self._choice(p, c, trackers[c.index])) is not None]
                 if choices:
-                    extra = usage([out]) if opts and opts.continuous_usage_stats else None
-                    yield self._chunk(request_id, created, p, choices, extra)
+                    yield self._chunk(request_id, created, p, choices, usage([out]) if continuous else None)
                 final = out if out.finished else final
             if opts and opts.include_usage and final is not None:
                 yield self._chunk(request_id, created, p, [], usage([final]))
@@ -133,6 +151,33 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
     fmt = (req.response_format or {}).get("type", "text")
     if fmt != "text":
         raise bad_request(f"response_format: type {fmt!r} is not supported yet (only 'text')", "response_format")
+
+
+def _generation_prompt(req: ChatCompletionRequest) -> bool:
+    """Whether the template adds the assistant prompt. `continue_final_message` turns it off unless the
+    request set both to true, which is a 400 as in vLLM's ChatCompletionRequest validator."""
+    if not req.continue_final_message:
+        return req.add_generation_prompt
+    if req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+        raise bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                          "continue_final_message")
+    return False
+
+
+def _echo_text(req: ChatCompletionRequest, role: str) -> str:
+    """`echo`: the last message's content when it has the response's role (vLLM's rule), else nothing."""
+    last = req.messages[-1]
+    return _content_text(last, len(req.messages) - 1) if req.echo and last.role == role else ""
+
+
+def _cut_after_final_message(text: str, final: str) -> str:
+    """`text` up to the end of the last message's content (whitespace-stripped, as templates often strip)."""
+    final = final.strip()
+    end = text.rfind(final) if final else -1
+    if end < 0:
+        raise bad_request("continue_final_message: the last message has no content that appears in the "
+                          "rendered chat template, so there is nothing to continue", "continue_final_message")
+    return text[:end + len(final)]
 
 
 def _top_logprobs(req: ChatCompletionRequest) -> int | None:

@@ -25,6 +25,7 @@ class _Prepared:
     model: str
     prompts: list[PromptInput]
     params: list[SamplingParams]
+    echo_only: bool = False     # echo with max_tokens 0: the prompt (and its logprobs) and nothing generated
 
 
 class CompletionServing:
@@ -49,12 +50,15 @@ class CompletionServing:
         if req.suffix:
             raise bad_request("suffix: not supported", "suffix")
         prompts = [self._prompt_input(p) for p in normalize_prompt(req.prompt)]
+        # as vLLM and legacy OpenAI: echo + max_tokens 0 scores the prompt; one token is generated and dropped
+        echo_only = req.echo and req.max_tokens == 0
+        requested = 1 if echo_only else req.max_tokens
         params = []
         for prompt in prompts:
-            max_tokens = self.ctx.resolve_max_tokens(req.max_tokens, len(prompt.token_ids), "prompt", "max_tokens")
+            max_tokens = self.ctx.resolve_max_tokens(requested, len(prompt.token_ids), "prompt", "max_tokens")
             prompt_lp = req.logprobs if req.echo and req.logprobs is not None else req.prompt_logprobs
             params.append(self.ctx.sampling_params(req, max_tokens, req.logprobs, prompt_logprobs=prompt_lp))
-        return _Prepared(req, model, prompts, params)
+        return _Prepared(req, model, prompts, params, echo_only)
 
     def _prompt_input(self, prompt: str | list[int]) -> PromptInput:
         if isinstance(prompt, str):
@@ -74,22 +78,33 @@ class CompletionServing:
         for i, out in enumerate(finals):
             prefix = self._prompt_text(p.prompts[i]) if p.request.echo else ""
             for c in out.outputs:
-                choices.append(CompletionChoice(index=i * n + c.index, text=prefix + c.text,
+                text = prefix if p.echo_only else prefix + c.text
+                choices.append(CompletionChoice(index=i * n + c.index, text=text,
                                                 logprobs=self._choice_logprobs(p, out, c),
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                                 prompt_logprobs=prompt_logprobs_json(out.prompt_logprobs)))
-        return CompletionResponse(id=request_id, model=p.model, choices=choices, usage=usage(finals))
+        return CompletionResponse(id=request_id, model=p.model, choices=choices,
+                                  usage=usage(finals, p.echo_only))
 
     def _choice_logprobs(self, p: _Prepared, out: RequestOutput, c: CompletionOutput) -> Any:
         """Logprobs of the generated tokens, preceded by the prompt's under echo."""
-        if p.request.echo and out.prompt_logprobs is not None and c.logprobs is not None:
-            return self._logprobs(p, out.prompt_token_ids + c.token_ids, out.prompt_logprobs + c.logprobs)
-        return self._logprobs(p, c.token_ids, c.logprobs)
+        ids, entries = self._echoed(p, out, c.token_ids, c.logprobs)
+        return self._logprobs(p, ids, entries)
+
+    @staticmethod
+    def _echoed(p: _Prepared, out: RequestOutput, ids: list[int], entries: Any) -> tuple[list[int], Any]:
+        """Token ids and logprob entries with the prompt's in front (only the prompt's under echo_only)."""
+        if p.echo_only:
+            return out.prompt_token_ids, out.prompt_logprobs
+        if out.prompt_logprobs is not None and entries is not None:
+            return out.prompt_token_ids + ids, out.prompt_logprobs + entries
+        return ids, entries
 
     def _logprobs(self, p: _Prepared, token_ids: list[int], logprobs: Any, offset: int = 0) -> Any:
         if p.request.logprobs is None or logprobs is None:
             return None
-        return completion_logprobs(token_ids, logprobs, p.request.logprobs, self.ctx.tokenizer, offset)
+        return completion_logprobs(token_ids, logprobs, p.request.logprobs, self.ctx.tokenizer, offset,
+                                   as_token_ids=self.ctx.tokens_as_ids(p.request))
 
     async def _stream(self, request_id: str, p: _Prepared, stream: OutputStream) -> AsyncIterator[str]:
         created, n = int(time.time()), p.params[0].n
@@ -107,7 +122,7 @@ class CompletionServing:
                     finals[i] = out
             if p.request.stream_options and p.request.stream_options.include_usage:
                 yield sse(CompletionResponse(id=request_id, created=created, model=p.model, choices=[],
-                                             usage=usage(list(finals.values()))))
+                                             usage=usage(list(finals.values()), p.echo_only)))
         except APIError as exc:
             yield sse_error(exc)
         finally:
@@ -117,21 +132,25 @@ class CompletionServing:
     def _chunk(self, request_id: str, created: int, p: _Prepared, i: int, out: RequestOutput, c: CompletionOutput,
                tracker: DeltaTracker, offsets: dict[tuple[int, int], int]) -> str | None:
         first = tracker.sent_tokens == 0 and tracker.sent_chars == 0
+        if p.echo_only and c.finish_reason is None:
+            return None
         delta = tracker.advance(c)
         if delta is None:
             return None
-        text, ids, entries = delta.text, delta.token_ids, delta.logprobs
+        text, ids, entries = ("", [], None) if p.echo_only else (delta.text, delta.token_ids, delta.logprobs)
         if first and p.request.echo:
             text = self._prompt_text(p.prompts[i]) + text
-            if out.prompt_logprobs is not None and entries is not None:
-                ids, entries = out.prompt_token_ids + ids, out.prompt_logprobs + entries
+            ids, entries = self._echoed(p, out, ids, entries)
         key = (i, c.index)
         logprobs = self._logprobs(p, ids, entries, offsets.get(key, 0))
         if logprobs is not None and logprobs.tokens:
-            offsets[key] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            offsets[key] = logprobs.end_offset
         choice = CompletionChoice(index=i * p.params[i].n + c.index, text=text, logprobs=logprobs,
                                   finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
-        return sse(CompletionResponse(id=request_id, created=created, model=p.model, choices=[choice]))
+        opts = p.request.stream_options
+        continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+        return sse(CompletionResponse(id=request_id, created=created, model=p.model, choices=[choice],
+                                      usage=usage([out], p.echo_only) if continuous else None))
 
 
 def normalize_prompt(prompt: Any) -> list[str | list[int]]:
@@ -153,7 +172,8 @@ def normalize_prompt(prompt: Any) -> list[str | list[int]]:
     raise bad_request("prompt: mixes strings, token ids and lists; use one kind", "prompt")
 
 
-def usage(finals: list[RequestOutput]) -> UsageInfo:
+def usage(finals: list[RequestOutput], prompt_only: bool = False) -> UsageInfo:
+    """Token counts of `finals` (so far, for outputs still running); `prompt_only` counts no completion."""
     prompt = sum(len(out.prompt_token_ids) for out in finals)
-    completion = sum(len(c.token_ids) for out in finals for c in out.outputs)
+    completion = 0 if prompt_only else sum(len(c.token_ids) for out in finals for c in out.outputs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

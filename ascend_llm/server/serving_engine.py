@@ -39,6 +39,7 @@ class ServingContext:
         self.engine = engine
         self.config = config
         self._tokenizer: Any = None
+        self.metrics: Any = None        # ServerMetrics, once attached: admitted requests' parameters
 
     @property
     def llm(self) -> Any:
@@ -84,6 +85,11 @@ class ServingContext:
             return self.served_model_name
         raise APIError(404, f"The model `{name}` does not exist; this server serves "
                             f"`{self.served_model_name}`.", "model", "not_found_error")
+
+    def tokens_as_ids(self, req: Any) -> bool:
+        """`return_tokens_as_token_ids`: the request's choice, else --return-tokens-as-token-ids."""
+        chosen = req.return_tokens_as_token_ids
+        return self.config.return_tokens_as_token_ids if chosen is None else chosen
 
     # ------------------------------------------------------------- prompts
     def check_token_ids(self, ids: Any, param: str) -> list[int]:
@@ -156,6 +162,9 @@ class ServingContext:
             if isinstance(exc, Exception):
                 raise admission_error(exc) from None
             raise
+        if self.metrics is not None:
+            for p in params:
+                self.metrics.record_params(p.n, p.max_tokens)
         return OutputStream(self.engine, out_queue, ids)
 
 
@@ -173,6 +182,13 @@ def check_request_fields(req: Any, vocab_size: int) -> None:
         raise bad_request(f"temperature: must be in [0, {MAX_TEMPERATURE}], got {req.temperature}", "temperature")
     if req.logit_bias:
         raise bad_request("logit_bias: not supported yet", "logit_bias")
+    if req.best_of is not None and req.best_of != req.n:     # as vLLM V1: best_of equal to n is the only choice
+        raise bad_request(f"best_of: only best_of == n ({req.n}) is supported (no re-ranking of extra samples), "
+                          f"got {req.best_of}", "best_of")
+    if req.use_beam_search:
+        raise bad_request("use_beam_search: beam search is not supported by this server", "use_beam_search")
+    if req.store:
+        raise bad_request("store: this server does not store completions", "store")
     _check_stop(req.stop)
     ids = req.stop_token_ids or []
     if len(ids) > MAX_STOP_TOKEN_IDS:

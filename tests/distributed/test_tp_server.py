@@ -1,4 +1,4 @@
-"""The OpenAI server with `--tp 2` on a tiny model: answers a completion; after its worker is
+"""The OpenAI server with `--tp 2` on a tiny model: answers a completion and an embedding; after its worker is
 killed, /health turns 503 naming the rank, and the next request fails instead of hanging."""
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from ascend_llm.distributed.parallel_state import free_port
 from tests.distributed.test_tp_engine import worker_pids
+from tests.server.test_embeddings import hf_embeddings
 from tests.server_process import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +39,10 @@ def test_server_with_tp2_answers_and_reports_a_dead_worker(tiny_llama_dir, tmp_p
         resp = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
         assert resp.json()["usage"]["completion_tokens"] == 6
+        text = "The quick brown fox"     # embeddings come from the driver rank's all-reduced hidden states
+        embedding = httpx.post(f"{base}/v1/embeddings", json={"input": text}, timeout=60).json()
+        np.testing.assert_allclose(embedding["data"][0]["embedding"], hf_embeddings(tiny_llama_dir, [text])[text],
+                                   atol=2e-3)
         (pid,) = worker_pids(proc.pid)
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.5)

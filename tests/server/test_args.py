@@ -64,3 +64,45 @@ def test_chat_template_flag_is_used(client, tiny_llama_dir):
         tokens = c.post("/tokenize", json={"messages": [{"role": "user", "content": "The quick"}]}).json()["tokens"]
         plain = c.post("/tokenize", json={"prompt": "The quick", "add_special_tokens": False}).json()["tokens"]
     assert tokens == plain
+
+
+# a vLLM launch script's flags (vllm/engine/arg_utils.py and vllm/entrypoints/openai/cli_args.py names)
+VLLM_SCRIPT_FLAGS = ["--disable-log-requests", "--disable-log-stats", "--enable-prefix-caching",
+                     "--no-enable-prefix-caching", "--guided-decoding-backend", "xgrammar", "--trust-remote-code",
+                     "--dtype", "auto", "--uvicorn-log-level", "info", "--max-num-batched-tokens", "2048",
+                     "--block-size", "16", "--swap-space", "4", "--disable-frontend-multiprocessing",
+                     "--enable-tokenizer-info-endpoint", "--disable-uvicorn-access-log", "--return-tokens-as-token-ids"]
+
+
+def test_vllm_launch_script_flags_are_accepted():
+    args = make_parser().parse_args(VLLM_SCRIPT_FLAGS)
+    config = ServerConfig.from_args(args)
+    assert config.disable_uvicorn_access_log and config.return_tokens_as_token_ids
+    assert config.uvicorn_log_level == "info"
+    engine_args = EngineArgs.from_cli_args(args)
+    assert engine_args.enable_prefix_caching is False and engine_args.max_num_batched_tokens == 2048
+    assert build_parser().parse_args(["serve", *VLLM_SCRIPT_FLAGS]).guided_decoding_backend == "xgrammar"
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size"),
+    (["--enable-lora"], "--enable-lora"),
+    (["--guided-decoding-backend", "outlines"], "outlines"),
+])
+def test_unimplemented_flags_fail_naming_them(argv, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        make_parser().parse_args(argv)
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_serve_command_rejects_an_unknown_flag_at_start_up():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "ascend_llm.cli", "serve", "--disable-log-requests",
+                           "--some-unknown-flag"], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 2 and "unrecognized arguments: --some-unknown-flag" in proc.stderr, proc.stderr

@@ -101,6 +101,21 @@ def test_sdk_errors(server, sdk):
     assert httpx.get(server["base"] + "/health").status_code == 200
 
 
+def test_models_retrieve_and_echo_scoring(server, sdk):
+    assert sdk.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("org/unknown-model")
+    # legacy scoring: echo + max_tokens 0 returns the prompt and its logprobs, nothing generated
+    resp = sdk.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=0, echo=True, logprobs=1)
+    choice = resp.choices[0]
+    assert choice.text == "The quick brown fox" and resp.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) == resp.usage.prompt_tokens
+    extra = {"bogus_field": 1}
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body=extra)
+    assert bad.value.param == "bogus_field"
+
+
 def test_sigterm_drains_in_flight_stream_then_exits_cleanly(server, sdk):
     """Must run last in this module: it stops the shared server."""
     proc: subprocess.Popen = server["proc"]
