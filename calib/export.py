@@ -37,9 +37,11 @@ DESCRIPTION_FILE = "quant_model_description.json"
 WEIGHTS_STEM = "quant_model_weights"
 # model_quant_type is the highest-priority type present: msModelSlim's
 # `AscendV1Saver.QUANT_TYPE_PRIORITY` / `update_quant_type` (modelslim_v1/save/ascendv1.py), lower
-# bit widths last; W8A8FP8_DYNAMIC (vllm-ascend's name of the same format) takes WFP8AFP8's place
+# bit widths last; W8A8FP8_DYNAMIC (vllm-ascend's name of the same format) takes WFP8AFP8's place.
+# The v1 list has no W4A16 (only the classic saver writes it, as the model type of a w_bit 4,
+# a_bit 16 run): it goes after the 8-bit integer and fp8 types, before the 4-bit float ones.
 TYPE_PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8",
-                 "WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC",
+                 "WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC", "W4A16", "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC",
                  "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_MXFP4_SVD")
 # MoFQ's FP8 layers: msModelSlim calls the format WFP8AFP8_DYNAMIC, vllm-ascend registers it as
 # W8A8FP8_DYNAMIC (vllm_ascend/quantization/methods/w8a8fp8_dynamic.py) and knows no other name.
@@ -161,11 +163,12 @@ def _warn_dropped_biases(model: nn.Module, plans: Mapping[str, LinearPlan],
                        len(added), ", ".join(added[:4]), ", ..." if len(added) > 4 else "")
 
 
-def quant_description(types: Mapping[str, str]) -> dict[str, object]:
+def quant_description(types: Mapping[str, str], group_size: int = 0) -> dict[str, object]:
     """The description of tensors typed `types` (name -> written type): model_quant_type is the
     highest-priority type present, then version, group_size and the per-tensor types."""
     model_type = max(set(types.values()) | {"FLOAT"}, key=TYPE_PRIORITY.index)
-    description: dict[str, object] = {"model_quant_type": model_type, "version": "1.0.0", "group_size": 0}
+    description: dict[str, object] = {"model_quant_type": model_type, "version": "1.0.0",
+                                       "group_size": group_size}
     description.update(sorted(types.items()))
     return description
 

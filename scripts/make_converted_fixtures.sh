@@ -14,6 +14,7 @@ venv="/tmp/venv-llmc"
 # <tool>/<case> under tests/fixtures/peer_checkpoints/; tool msmodelslim (--from ascendv1) or fastdeploy
 cases="msmodelslim/llama_w8a8,msmodelslim/qwen2_w8a8,msmodelslim/llama_w8a8_dynamic,msmodelslim/qwen2_w8a8_dynamic"
 cases="$cases,msmodelslim/llama_w8a16,msmodelslim/llama_w8a8_disabled,msmodelslim/qwen2_v1_w8a8"
+cases="$cases,msmodelslim/llama_w8a16_g32,msmodelslim/llama_w4a16_g32,msmodelslim/llama_w4a16_g32_asym,msmodelslim/llama_w4a16"
 cases="$cases,fastdeploy/llama_wint8,fastdeploy/llama_wint4"
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -17,7 +17,8 @@ from calib.convert.read_ascendv1 import read_ascendv1
 from calib.convert.read_autofp8 import read_autofp8
 from calib.convert.read_compressed_tensors import read_compressed_tensors
 from calib.convert.read_fastdeploy import read_fastdeploy
-from calib.convert.write_ascendv1 import ASCEND_CHANGES, static_bias_rounding, write_ascendv1
+from calib.convert.write_ascendv1 import (ASCEND_CHANGES, description_group_size, static_bias_rounding,
+                                         vllm_ascend_gap, write_ascendv1)
 from calib.convert.write_compressed_tensors import write_compressed_tensors
 from calib.export import copy_side_files
 from calib.output_dir import check_output_dir, staged_output
@@ -80,7 +81,12 @@ def _copy_side_files(src: Path, staging: Path) -> None:
 
 def _summary(checkpoint: NeutralCheckpoint, written: dict[str, str], target_format: str) -> dict:
     layers = {}
+    gaps: dict[str, str] = {}
+    group = description_group_size(checkpoint) if target_format == "ascendv1" else 0
     for module, linear in sorted(checkpoint.linears.items()):
+        gap = vllm_ascend_gap(linear, group) if target_format == "ascendv1" else None
+        if gap:
+            gaps.setdefault(gap, module)
         note = checkpoint.notes.get(module)
         if target_format == "ascendv1":
             note = ASCEND_CHANGES.get(linear.scheme, note)
@@ -89,8 +95,11 @@ def _summary(checkpoint: NeutralCheckpoint, written: dict[str, str], target_form
             note = f"float bias folded into quant_bias: max change {rounding:.3g}"
         layers[module] = {"scheme": linear.scheme, "written": written[module], "lossless": note is None,
                           **({"note": note} if note else {})}
-    return {"layers": layers, "lossless": all(entry["lossless"] for entry in layers.values()),
-            "float_tensors": len(checkpoint.floats)}
+    summary = {"layers": layers, "lossless": all(entry["lossless"] for entry in layers.values()),
+               "float_tensors": len(checkpoint.floats)}
+    if gaps:
+        summary["not_loaded_by_vllm_ascend"] = sorted(gaps)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CalibError, ValueError, OSError) as exc:
         print(f"python -m calib.convert: error: {exc}", file=sys.stderr)
         return 2
+    for gap in report.summary.get("not_loaded_by_vllm_ascend", []):
+        logger.warning("%s", gap)
     changed = [m for m, entry in report.summary["layers"].items() if not entry["lossless"]]
     logger.info("converted %d Linear(s) %s -> %s into %s; %s", len(report.summary["layers"]),
                 args.source_format, args.target_format, report.save_directory,

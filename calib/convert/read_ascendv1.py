@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ascend_llm.quant.formats import detect_quant_format, norm_module_alias
+from ascend_llm.quant.modelslim_weight_only import unpack_modelslim_int4
 from ascend_llm.quant.w8a8 import decode_deq_scale
 from calib.config import CalibError
 from calib.convert.checkpoint_files import check_finite_positive, per_channel, read_config, read_tensors, take
@@ -21,7 +22,8 @@ from calib.convert.neutral import NeutralCheckpoint, QuantLinear
 logger = logging.getLogger(__name__)
 
 SCHEMES = {"W8A8": "int8_static", "W8A8_DYNAMIC": "int8_dynamic", "W8A16": "int8_weight_only",
-           "W8A8FP8_DYNAMIC": "fp8_dynamic", "WFP8AFP8_DYNAMIC": "fp8_dynamic"}
+           "W4A16": "int4_weight_only", "W8A8FP8_DYNAMIC": "fp8_dynamic", "WFP8AFP8_DYNAMIC": "fp8_dynamic"}
+WEIGHT_ONLY = ("W8A16", "W4A16")
 META_KEYS = frozenset({"model_quant_type", "version", "group_size", "metadata", "optional"})
 
 
@@ -47,15 +49,19 @@ def read_ascendv1(src: Path) -> NeutralCheckpoint:
             tensors.pop(name[:-len("weight")] + "bias", None)
             continue
         module = name[:-len(".weight")]
-        checkpoint.linears[module] = _read_linear(tensors, module, SCHEMES[quant_type])
+        if quant_type in WEIGHT_ONLY:
+            checkpoint.linears[module] = _read_weight_only(tensors, module, quant_type, group_size(description))
+        else:
+            checkpoint.linears[module] = _read_linear(tensors, module, SCHEMES[quant_type])
     checkpoint.floats = tensors
     return checkpoint
 
 
+def group_size(description: dict) -> int:
+    return int(description.get("group_size", 0) or 0)
+
+
 def _refuse_unconvertible(description: dict, source: str) -> None:
-    group_size = int(description.get("group_size", 0) or 0)
-    if group_size:
-        raise CalibError(f"{source}: group_size {group_size}: per-group scales are not converted")
     for name, value in description.items():
         if name in META_KEYS or name in ("kv_cache_type", "kv_quant_type"):
             continue
@@ -64,6 +70,9 @@ def _refuse_unconvertible(description: dict, source: str) -> None:
                              f"that vLLM loads (its KV schemes are fp8); convert a checkpoint without them")
         if value not in SCHEMES and value != "FLOAT":
             raise CalibError(f"{name}: type {value!r} is not converted ({', '.join(SCHEMES)} or FLOAT)")
+        if group_size(description) and value not in WEIGHT_ONLY + ("FLOAT",):
+            raise CalibError(f"{name}: {value} with group_size {group_size(description)}: only W8A16 / "
+                             f"W4A16 layers are converted per group")
 
 
 def _read_linear(tensors: dict[str, torch.Tensor], module: str, scheme: str) -> QuantLinear:
@@ -80,6 +89,42 @@ def _read_linear(tensors: dict[str, torch.Tensor], module: str, scheme: str) -> 
         raise CalibError(f"{module}.weight_offset: non-zero (asymmetric weights) has no symmetric "
                          f"compressed-tensors form here; only zero offsets convert")
     return QuantLinear(scheme, weight, scale, bias)
+
+
+def _read_weight_only(tensors: dict[str, torch.Tensor], module: str, quant_type: str,
+                      group: int) -> QuantLinear:
+    """W8A16 / W4A16, per channel or per group: codes, scale [n, G] and offsets that must be whole
+    numbers (zero points) to have a compressed-tensors form."""
+    stored = take(tensors, f"{module}.weight", quant_type)
+    raw_scale = take(tensors, f"{module}.weight_scale", quant_type)
+    offset = tensors.pop(f"{module}.weight_offset", None)
+    if raw_scale.dim() != 2:
+        raise CalibError(f"{module}.weight_scale: expected [n, groups], got {list(raw_scale.shape)}")
+    n, groups = raw_scale.shape
+    k = stored.shape[1] if quant_type == "W8A16" or group else 2 * stored.shape[1]
+    if quant_type == "W4A16":
+        try:
+            codes = unpack_modelslim_int4(stored, n, k, bool(group))
+        except ValueError as exc:
+            raise CalibError(f"{module}.{exc}") from None
+    else:
+        codes = stored
+    if tuple(codes.shape) != (n, k) or groups != (k // group if group else 1):
+        raise CalibError(f"{module}: weight {list(stored.shape)} and weight_scale {list(raw_scale.shape)} "
+                         f"do not fit {quant_type} with group_size {group}")
+    scale = raw_scale.to(torch.float32) if group else raw_scale.reshape(n).to(torch.float32)
+    check_finite_positive(scale, f"{module}.weight_scale")
+    bias = tensors.pop(f"{module}.bias", None)
+    zero = None
+    if offset is not None and bool(offset.float().ne(0).any()):
+        offset = offset.float().reshape(n, groups)
+        if not bool((offset == offset.round()).all()) or bool(offset.abs().gt(127).any()):
+            raise CalibError(f"{module}.weight_offset: not whole numbers in the int8 range, so not a "
+                             f"zero point compressed-tensors can hold")
+        zero = offset.to(torch.int8)
+    return QuantLinear(SCHEMES[quant_type], codes.contiguous(), scale,
+                       None if bias is None else bias.to(torch.float32), group_size=group,
+                       weight_zero_point=zero)
 
 
 def _read_static(tensors: dict[str, torch.Tensor], module: str, weight: torch.Tensor,

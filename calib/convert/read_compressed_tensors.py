@@ -108,18 +108,35 @@ def _read_static(tensors: dict[str, torch.Tensor], module: str, weight: torch.Te
 
 def _read_weight_only(tensors: dict[str, torch.Tensor], module: str, scheme: Scheme,
                       bias: torch.Tensor | None) -> QuantLinear:
+    """pack-quantized int4 / int8, channel or group scales, symmetric or with zero points."""
     w = scheme.weights
-    if w.strategy != "channel" or not w.symmetric:
-        raise CalibError(f"{module}: pack-quantized {w.num_bits}-bit {w.strategy} weights "
-                         f"(group_size {w.group_size}, {'symmetric' if w.symmetric else 'asymmetric'}) "
-                         f"have no ascendV1 form this runtime reads; only symmetric channel weights "
-                         f"convert (8-bit to W8A16)")
+    if w.strategy not in ("channel", "group"):
+        raise CalibError(f"{module}: pack-quantized {w.num_bits}-bit {w.strategy} weights are not "
+                         f"converted (channel or group only)")
     shape = take(tensors, f"{module}.weight_shape", "pack-quantized").tolist()
     packed = take(tensors, f"{module}.weight_packed", "pack-quantized")
     n, k = int(shape[0]), int(shape[1])
     codes = unpack_int32(packed, w.num_bits, k)                            # [n, k] int8
     if codes.shape[0] != n:
         raise CalibError(f"{module}.weight_packed: {tuple(packed.shape)} does not hold weight_shape {shape}")
-    scale = per_channel(take(tensors, f"{module}.weight_scale", "pack-quantized"), n, f"{module}.weight_scale")
+    group_size = w.group_size if w.strategy == "group" else 0
+    raw_scale = take(tensors, f"{module}.weight_scale", "pack-quantized")
+    if group_size:
+        groups = -(-k // group_size)
+        if tuple(raw_scale.shape) != (n, groups):
+            raise CalibError(f"{module}.weight_scale: expected [{n}, {groups}] (group size {group_size}), "
+                             f"got {list(raw_scale.shape)}")
+        scale = raw_scale.to(torch.float32)                                # [n, G]
+    else:
+        scale, groups = per_channel(raw_scale, n, f"{module}.weight_scale"), 1
     check_finite_positive(scale, f"{module}.weight_scale")
-    return QuantLinear("int8_weight_only" if w.num_bits == 8 else "int4_weight_only", codes, scale, bias)
+    zero = None
+    if not w.symmetric:
+        packed_zero = take(tensors, f"{module}.weight_zero_point", "asymmetric pack-quantized")
+        zero = unpack_int32(packed_zero, w.num_bits, n, dim=0)             # [n, G] int8
+        if tuple(zero.shape) != (n, groups):
+            raise CalibError(f"{module}.weight_zero_point: {list(packed_zero.shape)} does not hold "
+                             f"[{n}, {groups}] zero points")
+        zero = zero if bool(zero.ne(0).any()) else None
+    scheme_name = "int8_weight_only" if w.num_bits == 8 else "int4_weight_only"
+    return QuantLinear(scheme_name, codes, scale, bias, group_size=group_size, weight_zero_point=zero)

@@ -6,9 +6,10 @@ the fixtures in tests/fixtures/peer_checkpoints/llmcompressor/ show it):
   `input_scale` [1] and, when the zero point is not 0, `input_zero_point` int8 [1] (symmetric: false);
 - float-quantized: `weight` e4m3 [n, k], `weight_scale` [n, 1], dynamic per-token fp8 activations;
 - float-quantized static: e4m3 tensor weights with `weight_scale` [1] and `input_scale` [1];
-- pack-quantized (8- or 4-bit channel weight-only): `weight_packed` int32 [n, ceil(k / f)],
-  f = 32 / bits, holding code + 2^(bits-1), lowest bits first, `weight_scale` [n, 1],
-  `weight_shape` [2].
+- pack-quantized (8- or 4-bit weight-only, channel or group): `weight_packed` int32
+  [n, ceil(k / f)], f = 32 / bits, holding code + 2^(bits-1), lowest bits first, `weight_scale`
+  [n, 1] or [n, k / g], `weight_shape` [2]; asymmetric adds `weight_zero_point` int32
+  [ceil(n / f), G], the signed zero points packed the same way along n.
 Scales stay float32 (as read; nothing is re-rounded). One config group per scheme; a single
 scheme targets "Linear" with the float Linears in `ignore`, several list their modules by name.
 """
@@ -29,13 +30,14 @@ _FORMATS = {"int8_dynamic": "int-quantized", "int8_static": "int-quantized",
             "fp8_dynamic": "float-quantized", "fp8_static": "float-quantized"}
 
 
-def _args(num_bits: int, kind: str, strategy: str, dynamic: bool, symmetric: bool = True) -> dict:
+def _args(num_bits: int, kind: str, strategy: str, dynamic: bool, symmetric: bool = True,
+          group_size: int | None = None) -> dict:
     return {"num_bits": num_bits, "type": kind, "strategy": strategy, "symmetric": symmetric,
-            "dynamic": dynamic, "group_size": None, "block_structure": None, "actorder": None}
+            "dynamic": dynamic, "group_size": group_size, "block_structure": None, "actorder": None}
 
 
-def _group(scheme: str, asymmetric_inputs: bool) -> dict:
-    """A config group (without targets) for `scheme`."""
+def _group(scheme: str, asymmetric_inputs: bool, group_size: int = 0, asymmetric_weights: bool = False) -> dict:
+    """A config group (without targets) for `scheme` (weight-only: its group size, zero points)."""
     inputs: dict | None
     if scheme == "int8_dynamic":
         weights, inputs = _args(8, "int", "channel", False), _args(8, "int", "token", True)
@@ -43,7 +45,9 @@ def _group(scheme: str, asymmetric_inputs: bool) -> dict:
         weights = _args(8, "int", "channel", False)
         inputs = _args(8, "int", "tensor", False, symmetric=not asymmetric_inputs)
     elif scheme in ("int8_weight_only", "int4_weight_only"):
-        weights, inputs = _args(8 if scheme == "int8_weight_only" else 4, "int", "channel", False), None
+        weights = _args(8 if scheme == "int8_weight_only" else 4, "int", "group" if group_size else "channel",
+                        False, symmetric=not asymmetric_weights, group_size=group_size or None)
+        inputs = None
     elif scheme == "fp8_static":
         weights, inputs = _args(8, "float", "tensor", False), _args(8, "float", "tensor", False)
     else:
@@ -66,11 +70,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def linear_tensors(linear: QuantLinear) -> dict[str, torch.Tensor]:
     """The compressed-tensors tensors of one Linear (leaf -> tensor)."""
     n, k = linear.weight.shape
-    scale = linear.weight_scale.reshape(n, 1).to(torch.float32)                     # [n, 1]
-    if linear.scheme in ("int8_weight_only", "int4_weight_only"):
-        bits = 8 if linear.scheme == "int8_weight_only" else 4
-        out = {"weight_packed": pack_codes(linear.weight, bits), "weight_scale": scale,
+    scale = linear.weight_scale.reshape(n, -1).to(torch.float32)                    # [n, 1] or [n, G]
+    if linear.weight_only:
+        out = {"weight_packed": pack_codes(linear.weight, linear.bits), "weight_scale": scale,
                "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+        if linear.weight_zero_point is not None:                   # packed along n: [ceil(n / f), G]
+            zero = linear.weight_zero_point.reshape(n, -1)
+            out["weight_zero_point"] = pack_codes(zero.t().contiguous(), linear.bits).t().contiguous()
     elif linear.scheme == "fp8_static":
         out = {"weight": linear.weight, "weight_scale": _per_tensor(linear.weight_scale),
                "input_scale": torch.tensor([linear.input_scale], dtype=torch.float32)}
@@ -95,16 +101,18 @@ def _per_tensor(scale: torch.Tensor) -> torch.Tensor:
 
 def quantization_config(checkpoint: NeutralCheckpoint) -> dict:
     """config.json's `quantization_config` for the checkpoint's Linears."""
-    by_group: dict[tuple[str, bool], list[str]] = {}
+    by_group: dict[tuple[str, bool, int, bool], list[str]] = {}
     for module, linear in sorted(checkpoint.linears.items()):
-        key = (linear.scheme, linear.scheme == "int8_static" and linear.input_zero_point != 0)
+        key = (linear.scheme, linear.scheme == "int8_static" and linear.input_zero_point != 0,
+               linear.group_size, linear.weight_zero_point is not None)
         by_group.setdefault(key, []).append(module)
     float_linears = sorted(name.rpartition(".")[0] for name, t in checkpoint.floats.items()
                            if name.endswith(".weight") and t.dim() == 2 and "embed" not in name)
     single = len(by_group) == 1
     groups = {}
-    for index, ((scheme, asym), modules) in enumerate(sorted(by_group.items())):
-        groups[f"group_{index}"] = {"targets": ["Linear"] if single else modules, **_group(scheme, asym)}
+    for index, ((scheme, asym, group_size, asym_weights), modules) in enumerate(sorted(by_group.items())):
+        groups[f"group_{index}"] = {"targets": ["Linear"] if single else modules,
+                                    **_group(scheme, asym, group_size, asym_weights)}
     formats = {group["format"] for group in groups.values()}
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "config_groups": groups,

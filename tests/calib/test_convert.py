@@ -44,7 +44,20 @@ CT_TO_ASCEND = {   # llm-compressor case -> (written ascendV1 type of q_proj, bo
     "llama_fp8_dynamic": ("W8A8FP8_DYNAMIC", LOSSLESS),
 }
 ASCEND_TO_CT = ("llama_w8a8", "qwen2_w8a8", "llama_w8a8_dynamic", "qwen2_w8a8_dynamic",
-                "llama_w8a16", "llama_w8a8_disabled", "llama_w8a8_safetensor", "qwen2_v1_w8a8")
+                "llama_w8a16", "llama_w8a8_disabled", "llama_w8a8_safetensor", "qwen2_v1_w8a8",
+                "llama_w8a16_g32", "llama_w4a16_g32", "llama_w4a16_g32_asym", "llama_w4a16")
+# Weight-only int4 / group-wise int8 (pack-quantized from llm-compressor) -> msModelSlim's W4A16 /
+# per-group W8A16 layout: the same codes, scales and zero points, so lossless here; upstream
+# vllm-ascend has no W4A16 linear scheme and a per-channel-only W8A16, which the conformance walk
+# reports (and the converter's report names): case -> (written type, what every problem the walk
+# finds says: an unknown type, or a per-group scale where vllm-ascend creates [n, 1])
+CT_WEIGHT_ONLY_TO_ASCEND = {
+    "llama_w4a16_g32": ("W4A16", "'W4A16'"),
+    "llama_w4a16_g32_asym": ("W4A16", "'W4A16'"),
+    "qwen2_w4a16_g32": ("W4A16", "'W4A16'"),
+    "llama_w4a16_g32_actorder_weight": ("W4A16", "'W4A16'"),
+    "llama_w8a16_g32": ("W8A16", ", 1)"),
+}
 
 
 def _prompts() -> torch.Tensor:
@@ -71,6 +84,36 @@ def test_compressed_tensors_to_ascendv1(case, tmp_path):
     assert vllm_ascend_problems(out, torch.float32) == []
     assert _max_diff(LLMC / case, out) < bound
     assert report.summary["lossless"] == (bound == LOSSLESS)
+
+
+@pytest.mark.parametrize("case", sorted(CT_WEIGHT_ONLY_TO_ASCEND))
+def test_weight_only_groups_convert_to_modelslims_layout(case, tmp_path):
+    quant_type, walk_problem = CT_WEIGHT_ONLY_TO_ASCEND[case]
+    out = tmp_path / "out"
+    report = convert("compressed-tensors", "ascendv1", LLMC / case, out)
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description["model.layers.0.mlp.down_proj.weight"] == quant_type
+    assert description["group_size"] == 32 and description["model_quant_type"] == quant_type
+    assert report.summary["lossless"]
+    assert report.summary["not_loaded_by_vllm_ascend"][0].startswith(quant_type)
+    problems = vllm_ascend_problems(out, torch.float32)
+    assert problems and all(walk_problem in p for p in problems), problems
+    assert _max_diff(LLMC / case, out) < LOSSLESS
+
+
+def test_weight_only_round_trip_keeps_every_byte(tmp_path):
+    """msModelSlim W4A16 per-group with offsets -> compressed-tensors -> ascendV1: the tool's own
+    tensors come back bit for bit (int4 pairs along n, float32 scales and offsets)."""
+    src = MSMS / "llama_w4a16_g32_asym"
+    convert("ascendv1", "compressed-tensors", src, tmp_path / "ct")
+    quant = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    weights_args = quant["config_groups"]["group_0"]["weights"]
+    assert (weights_args["strategy"], weights_args["group_size"], weights_args["symmetric"]) == ("group", 32, False)
+    convert("compressed-tensors", "ascendv1", tmp_path / "ct", tmp_path / "back")
+    source = load_file(str(next(src.glob("quant_model_weight*.safetensors"))))
+    back = load_file(str(tmp_path / "back" / "quant_model_weights.safetensors"))
+    for name, tensor in source.items():
+        assert torch.equal(back[name], tensor), name
 
 
 def test_static_bias_folding_is_reported(tmp_path):
@@ -136,7 +179,6 @@ def test_pack_codes_is_what_the_loader_unpacks(bits, words):
 @pytest.mark.parametrize("source, src, match", [
     ("ascendv1", MSMS / "llama_w8a8_c8", "C8 int8 KV-cache scales have no compressed-tensors"),
     ("ascendv1", MSMS / "llama_w8a8_m2", "anti-outlier norm bias"),
-    ("compressed-tensors", LLMC / "llama_w4a16_g32", "pack-quantized 4-bit group"),
     ("compressed-tensors", LLMC / "llama_fp8_block", "block-wise FP8"),
     ("fastdeploy", PEERS / "fastdeploy" / "llama_block_wise_fp8", "'block_wise_fp8' is not converted"),
     ("fastdeploy", MSMS / "llama_w8a8", "no quantization_config (not a FastDeploy"),
@@ -185,13 +227,15 @@ def test_ascend_llm_convert_runs_the_converter(tmp_path):
 # + compressed-tensors (scripts/make_converted_fixtures.sh; logits in
 # tests/fixtures/peer_checkpoints/converted/): the format's own reader sees the same model as this
 # runtime. Bounds as in tests/quant/test_peer_compressed_tensors.py: static int8 and weight-only
-# (8- and 4-bit channel) exact (1e-4; measured <= 9.5e-7); dynamic int8 differs by
+# (8- and 4-bit, channel or group 32, with or without zero points) exact (1e-4; measured <= 9.5e-7); dynamic int8 differs by
 # compressed-tensors' per-token amax / 127.5 grid against ours / 127 (0.1 / 0.02; measured 0.05 / 0.0095).
 READ_BY_TRANSFORMERS = {"llama_w8a8": (LOSSLESS, LOSSLESS), "qwen2_w8a8": (LOSSLESS, LOSSLESS),
                         "llama_w8a8_disabled": (LOSSLESS, LOSSLESS), "llama_w8a16": (LOSSLESS, LOSSLESS),
                         "llama_w8a8_dynamic": (0.1, 0.02), "qwen2_w8a8_dynamic": (0.1, 0.02),
                         "qwen2_v1_w8a8": (0.1, 0.02), "llama_wint8": (LOSSLESS, LOSSLESS),
-                        "llama_wint4": (LOSSLESS, LOSSLESS)}
+                        "llama_wint4": (LOSSLESS, LOSSLESS), "llama_w8a16_g32": (LOSSLESS, LOSSLESS),
+                        "llama_w4a16_g32": (LOSSLESS, LOSSLESS), "llama_w4a16": (LOSSLESS, LOSSLESS),
+                        "llama_w4a16_g32_asym": (LOSSLESS, LOSSLESS)}
 SOURCE_FORMATS = {"msmodelslim": "ascendv1", "fastdeploy": "fastdeploy"}
 
 
@@ -218,7 +262,7 @@ def test_transformers_reads_the_converted_checkpoint_as_we_do(case, tmp_path):
 # row-major codes, the same codes and scales are written, so the logits are the source's (1e-4).
 @pytest.mark.parametrize("case, target, written", [
     ("llama_wint8", "ascendv1", "W8A16"), ("llama_wint8", "compressed-tensors", "pack-quantized"),
-    ("llama_wint4", "compressed-tensors", "pack-quantized")])
+    ("llama_wint4", "compressed-tensors", "pack-quantized"), ("llama_wint4", "ascendv1", "W4A16")])
 def test_fastdeploy_weight_only_converts_losslessly(case, target, written, tmp_path):
     src = PEERS / "fastdeploy" / case
     report = convert("fastdeploy", target, src, tmp_path / "out")
@@ -227,9 +271,33 @@ def test_fastdeploy_weight_only_converts_losslessly(case, target, written, tmp_p
     assert _max_diff(src, tmp_path / "out") < LOSSLESS
 
 
-def test_fastdeploy_wint4_has_no_ascendv1_form(tmp_path, capsys):
-    args = ["--from", "fastdeploy", "--to", "ascendv1", str(PEERS / "fastdeploy" / "llama_wint4"), str(tmp_path / "o")]
-    assert main(args) == 2 and "int4_weight_only has no ascendV1 type" in capsys.readouterr().err
+def test_mixed_group_and_activation_schemes_have_no_ascendv1_form(tmp_path, capsys):
+    """One description group_size applies to every layer (msModelSlim), so a group-wise W4A16
+    layer cannot sit beside a W8A8_DYNAMIC one in an ascendV1 checkpoint: refused, naming it."""
+    src = tmp_path / "mixed"
+    convert("ascendv1", "compressed-tensors", MSMS / "llama_w4a16_g32", src)
+    donor = tmp_path / "dyn"
+    convert("ascendv1", "compressed-tensors", MSMS / "llama_w8a8_dynamic", donor)
+    weights = load_file(str(src / "model.safetensors"))
+    dynamic = load_file(str(donor / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    for leaf in ("weight_packed", "weight_scale", "weight_shape"):
+        weights.pop(f"{name}.{leaf}")
+    weights[f"{name}.weight"], weights[f"{name}.weight_scale"] = dynamic[f"{name}.weight"], dynamic[f"{name}.weight_scale"]
+    from safetensors.torch import save_file
+    save_file(weights, str(src / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    groups["group_0"]["targets"] = [t for t in groups["group_0"].get("targets", [])] or ["Linear"]
+    dyn_group = json.loads((donor / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    groups["group_1"] = dict(dyn_group, targets=[name])
+    groups["group_0"]["targets"] = ["re:.*(q|k|v|o|gate|up)_proj$", "re:model.layers.0.mlp.down_proj$"]
+    config["quantization_config"]["ignore"] = ["lm_head"]
+    (src / "config.json").write_text(json.dumps(config))
+    args = ["--from", "compressed-tensors", "--to", "ascendv1", str(src), str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot share an ascendV1 checkpoint with group-wise weight-only layers" in err, err
 
 
 @pytest.mark.parametrize("static", [True, False])
