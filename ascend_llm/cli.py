@@ -1,4 +1,4 @@
-"""`ascend-llm generate | chat | serve | eval | convert`."""
+"""`ascend-llm generate | chat | serve | eval | inspect | convert`."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +93,26 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Load the model (no server) and print its per-layer quantization audit."""
+    import json
+    from ascend_llm.quant.audit import strict_violations, summary_line, table
+    if args.model_path:
+        args.model = args.model_path
+    if args.kv_cache_memory_gb is None:
+        args.kv_cache_memory_gb = 0.05          # the audit needs the model, not a serving-size cache
+    args.enforce_eager = True
+    engine = _make_llm(args).llm_engine
+    audits = engine.quantization_audit()
+    if args.json:
+        sys.stdout.write(json.dumps({"backend": engine.backend, "summary": summary_line(audits),
+                                     "not_native": strict_violations(audits),
+                                     "layers": [a.to_dict() for a in audits]}, indent=2) + "\n")
+    else:
+        sys.stdout.write(table(audits) + "\n\n" + f"{engine.backend}: {summary_line(audits)}\n")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ascend_llm.server.api_server import run_server
     return run_server(args)
@@ -114,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     _add_serve_parser(sub)
     _add_eval_parser(sub)
+    inspect = EngineArgs.add_cli_args(sub.add_parser(
+        "inspect", help="load a model and print, per layer, its quantization scheme, the kernel "
+                        "chosen on this backend, the weight layout and bytes"))
+    inspect.add_argument("model_path", nargs="?", default=None, help="model (same as --model)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(func=cmd_inspect)
     sub.add_parser("convert", add_help=False,
                    help="re-write a quantized checkpoint for another runtime (compressed-tensors <-> "
                         "ascendv1); runs the offline tool `python -m calib.convert`, see --help there")

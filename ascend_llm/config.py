@@ -40,6 +40,7 @@ class ModelConfig:
     quantization: str | None = None
     seed: int = 0
     served_model_name: str | None = None
+    quantization_strict: bool = False      # refuse quantized layers off their native kernels
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and self.model.strip() != "",

@@ -19,6 +19,7 @@ class EngineArgs:
     served_model_name: str | None = None
     dtype: str = "auto"
     quantization: str | None = None
+    quantization_strict: bool = False
     kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = False
     quantization_param_path: str | None = None
@@ -41,7 +42,8 @@ class EngineArgs:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(self.model, self.tokenizer, self.dtype, self.max_model_len,
-                           self.quantization, self.seed, self.served_model_name)
+                           self.quantization, self.seed, self.served_model_name,
+                           self.quantization_strict)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.kv_cache_dtype, self.enable_prefix_caching,
@@ -82,6 +84,9 @@ class EngineArgs:
         add("--served-model-name", default=None, help="model name the API reports")
         add("--dtype", default=d.dtype, choices=["auto", "float32", "float16", "bfloat16"])
         add("--quantization", "-q", default=None, help="quantization method (e.g. wint8, w8a8, fp8)")
+        add("--quantization-strict", action="store_true",
+            help="fail at start-up, naming each layer, if any quantized layer would not run a native "
+                 "low-bit kernel on this backend (a reference, or dequantize + float matmul)")
         add("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
             help="KV cache storage: auto (model dtype), fp8 (= fp8_e4m3), fp8_e5m2 or int8; "
                  "quantized caches hold twice the tokens of a 16-bit one (default: %(default)s)")

@@ -111,6 +111,10 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len} (the prompt must be shorter)")
         return token_ids
 
+    def quantization_audit(self) -> list:
+        """The per-layer quantization audit of the driver's model (`quant/audit.py`)."""
+        return list(getattr(self.model_runner, "quant_audit", []))
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown ids are ignored."""
         state = self.requests.pop(request_id, None)

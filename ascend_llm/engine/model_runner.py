@@ -26,6 +26,7 @@ from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.models.weight_utils import fused_shards, process_weights_after_loading
+from ascend_llm.quant.audit import audit_model, check_strict, summary_line
 from ascend_llm.ops import AttentionMetadata, build_op_set
 from ascend_llm.platform import release_free_heap, resolve_dtype, torch_device
 from ascend_llm.quant.registry import get_quant_config
@@ -159,6 +160,10 @@ class ModelRunner:
                        leave=False)
         model.load_weights(cast_to_model_dtype(model, weights, self.dtype))
         process_weights_after_loading(model)
+        self.quant_audit = audit_model(model)
+        logger.info("quantization audit on %s: %s", self.backend, summary_line(self.quant_audit))
+        if model_config.quantization_strict:
+            check_strict(self.quant_audit)
         if self.backend == "cpu":
             release_free_heap()   # loading left hundreds of MiB of freed, still-resident heap
         return model.eval()

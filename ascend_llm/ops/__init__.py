@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 
+import torch
+
 from ascend_llm.ops import collectives
 from ascend_llm.ops.attention_metadata import AttentionMetadata
 from ascend_llm.ops.registry import REFERENCE_PRIORITY, Kernel, OpRegistry, OpSet
@@ -47,9 +49,19 @@ def _register_reference_fallback(registry: OpRegistry, backend: str) -> None:
                                      k.supports, k.prepare, priority=REFERENCE_PRIORITY))
 
 
+def weight_layout(backend: str, tensor: "torch.Tensor") -> str:
+    """dtype, shape and, on the NPU, the storage format (FRACTAL_NZ / ND) of a layer's weight."""
+    layout = f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
+    if backend == "npu":
+        from ascend_llm.ops.npu_runtime import storage_format
+        layout += f" {storage_format(tensor)}"
+    return layout
+
+
 def build_op_set(backend: str) -> OpSet:
     """The op set that layers use on `backend`."""
     return OpSet(build_registry((backend,)), backend)
 
 
-__all__ = ["AttentionMetadata", "Kernel", "OpRegistry", "OpSet", "build_op_set", "build_registry"]
+__all__ = ["AttentionMetadata", "Kernel", "OpRegistry", "OpSet", "build_op_set", "build_registry",
+           "weight_layout"]

@@ -170,24 +170,25 @@ def _supports_scheme(scheme: str) -> Any:
 
 
 def register(registry: OpRegistry) -> None:
-    """Register the quantized-op reference kernels."""
+    """Register the quantized-op reference kernels. Each decodes the weights to float and runs a
+    float matmul (`dequantizes`: strict mode and the audit report them as such)."""
     registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul",
-                             weight_only_matmul, _supports_weight_only))
+                             weight_only_matmul, _supports_weight_only, dequantizes=True))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_per_tensor",
-                             fp8_matmul_per_tensor, _supports_scheme("per_tensor")))
+                             fp8_matmul_per_tensor, _supports_scheme("per_tensor"), dequantizes=True))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_block",
-                             fp8_matmul_block, _supports_scheme("block")))
+                             fp8_matmul_block, _supports_scheme("block"), dequantizes=True))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_per_tensor_static",
-                             fp8_matmul_per_tensor_static, _supports_scheme("per_tensor_static")))
+                             fp8_matmul_per_tensor_static, _supports_scheme("per_tensor_static"), dequantizes=True))
     registry.register(Kernel("weight_only_group_matmul", BACKEND, "cpu.weight_only_group_matmul",
-                             weight_only_group_matmul, _supports_weight_only))
+                             weight_only_group_matmul, _supports_weight_only, dequantizes=True))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_per_token",
-                             fp8_matmul_per_token, _supports_scheme("per_token")))
+                             fp8_matmul_per_token, _supports_scheme("per_token"), dequantizes=True))
     registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul_wint2",
-                             weight_only_matmul_wint2, _supports_int2))
+                             weight_only_matmul_wint2, _supports_int2, dequantizes=True))
     registry.register(Kernel("weight_only_matmul", BACKEND, "cpu.weight_only_matmul_split",
-                             weight_only_matmul_split, _supports_int4, priority=1))
+                             weight_only_matmul_split, _supports_int4, priority=1, dequantizes=True))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_per_tensor_fast",
-                             fp8_matmul_per_tensor_fast, _supports_scheme("per_tensor"), priority=1))
+                             fp8_matmul_per_tensor_fast, _supports_scheme("per_tensor"), priority=1, dequantizes=True))
     registry.register(Kernel("fp8_matmul", BACKEND, "cpu.fp8_matmul_block_fast",
-                             fp8_matmul_block_fast, _supports_scheme("block"), priority=1))
+                             fp8_matmul_block_fast, _supports_scheme("block"), priority=1, dequantizes=True))

@@ -35,6 +35,15 @@ def to_nz(weight: torch.Tensor) -> torch.Tensor:
     return torch_npu().npu_format_cast(weight.contiguous(), ACL_FORMAT_FRACTAL_NZ)
 
 
+def storage_format(t: torch.Tensor) -> str:
+    """The NPU storage format of `t` (torch_npu.get_npu_format): FRACTAL_NZ, ND or the ACL number."""
+    try:
+        code = int(torch_npu().get_npu_format(t))
+    except RuntimeError:                 # a tensor without NPU storage (e.g. a fake / meta tensor)
+        return "storage format unknown"
+    return {ACL_FORMAT_FRACTAL_NZ: "FRACTAL_NZ", 2: "ND"}.get(code, f"ACL format {code}")
+
+
 def deq_scale_int64(scale: torch.Tensor) -> torch.Tensor:
     """float32 per-channel scales [n] -> int64 [n] holding the float32 bits in the low 32 bits,
     the `scale` form npu_quant_matmul takes for float16 outputs (msModelSlim / MindIE)."""

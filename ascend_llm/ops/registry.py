@@ -7,6 +7,10 @@ every rejection reason so a user sees why nothing fits. When the kernel chosen i
 plain-torch reference fallback (priority `REFERENCE_PRIORITY`: the backend has no kernel of its
 own for the op, or each one rejected the traits), the step-aside is logged once per registry with
 the reasons, so a user sees which layers do not run the backend's kernels and why.
+
+`OpSet.bind(layer, op, **traits)` selects as `select` does and records the choice on the layer
+(`layer.kernel_choices`: the kernel, how it computes, and every kernel rejected on the way), which
+the per-layer quantization audit (`quant/audit.py`) and strict mode read.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ def _no_prepare(layer: nn.Module) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Kernel:
-    """One backend's implementation of an op."""
+    """One backend's implementation of an op. `dequantizes`: it decodes quantized weights to a
+    float tensor and runs a float matmul (no low-bit arithmetic), which strict mode reports."""
     op: str
     backend: str
     name: str
@@ -41,6 +46,22 @@ class Kernel:
     supports: SupportsFn = _always
     prepare: Callable[[nn.Module], None] = _no_prepare
     priority: int = 0
+    dequantizes: bool = False
+
+    @property
+    def path(self) -> str:
+        """How it computes: "reference" (a backend's plain-torch fallback), "dequantize" or "native"."""
+        if self.priority <= REFERENCE_PRIORITY:
+            return "reference"
+        return "dequantize" if self.dequantizes else "native"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelChoice:
+    """The kernel `select` chose for one op of a layer, and why the ones before it were passed over."""
+    op: str
+    kernel: Kernel
+    rejected: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -59,6 +80,10 @@ class OpRegistry:
         return sorted(op for op, b in self.kernels if b == backend)
 
     def select(self, op: str, backend: str, **traits: Any) -> Kernel:
+        return self.choose(op, backend, **traits).kernel
+
+    def choose(self, op: str, backend: str, **traits: Any) -> KernelChoice:
+        """The first supporting kernel with the rejection reasons of those before it."""
         disabled = _disabled_kernels()
         reasons: list[str] = []
         own = 0                     # reasons[:own] are the backend's own kernels' (above the fallback)
@@ -70,7 +95,7 @@ class OpRegistry:
                 if reason is None:
                     if kernel.priority <= REFERENCE_PRIORITY:
                         self._announce_step_aside(kernel, reasons[:own])
-                    return kernel
+                    return KernelChoice(op, kernel, tuple(reasons))
                 reasons.append(f"{kernel.name}: {reason}")
             own += kernel.priority > REFERENCE_PRIORITY
         if not reasons:
@@ -115,3 +140,10 @@ class OpSet:
 
     def get(self, op: str, **traits: Any) -> Callable[..., Any]:
         return self.select(op, **traits).run
+
+    def bind(self, layer: nn.Module, op: str, **traits: Any) -> Kernel:
+        """`select`, recording the choice in `layer.kernel_choices` (one entry per op)."""
+        choice = self.registry.choose(op, self.backend, **traits)
+        choices = [c for c in getattr(layer, "kernel_choices", []) if c.op != op]
+        layer.kernel_choices = choices + [choice]
+        return choice.kernel

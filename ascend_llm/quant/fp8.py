@@ -53,7 +53,7 @@ def bind_fp8_kernel(layer: nn.Module, scheme: str, act_dtype: torch.dtype) -> No
     ops = getattr(layer, "ops", None)
     if ops is None:
         return
-    kernel = ops.select("fp8_matmul", scheme=scheme, dtype=act_dtype)
+    kernel = ops.bind(layer, "fp8_matmul", scheme=scheme, dtype=act_dtype)
     kernel.prepare(layer)
     layer.fp8_kernel = kernel
 

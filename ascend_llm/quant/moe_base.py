@@ -118,7 +118,7 @@ def bind_fused_experts(layer: nn.Module, **traits: object) -> None:
     traits = {"hidden_size": layer.hidden_size, "intermediate_size": layer.intermediate_size_per_partition,
               **traits}
     try:
-        kernel = ops.select(FUSED_EXPERTS_OP, **traits)
+        kernel = ops.bind(layer, FUSED_EXPERTS_OP, **traits)
     except ValueError as reason:
         logger.info("%s: quantized experts run the reference path on backend %s: %s",
                     layer.prefix, ops.backend, reason)
@@ -165,7 +165,7 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
         layer.w2_weight = nn.Parameter(layer.w2_weight.data.transpose(1, 2).contiguous(), requires_grad=False)
         ops = getattr(layer, "ops", None)
         if ops is not None:
-            kernel = ops.select("grouped_matmul", dtype=layer.w13_weight.dtype)
+            kernel = ops.bind(layer, "grouped_matmul", dtype=layer.w13_weight.dtype)
             kernel.prepare(layer)
             layer.grouped_matmul = kernel.run
 

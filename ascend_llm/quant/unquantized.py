@@ -23,7 +23,7 @@ class UnquantizedLinearMethod(QuantMethod):
         ops = getattr(layer, "ops", None)
         if ops is None:
             return
-        kernel = ops.select("linear", dtype=layer.weight.dtype,
+        kernel = ops.bind(layer, "linear", dtype=layer.weight.dtype,
                             shared_weight=getattr(layer, "shared_weight", False))
         kernel.prepare(layer)
         layer.linear_kernel = kernel

@@ -424,7 +424,7 @@ def quant_matmul_dynamic(q_x: torch.Tensor, weight: torch.Tensor, scale: torch.T
 def _kernel(layer: nn.Module, op: str, fallback: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The backend's kernel for `op` (chosen once, after loading), or the reference without an op set."""
     ops = getattr(layer, "ops", None)
-    return fallback if ops is None else ops.get(op)
+    return fallback if ops is None else ops.bind(layer, op).run
 
 
 def _bind_layer_kernel(layer: nn.Module, scheme: str) -> None:
@@ -437,7 +437,7 @@ def _bind_layer_kernel(layer: nn.Module, scheme: str) -> None:
     ops = getattr(layer, "ops", None)
     if ops is None or ("w8a8_linear", ops.backend) not in ops.registry.kernels:
         return
-    kernel = ops.select("w8a8_linear", scheme=scheme, dtype=layer.params_dtype)
+    kernel = ops.bind(layer, "w8a8_linear", scheme=scheme, dtype=layer.params_dtype)
     kernel.prepare(layer)
     layer.w8a8_layer_kernel = kernel
 
@@ -589,6 +589,6 @@ def _bind_per_token_fp8(layer: nn.Module) -> None:
     ops = getattr(layer, "ops", None)
     if ops is None:
         return
-    kernel = ops.select("fp8_matmul", scheme="per_token", dtype=getattr(layer, "params_dtype", None))
+    kernel = ops.bind(layer, "fp8_matmul", scheme="per_token", dtype=getattr(layer, "params_dtype", None))
     kernel.prepare(layer)
     layer.fp8_kernel = kernel

@@ -74,7 +74,7 @@ def bind_weight_only_kernel(layer: nn.Module, bits: int, act_dtype: torch.dtype)
     """Select the backend's `weight_only_matmul` kernel for `bits` and prepare the layer for it."""
     ops = getattr(layer, "ops", None)
     if ops is not None:
-        kernel = ops.select("weight_only_matmul", bits=bits, dtype=act_dtype)
+        kernel = ops.bind(layer, "weight_only_matmul", bits=bits, dtype=act_dtype)
         kernel.prepare(layer)
         layer.weight_only_kernel = kernel
 

@@ -124,7 +124,7 @@ def bind_group_kernel(layer: nn.Module) -> None:
     if ops is None:
         return
     n, k = layer.weight.shape
-    kernel = ops.select("weight_only_group_matmul", bits=layer.quant_bits, dtype=layer.act_dtype,
+    kernel = ops.bind(layer, "weight_only_group_matmul", bits=layer.quant_bits, dtype=layer.act_dtype,
                         group_size=layer.group_size, k=k, n=n,
                         asymmetric=layer.weight_zero_point is not None)
     kernel.prepare(layer)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ascend_llm import __version__
-from ascend_llm.engine.async_engine import AsyncLLMEngine
+from ascend_llm.engine.async_engine import AsyncLLMEngine, EngineUnavailableError
 from ascend_llm.server.args import ServerConfig
 from ascend_llm.server.auth import APIKeyMiddleware
 from ascend_llm.server.body import parse_request
@@ -21,10 +21,11 @@ from ascend_llm.server.errors import APIError, error_body
 from ascend_llm.server.metrics import ServerMetrics
 from ascend_llm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                                         TokenizeRequest)
+from ascend_llm.server.quantization import QuantizationCollector, quantization_report
 from ascend_llm.server.serving_chat import ChatServing
 from ascend_llm.server.serving_completion import CompletionServing
 from ascend_llm.server.serving_embedding import EmbeddingServing
-from ascend_llm.server.serving_engine import ServingContext
+from ascend_llm.server.serving_engine import ServingContext, admission_error
 from ascend_llm.server.serving_models import list_models, retrieve_model
 from ascend_llm.server.serving_tokenize import TokenizeServing
 
@@ -51,8 +52,15 @@ class ServerHandlers:
         self.metrics = ServerMetrics(model_name, self.engine.stats, _max_model_len(self.engine, self.config),
                                      lambda: cache_config_info(self.engine))
         self.engine.add_stats_listener(self.metrics)
+        self.metrics.registry.register(QuantizationCollector(lambda: _quantization_audit(self.engine), model_name))
         self.ctx.metrics = self.metrics
         return self.metrics
+
+
+def _quantization_audit(engine: Any) -> list:
+    """The engine's per-layer audit (empty for an engine without a model, e.g. a test double)."""
+    audit = getattr(getattr(engine, "engine", None), "quantization_audit", None)
+    return audit() if audit is not None else []
 
 
 def build_app(engine: Any, args: argparse.Namespace | ServerConfig | None = None) -> FastAPI:
@@ -178,6 +186,13 @@ def _add_openai_routes(app: FastAPI, h: ServerHandlers) -> None:
     async def tokenize(request: Request) -> JSONResponse:
         req = await parse_request(request, TokenizeRequest, limit)
         return JSONResponse(h.tokenize.tokenize(req).model_dump())
+
+    @app.get("/v1/quantization")
+    async def quantization() -> JSONResponse:
+        try:
+            return JSONResponse(quantization_report(h.engine.engine))
+        except EngineUnavailableError as exc:      # loading: 503 with Retry-After, like requests
+            raise admission_error(exc) from None
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> JSONResponse:
