@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ascend_llm.engine.arg_utils import EngineArgs
+from ascend_llm.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--engine-stall-timeout", type=float, default=120.0,
         help="/health returns 503 when one engine step takes longer than this (default: %(default)s)")
     add("--uvicorn-log-level", default="warning")
+    # tool calling (vLLM's flags): tool_choice "auto" needs both; "none", "required" and named work without
+    add("--enable-auto-tool-choice", action="store_true",
+        help="let the model decide when to call tools (tool_choice \"auto\"); needs --tool-call-parser")
+    add("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+        help="the model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3), llama3_json / llama4_json, "
+             "mistral, pythonic, qwen3_coder / qwen3_xml, ernie45")
     return parser
 
 
@@ -61,6 +68,8 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     engine_stall_timeout: float = 120.0
     uvicorn_log_level: str = "warning"
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None) -> "ServerConfig":
@@ -105,6 +114,8 @@ def _check(config: ServerConfig) -> None:
         raise ValueError(f"max_concurrency: must be >= 1, got {config.max_pending_requests}")
     if config.api_key is not None and not config.api_key:
         raise ValueError("api_key: must not be empty")
+    if config.enable_auto_tool_choice and not config.tool_call_parser:
+        raise ValueError("enable_auto_tool_choice: --enable-auto-tool-choice requires --tool-call-parser")
 
 
 def make_parser() -> argparse.ArgumentParser:
