@@ -23,7 +23,7 @@ from ascend_llm.server.serving_tools import AUTO_NEEDS_FLAGS, resolve_tools
 from ascend_llm.server.tool_choice_schema import required_tools_schema
 from tests.server.conftest import MODEL, server_args
 from tests.server.test_validation import _assert_error
-from tests.server.tool_template import TOOL_TEMPLATE
+from tests.server.tool_fixtures import TOOL_TEMPLATE
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
