@@ -91,6 +91,7 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = None
+    tools: list[dict[str, Any]] | None = None          # rendered with `messages`, as in chat
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -61,7 +61,8 @@ class ToolRequest:
         return self.choice == "auto" and self.parser_cls is not None and self.parser_cls.needs_special_tokens
 
     def finish_reason(self, reason: str | None, tools_called: bool) -> str | None:
-        """"tool_calls" when calls ended the output (a named function keeps "stop", as OpenAI)."""
+        """The finish reason to report: `tool_calls` when calls ended the output of "auto" or
+        "required" (a named function keeps `stop`, as OpenAI answers)."""
         if tools_called and reason == "stop" and self.choice in ("auto", "required"):
             return "tool_calls"
         return reason
@@ -75,13 +76,18 @@ def resolve_tools(req: ChatCompletionRequest, enable_auto_tool_choice: bool,
             raise bad_request("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
                               "are specified.", "tool_choice")
         return None
-    tools = [_check_tool(tool, i) for i, tool in enumerate(req.tools)]
+    tools = check_tools(req.tools)
     choice, name = _check_tool_choice(req.tool_choice, tools)
     if choice == "auto" and not (enable_auto_tool_choice and tool_call_parser):
         raise bad_request(AUTO_NEEDS_FLAGS, "tool_choice")
     parser_cls = get_tool_parser(tool_call_parser) if tool_call_parser else None
     parallel = True if req.parallel_tool_calls is None else bool(req.parallel_tool_calls)
     return ToolRequest(tools, choice, name, parallel, parser_cls)
+
+
+def check_tools(tools: list[Any]) -> list[dict[str, Any]]:
+    """Validated function tools in the shape chat templates take; 400 naming `tools[i]...`."""
+    return [_check_tool(tool, i) for i, tool in enumerate(tools)]
 
 
 def _check_tool(tool: Any, i: int) -> dict[str, Any]:

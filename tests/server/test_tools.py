@@ -46,11 +46,11 @@ def tool_client(engine, tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def template_chat(engine, tiny_llama_dir) -> ChatServing:
-    """The chat handler of an app whose template renders tools (its prompts are too long to run)."""
+def template_client(engine, tiny_llama_dir):
+    """An app whose template renders tools (its chat prompts are too long for the tiny model to run)."""
     args = server_args(tiny_llama_dir, "--chat-template", TOOL_TEMPLATE)
     with TestClient(build_app(engine, args)) as test_client:
-        yield test_client.app.state.handlers.chat
+        yield test_client
 
 
 def _prepare(client: TestClient, body: dict[str, Any]) -> _Prepared:
@@ -107,7 +107,8 @@ def test_flags(tiny_llama_dir):
 
 
 # ------------------------------------------------------------------- the prompt
-def test_tools_and_tool_turns_go_through_the_template(template_chat):
+def test_tools_and_tool_turns_go_through_the_template(template_client):
+    template_chat = template_client.app.state.handlers.chat
     req = ChatCompletionRequest(**{**BASE, "messages": TURNS, "tool_choice": "none"})
     tools = resolve_tools(req, False, None)
     prompt = template_chat.render(req.messages, tools=tools.tools).text
@@ -239,3 +240,13 @@ def test_named_and_required_outputs_become_calls(tool_client):
     chunks = _streamed(required, '[{"name": "now", "parameters": {}}]', 3)
     assert _accumulate(chunks)[1][0]["arguments"] == "{}"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tokenize_renders_tools_like_chat(template_client):
+    # vLLM's /tokenize takes `tools` with `messages`
+    client = template_client
+    plain = client.post("/tokenize", json={"messages": USER}).json()["count"]
+    with_tools = client.post("/tokenize", json={"messages": USER, "tools": [NOW]}).json()["count"]
+    assert with_tools > plain + 10
+    _assert_error(client.post("/tokenize", json={"messages": USER, "tools": [{"type": "x"}]}), 400, "tools[0].type")
+    _assert_error(client.post("/tokenize", json={"prompt": "x", "tools": [NOW]}), 400, "tools")
