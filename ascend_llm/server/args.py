@@ -49,6 +49,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
         help="the model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3), llama3_json / llama4_json, "
              "mistral, pythonic, qwen3_coder / qwen3_xml, ernie45")
+    add("--exclude-tools-when-tool-choice-none", action="store_true",
+        help="leave the tools out of the prompt when tool_choice is \"none\" (default: rendered)")
     return parser
 
 
@@ -70,6 +72,7 @@ class ServerConfig:
     uvicorn_log_level: str = "warning"
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None) -> "ServerConfig":

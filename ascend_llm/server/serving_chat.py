@@ -54,9 +54,9 @@ class ChatServing:
         model = self.ctx.check_model(req.model)
         _check_unsupported(req)
         top = _top_logprobs(req)
-        tools = resolve_tools(req, self.ctx.config.enable_auto_tool_choice, self.ctx.config.tool_call_parser)
+        tools = resolve_tools(req, self.ctx.config)
         prompt = self.render(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
-                             tools.tools if tools else None)
+                             tools.prompt_tools if tools else None)
         tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self.ctx.resolve_max_tokens(requested, len(prompt.token_ids), "messages", tokens_param)

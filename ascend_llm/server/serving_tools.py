@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ascend_llm.sampling_params import StructuredOutputsParams
+from ascend_llm.server.args import ServerConfig
 from ascend_llm.server.errors import bad_request
 from ascend_llm.server.protocol import ChatCompletionRequest, ChatMessageIn
 from ascend_llm.server.tool_choice_schema import named_tool_schema, required_tools_schema
@@ -35,6 +36,12 @@ class ToolRequest:
     function_name: str | None
     parallel: bool
     parser_cls: type[ToolParser] | None
+    in_prompt: bool = True              # False: "none" with --exclude-tools-when-tool-choice-none
+
+    @property
+    def prompt_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template renders (None: left out)."""
+        return self.tools if self.in_prompt else None
 
     def new_parser(self) -> ToolParser | None:
         """A fresh parser for one choice (None for "none": the output is plain content)."""
@@ -68,9 +75,12 @@ class ToolRequest:
         return reason
 
 
-def resolve_tools(req: ChatCompletionRequest, enable_auto_tool_choice: bool,
-                  tool_call_parser: str | None) -> ToolRequest | None:
+def resolve_tools(req: ChatCompletionRequest, config: ServerConfig) -> ToolRequest | None:
     """The request's tool settings (None without tools); 400 naming the field on bad input."""
+    if req.functions is not None or req.function_call is not None:
+        param = "functions" if req.functions is not None else "function_call"
+        raise bad_request(f"{param}: the deprecated `functions` / `function_call` fields are not supported; "
+                          "use `tools` / `tool_choice`", param)
     if req.tools is None or (not req.tools and req.tool_choice in (None, "none", "auto", "required")):
         if req.tool_choice is not None and req.tools is None:
             raise bad_request("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
@@ -78,11 +88,12 @@ def resolve_tools(req: ChatCompletionRequest, enable_auto_tool_choice: bool,
         return None
     tools = check_tools(req.tools)
     choice, name = _check_tool_choice(req.tool_choice, tools)
-    if choice == "auto" and not (enable_auto_tool_choice and tool_call_parser):
+    if choice == "auto" and not (config.enable_auto_tool_choice and config.tool_call_parser):
         raise bad_request(AUTO_NEEDS_FLAGS, "tool_choice")
-    parser_cls = get_tool_parser(tool_call_parser) if tool_call_parser else None
+    parser_cls = get_tool_parser(config.tool_call_parser) if config.tool_call_parser else None
     parallel = True if req.parallel_tool_calls is None else bool(req.parallel_tool_calls)
-    return ToolRequest(tools, choice, name, parallel, parser_cls)
+    in_prompt = not (choice == "none" and config.exclude_tools_when_tool_choice_none)
+    return ToolRequest(tools, choice, name, parallel, parser_cls, in_prompt)
 
 
 def check_tools(tools: list[Any]) -> list[dict[str, Any]]:

@@ -53,6 +53,10 @@ def template_client(engine, tiny_llama_dir):
         yield test_client
 
 
+def _auto(parser: str) -> ServerConfig:
+    return ServerConfig(enable_auto_tool_choice=True, tool_call_parser=parser)
+
+
 def _prepare(client: TestClient, body: dict[str, Any]) -> _Prepared:
     return client.app.state.handlers.chat.prepare(ChatCompletionRequest(**{**BASE, **body}))
 
@@ -79,6 +83,8 @@ def _prepare(client: TestClient, body: dict[str, Any]) -> _Prepared:
     ({"messages": [TURNS[0], {**TURNS[1], "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "{bad"}}]}]},
      "messages[1].tool_calls[0].function.arguments"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, "messages[0].tool_calls"),
+    ({"tools": None, "tool_choice": None, "functions": [WEATHER["function"]]}, "functions"),
+    ({"tools": None, "tool_choice": None, "function_call": "auto"}, "function_call"),
 ])
 def test_bad_tool_requests_are_400_naming_the_field(tool_client, extra, param):
     _assert_error(tool_client.post("/v1/chat/completions", json={**BASE, "tool_choice": "none", **extra}), 400, param)
@@ -110,12 +116,15 @@ def test_flags(tiny_llama_dir):
 def test_tools_and_tool_turns_go_through_the_template(template_client):
     template_chat = template_client.app.state.handlers.chat
     req = ChatCompletionRequest(**{**BASE, "messages": TURNS, "tool_choice": "none"})
-    tools = resolve_tools(req, False, None)
+    tools = resolve_tools(req, ServerConfig())
     prompt = template_chat.render(req.messages, tools=tools.tools).text
     assert json.dumps(WEATHER) in prompt and json.dumps(NOW) in prompt          # tools as transformers passes them
     assert '"arguments": {"city": "Paris"}' in prompt                          # arguments as a dict (vLLM)
     assert '<tool_response id="call_1">\n22 C, sunny' in prompt
     assert "<tools>" not in template_chat.render(req.messages).text
+    excluded = ServerConfig(exclude_tools_when_tool_choice_none=True)
+    assert resolve_tools(req, excluded).prompt_tools is None          # vLLM's --exclude-tools-when-tool-choice-none
+    assert resolve_tools(req.model_copy(update={"tool_choice": "required"}), excluded).prompt_tools == tools.tools
 
 
 def test_two_turn_conversation_answers(tool_client):
@@ -138,8 +147,8 @@ def test_required_and_named_set_the_grammar(tool_client):
 def test_mistral_keeps_its_special_tokens():
     # vLLM's MistralToolParser.adjust_request: [TOOL_CALLS] is a special token
     req = ChatCompletionRequest(**BASE)
-    assert resolve_tools(req, True, "mistral").keep_special_tokens
-    assert not resolve_tools(req, True, "hermes").keep_special_tokens
+    assert resolve_tools(req, _auto("mistral")).keep_special_tokens
+    assert not resolve_tools(req, _auto("hermes")).keep_special_tokens
 
 
 # ------------------------------------------------------------- response shapes
@@ -172,7 +181,7 @@ def _output(text: str, finish_reason: str | None) -> RequestOutput:
 
 def _prepared(client: TestClient, body: dict[str, Any]) -> _Prepared:
     req = ChatCompletionRequest(**{**BASE, **body})
-    tools = resolve_tools(req, True, "hermes")
+    tools = resolve_tools(req, _auto("hermes"))
     return _Prepared(req, MODEL, PromptInput("p", [1, 2]), SamplingParams(), None, tools)
 
 
