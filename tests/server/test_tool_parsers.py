@@ -25,6 +25,8 @@ CASES = [
                '</tool_call>\n<tool_call>{"arguments": {}, "name": "now"}</tool_call>',
      "Let me look.", [("get_weather", PARIS), ("now", EMPTY)]),
     ("hermes", '<tool_call>{"name": "now"}', None, [("now", EMPTY)]),       # unclosed tag at the end: vLLM too
+    ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "a \\"b\\" }]\\\\", "days": [{"x": []}]}}'
+               '</tool_call>', None, [("get_weather", {"city": 'a "b" }]\\', "days": [{"x": []}]})]),
     ("hermes", 'Plain answer with {"braces": 1}.', 'Plain answer with {"braces": 1}.', []),
     ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
      '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', []),

@@ -7,6 +7,7 @@ fragments concatenate to exactly the `arguments` string of the non-streamed resp
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from ascend_llm.server.tool_parsers.abstract_tool_parser import ParsedCall
@@ -14,6 +15,8 @@ from ascend_llm.server.tool_parsers.abstract_tool_parser import ParsedCall
 _WHITESPACE = " \t\r\n"
 _SCALAR_END = ",}] \t\r\n"
 ARGUMENT_KEYS = ("arguments", "parameters")
+_STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)   # a string's characters up to its quote
+_STRUCTURE = re.compile(r'["{}\[\]]')                          # what changes depth outside strings
 
 
 class MalformedCall(ValueError):
@@ -28,15 +31,8 @@ def skip_whitespace(text: str, pos: int) -> int:
 
 def scan_string(text: str, pos: int) -> int | None:
     """End (exclusive) of the JSON string starting at `pos` (a quote); None if it has not ended."""
-    i = pos + 1
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-            continue
-        if text[i] == '"':
-            return i + 1
-        i += 1
-    return None
+    end = _STRING_BODY.match(text, pos + 1).end()
+    return end + 1 if end < len(text) and text[end] == '"' else None
 
 
 def scan_value(text: str, pos: int) -> int | None:
@@ -52,21 +48,18 @@ def scan_value(text: str, pos: int) -> int | None:
             end += 1
         return end if end < len(text) and end > pos else None
     depth, i = 0, pos
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
+    while (match := _STRUCTURE.search(text, i)) is not None:
+        i = match.start()
+        if text[i] == '"':
             end = scan_string(text, i)
             if end is None:
                 return None
             i = end
             continue
-        if ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
+        depth += 1 if text[i] in "{[" else -1
         i += 1
+        if depth == 0:
+            return i
     return None
 
 
