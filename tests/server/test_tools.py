@@ -173,6 +173,9 @@ class _FakeStream:
     def abort(self) -> None:
         pass
 
+    async def collect(self) -> list[RequestOutput]:
+        return self.outputs[-1:]
+
 
 def _output(text: str, finish_reason: str | None) -> RequestOutput:
     return RequestOutput("r-0", "p", [1, 2], None, [CompletionOutput(0, text, list(range(len(text))), None, None,
@@ -259,3 +262,64 @@ def test_tokenize_renders_tools_like_chat(template_client):
     assert with_tools > plain + 10
     _assert_error(client.post("/tokenize", json={"messages": USER, "tools": [{"type": "x"}]}), 400, "tools[0].type")
     _assert_error(client.post("/tokenize", json={"prompt": "x", "tools": [NOW]}), 400, "tools")
+
+
+# ------------------------------------------- real clients over scripted model output
+@pytest.fixture
+def scripted(tool_client, monkeypatch):
+    """The tool client with the engine replaced by `texts[key]` for every request, streamed 5
+    characters per step: the HTTP layer, the openai SDK and LangChain see real tool-call answers."""
+    texts: dict[str, str] = {}
+
+    async def submit(request_id, prompts, params):
+        text = texts["output"]
+        return _FakeStream([text[:i] for i in range(5, len(text), 5)] + [text], "stop")
+    monkeypatch.setattr(tool_client.app.state.handlers.ctx, "submit", submit)
+    return texts
+
+
+def test_openai_sdk_reads_the_tool_calls(tool_client, scripted):
+    import openai
+    scripted["output"] = OUTPUT
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=tool_client)
+    kwargs = dict(model=MODEL, messages=USER, tools=[WEATHER, NOW])
+    message = sdk.chat.completions.create(**kwargs).choices[0].message
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"}), ("now", {})]
+    with sdk.chat.completions.stream(**kwargs) as stream:          # the SDK's own accumulation
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and final.message.content == "I will check."
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in message.tool_calls]
+
+
+def test_langchain_reads_the_tool_calls(tool_client, scripted):
+    from langchain_openai import ChatOpenAI
+    scripted["output"] = OUTPUT
+    llm = ChatOpenAI(base_url="http://testserver/v1", api_key="unused", model=MODEL, http_client=tool_client,
+                     max_retries=0).bind_tools([WEATHER, NOW])
+    message = llm.invoke("Weather in Paris?")
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", {"city": "Paris"}), ("now", {})]
+    chunks = list(llm.stream("Weather in Paris?"))
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [("get_weather", {"city": "Paris"}), ("now", {})]
+
+
+def test_langchain_structured_output_over_a_named_call(tool_client, scripted):
+    # with_structured_output(method="function_calling") names the function in tool_choice; the output
+    # the grammar engine would force is the arguments object (here scripted)
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        """A weather report."""
+        city: str
+        celsius: int
+
+    scripted["output"] = '{"city": "Paris", "celsius": 18}'
+    llm = ChatOpenAI(base_url="http://testserver/v1", api_key="unused", model=MODEL, http_client=tool_client,
+                     max_retries=0)
+    assert llm.with_structured_output(Weather, method="function_calling").invoke("Paris?") == \
+        Weather(city="Paris", celsius=18)
