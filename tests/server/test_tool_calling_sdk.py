@@ -55,9 +55,9 @@ def _streamed(sdk, **kwargs):
     return content, [(c["name"], json.loads(c["arguments"])) for c in calls.values()], finish
 
 
-@pytest.mark.parametrize("messages", [[SYSTEM, QUESTION], TWO_TURNS], ids=["one_turn", "tool_result_turn"])
-def test_auto_streamed_and_not(sdk, model, messages):
-    kwargs = dict(model=model, messages=messages, tools=TOOLS, tool_choice="auto", max_tokens=MAX_TOKENS,
+def test_two_turn_auto_streamed_and_not(sdk, model):
+    # turn 2: the assistant's tool call and the tool's result fed back
+    kwargs = dict(model=model, messages=TWO_TURNS, tools=TOOLS, tool_choice="auto", max_tokens=MAX_TOKENS,
                   temperature=0)
     resp = sdk.chat.completions.create(**kwargs)
     choice = resp.choices[0]
