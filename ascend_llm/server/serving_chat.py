@@ -104,7 +104,8 @@ class ChatServing:
             yield self._chunk(request_id, created, p, [ChatStreamChoice(
                 index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(p.params.n)])
             async for _, out in stream:
-                choices = [ch for c in out.outputs if (ch := self._choice(p, c, trackers[c.index], parsers[c.index])) is not None]
+                choices = [ch for c in out.outputs
+                           if (ch := self._choice(p, c, trackers[c.index], parsers[c.index])) is not None]
                 if choices:
                     extra = usage([out]) if opts and opts.continuous_usage_stats else None
                     yield self._chunk(request_id, created, p, choices, extra)
