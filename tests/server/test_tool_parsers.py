@@ -49,6 +49,7 @@ CASES = [
     ("pythonic", "[get_weather(city='Paris', days=2)]", None, [("get_weather", PARIS)]),
     ("pythonic", "[get_weather('Paris')]", "[get_weather('Paris')]", []),     # positional: not a call
     ("pythonic", "I think [1, 2] is a list.", "I think [1, 2] is a list.", []),
+    ("pythonic", "[get_weather(days=1e999)]", "[get_weather(days=1e999)]", []),        # inf is not JSON
     ("qwen3_coder", "I will check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
                     "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
      "I will check.", [("get_weather", PARIS)]),
@@ -56,6 +57,8 @@ CASES = [
                     "\ntrue\n</parameter>\n<parameter=hours>\n[1, 2]\n</parameter>\n</function>\n</tool_call>\n"
                     "<tool_call>\n<function=now>\n</function>\n</tool_call>",
      None, [("get_weather", {"city": "La Paz", "metric": True, "hours": [1, 2]}), ("now", EMPTY)]),
+    ("qwen3_coder", "<tool_call><function=get_weather><parameter=days>inf</parameter><parameter=x>1e999</parameter>"
+                    "</function></tool_call>", None, [("get_weather", {"days": "inf", "x": "1e999"})]),
     ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis",
      "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis", []),
 ]
@@ -64,6 +67,7 @@ CASES = [
 # Malformed call text that looked like a call while it streamed: its header (and some arguments)
 # were already sent when the text went wrong; a stream cannot take them back (nor can vLLM's).
 STARTED_THEN_MALFORMED = {
+    "[get_weather(days=1e999)]",
     '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
     "[get_weather('Paris')]",
     "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis",

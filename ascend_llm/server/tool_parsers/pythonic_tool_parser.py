@@ -86,6 +86,6 @@ def _call(element: str) -> ParsedCall:
     except ValueError as exc:
         raise MalformedCall(str(exc)) from None
     try:
-        return ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False), complete=True)
-    except TypeError as exc:            # sets, bytes, complex numbers: not JSON
+        return ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False, allow_nan=False), complete=True)
+    except (TypeError, ValueError) as exc:      # sets, bytes, complex numbers, inf: not JSON
         raise MalformedCall(str(exc)) from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from typing import Any
 
@@ -107,6 +108,8 @@ def convert_param_value(value: str, schema: Any) -> Any:
             return int(value)
         if kind.startswith(("num", "float")):
             number = float(value)
+            if not math.isfinite(number):           # JSON has no inf / nan: keep the text
+                return value
             return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() \
                 else number
         if kind in ("boolean", "bool", "binary"):
@@ -117,7 +120,7 @@ def convert_param_value(value: str, schema: Any) -> Any:
         return value
     try:
         result = ast.literal_eval(value)
-        json.dumps(result)
+        json.dumps(result, allow_nan=False)
         return result
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return value
