@@ -31,6 +31,8 @@ CASES = [
     ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
      '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', []),
     ("hermes", '<tool_call>{"nom": "x"}</tool_call>', '<tool_call>{"nom": "x"}</tool_call>', []),
+    ("hermes", '<tool_call>{"name": "now", "arguments": {"x": NaN}}</tool_call>',        # Python-only JSON
+     '<tool_call>{"name": "now", "arguments": {"x": NaN}}</tool_call>', []),
     ("ernie45", '\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n',
      None, [("get_weather", PARIS)]),
     ("ernie45", "<response>Bonjour</response>", "Bonjour", []),
@@ -67,6 +69,7 @@ CASES = [
 # Malformed call text that looked like a call while it streamed: its header (and some arguments)
 # were already sent when the text went wrong; a stream cannot take them back (nor can vLLM's).
 STARTED_THEN_MALFORMED = {
+    '<tool_call>{"name": "now", "arguments": {"x": NaN}}</tool_call>',
     "[get_weather(days=1e999)]",
     '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
     "[get_weather('Paris')]",
@@ -179,6 +182,7 @@ def test_named_output_is_the_arguments_object():
     _, streamed = _stream(NamedToolCallParser("get_weather"), text, 5)
     assert streamed[0]["name"] == "get_weather" and streamed[0]["arguments"] == '{"city": "Paris", "days": 2}'
     assert NamedToolCallParser("get_weather").extract_tool_calls("[1]").content == "[1]"
+    assert NamedToolCallParser("get_weather").extract_tool_calls('{"x": NaN}').content == '{"x": NaN}'
 
 
 def test_registry_uses_vllm_names():

@@ -4,10 +4,10 @@ for a named function its arguments object alone. These parsers read that JSON in
 (vLLM parses the same JSON in serving_chat.py)."""
 from __future__ import annotations
 
-import json
 
 from ascend_llm.server.tool_parsers.abstract_tool_parser import ParsedCall, ParsedText, ToolParser
-from ascend_llm.server.tool_parsers.json_scan import MalformedCall, scan_call_sequence, skip_whitespace
+from ascend_llm.server.tool_parsers.json_scan import (MalformedCall, scan_call_sequence, skip_whitespace,
+                                                      strict_loads)
 
 
 class RequiredToolCallsParser(ToolParser):
@@ -39,8 +39,8 @@ class NamedToolCallParser(ToolParser):
         arguments = text.strip() if final else text.lstrip().rstrip()
         if final:
             try:
-                if not isinstance(json.loads(arguments), dict):
+                if not isinstance(strict_loads(arguments), dict):
                     return ParsedText(text)
-            except json.JSONDecodeError:
+            except ValueError:
                 return ParsedText(text)
         return ParsedText("", [ParsedCall(self.name, arguments, complete=final)])

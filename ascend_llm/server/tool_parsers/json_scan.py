@@ -23,6 +23,15 @@ class MalformedCall(ValueError):
     """The text cannot be (the start of) a tool call in this format."""
 
 
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_loads(text: str):
+    """json.loads without the NaN / Infinity extension Python accepts (clients' parsers do not)."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
 def skip_whitespace(text: str, pos: int) -> int:
     while pos < len(text) and text[pos] in _WHITESPACE:
         pos += 1
@@ -119,8 +128,8 @@ def _partial(call: ParsedCall, name: str | None) -> ParsedCall:
 def _closed(text: str, start: int, end: int, name: str | None, call: ParsedCall,
             argument_keys: tuple[str, ...]) -> ScannedCall:
     try:
-        obj = json.loads(text[start:end])
-    except json.JSONDecodeError as exc:
+        obj = strict_loads(text[start:end])
+    except ValueError as exc:
         raise MalformedCall(str(exc)) from None
     if name is None or sum(key in obj for key in argument_keys) > 1:
         raise MalformedCall("a call needs a name and one arguments object")

@@ -5,14 +5,13 @@ token comes either a JSON array of `{"name", "arguments"}` objects (tokenizers b
 (vLLM's mistral_tool_parser.py)."""
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
 
 from ascend_llm.server.tool_parsers.abstract_tool_parser import ParsedCall, ParsedText, ToolParser, held_back
 from ascend_llm.server.tool_parsers.json_scan import (MalformedCall, scan_call_sequence, scan_value,
-                                                      skip_whitespace)
+                                                      skip_whitespace, strict_loads)
 
 BOT_TOKEN = "[TOOL_CALLS]"
 _ID_CHARS = string.ascii_letters + string.digits
@@ -69,8 +68,8 @@ def _named_calls(text: str, pos: int, final: bool) -> list[ParsedCall]:
             calls.append(ParsedCall(match.group(), text[name_end:]))
             return calls
         try:
-            json.loads(text[name_end:end])
-        except json.JSONDecodeError as exc:
+            strict_loads(text[name_end:end])
+        except ValueError as exc:
             raise MalformedCall(str(exc)) from None
         calls.append(ParsedCall(match.group(), text[name_end:end], complete=True))
         rest = text[end:].lstrip()
