@@ -36,6 +36,13 @@ CASES = [
     ("ernie45", '\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n',
      None, [("get_weather", PARIS)]),
     ("ernie45", "<response>Bonjour</response>", "Bonjour", []),
+    ("ernie45", 'Checking.\n\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+                '{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n',
+     "Checking.", [("now", EMPTY), ("get_weather", PARIS)]),
+    ("ernie45", '<tool_call>\n{"name": "now", "arguments": [1]}\n</tool_call>',
+     '<tool_call>\n{"name": "now", "arguments": [1]}\n</tool_call>', []),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]',
+     None, [("get_weather", PARIS)]),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}',
      None, [("get_weather", PARIS)]),
     ("llama3_json", '<|python_tag|>{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}; '
@@ -69,6 +76,7 @@ CASES = [
 # Malformed call text that looked like a call while it streamed: its header (and some arguments)
 # were already sent when the text went wrong; a stream cannot take them back (nor can vLLM's).
 STARTED_THEN_MALFORMED = {
+    '<tool_call>\n{"name": "now", "arguments": [1]}\n</tool_call>',
     '<tool_call>{"name": "now", "arguments": {"x": NaN}}</tool_call>',
     "[get_weather(days=1e999)]",
     '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
