@@ -106,6 +106,18 @@ def _normalise_stop_token_ids(value: Any) -> list[int]:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """What the output must match (vLLM's names; at most one field is set): a JSON schema (`json`,
+    a dict or its text), any JSON object (`json_object`), a `regex`, one of `choice`, or an EBNF
+    `grammar`. The grammar engine enforces it while decoding."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+@dataclass
 class SamplingParams:
     """Sampling parameters for one request (vLLM-compatible).
 
@@ -136,6 +148,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     return_embedding: bool = False   # also return the last prompt token's final hidden state (LAST pooling)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._validate_floats()

@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ascend_llm.engine.sequence import Sequence
+from ascend_llm.engine.sequence import Sequence, SequenceStatus
 from ascend_llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from ascend_llm.sampling_params import SamplingParams
 
@@ -72,6 +72,9 @@ class RequestState:
         if not params.detokenize:
             return None
         output = seq.token_ids[seq.num_prompt_tokens:num_tokens]
+        if (not params.skip_special_tokens and not params.include_stop_str_in_output
+                and _ended_by_special_token(seq, num_tokens, tokenizer)):
+            output = output[:-1]     # the EOS that ended it is not text, even with special tokens kept
         text = tokenizer.decode(output, skip_special_tokens=params.skip_special_tokens)
         stop, cut = _find_stop(text, params.stop, len(self.outputs[seq.index].text))
         if stop is not None:
@@ -99,3 +102,13 @@ def _find_stop(text: str, stops: list[str], prev_len: int) -> tuple[str | None, 
         if idx != -1 and idx < best[1]:
             best = (stop, idx)
     return best
+
+
+def _ended_by_special_token(seq: Sequence, num_tokens: int | None, tokenizer: Any) -> bool:
+    """Whether the last of seq's first num_tokens tokens is a special token (EOS, or a special
+    stop_token_ids entry) that finished it; such a token is not part of the output text."""
+    if seq.status is not SequenceStatus.FINISHED_STOPPED or isinstance(seq.stop_reason, str):
+        return False
+    if num_tokens is not None and num_tokens != seq.num_tokens:
+        return False
+    return seq.num_tokens > seq.num_prompt_tokens and seq.token_ids[-1] in tokenizer.all_special_ids

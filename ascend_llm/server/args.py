@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ascend_llm.engine.arg_utils import EngineArgs
+from ascend_llm.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--return-tokens-as-token-ids", action="store_true",
         help="logprob tokens as 'token_id:N' unless a request sets return_tokens_as_token_ids (vLLM)")
     add_vllm_compat_args(parser)
+    # tool calling (vLLM's flags): tool_choice "auto" needs both; "none", "required" and named work without
+    add("--enable-auto-tool-choice", action="store_true",
+        help="let the model decide when to call tools (tool_choice \"auto\"); needs --tool-call-parser")
+    add("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+        help="the model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3), llama3_json / llama4_json, "
+             "mistral, pythonic, qwen3_coder / qwen3_xml, ernie45")
+    add("--exclude-tools-when-tool-choice-none", action="store_true",
+        help="leave the tools out of the prompt when tool_choice is \"none\" (default: rendered)")
     return parser
 
 
@@ -91,6 +100,9 @@ class ServerConfig:
     disable_uvicorn_access_log: bool = False
     return_tokens_as_token_ids: bool = False
     max_model_len: int | None = None      # --max-model-len (engine flag): the metrics' token-count buckets
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None) -> "ServerConfig":
@@ -135,6 +147,8 @@ def _check(config: ServerConfig) -> None:
         raise ValueError(f"max_concurrency: must be >= 1, got {config.max_pending_requests}")
     if config.api_key is not None and not config.api_key:
         raise ValueError("api_key: must not be empty")
+    if config.enable_auto_tool_choice and not config.tool_call_parser:
+        raise ValueError("enable_auto_tool_choice: --enable-auto-tool-choice requires --tool-call-parser")
 
 
 def make_parser() -> argparse.ArgumentParser:

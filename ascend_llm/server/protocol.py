@@ -83,6 +83,8 @@ class ChatMessageIn(OpenAIModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None    # assistant turns that called tools
+    tool_call_id: str | None = None                   # tool turns: the call this result answers
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -95,6 +97,9 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: Any = None                              # deprecated by OpenAI: rejected, use tools
+    function_call: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False        # vLLM: continue the last (assistant) message
@@ -115,6 +120,7 @@ class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = None
+    tools: list[dict[str, Any]] | None = None          # rendered with `messages`, as in chat
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -171,9 +177,34 @@ class ChatLogProbs(OpenAIModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str                  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIModel):
+    """One streamed piece of a tool call: the first has id, type and name, the rest argument text."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatMessageOut(OpenAIModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(OpenAIModel):
@@ -197,6 +228,7 @@ class ChatCompletionResponse(OpenAIModel):
 class DeltaMessage(OpenAIModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(OpenAIModel):

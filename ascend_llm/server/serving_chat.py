@@ -16,7 +16,9 @@ from ascend_llm.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ChatStreamChoice, DeltaMessage, UsageInfo, random_id)
 from ascend_llm.server.serving_completion import usage
 from ascend_llm.server.serving_engine import OutputStream, PromptInput, ServingContext
+from ascend_llm.server.serving_tools import ToolRequest, resolve_tools, template_message
 from ascend_llm.server.streaming import DONE, SSE_HEADERS, DeltaTracker, sse, sse_error
+from ascend_llm.server.tool_parsers import ToolParser
 
 _RENAMES = {"logprobs": "top_logprobs"}
 
@@ -30,6 +32,7 @@ class _Prepared:
     top_logprobs: int | None
     role: str = "assistant"     # the response's role: the last message's when no generation prompt is added
     echo_text: str = ""         # `echo`: the last message's content, sent before the generated text
+    tools: ToolRequest | None = None
 
 
 class ChatServing:
@@ -54,30 +57,35 @@ class ChatServing:
         _check_unsupported(req)
         top = _top_logprobs(req)
         add_generation_prompt = _generation_prompt(req)
+        tools = resolve_tools(req, self.ctx.config)
         prompt = self.render(req.messages, add_generation_prompt, req.chat_template_kwargs,
+                             tools.prompt_tools if tools else None,
                              continue_final_message=req.continue_final_message)
         role = "assistant" if add_generation_prompt else req.messages[-1].role
         echo = _echo_text(req, role)
         tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self.ctx.resolve_max_tokens(requested, len(prompt.token_ids), "messages", tokens_param)
-        params = self.ctx.sampling_params(req, max_tokens, top, _RENAMES)
-        return _Prepared(req, model, prompt, params, top, role, echo)
+        params = self.ctx.sampling_params(req, max_tokens, top, _RENAMES, **_tool_overrides(tools))
+        return _Prepared(req, model, prompt, params, top, role=role, echo_text=echo, tools=tools)
 
     def render(self, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
-               template_kwargs: dict[str, Any] | None = None, continue_final_message: bool = False) -> PromptInput:
-        """Apply the chat template; 400 naming `messages` when it cannot be applied.
+               template_kwargs: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
+               continue_final_message: bool = False) -> PromptInput:
+        """Apply the chat template (with `tools` as transformers passes them); 400 naming `messages`
+        when it cannot be applied.
 
         `continue_final_message` renders the conversation open-ended: the text stops right after the
         last message's content (as transformers' `apply_chat_template(continue_final_message=True)`)."""
         if not messages:
             raise bad_request("messages: must contain at least one message", "messages")
-        conversation = [{"role": m.role, "content": _content_text(m, i)} for i, m in enumerate(messages)]
+        conversation = [template_message(m, i, _content_text(m, i)) for i, m in enumerate(messages)]
         tokenizer = self.ctx.tokenizer
+        extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
         try:
             text = tokenizer.apply_chat_template(conversation, chat_template=self.ctx.config.chat_template,
                                                  add_generation_prompt=add_generation_prompt, tokenize=False,
-                                                 **(template_kwargs or {}))
+                                                 **extra)
         except Exception as exc:  # jinja / template errors: the request's fault or a missing template
             raise bad_request(f"messages: could not apply the chat template: {exc}", "messages") from None
         if continue_final_message:
@@ -86,10 +94,9 @@ class ChatServing:
 
     # ------------------------------------------------------------ response
     def _response(self, request_id: str, p: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=c.index, message=ChatMessageOut(role=p.role, content=p.echo_text + c.text),
-                              logprobs=self._logprobs(p, c.token_ids, c.logprobs),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                   for c in final.outputs]
+        choices = [ChatChoice(index=c.index, message=message, logprobs=self._logprobs(p, c.token_ids, c.logprobs),
+                              finish_reason=finish_reason, stop_reason=c.stop_reason)
+                   for c in final.outputs for message, finish_reason in [_message(p, c)]]
         return ChatCompletionResponse(id=request_id, model=p.model, choices=choices, usage=usage([final]),
                                       prompt_logprobs=prompt_logprobs_json(final.prompt_logprobs))
 
@@ -102,6 +109,7 @@ class ChatServing:
     async def _stream(self, request_id: str, p: _Prepared, stream: OutputStream) -> AsyncIterator[str]:
         created = int(time.time())
         trackers = [DeltaTracker(p.params.stop_str_buffer_length) for _ in range(p.params.n)]
+        parsers = [p.tools.new_parser() if p.tools else None for _ in range(p.params.n)]
         final: RequestOutput | None = None
         opts = p.request.stream_options
         continuous = bool(opts and opts.include_usage and opts.continuous_usage_stats)
@@ -115,7 +123,8 @@ class ChatServing:
                     index=j, delta=DeltaMessage(content=p.echo_text)) for j in range(p.params.n)],
                     prompt_usage if continuous else None)
             async for _, out in stream:
-                choices = [ch for c in out.outputs if (ch := self._choice(p, c, trackers[c.index])) is not None]
+                choices = [ch for c in out.outputs
+                           if (ch := self._choice(p, c, trackers[c.index], parsers[c.index])) is not None]
                 if choices:
                     yield self._chunk(request_id, created, p, choices, usage([out]) if continuous else None)
                 final = out if out.finished else final
@@ -127,16 +136,22 @@ class ChatServing:
             stream.abort()
         yield DONE
 
-    def _choice(self, p: _Prepared, c: CompletionOutput, tracker: DeltaTracker) -> ChatStreamChoice | None:
+    def _choice(self, p: _Prepared, c: CompletionOutput, tracker: DeltaTracker,
+                parser: ToolParser | None) -> ChatStreamChoice | None:
         delta = tracker.advance(c)
         if delta is None:
             return None
         logprobs = self._logprobs(p, delta.token_ids, delta.logprobs)
-        if not delta.text and delta.finish_reason is None and logprobs is None:
+        text, tool_calls, finish_reason = delta.text, None, delta.finish_reason
+        if parser is not None:
+            parsed = parser.extract_tool_calls_streaming(delta.text, final=finish_reason is not None)
+            text, tool_calls = parsed.content, parsed.tool_calls or None
+            finish_reason = p.tools.finish_reason(finish_reason, parser.tools_called)
+        if not text and not tool_calls and finish_reason is None and logprobs is None:
             return None
-        content = delta.text if delta.text or delta.finish_reason is None else None
-        return ChatStreamChoice(index=c.index, delta=DeltaMessage(content=content), logprobs=logprobs,
-                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        content = text if text or (finish_reason is None and not tool_calls) else None
+        return ChatStreamChoice(index=c.index, delta=DeltaMessage(content=content, tool_calls=tool_calls),
+                                logprobs=logprobs, finish_reason=finish_reason, stop_reason=delta.stop_reason)
 
     @staticmethod
     def _chunk(request_id: str, created: int, p: _Prepared, choices: list[ChatStreamChoice],
@@ -146,8 +161,6 @@ class ChatServing:
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
-    if req.tools:
-        raise bad_request("tools: tool calling is not supported yet", "tools")
     fmt = (req.response_format or {}).get("type", "text")
     if fmt != "text":
         raise bad_request(f"response_format: type {fmt!r} is not supported yet (only 'text')", "response_format")
@@ -178,6 +191,31 @@ def _cut_after_final_message(text: str, final: str) -> str:
         raise bad_request("continue_final_message: the last message has no content that appears in the "
                           "rendered chat template, so there is nothing to continue", "continue_final_message")
     return text[:end + len(final)]
+
+
+def _tool_overrides(tools: ToolRequest | None) -> dict[str, Any]:
+    """SamplingParams settings a tool request needs: the grammar of "required" / a named function,
+    and special tokens kept when the parser's markers are special tokens."""
+    if tools is None:
+        return {}
+    overrides: dict[str, Any] = {}
+    structured = tools.structured_outputs()
+    if structured is not None:
+        overrides["structured_outputs"] = structured
+    if tools.keep_special_tokens:
+        overrides["skip_special_tokens"] = False
+    return overrides
+
+
+def _message(p: _Prepared, c: CompletionOutput) -> tuple[ChatMessageOut, str | None]:
+    """The assistant message of a finished choice (tool calls parsed out) and its finish reason."""
+    parser = p.tools.new_parser() if p.tools else None
+    if parser is None:
+        return ChatMessageOut(role=p.role, content=p.echo_text + c.text), c.finish_reason
+    extracted = parser.extract_tool_calls(c.text)
+    content = p.echo_text + (extracted.content or "") if p.echo_text else extracted.content
+    message = ChatMessageOut(role=p.role, content=content, tool_calls=extracted.tool_calls or None)
+    return message, p.tools.finish_reason(c.finish_reason, extracted.tools_called)
 
 
 def _top_logprobs(req: ChatCompletionRequest) -> int | None:

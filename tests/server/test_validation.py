@@ -68,7 +68,7 @@ def test_completion_param_rejected(client, field, value, param):
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),   # "auto" needs the flags
     ({"n": -1}, "n"),
 ])
 def test_chat_param_rejected(client, extra, param):
