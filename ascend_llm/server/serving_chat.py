@@ -17,6 +17,7 @@ from ascend_llm.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
 from ascend_llm.server.serving_completion import usage
 from ascend_llm.server.serving_engine import OutputStream, PromptInput, ServingContext
 from ascend_llm.server.streaming import DONE, SSE_HEADERS, DeltaTracker, sse, sse_error
+from ascend_llm.server.structured_request import structured_renames
 
 _RENAMES = {"logprobs": "top_logprobs"}
 
@@ -39,7 +40,7 @@ class ChatServing:
     async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         p = self.prepare(req)
         request_id = random_id("chatcmpl")
-        stream = await self.ctx.submit(request_id, [p.prompt], [p.params])
+        stream = await self.ctx.submit(request_id, [p.prompt], [p.params], renames=structured_renames(req))
         if req.stream:
             return StreamingResponse(self._stream(request_id, p, stream), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
@@ -130,9 +131,6 @@ class ChatServing:
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.tools:
         raise bad_request("tools: tool calling is not supported yet", "tools")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise bad_request(f"response_format: type {fmt!r} is not supported yet (only 'text')", "response_format")
 
 
 def _top_logprobs(req: ChatCompletionRequest) -> int | None:
