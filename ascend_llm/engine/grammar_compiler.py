@@ -112,6 +112,8 @@ def bounded_strings_as_patterns(schema: Any) -> Any:
         low, high = result.get("minLength", 0), result.get("maxLength", "")
         if isinstance(low, int) and isinstance(high, (int, str)):
             result["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
+            result.pop("minLength", None)           # the pattern carries them (xgrammar warns otherwise)
+            result.pop("maxLength", None)
     return result
 
 
