@@ -123,3 +123,14 @@ def test_logit_bias_forces_a_token_and_allowed_token_ids_restrict(engine):
 def test_token_ids_outside_the_vocabulary_are_refused(engine, params, message):
     with pytest.raises(ValueError, match=message):
         engine.add_request("oov", "hi", SamplingParams(**params))
+
+
+def test_compiled_grammars_are_an_lru_of_bounded_size(engine, monkeypatch):
+    compiler = engine.structured_output.compiler
+    monkeypatch.setattr(compiler, "cache_size", 2)
+    first = compiler.compile(StructuredOutputsParams(regex="lru-a"))
+    assert compiler.compile(StructuredOutputsParams(regex="lru-a")) is first       # hit
+    compiler.compile(StructuredOutputsParams(regex="lru-b"))
+    compiler.compile(StructuredOutputsParams(regex="lru-c"))                        # evicts lru-a
+    assert compiler.num_cached == 2
+    assert compiler.compile(StructuredOutputsParams(regex="lru-a")) is not first

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import pytest
 
@@ -110,3 +111,19 @@ def test_response_format_text_is_plain_generation(client):
     plain = client.post("/v1/chat/completions", json=body).json()
     text = client.post("/v1/chat/completions", json={**body, "response_format": {"type": "text"}}).json()
     assert text["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+def test_grammar_compiles_off_the_engine_loop_and_is_cached(client, engine, monkeypatch):
+    compiler = engine.engine.structured_output.compiler
+    threads: list[str] = []
+    real = compiler._compile
+
+    def recording(spec):
+        threads.append(threading.current_thread().name)
+        return real(spec)
+
+    monkeypatch.setattr(compiler, "_compile", recording)
+    body = {**COMPLETION, "max_tokens": 10, "guided_regex": "[xyz]{3} compiled once", "n": 2}
+    for _ in range(2):
+        assert client.post("/v1/completions", json=body).status_code == 200
+    assert len(threads) == 1 and threads[0] != "ascend-llm-engine", threads   # once, on a worker thread
