@@ -39,7 +39,8 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._compiler: xgr.GrammarCompiler | None = None
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()             # the cache
+        self._init_lock = threading.Lock()        # building the xgrammar compiler (once, can be slow)
 
     def compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
         """The compiled grammar of `spec`; ValueError("structured_outputs: ...") if it does not
@@ -63,7 +64,7 @@ class GrammarCompiler:
         return len(self._cache)
 
     def _xgr_compiler(self) -> xgr.GrammarCompiler:
-        with self._lock:
+        with self._init_lock:
             if self._compiler is None:
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids or None)

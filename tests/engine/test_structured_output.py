@@ -14,6 +14,10 @@ import pytest
 
 from ascend_llm.engine.arg_utils import EngineArgs
 from ascend_llm.engine.llm_engine import LLMEngine
+from ascend_llm.engine.scheduler import ScheduledSequence, SchedulerOutput
+from ascend_llm.engine.sequence import Sequence
+from ascend_llm.engine.structured_output import StructuredOutputManager
+from ascend_llm.ops.cpu_logits import unpack_token_bitmask
 from ascend_llm.sampling_params import SamplingParams, StructuredOutputsParams
 
 SCHEMA = {
@@ -134,3 +138,17 @@ def test_compiled_grammars_are_an_lru_of_bounded_size(engine, monkeypatch):
     compiler.compile(StructuredOutputsParams(regex="lru-c"))                        # evicts lru-a
     assert compiler.num_cached == 2
     assert compiler.compile(StructuredOutputsParams(regex="lru-a")) is not first
+
+
+def test_logits_wider_than_the_tokenizer_never_allow_the_padding_ids(engine):
+    """A model whose vocab_size (logits width) exceeds the tokenizer's: xgrammar's TokenizerInfo is
+    built with the model's size, so ids past the tokenizer are masked for grammar rows."""
+    manager = StructuredOutputManager(engine.tokenizer, 400, {2})
+    seq = Sequence(0, "wide", 0, [1, 5], SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True)))
+    manager.add_seqs([seq])
+    grammar = manager.bitmask(SchedulerOutput([ScheduledSequence(seq, 0, 2, True)]))
+    assert grammar.bitmask.shape == (1, 13) and grammar.rows == {0: 0}     # ceil(400 / 32) words
+    allowed = unpack_token_bitmask(grammar.bitmask, 416)[0]
+    assert allowed[:384].any() and not allowed[384:].any()
+    assert manager.accept(seq, [engine.tokenizer.convert_tokens_to_ids("{")]) is None
+    assert manager.accept(seq, [engine.tokenizer.convert_tokens_to_ids("x")]) is not None  # not JSON here
