@@ -1,17 +1,21 @@
 """Reference kernels for the ops that constrain a step's logits before sampling.
 
 `apply_token_bitmask` is the grammar mask of structured outputs: bit j of a row's int32 words
-(little-endian within each word, word j // 32, bit j % 32: xgrammar's layout) says whether token
-j may come next. It is plain torch and device-agnostic, so `ops._REFERENCE_FALLBACK` also runs
-it on the NPU and CUDA devices until those backends register their own kernels.
+(word j // 32, bit j % 32: xgrammar's layout) says whether token j may come next. The reference
+is plain torch and device-agnostic, so `ops._REFERENCE_FALLBACK` also runs it on the NPU and CUDA
+devices until those backends register their own kernels. On the CPU, xgrammar's C++ kernel
+(`xgrammar_apply_token_bitmask`, same result, several times faster on a [16, 49152] batch) is
+preferred; it hands anything but eager CPU fp32 logits to the reference.
 """
 from __future__ import annotations
 
 import torch
+import xgrammar as xgr
 
 from ascend_llm.ops.registry import Kernel, OpRegistry
 
 _NEG_INF = float("-inf")
+PRIORITY = 10     # xgrammar's kernel above the reference (0)
 
 
 def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -43,6 +47,30 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
     return logits.masked_fill(full, _NEG_INF)
 
 
+def xgrammar_apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                                 indices: torch.Tensor | None = None) -> torch.Tensor:
+    """`apply_token_bitmask` through xgrammar's CPU kernel (on a copy). xgrammar wants one bitmask
+    row per logits row and leaves ids past the bitmask alone, so rows without a grammar get an
+    all-allowed row and the ids past 32 * num_words are masked here."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or torch.jit.is_tracing() \
+            or torch.compiler.is_compiling():
+        return apply_token_bitmask(logits, bitmask, indices)
+    num_rows, vocab_size = logits.shape
+    width = 32 * bitmask.shape[1]
+    out = logits.clone()
+    rows = list(range(num_rows)) if indices is None else indices.tolist()
+    full = bitmask
+    if indices is not None:
+        full = torch.full((num_rows, bitmask.shape[1]), -1, dtype=torch.int32)   # [num_rows, num_words]
+        full[indices] = bitmask
+    xgr.apply_token_bitmask_inplace(out, full.contiguous(), vocab_size=min(vocab_size, width), indices=rows)
+    if vocab_size > width:
+        out[rows, width:] = _NEG_INF
+    return out
+
+
 def register(registry: OpRegistry) -> None:
-    """The reference kernels of this module, on the CPU backend."""
+    """This module's kernels on the CPU backend: the reference, and xgrammar's above it."""
     registry.register(Kernel("apply_token_bitmask", "cpu", "cpu.apply_token_bitmask", apply_token_bitmask))
+    registry.register(Kernel("apply_token_bitmask", "cpu", "cpu.xgrammar_apply_token_bitmask",
+                             xgrammar_apply_token_bitmask, priority=PRIORITY))

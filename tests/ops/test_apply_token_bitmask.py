@@ -1,4 +1,5 @@
-"""The `apply_token_bitmask` op: the CPU reference against xgrammar's own kernel, and its registration."""
+"""The `apply_token_bitmask` op: the CPU reference against xgrammar's own kernel, the CPU kernel
+that wraps xgrammar's against the reference, and the registration."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import xgrammar as xgr
 
 from ascend_llm.ops import build_registry
-from ascend_llm.ops.cpu_logits import apply_token_bitmask, unpack_token_bitmask
+from ascend_llm.ops.cpu_logits import apply_token_bitmask, unpack_token_bitmask, xgrammar_apply_token_bitmask
 
 
 def _random_bitmask(rows: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
@@ -45,8 +46,24 @@ def test_logits_wider_than_the_bitmask_disallow_the_extra_ids():
     assert unpack_token_bitmask(bitmask, 20).shape == (1, 20)
 
 
+@pytest.mark.parametrize("vocab, rows, indices, words", [
+    (1000, 4, None, None), (1000, 6, [5, 0, 2], None), (70, 3, [1], 2), (70, 2, None, 1)])
+def test_xgrammar_kernel_equals_the_reference(vocab, rows, indices, words):
+    """Including rows without a grammar (indices) and logits wider than the bitmask (words)."""
+    generator = torch.Generator().manual_seed(vocab + rows)
+    logits = torch.randn(rows, vocab, generator=generator)
+    bitmask = _random_bitmask(rows if indices is None else len(indices), vocab, generator)
+    bitmask = bitmask[:, :words].contiguous() if words else bitmask
+    index = None if indices is None else torch.tensor(indices)
+    assert torch.equal(xgrammar_apply_token_bitmask(logits, bitmask, index), apply_token_bitmask(logits, bitmask, index))
+    half = logits.to(torch.bfloat16)                          # not fp32: handed to the reference
+    assert torch.equal(xgrammar_apply_token_bitmask(half, bitmask, index), apply_token_bitmask(half, bitmask, index))
+
+
 def test_op_is_registered_on_every_backend():
     registry = build_registry(("cpu", "cuda", "npu"))
-    assert registry.select("apply_token_bitmask", "cpu").run is apply_token_bitmask
-    for backend in ("cuda", "npu"):       # the plain-torch reference until a backend kernel exists
-        assert registry.select("apply_token_bitmask", backend).run is apply_token_bitmask
+    assert registry.select("apply_token_bitmask", "cpu").run is xgrammar_apply_token_bitmask
+    for backend in ("cuda", "npu"):       # the CPU module's kernels as the reference fallback, which on
+        kernel = registry.select("apply_token_bitmask", backend)     # a device tensor run plain torch
+        assert kernel.name == f"{backend}.torch_reference.apply_token_bitmask"
+        assert kernel.run in (xgrammar_apply_token_bitmask, apply_token_bitmask)
