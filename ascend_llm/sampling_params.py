@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import json
 import math
 import numbers
 from dataclasses import dataclass, fields
@@ -24,6 +25,9 @@ _FIELD_ALIASES = {
     "max_new_tokens": "max_tokens",
     "min_new_tokens": "min_tokens",
 }
+
+# OpenAI's logit_bias range
+LOGIT_BIAS_MIN, LOGIT_BIAS_MAX = -100.0, 100.0
 
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
                 "include_stop_str_in_output", "detokenize", "return_embedding")
@@ -105,16 +109,101 @@ def _normalise_stop_token_ids(value: Any) -> list[int]:
     return result
 
 
+def _normalise_logit_bias(value: Any) -> dict[int, float] | None:
+    """{token id: bias}: int ids (>= 0), finite biases in [-100, 100]. Vocabulary bounds are the
+    engine's check (it knows the vocabulary)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        _fail("logit_bias", "must be a mapping of token id to bias", value)
+    result: dict[int, float] = {}
+    for key, bias in value.items():
+        if not _is_int(key) or key < 0:
+            _fail("logit_bias", "keys must be non-negative integer token ids", key)
+        bias = _finite_float("logit_bias", bias)
+        if not LOGIT_BIAS_MIN <= bias <= LOGIT_BIAS_MAX:
+            _fail("logit_bias", f"bias of token {key} must be in [{LOGIT_BIAS_MIN:g}, {LOGIT_BIAS_MAX:g}]", bias)
+        result[int(key)] = bias
+    return result or None
+
+
+def _normalise_allowed_token_ids(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple, set, frozenset)) or not value:
+        _fail("allowed_token_ids", "must be a non-empty list of token ids", value)
+    for item in value:
+        if not _is_int(item) or item < 0:
+            _fail("allowed_token_ids", "token ids must be non-negative integers", item)
+    return sorted({int(item) for item in value})
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
 @dataclass
 class StructuredOutputsParams:
-    """What the output must match (vLLM's names; at most one field is set): a JSON schema (`json`,
-    a dict or its text), any JSON object (`json_object`), a `regex`, one of `choice`, or an EBNF
-    `grammar`. The grammar engine enforces it while decoding."""
+    """Constrain a request's output (vLLM's `StructuredOutputsParams`); exactly one kind is set.
+
+    `json`: a JSON schema (dict or JSON text); `regex`: a regular expression; `choice`: one of
+    these strings; `grammar`: an EBNF grammar (root rule `root`); `json_object`: any JSON object.
+    """
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
-    json_object: bool | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        self.json_object = _as_bool("structured_outputs.json_object", self.json_object)
+        set_kinds = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(set_kinds) != 1:
+            _fail("structured_outputs", f"exactly one of {list(_STRUCTURED_KINDS)} must be set", set_kinds)
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as exc:
+                _fail("structured_outputs", f"json is not valid JSON ({exc})", self.json)
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            _fail("structured_outputs", "json must be a JSON schema object", self.json)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                _fail("structured_outputs", f"{name} must be a non-empty string", value)
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                _fail("structured_outputs", "choice must be a non-empty list of non-empty strings", self.choice)
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        """Which of json / regex / choice / grammar / json_object is set."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical spec): equal keys compile to the same grammar."""
+        kind = self.kind
+        value = getattr(self, kind)
+        return kind, json.dumps(value, sort_keys=True) if kind in ("json", "choice") else str(value)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StructuredOutputsParams":
+        """From a request object; unknown keys raise ValueError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            _fail("structured_outputs", f"unknown field(s) {unknown}; supported: {sorted(known)}", dict(data))
+        return cls(**{k: v for k, v in data.items() if v is not None})
+
+
+def _as_structured_outputs(value: Any) -> StructuredOutputsParams | None:
+    if value is None or isinstance(value, StructuredOutputsParams):
+        return value
+    if isinstance(value, Mapping):
+        return StructuredOutputsParams.from_dict(value)
+    _fail("structured_outputs", "must be a StructuredOutputsParams or a mapping", value)
 
 
 @dataclass
@@ -125,6 +214,10 @@ class SamplingParams:
     and ignored. `logprobs=k` returns the sampled token's logprob plus the k most
     likely tokens' per generated token; `logprobs=0` only the sampled token's.
     With n > 1 and a seed, output i is sampled with seed `seed + i`.
+    `logit_bias` ({token id: bias in [-100, 100]}) is added to the logits and `allowed_token_ids`
+    masks every other token, both before temperature; `structured_outputs` constrains the output
+    to a JSON schema, regex, choice or grammar (vLLM's names). Token ids are checked against the
+    vocabulary by the engine.
     """
     n: int = 1
     best_of: int | None = None
@@ -148,11 +241,16 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     return_embedding: bool = False   # also return the last prompt token's final hidden state (LAST pooling)
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._validate_floats()
         self._validate_ints()
+        self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        self.allowed_token_ids = _normalise_allowed_token_ids(self.allowed_token_ids)
+        self.structured_outputs = _as_structured_outputs(self.structured_outputs)
         self.stop = _normalise_stop(self.stop)
         self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
         for name in _BOOL_FIELDS:

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from ascend_llm.sampling_params import SamplingParams, SamplingType
+from ascend_llm.sampling_params import SamplingParams, SamplingType, StructuredOutputsParams
 
 
 def test_defaults_match_vllm():
@@ -147,3 +147,28 @@ def test_seed_of_the_last_of_n_outputs_must_fit_int64():
     assert SamplingParams(seed=-(2 ** 63), n=3).seed == -(2 ** 63)
     with pytest.raises(ValueError, match=r"^seed: seed \+ n - 1"):
         SamplingParams(seed=2 ** 63 - 2, n=3)
+
+
+# ---------------------------------------------------------------- logit_bias / allowed_token_ids / structured outputs
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(logit_bias={"5": 1.0}), "logit_bias: keys must be non-negative integer token ids"),
+    (dict(logit_bias={5: 100.5}), r"logit_bias: bias of token 5 must be in \[-100, 100\]"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias: must be a finite number"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids: must be a non-empty list"),
+    (dict(allowed_token_ids=[1, -2]), "allowed_token_ids: token ids must be non-negative"),
+    (dict(structured_outputs={"json": {}, "regex": "a"}), "structured_outputs: exactly one of"),
+    (dict(structured_outputs={"choice": ["a", 3]}), "structured_outputs: choice must be"),
+    (dict(structured_outputs={"json": "{not json"}), "structured_outputs: json is not valid JSON"),
+    (dict(structured_outputs={"schema": {}}), r"structured_outputs: unknown field\(s\) \['schema'\]"),
+])
+def test_token_constraints_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_structured_outputs_kind_and_cache_key():
+    spec = SamplingParams(structured_outputs={"json": '{"b": 1, "a": 2}'}).structured_outputs
+    assert isinstance(spec, StructuredOutputsParams) and spec.kind == "json"
+    assert spec.key == StructuredOutputsParams(json={"a": 2, "b": 1}).key
+    assert StructuredOutputsParams(json_object=True).kind == "json_object"
+    assert SamplingParams(allowed_token_ids=[5, 3, 5]).allowed_token_ids == [3, 5]

@@ -212,6 +212,7 @@ class AsyncLLMEngine:
         EngineOverloadedError or EngineUnavailableError; nothing is queued then.
         """
         self.start()
+        await self._compile_grammar(params)
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, out_queue if out_queue is not None else asyncio.Queue())
         self._register(request_id, sink)
@@ -223,6 +224,13 @@ class AsyncLLMEngine:
             self.abort(request_id)
             raise
         return sink.queue
+
+    async def _compile_grammar(self, params: SamplingParams) -> None:
+        """Compile a structured-output grammar on a worker thread (cached by the engine), so the
+        engine loop only finds it; ValueError if it does not compile."""
+        compile_grammar = getattr(self._engine, "compile_grammar", None)
+        if params.structured_outputs is not None and compile_grammar is not None:
+            await asyncio.to_thread(compile_grammar, params.structured_outputs)
 
     async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
                        prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:

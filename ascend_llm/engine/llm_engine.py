@@ -14,6 +14,7 @@ from ascend_llm.engine.model_runner import ModelRunner, ModelRunnerOutput
 from ascend_llm.engine.request_state import RequestState
 from ascend_llm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from ascend_llm.engine.sequence import Sequence, SequenceStatus
+from ascend_llm.engine.structured_output import StructuredOutputManager
 from ascend_llm.graph.compile import require_torchair
 from ascend_llm.graph.model_graphs import create_decode_graphs
 from ascend_llm.layers.sampler import SamplerOutput
@@ -21,7 +22,7 @@ from ascend_llm.loader import load_hf_config, load_tokenizer, resolve_model_path
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.outputs import RequestMetrics, RequestOutput
 from ascend_llm.platform import resolve_device
-from ascend_llm.sampling_params import SamplingParams
+from ascend_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from ascend_llm.spec_decode import accepted_tokens
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class LLMEngine:
         self.speculative_config = args.speculative()
         self.scheduler = Scheduler(self.scheduler_config, cache_config, self.model_runner.num_blocks,
                                    self.eos_token_ids, self.speculative_config)
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self.step_num_tokens = 0      # tokens computed by the last step (prefill chunks + decodes)
@@ -87,9 +89,11 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params: expected a SamplingParams instance")
         token_ids = self._prompt_token_ids(prompt, prompt_token_ids)
+        self._check_token_constraints(params)
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = [Sequence(next(self._seq_ids), request_id, i, list(token_ids), params, arrival)
                 for i in range(params.n)]
+        self.structured_output.add_seqs(seqs)     # compiles (or finds cached) the grammar
         self.requests[request_id] = RequestState(request_id, prompt, token_ids, params, seqs,
                                                  RequestMetrics(arrival, num_prompt_tokens=len(token_ids)))
         for seq in seqs:
@@ -115,12 +119,32 @@ class LLMEngine:
         """The per-layer quantization audit of the driver's model (`quant/audit.py`)."""
         return list(getattr(self.model_runner, "quant_audit", []))
 
+    def _check_token_constraints(self, params: SamplingParams) -> None:
+        """logit_bias / allowed_token_ids ids inside the vocabulary; structured outputs not with
+        speculative decoding (its drafts would need the grammar matcher rolled back)."""
+        vocab = self.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary (vocab size {vocab}; "
+                                 f"ids are 0..{vocab - 1})")
+        if params.structured_outputs is not None and self.speculative_config is not None:
+            raise ValueError("structured_outputs: not supported together with speculative decoding "
+                             "(--speculative-config); start the server without it for structured outputs")
+
+    def compile_grammar(self, spec: StructuredOutputsParams) -> None:
+        """Compile `spec` into the grammar cache (thread-safe: the async engine calls it off the
+        engine loop); ValueError naming structured_outputs if it does not compile."""
+        self.structured_output.compile(spec)
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown ids are ignored."""
         state = self.requests.pop(request_id, None)
         self.scheduler.abort_request(request_id)
         for seq in state.seqs if state is not None else ():
             self.model_runner.free_seq_state(seq.seq_id)
+        if state is not None:
+            self.structured_output.release(state.seqs)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -136,6 +160,7 @@ class LLMEngine:
         if out.is_empty:
             return []
         now = time.time()
+        out.grammar_bitmask = self.structured_output.bitmask(out)
         if self.executor is None:
             result = self.model_runner.execute_model(out)
         else:
@@ -145,6 +170,7 @@ class LLMEngine:
         for request_id, reason in _failed_requests(out, first_rows, sampled.failed_rows).items():
             self._fail_request(request_id, reason)    # before update, which skips finished seqs
         self.scheduler.update(out, tokens)
+        self._advance_grammars(out)
         touched: dict[str, RequestState] = {}
         for item, row in zip(out.scheduled, first_rows):
             state = self.requests.get(item.seq.request_id)
@@ -154,6 +180,22 @@ class LLMEngine:
                 self._process_item(state, item, row, result, now)
             touched[state.request_id] = state
         return [self._emit(state) for state in touched.values()]
+
+    def _advance_grammars(self, out: SchedulerOutput) -> None:
+        """Feed each grammar sequence's new tokens to its matcher; a terminated grammar finishes
+        the sequence (stop), a rejected token fails its request."""
+        matchers = self.structured_output
+        if not matchers.matchers:
+            return
+        for item in out.scheduled:
+            seq = item.seq
+            if item.num_appended == 0 or seq.seq_id not in matchers.matchers:
+                continue
+            error = matchers.accept(seq, seq.token_ids[-item.num_appended:])
+            if error is not None:
+                self._fail_request(seq.request_id, error)
+            elif matchers.is_terminated(seq) and not seq.is_finished:
+                self.scheduler.finish_seq(seq, SequenceStatus.FINISHED_STOPPED)
 
     def _process_item(self, state: RequestState, item: ScheduledSequence, first_row: int,
                       result: ModelRunnerOutput, now: float) -> None:
@@ -183,6 +225,7 @@ class LLMEngine:
         self.scheduler.abort_request(request_id, SequenceStatus.FINISHED_ERROR)
         for seq in state.seqs:
             self.model_runner.free_seq_state(seq.seq_id)
+        self.structured_output.release(state.seqs)
 
     def _on_tokens(self, state: RequestState, item: ScheduledSequence, first_row: int,
                    sampled: SamplerOutput) -> None:
@@ -219,6 +262,7 @@ class LLMEngine:
         output = state.to_output()
         if output.finished:
             self.requests.pop(state.request_id, None)
+            self.structured_output.release(state.seqs)
         return output
 
     def check_health(self) -> str | None:

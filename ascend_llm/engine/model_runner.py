@@ -140,7 +140,7 @@ class ModelRunner:
         self.num_blocks = self._agreed_num_blocks(num_kv_blocks(spec, cache_config, backend))
         self.kv_caches = allocate_kv_caches(spec, self.num_blocks, self.device)
         self.null_block = self.num_blocks   # the extra zeroed block padding points at
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.ops.get("apply_token_bitmask"))
         self.generators: dict[int, torch.Generator] = {}
         self.decode_graphs: DecodeGraphs | None = None   # set by the engine (graph.model_graphs)
 
@@ -209,7 +209,7 @@ class ModelRunner:
             return None
         seqs = sampling_rows(out)
         result = ModelRunnerOutput(sample_isolated(self.sampler, logits, seqs, self.eos_token_ids,
-                                                   self.generators, self.device))
+                                                   self.generators, self.device, out.grammar_bitmask))
         self._prompt_logprobs(out, hidden, result.prompt_logprobs)
         result.embeddings = last_token_hidden(out, hidden)
         return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from ascend_llm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from ascend_llm.engine.block_manager import BlockManager
@@ -47,6 +48,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
+    # structured-output masks of the sampling rows (a layers.sampler.GrammarBitmask), set by the
+    # engine after schedule(), as vLLM's SchedulerOutput.grammar_bitmask; None without grammars
+    grammar_bitmask: Any = None
 
     @property
     def is_empty(self) -> bool:

@@ -1,17 +1,20 @@
 """Batched token sampler for one engine step (vLLM semantics).
 
 Order of operations on the logits (fp32, on the logits' device):
-penalties (repetition, frequency, presence) -> min_tokens mask -> greedy argmax
+penalties (repetition, frequency, presence) -> min_tokens mask -> logit_bias ->
+allowed_token_ids mask -> grammar bitmask (structured outputs) -> greedy argmax
 for greedy rows | temperature -> top-k -> top-p -> min-p -> exponential-race
 sampling for random rows. Logprobs are taken from the raw model logits.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
+
+from ascend_llm.ops.cpu_logits import apply_token_bitmask as reference_apply_token_bitmask
 
 if TYPE_CHECKING:
     from ascend_llm.engine.sequence import Sequence
@@ -19,6 +22,18 @@ if TYPE_CHECKING:
 
 _NEG_INF = float("-inf")
 NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or inf) for this request"
+NO_ALLOWED_TOKEN = ("no token is allowed: min_tokens, allowed_token_ids, logit_bias and the "
+                    "structured-output grammar together exclude every token")
+
+ApplyTokenBitmask = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class GrammarBitmask:
+    """The structured-output masks of one step: bitmask row `rows[seq_id]` constrains the
+    sequence `seq_id` (rows of sequences without a grammar are absent)."""
+    bitmask: torch.Tensor                      # [num_grammar_seqs, ceil(vocab / 32)] int32, CPU
+    rows: dict[int, int]                       # seq_id -> bitmask row
 
 
 @dataclass
@@ -44,6 +59,14 @@ class SamplingMetadata:
     output_token_ids: torch.Tensor | None = None    # [num_seqs, max_output_len] int64, -1 pad
     min_tokens_rows: torch.Tensor | None = None     # [num_masked] int64
     min_tokens_cols: torch.Tensor | None = None     # [num_masked] int64 token ids to ban
+    bias_rows: torch.Tensor | None = None           # [num_biased] int64 (logit_bias)
+    bias_cols: torch.Tensor | None = None           # [num_biased] int64 token ids
+    bias_values: torch.Tensor | None = None         # [num_biased] fp32
+    allowed_rows: torch.Tensor | None = None        # [num_restricted] int64 rows with allowed_token_ids
+    allowed_pair_rows: torch.Tensor | None = None   # [num_pairs] int64 index into allowed_rows
+    allowed_pair_cols: torch.Tensor | None = None   # [num_pairs] int64 token ids those rows keep
+    token_bitmask: torch.Tensor | None = None       # [num_grammar_rows, num_words] int32
+    bitmask_rows: torch.Tensor | None = None        # [num_grammar_rows] int64 rows it constrains
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> generator
     num_logprobs: list[int | None] = field(default_factory=list)         # per row
     need_temperature: bool = False
@@ -58,20 +81,26 @@ class SamplingMetadata:
                 and self.presence_penalty is None)
 
     @property
+    def has_constraints(self) -> bool:
+        return (self.bias_rows is not None or self.allowed_rows is not None
+                or self.token_bitmask is not None)
+
+    @property
     def max_num_logprobs(self) -> int | None:
         wanted = [k for k in self.num_logprobs if k is not None]
         return max(wanted) if wanted else None
 
     @classmethod
     def build(cls, seqs: list["Sequence"], eos_token_ids: Iterable[int] | int | None,
-              generators: dict[int, torch.Generator],
-              device: torch.device | str) -> "SamplingMetadata":
+              generators: dict[int, torch.Generator], device: torch.device | str,
+              grammar: GrammarBitmask | None = None) -> "SamplingMetadata":
         """Collect the sampling state of `seqs`.
 
         For every seeded random sequence a generator seeded with
         `seed + seq.index` (so the n outputs of one request differ) is created
         once and kept in `generators[seq.seq_id]`; the caller owns the dict and
-        drops entries of finished sequences.
+        drops entries of finished sequences. `grammar` holds the step's structured-output
+        bitmasks by sequence.
         """
         params = [seq.sampling_params for seq in seqs]
         greedy = [p.is_greedy for p in params]
@@ -88,6 +117,9 @@ class SamplingMetadata:
         _fill_filters(metadata, params, greedy, device)
         _fill_penalties(metadata, seqs, device)
         _fill_min_tokens(metadata, seqs, _as_id_set(eos_token_ids), device)
+        _fill_logit_bias(metadata, params, device)
+        _fill_allowed_token_ids(metadata, params, device)
+        _fill_grammar(metadata, seqs, grammar, device)
         return metadata
 
 
@@ -110,20 +142,43 @@ class SamplerOutput:
 
 
 class Sampler(nn.Module):
-    """Samples one token per row of `logits` according to `SamplingMetadata`."""
+    """Samples one token per row of `logits` according to `SamplingMetadata`.
+
+    `apply_token_bitmask` is the backend's kernel of the op of that name (the op registry's;
+    default the plain-torch reference).
+    """
+
+    def __init__(self, apply_token_bitmask: ApplyTokenBitmask | None = None) -> None:
+        super().__init__()
+        self.apply_token_bitmask = apply_token_bitmask or reference_apply_token_bitmask
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         raw = logits.float()                          # [num_seqs, vocab_size]
         non_finite = ~torch.isfinite(raw.amax(dim=-1))  # [num_seqs]: a NaN / +inf, or all -inf
         processed = apply_penalties(raw, metadata)
         processed = apply_min_tokens(processed, metadata)
-        sampled = sample(processed, metadata).masked_fill(non_finite, -1)  # [num_seqs] int64
+        processed, masked = self._constrain(processed, metadata)
+        failed_mask = non_finite if masked is None else non_finite | masked
+        sampled = sample(processed, metadata).masked_fill(failed_mask, -1)  # [num_seqs] int64
         token_ids = sampled.tolist()
-        failed = {row: NON_FINITE_LOGITS for row, token in enumerate(token_ids) if token < 0}
+        failed = {row: NON_FINITE_LOGITS if bool(non_finite[row]) else NO_ALLOWED_TOKEN
+                  for row, token in enumerate(token_ids) if token < 0}
         num_logprobs = [None if row in failed else k for row, k in enumerate(metadata.num_logprobs)]
         logprobs, ranks = compute_logprobs(raw, sampled, num_logprobs)
         return SamplerOutput(sampled_token_ids=token_ids, logprobs=logprobs, ranks=ranks,
                              sampled_token_tensor=sampled, failed_rows=failed)
+
+    def _constrain(self, logits: torch.Tensor, metadata: SamplingMetadata
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logit_bias, allowed_token_ids and the grammar bitmask; also the rows [num_seqs] bool
+        these left without any allowed token (None when none of them applies)."""
+        if not metadata.has_constraints:
+            return logits, None
+        logits = apply_logit_bias(logits, metadata)
+        logits = apply_allowed_token_ids(logits, metadata)
+        if metadata.token_bitmask is not None:
+            logits = self.apply_token_bitmask(logits, metadata.token_bitmask, metadata.bitmask_rows)
+        return logits, logits.amax(dim=-1) == _NEG_INF
 
 
 # ---------------------------------------------------------------- metadata helpers
@@ -217,6 +272,49 @@ def _fill_min_tokens(metadata: SamplingMetadata, seqs: list["Sequence"], eos_ids
         metadata.min_tokens_cols = torch.tensor(cols, dtype=torch.int64, device=device)
 
 
+def _fill_logit_bias(metadata: SamplingMetadata, params: list["SamplingParams"],
+                     device: torch.device | str) -> None:
+    """(row, token, bias) triples of every row with a logit_bias."""
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            rows.append(row)
+            cols.append(token_id)
+            values.append(bias)
+    if rows:
+        metadata.bias_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        metadata.bias_cols = torch.tensor(cols, dtype=torch.int64, device=device)
+        metadata.bias_values = torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _fill_allowed_token_ids(metadata: SamplingMetadata, params: list["SamplingParams"],
+                            device: torch.device | str) -> None:
+    """The rows with allowed_token_ids and the (row, token) pairs they keep."""
+    rows = [row for row, p in enumerate(params) if p.allowed_token_ids]
+    if not rows:
+        return
+    pair_rows = [i for i, row in enumerate(rows) for _ in params[row].allowed_token_ids]
+    pair_cols = [t for row in rows for t in params[row].allowed_token_ids]
+    metadata.allowed_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+    metadata.allowed_pair_rows = torch.tensor(pair_rows, dtype=torch.int64, device=device)
+    metadata.allowed_pair_cols = torch.tensor(pair_cols, dtype=torch.int64, device=device)
+
+
+def _fill_grammar(metadata: SamplingMetadata, seqs: list["Sequence"], grammar: GrammarBitmask | None,
+                  device: torch.device | str) -> None:
+    """The bitmask rows of this step's sequences that have a grammar, moved to `device`."""
+    if grammar is None:
+        return
+    pairs = [(row, grammar.rows[seq.seq_id]) for row, seq in enumerate(seqs) if seq.seq_id in grammar.rows]
+    if not pairs:
+        return
+    rows, mask_rows = zip(*pairs)
+    metadata.token_bitmask = grammar.bitmask[list(mask_rows)].to(device)
+    metadata.bitmask_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+
+
 # ---------------------------------------------------------------- logits transforms
 
 def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -259,6 +357,30 @@ def apply_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.
     banned = torch.zeros(num_seqs, vocab_size + 1, dtype=torch.bool, device=logits.device)
     banned[metadata.min_tokens_rows, cols] = True
     return logits.masked_fill(banned[:, :vocab_size], _NEG_INF)
+
+
+def apply_logit_bias(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Add each row's logit_bias (ids past the logits' width are dropped)."""
+    if metadata.bias_rows is None:
+        return logits
+    vocab_size = logits.shape[1]
+    keep = metadata.bias_cols < vocab_size                              # [num_biased]
+    index = (metadata.bias_rows[keep], metadata.bias_cols[keep])
+    return logits.index_put(index, metadata.bias_values[keep], accumulate=True)
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """-inf for every token outside a restricted row's allowed_token_ids."""
+    if metadata.allowed_rows is None:
+        return logits
+    num_seqs, vocab_size = logits.shape
+    cols = metadata.allowed_pair_cols.clamp(max=vocab_size)            # out-of-vocab ids -> spare column
+    allowed = torch.zeros(metadata.allowed_rows.shape[0], vocab_size + 1, dtype=torch.bool,
+                          device=logits.device)                         # [num_restricted, vocab + 1]
+    allowed[metadata.allowed_pair_rows, cols] = True
+    banned = torch.zeros(num_seqs, vocab_size, dtype=torch.bool, device=logits.device)
+    banned[metadata.allowed_rows] = ~allowed[:, :vocab_size]
+    return logits.masked_fill(banned, _NEG_INF)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ _BACKEND_MODULES = {"cpu": "ascend_llm.ops.cpu", "cuda": "ascend_llm.ops.cuda", 
 # Ops a backend has no kernel of yet run as the plain-torch reference kernels on its device.
 _REFERENCE_FALLBACK = ("cuda", "npu")
 # further modules registering kernels of a backend (kept out of the backend's main module)
-_EXTRA_MODULES = {"cpu": ("ascend_llm.ops.cpu_moe", "ascend_llm.ops.cpu_fused")}
+_EXTRA_MODULES = {"cpu": ("ascend_llm.ops.cpu_moe", "ascend_llm.ops.cpu_fused", "ascend_llm.ops.cpu_logits")}
 
 
 def _register_backend(registry: OpRegistry, backend: str) -> None:

@@ -53,6 +53,7 @@ class SamplingRequest(RequestModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
     use_beam_search: bool = False               # vLLM; true is a 400 (no beam search here)
     return_tokens_as_token_ids: bool | None = None   # vLLM: logprob tokens as "token_id:N"
@@ -63,6 +64,15 @@ class SamplingRequest(RequestModel):
     service_tier: str | None = None             # OpenAI: pricing / latency tier; one tier here
     metadata: dict[str, str] | None = None      # OpenAI: tags for stored completions; kept nowhere
     store: bool | None = None                   # OpenAI: store the completion; true is a 400 (nothing is stored)
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and legacy guided_*
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -94,7 +104,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

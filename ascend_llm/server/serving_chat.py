@@ -18,6 +18,7 @@ from ascend_llm.server.serving_completion import usage
 from ascend_llm.server.serving_engine import OutputStream, PromptInput, ServingContext
 from ascend_llm.server.serving_tools import ToolRequest, resolve_tools, template_message
 from ascend_llm.server.streaming import DONE, SSE_HEADERS, DeltaTracker, sse, sse_error
+from ascend_llm.server.structured_request import structured_renames, structured_source
 from ascend_llm.server.tool_parsers import ToolParser
 
 _RENAMES = {"logprobs": "top_logprobs"}
@@ -44,7 +45,7 @@ class ChatServing:
     async def create(self, req: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         p = self.prepare(req)
         request_id = random_id("chatcmpl")
-        stream = await self.ctx.submit(request_id, [p.prompt], [p.params])
+        stream = await self.ctx.submit(request_id, [p.prompt], [p.params], renames=structured_renames(req))
         if req.stream:
             return StreamingResponse(self._stream(request_id, p, stream), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
@@ -54,7 +55,6 @@ class ChatServing:
     # ---------------------------------------------------------- validation
     def prepare(self, req: ChatCompletionRequest) -> _Prepared:
         model = self.ctx.check_model(req.model)
-        _check_unsupported(req)
         top = _top_logprobs(req)
         add_generation_prompt = _generation_prompt(req)
         tools = resolve_tools(req, self.ctx.config)
@@ -66,7 +66,7 @@ class ChatServing:
         tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self.ctx.resolve_max_tokens(requested, len(prompt.token_ids), "messages", tokens_param)
-        params = self.ctx.sampling_params(req, max_tokens, top, _RENAMES, **_tool_overrides(tools))
+        params = self.ctx.sampling_params(req, max_tokens, top, _RENAMES, **_tool_overrides(tools, req))
         return _Prepared(req, model, prompt, params, top, role=role, echo_text=echo, tools=tools)
 
     def render(self, messages: list[ChatMessageIn], add_generation_prompt: bool = True,
@@ -160,12 +160,6 @@ class ChatServing:
                                        usage=usage_info))
 
 
-def _check_unsupported(req: ChatCompletionRequest) -> None:
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise bad_request(f"response_format: type {fmt!r} is not supported yet (only 'text')", "response_format")
-
-
 def _generation_prompt(req: ChatCompletionRequest) -> bool:
     """Whether the template adds the assistant prompt. `continue_final_message` turns it off unless the
     request set both to true, which is a 400 as in vLLM's ChatCompletionRequest validator."""
@@ -193,7 +187,7 @@ def _cut_after_final_message(text: str, final: str) -> str:
     return text[:end + len(final)]
 
 
-def _tool_overrides(tools: ToolRequest | None) -> dict[str, Any]:
+def _tool_overrides(tools: ToolRequest | None, req: ChatCompletionRequest) -> dict[str, Any]:
     """SamplingParams settings a tool request needs: the grammar of "required" / a named function,
     and special tokens kept when the parser's markers are special tokens."""
     if tools is None:
@@ -201,6 +195,10 @@ def _tool_overrides(tools: ToolRequest | None) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     structured = tools.structured_outputs()
     if structured is not None:
+        source = structured_source(req)
+        if source is not None:        # vLLM lets the tool schema win silently; we say so instead
+            raise bad_request(f"{source}: cannot be combined with tool_choice 'required' or a named "
+                              f"function (their schema already constrains the output)", source)
         overrides["structured_outputs"] = structured
     if tools.keep_special_tokens:
         overrides["skip_special_tokens"] = False

@@ -16,6 +16,7 @@ from ascend_llm.server.protocol import (CompletionChoice, CompletionRequest, Com
 from ascend_llm.server.serving_engine import (MAX_PROMPTS_PER_REQUEST, OutputStream, PromptInput,
                                               ServingContext)
 from ascend_llm.server.streaming import DONE, SSE_HEADERS, DeltaTracker, sse, sse_error
+from ascend_llm.server.structured_request import structured_renames
 
 
 @dataclass
@@ -37,7 +38,8 @@ class CompletionServing:
     async def create(self, req: CompletionRequest) -> JSONResponse | StreamingResponse:
         prepared = self.prepare(req)
         request_id = random_id("cmpl")
-        stream = await self.ctx.submit(request_id, prepared.prompts, prepared.params)
+        stream = await self.ctx.submit(request_id, prepared.prompts, prepared.params,
+                                       renames=structured_renames(req))
         if req.stream:
             return StreamingResponse(self._stream(request_id, prepared, stream),
                                      media_type="text/event-stream", headers=SSE_HEADERS)

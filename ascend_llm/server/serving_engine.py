@@ -14,6 +14,7 @@ from ascend_llm.outputs import RequestOutput
 from ascend_llm.sampling_params import SamplingParams
 from ascend_llm.server.args import ServerConfig
 from ascend_llm.server.errors import APIError, bad_request, from_value_error
+from ascend_llm.server.structured_request import constraint_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class ServingContext:
         """SamplingParams for `req`; every bad value is a 400 naming the request field."""
         check_request_fields(req, self.llm.vocab_size)
         kwargs = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+        kwargs.update(constraint_kwargs(req, self.llm.vocab_size))
         kwargs.update(max_tokens=max_tokens, logprobs=logprobs, **overrides)
         for name in ("logprobs", "prompt_logprobs"):
             value = kwargs.get(name)
@@ -146,9 +148,11 @@ class ServingContext:
             raise from_value_error(exc, renames=renames) from None
 
     # ----------------------------------------------------------- admission
-    async def submit(self, request_id: str, prompts: list[PromptInput],
-                     params: list[SamplingParams]) -> "OutputStream":
-        """Admit one engine request per prompt (all or none); 429 / 503 / 400 on refusal."""
+    async def submit(self, request_id: str, prompts: list[PromptInput], params: list[SamplingParams], *,
+                     renames: dict[str, str] | None = None) -> "OutputStream":
+        """Admit one engine request per prompt (all or none); 429 / 503 / 400 on refusal. `renames`
+        maps an engine error's parameter to the request field to name (e.g. structured_outputs ->
+        response_format)."""
         out_queue: asyncio.Queue = asyncio.Queue()
         ids: list[str] = []
         try:
@@ -160,7 +164,7 @@ class ServingContext:
             for rid in ids:
                 self.engine.abort(rid)
             if isinstance(exc, Exception):
-                raise admission_error(exc) from None
+                raise admission_error(exc, renames) from None
             raise
         if self.metrics is not None:
             for p in params:
@@ -180,8 +184,6 @@ def check_request_fields(req: Any, vocab_size: int) -> None:
         raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
     if req.temperature is not None and not 0.0 <= req.temperature <= MAX_TEMPERATURE:
         raise bad_request(f"temperature: must be in [0, {MAX_TEMPERATURE}], got {req.temperature}", "temperature")
-    if req.logit_bias:
-        raise bad_request("logit_bias: not supported yet", "logit_bias")
     if req.best_of is not None and req.best_of != req.n:     # as vLLM V1: best_of equal to n is the only choice
         raise bad_request(f"best_of: only best_of == n ({req.n}) is supported (no re-ranking of extra samples), "
                           f"got {req.best_of}", "best_of")
@@ -211,7 +213,7 @@ def _check_stop(stop: str | list[str] | None) -> None:
                               f"got {len(item)}", "stop")
 
 
-def admission_error(exc: Exception) -> APIError:
+def admission_error(exc: Exception, renames: dict[str, str] | None = None) -> APIError:
     """The HTTP error for an engine refusal."""
     if isinstance(exc, APIError):
         return exc
@@ -220,7 +222,7 @@ def admission_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineUnavailableError):
         return APIError(503, str(exc), headers={"Retry-After": "5"})
     if isinstance(exc, ValueError):
-        return from_value_error(exc, default_param="prompt")
+        return from_value_error(exc, default_param="prompt", renames=renames)
     logger.exception("request admission failed")
     return APIError(500, f"internal error: {type(exc).__name__}")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ascend_llm.engine.sequence import Sequence
-from ascend_llm.layers.sampler import (Sampler, SamplingMetadata, apply_min_p, apply_penalties,
-                                       apply_top_k_top_p)
+from ascend_llm.layers.sampler import (NO_ALLOWED_TOKEN, GrammarBitmask, Sampler, SamplingMetadata,
+                                       apply_min_p, apply_penalties, apply_top_k_top_p)
 from ascend_llm.sampling_params import SamplingParams
 
 EOS = 2
@@ -404,3 +404,29 @@ def test_non_finite_row_fails_alone(poison):
         assert out.sampled_token_ids[row] == clean.sampled_token_ids[row]
         assert out.logprobs[row] == clean.logprobs[row] and out.ranks[row] == clean.ranks[row]
     assert clean.failed_rows == {}
+
+
+# ---------------------------------------------------------------- logit_bias, allowed_token_ids, grammar bitmask
+
+def test_constraints_apply_before_sampling_and_logprobs_stay_raw():
+    logits = random_logits(3, 64, seed=7)
+    seqs = [make_seq(SamplingParams(temperature=0.0, logprobs=0, logit_bias={9: 100.0})),
+            make_seq(SamplingParams(temperature=1.0, seed=3, allowed_token_ids=[4, 5])),
+            make_seq(SamplingParams(temperature=0.0, logprobs=0))]
+    bitmask = torch.zeros(1, 2, dtype=torch.int32)
+    bitmask[0, 1] = 1 << 8                                     # only token 40 is allowed
+    grammar = GrammarBitmask(bitmask, {seqs[2].seq_id: 0})
+    out = Sampler()(logits, SamplingMetadata.build(seqs, [EOS], {}, "cpu", grammar))
+    assert out.sampled_token_ids[0] == 9 and out.sampled_token_ids[1] in (4, 5)
+    assert out.sampled_token_ids[2] == 40
+    raw = logits.log_softmax(dim=-1)
+    assert out.logprobs[2][40] == pytest.approx(raw[2, 40].item())   # from the raw logits
+
+
+def test_a_row_left_without_any_token_fails_alone():
+    seqs = [make_seq(SamplingParams(temperature=0.0, min_tokens=2, max_tokens=4)), make_seq(SamplingParams())]
+    bitmask = torch.zeros(1, 2, dtype=torch.int32)
+    bitmask[0, 0] = 1 << EOS                                   # the grammar allows only EOS, min_tokens bans it
+    out = Sampler()(random_logits(2, 64), SamplingMetadata.build(seqs, [EOS], {}, "cpu",
+                                                                 GrammarBitmask(bitmask, {seqs[0].seq_id: 0})))
+    assert out.failed_rows == {0: NO_ALLOWED_TOKEN} and out.sampled_token_ids[1] >= 0

@@ -271,7 +271,7 @@ def scripted(tool_client, monkeypatch):
     characters per step: the HTTP layer, the openai SDK and LangChain see real tool-call answers."""
     texts: dict[str, str] = {}
 
-    async def submit(request_id, prompts, params):
+    async def submit(request_id, prompts, params, **_):
         text = texts["output"]
         return _FakeStream([text[:i] for i in range(5, len(text), 5)] + [text], "stop")
     monkeypatch.setattr(tool_client.app.state.handlers.ctx, "submit", submit)

@@ -51,7 +51,8 @@ def _assert_error(resp, status: int, param: str | None = None, text: str | None 
     ("stop", json.dumps("x" * 600), "stop"),
     ("stop_token_ids", "[100000]", "stop_token_ids"),
     ("stream_options", "{\"include_usage\": true}", "stream_options"),
-    ("logit_bias", "{\"5\": 10}", "logit_bias"),
+    ("logit_bias", "{\"5\": 101}", "logit_bias"),
+    ("logit_bias", "{\"384\": 1}", "logit_bias"),
     ("seed", "1.5", "seed"),
 ])
 def test_completion_param_rejected(client, field, value, param):
@@ -67,7 +68,7 @@ def test_completion_param_rejected(client, field, value, param):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),   # "auto" needs the flags
     ({"n": -1}, "n"),
 ])
