@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from calib.accuracy_reference import NUM_HELDOUT, float_reference, record_and_write
 from calib.config import CalibConfig, CalibError
 from calib.dataset import load_calib_texts, tokenize_texts
 from calib.export import LinearPlan, build_checkpoint, copy_side_files, write_checkpoint
@@ -226,6 +227,8 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
         check_finite_weights(model, "in the checkpoint")
         batches = tokenize_texts(tokenizer, texts, cfg.max_tokens)
         groups = find_groups(model)
+        reference = float_reference(model, tokenizer, _heldout_texts(cfg, len(texts)), "calib.pipeline",
+                                    str(model_dir))
     smooth_report = None
     if cfg.anti_method:
         with timer.stage("anti_outlier"):
@@ -254,7 +257,16 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
                              stage_seconds=timer.seconds, anti_outlier=smooth_report,
                              kv_cache_type="C8" if kv_ranges else None)
         report.write_json(staging)
+        with timer.stage("accuracy_reference"):
+            record_and_write(reference, staging)
     return report
+
+
+def _heldout_texts(cfg: CalibConfig, num_used: int) -> list[str]:
+    """The calibration file's texts after the ones calibrated on (none when all were used)."""
+    if cfg.num_samples is None:
+        return []
+    return load_calib_texts(cfg.calib_file, num_used + NUM_HELDOUT)[num_used:]
 
 
 def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupStats], weights: Any,
