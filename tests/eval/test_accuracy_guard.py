@@ -9,40 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ascend_llm import LLM
 from ascend_llm.cli import main
 from ascend_llm.eval.accuracy_guard import verify
-from ascend_llm.quant.w8a8 import decode_deq_scale, encode_deq_scale_int64
 from ascend_llm.eval.accuracy_reference import (FILE_NAME, AccuracyReferenceError, load_reference,
                                                 parse_reference)
-from calib.pipeline import run_calibration
-from tests.calib.test_roundtrip import calib_config
 from tests.tiny_models import init_tiny_weights, make_tokenizer, tiny_config
 
 PEER_W8A8 = Path(__file__).parents[1] / "fixtures" / "peer_checkpoints" / "msmodelslim" / "llama_w8a8"
-
-
-@pytest.fixture(scope="module")
-def good_dir(tiny_llama_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("guard") / "w8a8"
-    run_calibration(calib_config(Path(tiny_llama_dir), out, "W8A8"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def damaged_dir(good_dir, tmp_path_factory) -> Path:
-    """The good checkpoint with one layer's dequantization scales (W8A8 static: deq_scale =
-    input_scale * weight_scale, int64-encoded fp32) multiplied by 4."""
-    out = tmp_path_factory.mktemp("guard") / "damaged"
-    shutil.copytree(good_dir, out)
-    (weights,) = out.glob("quant_model_weight*.safetensors")
-    tensors = load_file(weights)
-    name = "model.layers.0.mlp.down_proj.deq_scale"
-    tensors[name] = encode_deq_scale_int64(decode_deq_scale(tensors[name]) * 4)
-    save_file(tensors, weights)
-    return out
 
 
 def test_calib_writes_a_small_reference_with_its_own_scores(good_dir):
