@@ -16,15 +16,27 @@ from typing import Any
 import torch
 
 from ascend_llm import __version__
-from ascend_llm.eval.accuracy_guard import (generic_prompts, reference_from_logprobs, verify)
-from ascend_llm.eval.accuracy_reference import MIN_PROMPT_TOKENS, AccuracyReference
+from ascend_llm.eval.accuracy_guard import (generic_prompts, reference_from_engine, reference_from_logprobs,
+                                            verify)
+from ascend_llm.eval.accuracy_reference import (FILE_NAME, MIN_PROMPT_TOKENS, AccuracyReference,
+                                                AccuracyReferenceError, load_reference, reference_path)
+from calib.dataset import load_calib_texts
 
 logger = logging.getLogger("calib")
 
 TOP_K = 8
 PROMPT_TOKENS = 48
 NUM_HELDOUT = 4
-NUM_GENERIC = 2
+NUM_PROMPTS = 6           # held-out texts first, generic ones fill up (at least 2)
+_CPU = dict(device="cpu", enforce_eager=True, kv_cache_memory_gb=0.05)
+
+
+def heldout_texts(calib_file: str | None, num_used: int | None) -> list[str]:
+    """The calibration file's texts after the first `num_used` (the ones calibrated on); none
+    when there is no file or every text was used."""
+    if not calib_file or num_used is None:
+        return []
+    return load_calib_texts(calib_file, num_used + NUM_HELDOUT)[num_used:]
 
 
 def heldout_prompts(tokenizer: Any, texts: list[str], max_tokens: int = PROMPT_TOKENS
@@ -44,9 +56,7 @@ def heldout_prompts(tokenizer: Any, texts: list[str], max_tokens: int = PROMPT_T
 def float_reference(model: torch.nn.Module, tokenizer: Any, heldout_texts: list[str], tool: str,
                     source_model: str) -> AccuracyReference:
     """Score the prompts with the (still float) HF model: one forward per prompt, fp32 log-softmax."""
-    prompts = heldout_prompts(tokenizer, heldout_texts) + generic_prompts(tokenizer, PROMPT_TOKENS)[:NUM_GENERIC]
-    if not prompts:
-        raise ValueError("accuracy reference: no prompt of at least 8 tokens")
+    prompts = _prompts(tokenizer, heldout_texts, getattr(model.config, "vocab_size", None))
     device = next(model.parameters()).device
     logprobs = [model(torch.tensor([ids], device=device)).logits[0].float().log_softmax(-1).cpu()
                 for _, _, ids in prompts]
@@ -54,12 +64,33 @@ def float_reference(model: torch.nn.Module, tokenizer: Any, heldout_texts: list[
                                    source_model)
 
 
+def float_reference_from_checkpoint(model_dir: str | Path, heldout_texts: list[str], tool: str
+                                    ) -> AccuracyReference:
+    """The same from a float checkpoint this tool never loads as a torch model (the WINT2 writer
+    streams tensors): the runtime scores it on CPU through its prompt logprobs."""
+    from ascend_llm import LLM
+    with LLM(str(model_dir), **_CPU) as llm:
+        engine = llm.llm_engine
+        prompts = _prompts(engine.tokenizer, heldout_texts, engine.vocab_size)
+        return reference_from_engine(engine, prompts, TOP_K, {"tool": tool, "version": __version__},
+                                     str(model_dir))
+
+
+def _prompts(tokenizer: Any, heldout_texts: list[str], vocab_size: int | None) -> list[tuple[str, str, list[int]]]:
+    heldout = heldout_prompts(tokenizer, heldout_texts)
+    generic = generic_prompts(tokenizer, PROMPT_TOKENS, vocab_size)
+    prompts = heldout + generic[:max(2, NUM_PROMPTS - len(heldout))]
+    if not prompts:
+        raise ValueError("accuracy reference: no prompt of at least 8 tokens")
+    return prompts
+
+
 def record_and_write(reference: AccuracyReference, checkpoint_dir: str | Path, **llm_kwargs: Any) -> Path:
     """Load the written checkpoint on CPU, store its scores as `at_conversion`, write the file.
     A checkpoint this runtime cannot load on CPU still gets the float reference (at_conversion
     null, with the reason logged)."""
     from ascend_llm import LLM
-    options = dict(device="cpu", enforce_eager=True, kv_cache_memory_gb=0.05, **llm_kwargs)
+    options = dict(_CPU, **llm_kwargs)
     try:
         llm = LLM(str(checkpoint_dir), **options)
         try:
@@ -75,3 +106,27 @@ def record_and_write(reference: AccuracyReference, checkpoint_dir: str | Path, *
                        "at_conversion left null", exc)
         reference.at_conversion = None
     return reference.write(checkpoint_dir)
+
+
+def carry_over(src_dir: str | Path, checkpoint_dir: str | Path, tool: str) -> str:
+    """For a converter (no float model at hand): keep the source checkpoint's reference (the
+    float answers do not change with the storage format), re-measure `at_conversion` on the
+    converted checkpoint, and keep the source's numbers as `source_at_conversion`. Returns the
+    line for the tool's report."""
+    target = Path(checkpoint_dir) / FILE_NAME
+    if not reference_path(src_dir).is_file():
+        target.unlink(missing_ok=True)
+        return (f"none: the source has no {FILE_NAME} and the converter has no float model "
+                f"(check the output with `ascend-llm verify DST --reference FLOAT_MODEL`)")
+    try:
+        reference = load_reference(src_dir)
+    except AccuracyReferenceError as exc:
+        target.unlink(missing_ok=True)
+        logger.warning("accuracy reference not carried over: %s", exc)
+        return f"none: the source's is malformed ({exc})"
+    reference.extra["source_at_conversion"] = reference.at_conversion
+    reference.writer = dict(reference.writer, carried_by=tool)
+    record_and_write(reference, checkpoint_dir)
+    measured = "re-measured on the converted checkpoint" if reference.at_conversion else "not measurable on CPU"
+    return f"carried over from the source; at_conversion {measured}"
+

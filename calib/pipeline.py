@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from calib.accuracy_reference import NUM_HELDOUT, float_reference, record_and_write
+from calib.accuracy_reference import float_reference, heldout_texts, record_and_write
 from calib.config import CalibConfig, CalibError
 from calib.dataset import load_calib_texts, tokenize_texts
 from calib.export import LinearPlan, build_checkpoint, copy_side_files, write_checkpoint
@@ -227,7 +227,8 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
         check_finite_weights(model, "in the checkpoint")
         batches = tokenize_texts(tokenizer, texts, cfg.max_tokens)
         groups = find_groups(model)
-        reference = float_reference(model, tokenizer, _heldout_texts(cfg, len(texts)), "calib.pipeline",
+        num_used = None if cfg.num_samples is None else len(texts)      # held out: the texts after these
+        reference = float_reference(model, tokenizer, heldout_texts(cfg.calib_file, num_used), "calib.pipeline",
                                     str(model_dir))
     smooth_report = None
     if cfg.anti_method:
@@ -260,13 +261,6 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
         with timer.stage("accuracy_reference"):
             record_and_write(reference, staging)
     return report
-
-
-def _heldout_texts(cfg: CalibConfig, num_used: int) -> list[str]:
-    """The calibration file's texts after the ones calibrated on (none when all were used)."""
-    if cfg.num_samples is None:
-        return []
-    return load_calib_texts(cfg.calib_file, num_used + NUM_HELDOUT)[num_used:]
 
 
 def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupStats], weights: Any,
