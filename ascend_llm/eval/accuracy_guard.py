@@ -29,11 +29,17 @@ from ascend_llm.sampling_params import MAX_LOGPROBS, SamplingParams
 if TYPE_CHECKING:
     from ascend_llm.engine.llm_engine import LLMEngine
 
-# Defaults of `verify` / `serve --verify-accuracy`. Good W8A8 / W4A16 checkpoints of real models
-# sit near KL 0.01-0.05 nats and top-1 agreement 0.9-0.97 on held-out text; one layer's scales
-# off by 4x, a wrong layout or a float fallback gone wrong gives KL > 0.5 and agreement < 0.7.
+# Defaults of `verify` / `serve --verify-accuracy`, from SmolLM2-135M-Instruct on CPU (python -m
+# calib, 8 x 128 calibration tokens; 254 positions, 2026-12-07):
+#   W8A16                       KL 0.0027  top-1 0.94  ppl ratio 1.005
+#   W8A8_DYNAMIC                KL 0.036   top-1 0.82  ppl ratio 1.05
+#   W8A8 static min-max         KL 0.73    top-1 0.44  ppl ratio 2.13   (known bad: ppl 57 vs 28)
+#   W8A8_DYNAMIC, layers.5.mlp.down_proj weight_scale x4
+#                               KL 1.01    top-1 0.44  ppl ratio 3.30
+# Bigger models agree more (a 135M model is the hard case), so the thresholds sit ~5x above good
+# KL and halfway between good and broken agreement.
 DEFAULT_MAX_KL = 0.2
-DEFAULT_MIN_TOP1 = 0.8
+DEFAULT_MIN_TOP1 = 0.7
 GENERIC_TEXTS = (
     "The quick brown fox jumps over the lazy dog. Meanwhile, the farmer counts his sheep and "
     "wonders whether the rain will come before the harvest is finished.",
