@@ -86,26 +86,26 @@ def _prompts(tokenizer: Any, heldout_texts: list[str], vocab_size: int | None) -
 
 
 def record_and_write(reference: AccuracyReference, checkpoint_dir: str | Path, **llm_kwargs: Any) -> Path:
-    """Load the written checkpoint on CPU, store its scores as `at_conversion`, write the file.
-    A checkpoint this runtime cannot load on CPU still gets the float reference (at_conversion
-    null, with the reason logged)."""
+    """Store the written checkpoint's own scores as `at_conversion` and write the file."""
+    reference.at_conversion = measure_at_conversion(reference, checkpoint_dir, **llm_kwargs)
+    return reference.write(checkpoint_dir)
+
+
+def measure_at_conversion(reference: AccuracyReference, checkpoint_dir: str | Path,
+                          **llm_kwargs: Any) -> dict[str, Any] | None:
+    """Load the checkpoint on CPU and score it; None (the reason logged) when this runtime cannot
+    load it there: the float reference is still worth shipping."""
     from ascend_llm import LLM
-    options = dict(_CPU, **llm_kwargs)
     try:
-        llm = LLM(str(checkpoint_dir), **options)
-        try:
+        with LLM(str(checkpoint_dir), **dict(_CPU, **llm_kwargs)) as llm:
             report = verify(llm.llm_engine, reference, max_kl=float("inf"), min_top1=0.0)
-        finally:
-            llm.shutdown()
-        reference.at_conversion = {**{k: round(v, 6) for k, v in report.scores.to_dict().items()
-                                      if isinstance(v, float)},
-                                   "num_positions": report.scores.num_positions, "backend": report.backend,
-                                   "note": "measured by the writing tool right after conversion"}
-    except Exception as exc:      # the float reference is still worth shipping
+    except Exception as exc:
         logger.warning("accuracy reference: could not score the written checkpoint on CPU (%s); "
                        "at_conversion left null", exc)
-        reference.at_conversion = None
-    return reference.write(checkpoint_dir)
+        return None
+    scores = {k: round(v, 6) for k, v in report.scores.to_dict().items() if isinstance(v, float)}
+    return {**scores, "num_positions": report.scores.num_positions, "backend": report.backend,
+            "note": "measured by the writing tool right after conversion"}
 
 
 def carry_over(src_dir: str | Path, checkpoint_dir: str | Path, tool: str) -> str:
