@@ -95,8 +95,8 @@ class AccuracyReport:
                                   ("top1_agreement", s.top1_agreement, f">= {self.min_top1:g}"),
                                   ("ppl_ratio", s.ppl_ratio, ""), ("perplexity", s.perplexity, "")):
             recorded = conv.get(key)
-            lines.append(f"{key:<16}{value:>12.4f}{recorded if recorded is None else f'{recorded:.4f}':>16}"
-                         f"{limit:>12}")
+            shown = "-" if recorded is None else f"{recorded:.4f}"
+            lines.append(f"{key:<16}{value:>12.4f}{shown:>16}{limit:>12}")
         lines.append(f"{s.num_positions} positions on {self.backend or 'this backend'}"
                      + (f", {s.num_unresolved} float top-k ids outside the quantized top {MAX_LOGPROBS}"
                         if s.num_unresolved else ""))

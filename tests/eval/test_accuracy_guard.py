@@ -92,3 +92,5 @@ def test_verify_reference_builds_the_report_for_a_peer_checkpoint(peer_float_dir
     assert code == 0, report
     assert report["replayed"]["num_positions"] > 50 and report["at_conversion"] is None
     assert report["replayed"]["mean_kl"] < 0.01 and report["replayed"]["top1_agreement"] > 0.85     # measured 0.899
+    assert main(["verify", str(PEER_W8A8), "--reference", str(peer_float_dir), "--device", "cpu"]) == 0
+    assert "PASS" in capsys.readouterr().out                 # the table, with no numbers at conversion
