@@ -17,7 +17,8 @@ Format (version 1; JSON, tens of KB):
       ],                                          #   log-probs after token_ids[:p + 1], best first
       "float": {"perplexity": float, "num_tokens": int},
       "at_conversion": null | {"mean_kl": float, "top1_agreement": float, "ppl_ratio": float,
-                               "perplexity": float, "backend": "cpu", "note": str}
+                               "perplexity": float, "num_positions": int, "backend": "cpu", "note": str},
+      "source_at_conversion": ...    # optional: a converter's / tuner's input's at_conversion
     }
 
 `float.perplexity` is exp(mean -log p_float(token_ids[p + 1] | token_ids[:p + 1])) over every
@@ -38,6 +39,7 @@ FORMAT = "ascend-llm-accuracy-reference"
 VERSION = 1
 MIN_PROMPT_TOKENS = 8
 MAX_PROMPT_TOKENS = 256
+_KNOWN_KEYS = frozenset(("format", "version", "writer", "source_model", "top_k", "prompts", "float", "at_conversion"))
 
 
 class AccuracyReferenceError(ValueError):
@@ -124,8 +126,9 @@ def parse_reference(data: Any) -> AccuracyReference:
     if at_conversion is not None and not isinstance(at_conversion, dict):
         raise AccuracyReferenceError("at_conversion: expected an object or null")
     writer = data.get("writer") if isinstance(data.get("writer"), dict) else {}
+    extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}     # e.g. source_at_conversion
     return AccuracyReference(writer, str(data.get("source_model", "")), top_k, prompts, ppl,
-                             int(ref_float.get("num_tokens", 0)), at_conversion)
+                             int(ref_float.get("num_tokens", 0)), at_conversion, extra=extra)
 
 
 def _parse_prompt(raw: Any, index: int, top_k: int) -> ReferencePrompt:
