@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # Defaults of `verify` / `serve --verify-accuracy`, from SmolLM2-135M-Instruct on CPU (python -m
 # calib, 8 x 128 calibration tokens; 254 positions, 2026-12-07):
 #   W8A16                       KL 0.0027  top-1 0.94  ppl ratio 1.005
-#   W8A8_DYNAMIC                KL 0.036   top-1 0.82  ppl ratio 1.05
+#   W8A8_DYNAMIC                KL 0.035   top-1 0.82  ppl ratio 1.05
 #   W8A8 static min-max         KL 0.73    top-1 0.44  ppl ratio 2.13   (known bad: ppl 57 vs 28)
 #   W8A8_DYNAMIC, layers.5.mlp.down_proj weight_scale x4
 #                               KL 1.01    top-1 0.44  ppl ratio 3.30
@@ -120,6 +120,8 @@ def replay(engine: "LLMEngine", prompts: list[list[int]]) -> list[list[dict[int,
     while len(finished) < len(prompts):
         for out in engine.step():
             if out.finished and out.request_id in request_ids:
+                if not out.prompt_logprobs:
+                    raise RuntimeError(f"accuracy replay: request {out.request_id} finished without prompt logprobs")
                 finished[out.request_id] = out
     return [[{tid: lp.logprob for tid, lp in entry.items()} for entry in finished[r].prompt_logprobs[1:]]
             for r in request_ids]
@@ -142,7 +144,8 @@ def score(reference: AccuracyReference, replayed: list[list[dict[int, float]]]) 
 
 
 def _position_kl(top_ids: list[int], top_logprobs: list[float], q_row: dict[int, float]) -> tuple[float, int]:
-    floor_lp = min(q_row.values())
+    ranked = sorted(q_row.values(), reverse=True)            # the top 20, maybe plus the real token
+    floor_lp = ranked[min(len(ranked), MAX_LOGPROBS) - 1]     # the 20th: bounds every id not returned
     p = [math.exp(v) for v in top_logprobs]
     q = [math.exp(q_row.get(t, floor_lp)) for t in top_ids]
     missing = sum(t not in q_row for t in top_ids)
