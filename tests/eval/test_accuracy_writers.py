@@ -60,7 +60,7 @@ def test_wint2_tuning_remeasures_the_writers_reference(tiny_llama_dir, tmp_path)
     from calib.wint2.tune import TuneSpec, tune_wint2_checkpoint
     from tests.calib.wint2.word_text import word_text_file
     write_wint2_checkpoint(tiny_llama_dir, tmp_path / "plain")
-    calib = CalibSpec(str(word_text_file(tmp_path / "calib.jsonl", num_texts=12)), num_samples=8, seq_len=32)
+    calib = CalibSpec(str(word_text_file(tmp_path / "calib.jsonl", num_texts=12)), num_samples=4, seq_len=16)
     tune_wint2_checkpoint(tiny_llama_dir, tmp_path / "plain", tmp_path / "tuned", calib, TuneSpec(epochs=1, lr=1e-2))
     plain, tuned = load_reference(tmp_path / "plain"), load_reference(tmp_path / "tuned")
     assert [p.token_ids for p in tuned.prompts] == [p.token_ids for p in plain.prompts]
