@@ -1,4 +1,4 @@
-"""`ascend-llm generate | chat | serve | eval | inspect | convert`."""
+"""`ascend-llm generate | chat | serve | eval | inspect | verify | convert`."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Replay the checkpoint's accuracy reference (or one built from --reference FLOAT_MODEL);
+    0 within the thresholds, 1 past them, 2 on bad input."""
+    import json
+    from ascend_llm.eval.accuracy_guard import generic_prompts, reference_from_engine, verify
+    from ascend_llm.eval.accuracy_reference import AccuracyReferenceError, load_reference
+    from ascend_llm.loader import resolve_model_path
+    args.model = args.model_path or args.model
+    args.enforce_eager = True
+    try:
+        if args.reference:
+            float_engine = _make_llm(argparse.Namespace(**{**vars(args), "model": args.reference})).llm_engine
+            reference = reference_from_engine(float_engine, generic_prompts(float_engine.tokenizer, vocab_size=float_engine.vocab_size), 8,
+                                              {"tool": "ascend-llm verify --reference"}, args.reference)
+            float_engine.shutdown()
+            args.tokenizer = args.tokenizer or args.reference    # replay needs ids only; peers may ship none
+        else:
+            reference = load_reference(resolve_model_path(args.model))
+        report = verify(_make_llm(args).llm_engine, reference, args.max_kl, args.min_top1)
+    except AccuracyReferenceError as exc:
+        logger.error("verify: %s", exc)
+        return 2
+    sys.stdout.write((json.dumps(report.to_dict(), indent=2) if args.json else report.text()) + "\n")
+    return 0 if report.ok else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ascend_llm.server.api_server import run_server
     return run_server(args)
@@ -140,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model_path", nargs="?", default=None, help="model (same as --model)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(func=cmd_inspect)
+    _add_verify_parser(sub)
     sub.add_parser("convert", add_help=False,
                    help="re-write a quantized checkpoint for another runtime (compressed-tensors <-> "
                         "ascendv1); runs the offline tool `python -m calib.convert`, see --help there")
@@ -165,6 +192,20 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--max-tokens", type=int, default=16384, help="score the first N tokens")
     ppl.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     ppl.set_defaults(func=cmd_eval_ppl)
+
+
+def _add_verify_parser(sub: argparse._SubParsersAction) -> None:
+    from ascend_llm.eval.accuracy_guard import DEFAULT_MAX_KL, DEFAULT_MIN_TOP1
+    verify = EngineArgs.add_cli_args(sub.add_parser(
+        "verify", help="replay the checkpoint's accuracy_reference.json and report KL / top-1 agreement / "
+                       "perplexity ratio against the float model and the numbers recorded at conversion"))
+    verify.add_argument("model_path", nargs="?", default=None, help="model (same as --model)")
+    verify.add_argument("--reference", default=None, metavar="FLOAT_MODEL",
+                        help="build the reference from this float model (checkpoints of other tools)")
+    verify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    verify.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL, help="fail above this mean KL (nats)")
+    verify.add_argument("--min-top1", type=float, default=DEFAULT_MIN_TOP1, help="fail below this top-1 agreement")
+    verify.set_defaults(func=cmd_verify)
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ascend_llm.numerics import primitives as P
+from calib.accuracy_reference import float_reference, heldout_texts, record_and_write
 from calib.config import CalibError
 from calib.dataset import load_calib_texts, tokenize_texts
 from calib.export import _float_state, copy_side_files
@@ -134,6 +135,8 @@ def convert(options: BlockFp8Options) -> BlockFp8Report:
         model, tokenizer, model_dir, source_dtype = load_model(options.model_path,
                                                                resolve_device(options.device_type))
         check_finite_weights(model, "in the checkpoint")
+        reference = float_reference(model, tokenizer, heldout_texts(options.calib_file, options.num_samples),
+                                    "calib.block_fp8", str(model_dir))
     groups = find_groups(model)
     hessians = {}
     if options.calib_file:
@@ -163,6 +166,8 @@ def convert(options: BlockFp8Options) -> BlockFp8Report:
             copy_side_files(model_dir, staging)
             _write_quantization_config(staging / "config.json", options.weight_block_size)
         tool_report.write_json(staging, REPORT_FILE)
+        with tool_report.stage("accuracy_reference"):
+            record_and_write(reference, staging)
     return report
 
 

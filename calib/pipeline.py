@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from calib.accuracy_reference import float_reference, heldout_texts, record_and_write
 from calib.config import CalibConfig, CalibError
 from calib.dataset import load_calib_texts, tokenize_texts
 from calib.export import LinearPlan, build_checkpoint, copy_side_files, write_checkpoint
@@ -226,6 +227,9 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
         check_finite_weights(model, "in the checkpoint")
         batches = tokenize_texts(tokenizer, texts, cfg.max_tokens)
         groups = find_groups(model)
+        num_used = None if cfg.num_samples is None else len(texts)      # held out: the texts after these
+        reference = float_reference(model, tokenizer, heldout_texts(cfg.calib_file, num_used), "calib.pipeline",
+                                    str(model_dir))
     smooth_report = None
     if cfg.anti_method:
         with timer.stage("anti_outlier"):
@@ -254,6 +258,8 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
                              stage_seconds=timer.seconds, anti_outlier=smooth_report,
                              kv_cache_type="C8" if kv_ranges else None)
         report.write_json(staging)
+        with timer.stage("accuracy_reference"):
+            record_and_write(reference, staging)
     return report
 
 

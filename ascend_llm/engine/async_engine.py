@@ -111,16 +111,20 @@ class AsyncLLMEngine:
         self._snapshot: dict[str, Any] = {}
         self._listeners: list[StatsListener] = []
         self.on_fatal: Callable[[str], None] | None = None
+        self.health_checks: list[Callable[[], str | None]] = []    # more not-ready reasons (accuracy guard)
         self.heap_trimmer = HeapTrimmer()        # freed heap back to the OS between steps
         if engine is not None:
             self._ready.set()
             self._snapshot = self._read_stats()
 
     @classmethod
-    def from_engine_args(cls, engine_args: Any, **kwargs: Any) -> "AsyncLLMEngine":
-        """Load the engine on the engine thread (call `start()`); /health reports 503 meanwhile."""
+    def from_engine_args(cls, engine_args: Any, on_load: Callable[[Any], Any] | None = None,
+                         **kwargs: Any) -> "AsyncLLMEngine":
+        """Load the engine on the engine thread (call `start()`); /health reports 503 meanwhile.
+        `on_load(engine) -> engine` runs there too, before any request (e.g. the accuracy guard)."""
         from ascend_llm.engine.llm_engine import LLMEngine
-        return cls(engine_factory=lambda: LLMEngine(engine_args), **kwargs)
+        hook = on_load or (lambda engine: engine)
+        return cls(engine_factory=lambda: hook(LLMEngine(engine_args)), **kwargs)
 
     # ---------------------------------------------------------------- status
     @property
@@ -157,6 +161,7 @@ class AsyncLLMEngine:
         if self._thread is not None and not self._thread.is_alive():
             return False, "engine thread is not running"
         problem = _engine_problem(self._engine)      # e.g. a tensor-parallel worker died
+        problem = problem or next((p for p in (check() for check in self.health_checks) if p), None)
         if problem is not None:
             return False, problem
         idle_for = time.monotonic() - self._health.last_progress

@@ -19,6 +19,9 @@ import uvicorn
 from ascend_llm.engine.arg_utils import EngineArgs
 from ascend_llm.engine.async_engine import AsyncLLMEngine, EngineState
 from ascend_llm.platform import bound_onednn_caches
+from ascend_llm.eval.accuracy_reference import AccuracyReferenceError
+from ascend_llm.loader import resolve_model_path
+from ascend_llm.server.accuracy import AccuracyGuard, install
 from ascend_llm.server.app import build_app
 from ascend_llm.server.args import ServerConfig, make_parser
 
@@ -74,9 +77,17 @@ def run_server(args: argparse.Namespace) -> int:
     if getattr(args, "kv_cache_ratio", None) is not None:
         logger.warning("--kv-cache-ratio %s is accepted for FastDeploy compatibility and ignored: KV blocks "
                        "are shared between prefill and decode dynamically", args.kv_cache_ratio)
+    try:
+        guard = AccuracyGuard.from_args(args, resolve_model_path(engine_args.model))
+    except AccuracyReferenceError as exc:
+        logger.error("--verify-accuracy: %s", exc)
+        return 2
     engine = AsyncLLMEngine.from_engine_args(engine_args, max_pending_requests=config.max_pending_requests,
-                                             stall_timeout_s=config.engine_stall_timeout)
+                                             stall_timeout_s=config.engine_stall_timeout,
+                                             on_load=guard.check if guard else None)
     app = build_app(engine, config)
+    if guard is not None:
+        install(app, guard)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.uvicorn_log_level,
                                access_log=not config.disable_uvicorn_access_log,
                                timeout_graceful_shutdown=config.shutdown_timeout, lifespan="on")

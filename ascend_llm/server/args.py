@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ascend_llm.engine.arg_utils import EngineArgs
+from ascend_llm.server.accuracy import add_accuracy_args
 from ascend_llm.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ DEFAULT_MAX_QUEUED_REQUESTS = 256
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Engine flags (EngineArgs) plus HTTP, auth, admission and FastDeploy-compatibility flags."""
     EngineArgs.add_cli_args(parser)
+    add_accuracy_args(parser)
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="bind address (default: %(default)s; use 0.0.0.0 deliberately)")
     add("--port", type=int, default=8000)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from calib.accuracy_reference import carry_over
 from calib.config import CalibError
 from calib.convert.neutral import NeutralCheckpoint
 from calib.convert.read_ascendv1 import read_ascendv1
@@ -68,6 +69,8 @@ def convert(source_format: str, target_format: str, src: str | Path, dst: str | 
             _copy_side_files(src_dir, staging)
             written = WRITERS[target_format](checkpoint, staging)
         report.summary = _summary(checkpoint, written, target_format)
+        with report.stage("accuracy_reference"):
+            report.summary["accuracy_reference"] = carry_over(src_dir, staging, "calib.convert")
         report.write_json(staging, REPORT_FILE)
     return report
 

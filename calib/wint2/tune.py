@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from ascend_llm.loader.resolve import resolve_model_path
 from ascend_llm.numerics import primitives as P
 from ascend_llm.numerics import wint2 as L
+from calib.accuracy_reference import carry_over
 from calib.config import CalibError
 from calib.output_dir import check_output_dir, staged_output
 from calib.report import REPORT_FILE, ToolReport
@@ -313,6 +314,8 @@ def tune_wint2_checkpoint(model_path: str | Path, quant_path: str | Path, save_d
             shutil.copytree(quant, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(shards[0].name))
             save_file(tuned_tensors(student, replaced, tensors), str(staging / shards[0].name),
                       metadata={"format": "pt"})
+        # the float answers stay valid; the copied at_conversion described the untuned weights
+        tool_report.summary["accuracy_reference"] = carry_over(quant, staging, TOOL)
         tool_report.write_json(staging)
     logger.info("wint2_tune: %d Linears, %d rows x %d epochs in %.0f s", len(replaced), rows.shape[0],
                 spec.epochs, time.perf_counter() - start)

@@ -59,6 +59,7 @@ from ascend_llm.loader.resolve import resolve_model_path
 from ascend_llm.numerics import primitives as P
 from ascend_llm.numerics import wint2 as L
 from ascend_llm.quant.wint2 import DENSE_TYPES, WInt2Config
+from calib.accuracy_reference import float_reference_from_checkpoint, record_and_write
 from calib.config import RECIPES_DIR, CalibError, merge_recipe
 from calib.output_dir import check_output_dir, staged_output
 from calib.report import ToolReport
@@ -139,6 +140,7 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
             "dense_wint4_modules": list(dense_wint4_modules), "method": method, "code_scales": list(code_scales),
             "refine_steps": refine_steps, "gptq_refine_passes": gptq_refine_passes, "calib": calib,
             "encoder_options": encoder_options, "overwrite": overwrite})
+    reference = float_reference_from_checkpoint(src, [], TOOL)   # generic prompts: the token stream may use every text
     qconfig = quantization_config(tuple(dense_wint2_modules), dense_quant_type, tuple(dense_wint4_modules))
     selector = WInt2Config.from_config(qconfig, source="--dense_wint2_modules")
     calibrated: dict[str, L.Wint2Tensors] = {}
@@ -179,6 +181,8 @@ def write_wint2_checkpoint(model_path: str | Path, save_directory: str | Path,
             _write_config(src, staging, qconfig)
             _copy_side_files(src, staging)
         tool_report.write_json(staging)
+        with tool_report.stage("accuracy_reference"):
+            record_and_write(reference, staging)
     return report
 
 
