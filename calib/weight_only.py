@@ -1,0 +1,266 @@
+"""Weight-only calibration (W4A16 / W8A16, per channel or per group) with MinMax or GPTQ rounding.
+
+    python -m calib --model_path M --save_directory OUT --calib_file data.jsonl \
+        --w_bit 4 --a_bit 16 --group_size 128 --w_method GPTQ [--w_sym false] \
+        [--save_format ascendv1|compressed-tensors]
+
+msModelSlim's options (`w_bit`, `a_bit`, `group_size`, `w_method` MinMax | GPTQ, `w_sym`): every
+decoder Linear gets int codes with a float32 scale per output row and group of `group_size` input
+columns (0 = per channel), symmetric (codes in [-2^(b-1), 2^(b-1) - 1], scale = amax / (2^(b-1) - 1))
+or asymmetric (scale = (max - min) / (2^b - 1) over the range widened to 0, integer zero point):
+W = (q - zp) * scale. The embeddings, norms and lm_head stay float, as msModelSlim leaves them.
+
+MinMax rounds each weight to the nearest code. GPTQ (calib/gptq.py) keeps the same scales
+(computed from the float weights before rounding: "static groups") but rounds column by column,
+pushing each column's error onto the columns not yet rounded through the inverse Hessian of the
+layer's calibration inputs (H = X^T X, float model inputs, calib/hessians.py); the Linears of one
+group (q/k/v, gate/up) share H and are rounded together. A Hessian whose damped Cholesky factor
+fails (singular, e.g. from too few tokens) is retried with 10x the dampening until it succeeds;
+the dampening used per layer is in the report, never a NaN.
+
+Output through the converters' writers (calib/convert/write_ascendv1.py: msModelSlim's W4A16 /
+W8A16 layout with the description's `group_size`; calib/convert/write_compressed_tensors.py:
+pack-quantized, group strategy, zero points when asymmetric). `calib_report.json` holds the
+options, stage times and, per Linear, the relative output error on the calibration inputs of
+round-to-nearest and of the written weights, and the GPTQ dampening.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from calib.config import CalibConfig, CalibError
+from calib.convert.neutral import NeutralCheckpoint, QuantLinear
+from calib.convert.write_ascendv1 import write_ascendv1
+from calib.convert.write_compressed_tensors import write_compressed_tensors
+from calib.export import _float_state, copy_side_files
+from calib.finite import check_finite_weights
+from calib.gptq import gptq_round, output_error
+from calib.hessians import DEFAULT_DAMP, collect_hessians
+from calib.model_spec import LinearGroup, find_groups
+from calib.output_dir import check_output_dir, staged_output
+from calib.report import CalibReport, LayerRecord, timed_stage
+
+logger = logging.getLogger(__name__)
+
+WRITERS = {"ascendv1": write_ascendv1, "compressed-tensors": write_compressed_tensors}
+MAX_DAMP = 1e4            # dampening retries stop here (x10 each)
+MIN_GROUP = 8             # smallest group size offered when one does not divide
+
+
+@dataclass
+class Grid:
+    """The integer grid of one Linear: codes in [qmin, qmax], per-row per-group scale / zero point."""
+
+    bits: int
+    group_size: int                    # columns per group (k when per channel)
+    scale: torch.Tensor                # [n, G] float32
+    zero: torch.Tensor | None          # [n, G] int (float-valued) or None (symmetric)
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def codes(self, w: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Nearest codes [n, b] of the columns w [n, b] starting at column `first` (float-valued)."""
+        cols = torch.arange(first, first + w.shape[1]) // self.group_size
+        scale = self.scale[:, cols]                                           # [n, b]
+        q = torch.round(w.float() / scale)
+        if self.zero is not None:
+            q = q + self.zero[:, cols]
+        return q.clamp_(self.qmin, self.qmax)
+
+    def dequantize(self, q: torch.Tensor, first: int = 0) -> torch.Tensor:
+        cols = torch.arange(first, first + q.shape[1]) // self.group_size
+        zero = 0.0 if self.zero is None else self.zero[:, cols]
+        return (q - zero) * self.scale[:, cols]
+
+
+def make_grid(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> Grid:
+    """Min-max scales (and zero points) of weight [n, k] per row and group (0 = per channel)."""
+    n, k = weight.shape
+    g = group_size or k
+    w = weight.detach().float().reshape(n, k // g, g)
+    qmax = (1 << (bits - 1)) - 1
+    if symmetric:
+        scale = (w.abs().amax(dim=2) / qmax).clamp_min(1e-10)                 # [n, G]
+        return Grid(bits, g, scale, None)
+    lo, hi = w.amin(dim=2).clamp_max(0), w.amax(dim=2).clamp_min(0)
+    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-10)                  # [n, G]
+    zero = (-(1 << (bits - 1)) - torch.round(lo / scale)).clamp(-(1 << (bits - 1)), qmax)
+    return Grid(bits, g, scale, zero)
+
+
+def round_to_nearest(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The nearest codes [n, k] (float-valued) of weight [n, k]."""
+    return grid.codes(weight)
+
+
+def gptq_codes(weight: torch.Tensor, grid: Grid, hessian: torch.Tensor,
+               damp: float = DEFAULT_DAMP) -> tuple[torch.Tensor, float]:
+    """(GPTQ codes [n, k] float-valued on `grid`, the dampening used). A failed Cholesky of the
+    damped H (singular or badly conditioned) is retried with 10x the dampening."""
+    def round_columns(cols: torch.Tensor, first: int) -> torch.Tensor:
+        return grid.dequantize(grid.codes(cols, first), first)
+
+    while True:
+        try:
+            values = gptq_round(weight.float(), hessian, round_columns, damp=damp)
+            break
+        except torch.linalg.LinAlgError:
+            if damp >= MAX_DAMP:
+                raise
+            logger.warning("GPTQ: Cholesky failed at dampening %g; retrying with %g", damp, damp * 10)
+            damp *= 10
+    codes = grid.codes(values)       # exact: every value is (code - zero) * scale of its group
+    if not bool(torch.isfinite(values).all()):
+        raise CalibError("GPTQ produced non-finite weights")
+    return codes, damp
+
+
+def group_size_error(name: str, k: int, group_size: int, all_k: list[int]) -> CalibError:
+    """The error for a group size that does not divide the input dim k of Linear `name`, listing
+    the group sizes that divide every Linear's input dim."""
+    common = math.gcd(*all_k)
+    sizes = [d for d in range(MIN_GROUP, common + 1) if common % d == 0]
+    return CalibError(f"--group_size {group_size}: does not divide the input dim k={k} of {name}; "
+                      f"group sizes that divide every Linear's input dim ({sorted(set(all_k))}): "
+                      f"{', '.join(map(str, sizes)) or 'none >= %d' % MIN_GROUP} (or 0 = per channel)")
+
+
+def check_group_size(model: nn.Module, groups: list[LinearGroup], group_size: int) -> None:
+    if not group_size:
+        return
+    modules = dict(model.named_modules())
+    dims = [(name, modules[name].in_features) for group in groups for name in group.names]
+    for name, k in dims:
+        if k % group_size:
+            raise group_size_error(name, k, group_size, [k for _, k in dims])
+
+
+def is_float(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def calibration_batches(tokenizer: Any, cfg: CalibConfig, chunk: int = 8) -> list[torch.Tensor]:
+    """`num_samples` rows of `max_tokens` tokens (the texts joined by EOS), in [<= chunk, seq] batches."""
+    from calib.dataset import load_calib_texts
+    from calib.wint2.calibration import calibration_ids
+
+    texts = load_calib_texts(cfg.calib_file)
+    try:
+        ids = calibration_ids(tokenizer, texts, cfg.num_samples, cfg.max_tokens)
+    except ValueError as exc:
+        raise CalibError(f"--calib_file: {exc}") from None
+    if ids.shape[0] < cfg.num_samples:
+        logger.warning("calibration: %d rows of %d tokens (asked %d)", ids.shape[0], cfg.max_tokens,
+                       cfg.num_samples)
+    return list(ids.split(chunk))
+
+
+def run_weight_only(cfg: CalibConfig) -> CalibReport:
+    """Calibrate `cfg.model_path` weight-only and write the checkpoint (module doc)."""
+    from calib.pipeline import load_model, resolve_device
+
+    cfg.validate()
+    target = check_output_dir(cfg.save_directory, cfg.overwrite)
+    seconds: dict[str, float] = {}
+    gptq = cfg.w_method_name == "gptq"
+    with timed_stage(seconds, "load"):
+        model, tokenizer, model_dir, source_dtype = load_model(cfg.model_path, resolve_device(cfg.device_type))
+        check_finite_weights(model, "in the checkpoint")
+        groups = find_groups(model)
+        check_group_size(model, groups, cfg.group_size)
+        batches = calibration_batches(tokenizer, cfg)
+    with timed_stage(seconds, "hessians"):            # also for MinMax: the report's output errors
+        hessians = collect_hessians(model, groups, batches, cfg.progress)
+    modules = dict(model.named_modules())
+    linears: dict[str, QuantLinear] = {}
+    records: list[LayerRecord] = []
+    errors: dict[str, dict[str, float]] = {}
+    scheme = "int4_weight_only" if cfg.w_bit == 4 else "int8_weight_only"
+    quant_type = "W4A16" if cfg.w_bit == 4 else "W8A16"
+    with timed_stage(seconds, "quantize"):
+        for group in tqdm(groups, desc=f"{quant_type} ({cfg.w_method_name})", disable=not cfg.progress):
+            names = [n for n in group.names if not is_float(n, cfg.disable_names)]
+            for name in sorted(set(group.names) - set(names)):
+                records.append(LayerRecord(name, "FLOAT", "-", float_reason="--disable_names"))
+            if not names:
+                continue
+            hessian = hessians[group.key]
+            weights = [modules[n].weight.detach().float().cpu() for n in names]
+            stacked = torch.cat(weights)                                   # [sum n, k]
+            grid = make_grid(stacked, cfg.w_bit, cfg.group_size, cfg.w_sym)
+            rtn = round_to_nearest(stacked, grid)
+            damp = None
+            codes = rtn
+            if gptq:
+                codes, damp = gptq_codes(stacked, grid, hessian)
+            start = 0
+            for name, weight in zip(names, weights):
+                rows = slice(start, start + weight.shape[0])
+                start += weight.shape[0]
+                part = Grid(grid.bits, grid.group_size, grid.scale[rows],
+                            None if grid.zero is None else grid.zero[rows])
+                bias = modules[name].bias
+                linears[name] = QuantLinear(
+                    scheme, codes[rows].to(torch.int8), part.scale.contiguous(),
+                    bias=None if bias is None else bias.detach().float().cpu(),
+                    group_size=cfg.group_size,
+                    weight_zero_point=None if part.zero is None else part.zero.to(torch.int8).contiguous())
+                err_rtn = output_error(weight, part.dequantize(rtn[rows]), hessian)
+                err = output_error(weight, part.dequantize(codes[rows]), hessian) if gptq else err_rtn
+                errors[name] = {"rtn": round(err_rtn, 6), "written": round(err, 6),
+                                **({"damp": damp} if damp is not None else {})}
+                records.append(LayerRecord(name, quant_type, cfg.w_method_name))
+    checkpoint = NeutralCheckpoint(config=_config(model_dir))
+    dtype = checkpoint.model_dtype()
+    for name, tensor in _float_state(model).items():
+        module, _, leaf = name.rpartition(".")
+        if module not in linears:
+            checkpoint.floats[name] = tensor.to(dtype)
+    checkpoint.linears = linears
+    summary = _summary(errors, cfg)
+    with staged_output(target) as staging:
+        with timed_stage(seconds, "export"):
+            copy_side_files(model_dir, staging)
+            WRITERS[cfg.save_format](checkpoint, staging)
+        report = CalibReport(str(model_dir), cfg.save_directory, quant_type,
+                             options=dataclasses.asdict(cfg), layers=records, stage_seconds=seconds,
+                             weight_only=summary)
+        report.write_json(staging)
+    logger.info("%s %s: mean output error rtn %.4f, written %.4f", quant_type, cfg.w_method_name,
+                summary["mean_output_error_rtn"], summary["mean_output_error_written"])
+    return report
+
+
+def _config(model_dir: Path) -> dict:
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    config.pop("quantization_config", None)
+    return config
+
+
+def _summary(errors: dict[str, dict[str, float]], cfg: CalibConfig) -> dict[str, Any]:
+    values = list(errors.values())
+    mean = lambda key: sum(v[key] for v in values) / max(1, len(values))   # noqa: E731
+    damps = sorted({v["damp"] for v in values if "damp" in v})
+    return {"w_bit": cfg.w_bit, "group_size": cfg.group_size, "w_method": cfg.w_method_name,
+            "symmetric": cfg.w_sym, "save_format": cfg.save_format,
+            "mean_output_error_rtn": mean("rtn"), "mean_output_error_written": mean("written"),
+            "damp_used": damps, "raised_damp": sorted(n for n, v in errors.items()
+                                                      if v.get("damp", DEFAULT_DAMP) > DEFAULT_DAMP),
+            "layers": errors}
