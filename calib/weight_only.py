@@ -11,7 +11,8 @@ or asymmetric (scale = (max - min) / (2^b - 1) over the range widened to 0, inte
 W = (q - zp) * scale. The embeddings, norms and lm_head stay float, as msModelSlim leaves them.
 
 MinMax rounds each weight to the nearest code. GPTQ (calib/gptq.py) keeps the same scales
-(computed from the float weights before rounding: "static groups") but rounds column by column,
+(computed from the float weights before rounding: "static groups") but rounds column by column
+(in decreasing diag(H) order: act-order),
 pushing each column's error onto the columns not yet rounded through the inverse Hessian of the
 layer's calibration inputs (H = X^T X, float model inputs, calib/hessians.py); the Linears of one
 group (q/k/v, gate/up) share H and are rounded together. A Hessian whose damped Cholesky factor
@@ -46,7 +47,7 @@ from calib.convert.write_compressed_tensors import write_compressed_tensors
 from calib.export import _float_state, copy_side_files
 from calib.finite import check_finite_weights
 from calib.gptq import gptq_round, output_error
-from calib.hessians import DEFAULT_DAMP, collect_hessians
+from calib.hessians import collect_hessians
 from calib.model_spec import LinearGroup, find_groups
 from calib.output_dir import check_output_dir, staged_output
 from calib.report import CalibReport, LayerRecord, timed_stage
@@ -55,6 +56,13 @@ logger = logging.getLogger(__name__)
 
 WRITERS = {"ascendv1": write_ascendv1, "compressed-tensors": write_compressed_tensors}
 MAX_DAMP = 1e4            # dampening retries stop here (x10 each)
+# GPTQ defaults, measured on SmolLM2-135M W4A16 g64 (H from 8 x 512 calibration tokens, output
+# error on 4 x 512 held-out tokens, layers 2 and 20): dampening 0.01 -> 0.1 and act-order
+# (columns by decreasing diag(H), scales still static per group) lower the held-out error of
+# every group but one, e.g. layer 2 q/k/v 0.0585 -> 0.0471, down_proj 0.0532 -> 0.0425 (RTN
+# 0.0811 / 0.0684); layer 20 down_proj 0.1142 -> 0.1032 (RTN 0.1204).
+GPTQ_DAMP = 0.1
+ACT_ORDER = True
 MIN_GROUP = 8             # smallest group size offered when one does not divide
 
 
@@ -75,19 +83,24 @@ class Grid:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
-    def codes(self, w: torch.Tensor, first: int = 0) -> torch.Tensor:
-        """Nearest codes [n, b] of the columns w [n, b] starting at column `first` (float-valued)."""
-        cols = torch.arange(first, first + w.shape[1]) // self.group_size
-        scale = self.scale[:, cols]                                           # [n, b]
+    def codes(self, w: torch.Tensor, first: int = 0, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest codes [n, b] (float-valued) of the columns w [n, b]: columns first.. first + b,
+        or the weight's columns `columns` [b] (act-order)."""
+        groups = self._groups(w.shape[1], first, columns)
+        scale = self.scale[:, groups]                                         # [n, b]
         q = torch.round(w.float() / scale)
         if self.zero is not None:
-            q = q + self.zero[:, cols]
+            q = q + self.zero[:, groups]
         return q.clamp_(self.qmin, self.qmax)
 
-    def dequantize(self, q: torch.Tensor, first: int = 0) -> torch.Tensor:
-        cols = torch.arange(first, first + q.shape[1]) // self.group_size
-        zero = 0.0 if self.zero is None else self.zero[:, cols]
-        return (q - zero) * self.scale[:, cols]
+    def dequantize(self, q: torch.Tensor, first: int = 0, columns: torch.Tensor | None = None) -> torch.Tensor:
+        groups = self._groups(q.shape[1], first, columns)
+        zero = 0.0 if self.zero is None else self.zero[:, groups]
+        return (q - zero) * self.scale[:, groups]
+
+    def _groups(self, b: int, first: int, columns: torch.Tensor | None) -> torch.Tensor:
+        cols = torch.arange(first, first + b) if columns is None else columns
+        return cols // self.group_size
 
 
 def make_grid(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> Grid:
@@ -110,16 +123,23 @@ def round_to_nearest(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
     return grid.codes(weight)
 
 
-def gptq_codes(weight: torch.Tensor, grid: Grid, hessian: torch.Tensor,
-               damp: float = DEFAULT_DAMP) -> tuple[torch.Tensor, float]:
+def gptq_codes(weight: torch.Tensor, grid: Grid, hessian: torch.Tensor, damp: float = GPTQ_DAMP,
+               act_order: bool = ACT_ORDER) -> tuple[torch.Tensor, float]:
     """(GPTQ codes [n, k] float-valued on `grid`, the dampening used). A failed Cholesky of the
-    damped H (singular or badly conditioned) is retried with 10x the dampening."""
-    def round_columns(cols: torch.Tensor, first: int) -> torch.Tensor:
-        return grid.dequantize(grid.codes(cols, first), first)
+    damped H (singular or badly conditioned) is retried with 10x the dampening. `act_order`:
+    columns rounded in decreasing diag(H) order (each still on its own group's scale)."""
+    k = weight.shape[1]
+    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(k)
 
+    def round_columns(cols: torch.Tensor, first: int) -> torch.Tensor:
+        columns = perm[first:first + cols.shape[1]]
+        return grid.dequantize(grid.codes(cols, columns=columns), columns=columns)
+
+    w, h = weight.float()[:, perm], hessian[perm][:, perm]
     while True:
         try:
-            values = gptq_round(weight.float(), hessian, round_columns, damp=damp)
+            values = torch.empty_like(w)
+            values[:, perm] = gptq_round(w, h, round_columns, damp=damp)
             break
         except torch.linalg.LinAlgError:
             if damp >= MAX_DAMP:
@@ -261,6 +281,6 @@ def _summary(errors: dict[str, dict[str, float]], cfg: CalibConfig) -> dict[str,
     return {"w_bit": cfg.w_bit, "group_size": cfg.group_size, "w_method": cfg.w_method_name,
             "symmetric": cfg.w_sym, "save_format": cfg.save_format,
             "mean_output_error_rtn": mean("rtn"), "mean_output_error_written": mean("written"),
-            "damp_used": damps, "raised_damp": sorted(n for n, v in errors.items()
-                                                      if v.get("damp", DEFAULT_DAMP) > DEFAULT_DAMP),
+            "damp_used": damps, "act_order": ACT_ORDER if cfg.w_method_name == "gptq" else None,
+            "raised_damp": sorted(n for n, v in errors.items() if v.get("damp", GPTQ_DAMP) > GPTQ_DAMP),
             "layers": errors}

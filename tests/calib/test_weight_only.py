@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from calib.cli import main
 from calib.convert.read_compressed_tensors import read_compressed_tensors
 from calib.gptq import output_error
-from calib.weight_only import gptq_codes, make_grid, round_to_nearest
+from calib.weight_only import GPTQ_DAMP, gptq_codes, make_grid, round_to_nearest
 from tests.calib.test_cli import base_args, run_cli
 from tests.quant.peer_fixtures import build_dir, prefill_logits
 
@@ -92,7 +92,7 @@ def test_gptq_beats_round_to_nearest_on_layer_output_error(group_size, sym):
     hessian = (x.T @ x).double()
     grid = make_grid(weight, 4, group_size, sym)
     rtn, (gptq, damp) = round_to_nearest(weight, grid), gptq_codes(weight, grid, hessian)
-    assert damp == 0.01
+    assert damp == GPTQ_DAMP
     assert int(gptq.min()) >= -8 and int(gptq.max()) <= 7
     err_rtn = output_error(weight, grid.dequantize(rtn), hessian)
     err_gptq = output_error(weight, grid.dequantize(gptq), hessian)
@@ -104,10 +104,10 @@ def test_indefinite_hessian_raises_the_dampening_and_stays_finite():
     singular = torch.zeros(16, 16, dtype=torch.float64)                            # no input seen
     grid = make_grid(weight, 4, 8, True)
     codes, damp = gptq_codes(weight, grid, singular)
-    assert damp == 0.01 and torch.equal(codes, round_to_nearest(weight, grid))
+    assert damp == GPTQ_DAMP and torch.equal(codes, round_to_nearest(weight, grid))
     indefinite = torch.ones(16, 16, dtype=torch.float64) * 2 - torch.eye(16, dtype=torch.float64)
     codes, damp = gptq_codes(weight, grid, indefinite)
-    assert damp > 0.01 and bool(torch.isfinite(codes).all())
+    assert damp > GPTQ_DAMP and bool(torch.isfinite(codes).all())
 
 
 @pytest.mark.parametrize("flags,message", [
