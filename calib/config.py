@@ -114,8 +114,6 @@ class CalibConfig:
         _require(self.a_bit == 16 or not weight_only_opts,
                  f"{', '.join(weight_only_opts)}: implemented for weight-only calibration; pass --a_bit 16")
         if self.weight_only_calibration:
-            _require(self.anti_method is None, f"--anti_method {self.anti_method}: not applied to "
-                     f"weight-only calibration (--a_bit 16 with int4 / GPTQ / groups)")
             _require(self.disable_level == "L0", f"--disable_level {self.disable_level}: weight-only "
                      f"calibration keeps Linears float by --disable_names only")
             _require(not self.use_kvcache_quant, "--use_kvcache_quant: not written by weight-only "

@@ -9,6 +9,8 @@ decoder Linear gets int codes with a float32 scale per output row and group of `
 columns (0 = per channel), symmetric (codes in [-2^(b-1), 2^(b-1) - 1], scale = amax / (2^(b-1) - 1))
 or asymmetric (scale = (max - min) / (2^b - 1) over the range widened to 0, integer zero point):
 W = (q - zp) * scale. The embeddings, norms and lm_head stay float, as msModelSlim leaves them.
+`--anti_method m3` (msModelSlim's AWQ-style scale search; any of m1..m6) smooths the float model
+first (calib/anti_outlier.py, scales folded into the norms / v_proj / up_proj rows).
 
 MinMax rounds each weight to the nearest code. GPTQ (calib/gptq.py) keeps the same scales
 (computed from the float weights before rounding: "static groups") but rounds column by column
@@ -63,6 +65,7 @@ MAX_DAMP = 1e4            # dampening retries stop here (x10 each)
 # 0.0811 / 0.0684); layer 20 down_proj 0.1142 -> 0.1032 (RTN 0.1204).
 GPTQ_DAMP = 0.1
 ACT_ORDER = True
+ANTI_OUTLIER_ROWS = 16    # calibration rows the anti-outlier scale search sees (2 forwards each)
 MIN_GROUP = 8             # smallest group size offered when one does not divide
 
 
@@ -206,6 +209,11 @@ def run_weight_only(cfg: CalibConfig) -> CalibReport:
         groups = find_groups(model)
         check_group_size(model, groups, cfg.group_size)
         batches = calibration_batches(tokenizer, cfg)
+    smooth_report = None
+    if cfg.anti_method:
+        with timed_stage(seconds, "anti_outlier"):
+            smooth_report = smooth(model, cfg, batches)
+            check_finite_weights(model, f"after anti-outlier {cfg.anti_method}")
     with timed_stage(seconds, "hessians"):            # also for MinMax: the report's output errors
         hessians = collect_hessians(model, groups, batches, cfg.progress)
     modules = dict(model.named_modules())
@@ -261,11 +269,24 @@ def run_weight_only(cfg: CalibConfig) -> CalibReport:
             WRITERS[cfg.save_format](checkpoint, staging)
         report = CalibReport(str(model_dir), cfg.save_directory, quant_type,
                              options=dataclasses.asdict(cfg), layers=records, stage_seconds=seconds,
-                             weight_only=summary)
+                             anti_outlier=smooth_report, weight_only=summary)
         report.write_json(staging)
     logger.info("%s %s: mean output error rtn %.4f, written %.4f", quant_type, cfg.w_method_name,
                 summary["mean_output_error_rtn"], summary["mean_output_error_written"])
     return report
+
+
+def smooth(model: nn.Module, cfg: CalibConfig, batches: list[torch.Tensor]) -> Any:
+    """AWQ-style (m3) or another msModelSlim anti-outlier smoothing folded into the float model
+    before rounding, its search measuring per-channel `w_bit` weight error with float
+    activations, on the first ANTI_OUTLIER_ROWS calibration rows."""
+    from calib.anti_outlier import apply_anti_outlier
+
+    rows = [row[None] for batch in batches for row in batch][:ANTI_OUTLIER_ROWS]     # [1, seq] each
+    try:
+        return apply_anti_outlier(model, cfg.anti_method, rows, w_bit=cfg.w_bit, a_bit=16)
+    except ValueError as exc:
+        raise CalibError(f"--anti_method {cfg.anti_method}: {exc}") from exc
 
 
 def _config(model_dir: Path) -> dict:

@@ -36,11 +36,14 @@ def _calibrate(capsys, model_dir: Path, out: Path, *flags: str) -> dict:
 
 
 def _dequantized_hf_logits(model_dir: Path, ckpt: Path) -> torch.Tensor:
-    """The float HF model with every Linear replaced by the checkpoint's dequantized weights
-    (read back with the converter's reader, independently of the runtime's loaders)."""
+    """The float HF model with the checkpoint's float tensors (smoothed norms) and every Linear
+    replaced by its dequantized weights (read back with the converter's reader, independently
+    of the runtime's loaders)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    neutral = read_compressed_tensors(ckpt)
+    model.load_state_dict({k: v.float() for k, v in neutral.floats.items()}, strict=False)
     modules = dict(model.named_modules())
-    for name, linear in read_compressed_tensors(ckpt).linears.items():
+    for name, linear in neutral.linears.items():
         n, k = linear.weight.shape
         g = linear.group_size or k
         scale = linear.weight_scale.reshape(n, -1).repeat_interleave(g, dim=1)
@@ -51,13 +54,14 @@ def _dequantized_hf_logits(model_dir: Path, ckpt: Path) -> torch.Tensor:
         return model(torch.tensor([PROMPT])).logits[0].float()
 
 
-@pytest.mark.parametrize("sym", ["true", "false"])
-def test_w4a16_gptq_loads_in_the_runtime_from_both_formats(tiny_llama_dir, tmp_path, capsys, sym):
+@pytest.mark.parametrize("sym,smooth", [("true", []), ("false", ["--anti_method", "m3"])])
+def test_w4a16_gptq_loads_in_the_runtime_from_both_formats(tiny_llama_dir, tmp_path, capsys, sym, smooth):
     runtime = {}
     for fmt in ("ascendv1", "compressed-tensors"):
         out = tmp_path / fmt
         report = _calibrate(capsys, tiny_llama_dir, out, "--group_size", "32", "--w_method", "GPTQ",
-                            "--w_sym", sym, "--save_format", fmt)
+                            "--w_sym", sym, "--save_format", fmt, *smooth)
+        assert (report["anti_outlier"] is not None) == bool(smooth)
         summary = report["weight_only"]
         assert report["model_quant_type"] == "W4A16" and summary["group_size"] == 32
         assert summary["mean_output_error_written"] < summary["mean_output_error_rtn"]
