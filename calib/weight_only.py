@@ -47,9 +47,8 @@ from calib.convert.neutral import NeutralCheckpoint, QuantLinear
 from calib.convert.write_ascendv1 import write_ascendv1
 from calib.convert.write_compressed_tensors import write_compressed_tensors
 from calib.export import _float_state, copy_side_files
-from calib.finite import check_finite_weights
+from calib.finite import check_finite_activation, check_finite_weights
 from calib.gptq import gptq_round, output_error
-from calib.hessians import collect_hessians
 from calib.model_spec import LinearGroup, find_groups
 from calib.output_dir import check_output_dir, staged_output
 from calib.report import CalibReport, LayerRecord, timed_stage
@@ -133,10 +132,16 @@ def gptq_codes(weight: torch.Tensor, grid: Grid, hessian: torch.Tensor, damp: fl
     columns rounded in decreasing diag(H) order (each still on its own group's scale)."""
     k = weight.shape[1]
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(k)
+    groups = perm // grid.group_size
+    scale = grid.scale[:, groups].contiguous()                        # [n, k] in rounding order
+    zero = None if grid.zero is None else grid.zero[:, groups].contiguous()
 
     def round_columns(cols: torch.Tensor, first: int) -> torch.Tensor:
-        columns = perm[first:first + cols.shape[1]]
-        return grid.dequantize(grid.codes(cols, columns=columns), columns=columns)
+        s = scale[:, first:first + cols.shape[1]]
+        if zero is None:
+            return torch.round(cols / s).clamp_(grid.qmin, grid.qmax) * s
+        z = zero[:, first:first + cols.shape[1]]
+        return (torch.round(cols / s).add_(z).clamp_(grid.qmin, grid.qmax) - z) * s
 
     w, h = weight.float()[:, perm], hessian[perm][:, perm]
     while True:
@@ -215,7 +220,7 @@ def run_weight_only(cfg: CalibConfig) -> CalibReport:
             smooth_report = smooth(model, cfg, batches)
             check_finite_weights(model, f"after anti-outlier {cfg.anti_method}")
     with timed_stage(seconds, "hessians"):            # also for MinMax: the report's output errors
-        hessians = collect_hessians(model, groups, batches, cfg.progress)
+        hessians = decoder_hessians(model, groups, batches, cfg.progress)
     modules = dict(model.named_modules())
     linears: dict[str, QuantLinear] = {}
     records: list[LayerRecord] = []
@@ -274,6 +279,37 @@ def run_weight_only(cfg: CalibConfig) -> CalibReport:
     logger.info("%s %s: mean output error rtn %.4f, written %.4f", quant_type, cfg.w_method_name,
                 summary["mean_output_error_rtn"], summary["mean_output_error_written"])
     return report
+
+
+@torch.inference_mode()
+def decoder_hessians(model: nn.Module, groups: list[LinearGroup], batches: list[torch.Tensor],
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """group key -> H = X^T X [k, k] fp64 over every calibration token: each batch's product in
+    float32 (a quarter of calib/hessians.py's fp64 matmul time), summed in float64; the decoder
+    runs alone (nobody needs the lm_head logits)."""
+    modules = dict(model.named_modules())
+    hessians: dict[str, torch.Tensor] = {}
+
+    def hook(group: LinearGroup):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()          # [T, k]
+            check_finite_activation(x, group.names[0])
+            product = (x.T @ x).double()
+            if group.key in hessians:
+                hessians[group.key] += product
+            else:
+                hessians[group.key] = product
+        return record
+
+    handles = [modules[g.names[0]].register_forward_pre_hook(hook(g)) for g in groups]
+    device = next(model.parameters()).device
+    try:
+        for ids in tqdm(batches, desc="hessians", disable=not progress):
+            model.model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
 
 
 def smooth(model: nn.Module, cfg: CalibConfig, batches: list[torch.Tensor]) -> Any:
