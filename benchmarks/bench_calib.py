@@ -69,9 +69,9 @@ GRID: tuple[tuple[str, str | None, int, str, tuple[str, ...]], ...] = (
 # stands in for it (coarser groups: its error bounds g128's from above).
 W4A16_GRID: tuple[tuple[str, str, int], ...] = (
     ("W4A16 GPTQ g192", "GPTQ", 192),
+    ("W4A16 RTN g192", "MinMax", 192),
     ("W4A16 GPTQ g64", "GPTQ", 64),
     ("W4A16 RTN g64", "MinMax", 64),
-    ("W4A16 RTN g192", "MinMax", 192),
     ("W4A16 RTN per-channel", "MinMax", 0),
     ("W4A16 GPTQ per-channel", "GPTQ", 0),
 )
