@@ -127,7 +127,7 @@ def make_grid(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     best_err = None
     for factor in shrink:
         grid = _minmax_grid(w, bits, symmetric, factor)
-        q = grid.codes(w.reshape(n, k) if g == k else w.reshape(n, k))
+        q = grid.codes(w.reshape(n, k))
         err = ((grid.dequantize(q).reshape(n, k // g, g) - w) ** 2 * d).sum(dim=2)     # [n, G]
         if best is None:
             best, best_err = grid, err
@@ -242,7 +242,7 @@ def run_weight_only(cfg: CalibConfig) -> CalibReport:
     seconds: dict[str, float] = {}
     gptq = cfg.w_method_name == "gptq"
     with timed_stage(seconds, "load"):
-        model, tokenizer, model_dir, source_dtype = load_model(cfg.model_path, resolve_device(cfg.device_type))
+        model, tokenizer, model_dir, _ = load_model(cfg.model_path, resolve_device(cfg.device_type))
         check_finite_weights(model, "in the checkpoint")
         groups = find_groups(model)
         check_group_size(model, groups, cfg.group_size)
@@ -296,8 +296,7 @@ def run_weight_only(cfg: CalibConfig) -> CalibReport:
     checkpoint = NeutralCheckpoint(config=_config(model_dir))
     dtype = checkpoint.model_dtype()
     for name, tensor in _float_state(model).items():
-        module, _, leaf = name.rpartition(".")
-        if module not in linears:
+        if name.rpartition(".")[0] not in linears:
             checkpoint.floats[name] = tensor.to(dtype)
     checkpoint.linears = linears
     summary = _summary(errors, cfg)
