@@ -26,14 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None so a recipe's value is only overridden when given."""
     p = argparse.ArgumentParser(prog="ascend-llm-calib",
                                 description="Calibrate a float HF Llama / Qwen2 checkpoint into an "
-                                            "msModelSlim ascendV1 W8A8 / W8A8_DYNAMIC / W8A16 checkpoint.")
+                                            "msModelSlim ascendV1 W8A8 / W8A8_DYNAMIC / W8A16 / W4A16 "
+                                            "checkpoint (W4A16 / W8A16 also as compressed-tensors).")
     p.add_argument("--model_path", help="HF model directory or alias (e.g. smollm2-135m-instruct)")
     p.add_argument("--save_directory", help="output directory")
     p.add_argument("--calib_file", help="JSONL calibration data (inputs_pretokenized | text | prompt)")
     p.add_argument("--recipe", help="YAML recipe file or bundled recipe name; flags override it")
     p.add_argument("--device_type", help="cpu | cuda | npu")
-    p.add_argument("--w_bit", type=int, help="weight bits (8)")
-    p.add_argument("--a_bit", type=int, help="activation bits: 8 (W8A8) or 16 (W8A16)")
+    p.add_argument("--w_bit", type=int, help="weight bits: 8, or 4 (weight-only, with --a_bit 16)")
+    p.add_argument("--a_bit", type=int, help="activation bits: 8 (W8A8) or 16 (W8A16 / W4A16)")
+    p.add_argument("--w_method", help="weight rounding: MinMax (default) or GPTQ (weight-only runs)")
+    p.add_argument("--group_size", type=int,
+                   help="weight-only: input columns per scale (e.g. 128, 64; 0 = per channel)")
+    p.add_argument("--w_sym", type=_bool, help="weight-only: True (default) symmetric, "
+                                                "False asymmetric with zero points (weight_offset)")
+    p.add_argument("--save_format", help="weight-only: ascendv1 (default, msModelSlim) or "
+                                         "compressed-tensors (pack-quantized, vLLM / HF)")
     p.add_argument("--act_method", type=int,
                    help=", ".join(f"{k} {v}" for k, v in ACT_METHODS.items()))
     p.add_argument("--anti_method", help="anti-outlier method m1..m6 (omit for none)")

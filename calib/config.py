@@ -18,6 +18,10 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 ACT_METHODS = {1: "minmax", 2: "histogram", 3: "auto"}
 ANTI_METHODS = ("m1", "m2", "m3", "m4", "m5", "m6")
 DEVICE_TYPES = ("cpu", "cuda", "npu")
+# msModelSlim's weight rounding methods (QuantConfig w_method): MinMax and GPTQ are implemented
+W_METHODS = {"minmax": "minmax", "gptq": "gptq"}
+UNSUPPORTED_W_METHODS = {"hqq": "HQQ (half-quadratic weight optimisation) is not implemented here"}
+SAVE_FORMATS = ("ascendv1", "compressed-tensors")
 _DISABLE_LEVEL = re.compile(r"^L(\d+)$")
 
 
@@ -35,6 +39,10 @@ class CalibConfig:
     device_type: str = "cpu"
     w_bit: int = 8
     a_bit: int = 8
+    w_method: str = "MinMax"         # weight rounding: MinMax (nearest) | GPTQ (weight-only runs)
+    group_size: int = 0              # weight-only: input columns per scale; 0 = per channel
+    w_sym: bool = True               # weight-only: False adds integer zero points (weight_offset)
+    save_format: str = "ascendv1"    # weight-only runs may write compressed-tensors instead
     act_method: int = 1
     anti_method: str | None = None
     disable_level: str = "L0"
@@ -62,6 +70,18 @@ class CalibConfig:
         return ACT_METHODS[self.act_method]
 
     @property
+    def w_method_name(self) -> str:
+        """minmax | gptq (msModelSlim spells them MinMax / GPTQ; any case is accepted)."""
+        return W_METHODS.get(str(self.w_method).lower(), str(self.w_method))
+
+    @property
+    def weight_only_calibration(self) -> bool:
+        """Handled by calib/weight_only.py: int4 weights, GPTQ, groups, zero points or
+        compressed-tensors output (plain per-channel MinMax W8A16 stays in the W8A8 pipeline)."""
+        return self.a_bit == 16 and (self.w_bit == 4 or self.w_method_name == "gptq" or self.group_size > 0
+                                     or not self.w_sym or self.save_format != "ascendv1")
+
+    @property
     def linear_quant_type(self) -> str:
         """The description type of a quantized Linear (before MoFQ's per-layer choice)."""
         if self.a_bit == 16:
@@ -73,8 +93,31 @@ class CalibConfig:
         _require(bool(self.model_path), "--model_path is required")
         _require(bool(self.save_directory), "--save_directory is required")
         _require(bool(self.calib_file), "--calib_file is required")
-        _require(self.w_bit == 8, f"--w_bit: only 8 is supported, got {self.w_bit}")
+        _require(self.w_bit in (4, 8), f"--w_bit: 4 or 8 expected, got {self.w_bit}")
         _require(self.a_bit in (8, 16), f"--a_bit: 8 or 16 expected, got {self.a_bit}")
+        _require(not (self.w_bit == 4 and self.a_bit != 16),
+                 f"--w_bit 4 --a_bit {self.a_bit}: 4-bit weights are weight-only here (W4A16); "
+                 f"pass --a_bit 16 (W4A8 is not supported)")
+        method = str(self.w_method).lower()
+        _require(method not in UNSUPPORTED_W_METHODS,
+                 f"--w_method {self.w_method}: {UNSUPPORTED_W_METHODS.get(method)}; use MinMax or GPTQ")
+        _require(method in W_METHODS, f"--w_method: unknown method {self.w_method!r}; expected MinMax or GPTQ")
+        _require(self.save_format in SAVE_FORMATS,
+                 f"--save_format: expected one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
+        _require(isinstance(self.group_size, int) and self.group_size >= 0,
+                 f"--group_size: must be 0 (per channel) or a positive number of input columns, "
+                 f"got {self.group_size!r}")
+        weight_only_opts = [opt for opt, used in (
+            ("--w_method GPTQ", method == "gptq"), (f"--group_size {self.group_size}", self.group_size > 0),
+            ("--w_sym false", not self.w_sym), (f"--save_format {self.save_format}", self.save_format != "ascendv1"))
+            if used]
+        _require(self.a_bit == 16 or not weight_only_opts,
+                 f"{', '.join(weight_only_opts)}: implemented for weight-only calibration; pass --a_bit 16")
+        if self.weight_only_calibration:
+            _require(self.disable_level == "L0", f"--disable_level {self.disable_level}: weight-only "
+                     f"calibration keeps Linears float by --disable_names only")
+            _require(not self.use_kvcache_quant, "--use_kvcache_quant: not written by weight-only "
+                     "calibration (int4 / GPTQ / groups)")
         _require(not self.kv_asymmetric or self.use_kvcache_quant,
                  "--kv_asymmetric shapes the C8 KV-cache scales; it needs --use_kvcache_quant")
         _require(self.act_method in ACT_METHODS,

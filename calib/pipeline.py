@@ -218,6 +218,10 @@ class _Timer:
 def run_calibration(cfg: CalibConfig) -> CalibReport:
     """Calibrate `cfg.model_path` and write the checkpoint to `cfg.save_directory`."""
     cfg.validate()
+    if cfg.weight_only_calibration:           # int4 / GPTQ / groups / zero points / compressed-tensors
+        from calib.weight_only import run_weight_only
+
+        return run_weight_only(cfg)
     target = check_output_dir(cfg.save_directory, cfg.overwrite)
     timer = _Timer()
     with timer.stage("load"):

@@ -49,6 +49,7 @@ class CalibReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     anti_outlier: Any = None
     kv_cache_type: str | None = None
+    weight_only: dict[str, Any] | None = None     # calib/weight_only.py: output errors, GPTQ dampening
 
     @property
     def float_layers(self) -> dict[str, str]:
