@@ -152,21 +152,16 @@ def test_smollm2_w4a16_gptq_within_bound_of_float(tmp_path):
     from calib.pipeline import run_calibration
     from tests.shared_data import CALIB_PROSE
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model_dir = Path(resolve_model_path("smollm2-135m-instruct"))
-        values = {"model_path": "smollm2-135m-instruct", "calib_file": str(CALIB_PROSE), "progress": False,
-                  "recipe": "w4a16_gptq_g128", "num_samples": 8}
-        with pytest.raises(CalibError, match="--group_size 128: does not divide the input dim k=576 of "
-                                             "model.layers.0.self_attn.q_proj.*64, 96, 192"):
-            run_calibration(build_config({**values, "save_directory": str(tmp_path / "g128")}))
-        out = tmp_path / "g192"
-        report = run_calibration(build_config({**values, "save_directory": str(out), "group_size": 192}))
-        summary = report.weight_only
-        assert summary["mean_output_error_written"] < 0.8 * summary["mean_output_error_rtn"]
-        ids = eval_ids(model_dir, 1024)
-        float_ppl, ppl = served_perplexity(model_dir, ids), served_perplexity(out, ids)
-    finally:
-        torch.set_num_threads(threads)
+    model_dir = Path(resolve_model_path("smollm2-135m-instruct"))
+    values = {"model_path": "smollm2-135m-instruct", "calib_file": str(CALIB_PROSE), "progress": False,
+              "recipe": "w4a16_gptq_g128", "num_samples": 8}
+    with pytest.raises(CalibError, match="--group_size 128: does not divide the input dim k=576 of "
+                                         "model.layers.0.self_attn.q_proj.*64, 96, 192"):
+        run_calibration(build_config({**values, "save_directory": str(tmp_path / "g128")}))
+    out = tmp_path / "g192"
+    report = run_calibration(build_config({**values, "save_directory": str(out), "group_size": 192}))
+    summary = report.weight_only
+    assert summary["mean_output_error_written"] < 0.8 * summary["mean_output_error_rtn"]
+    ids = eval_ids(model_dir, 1024)
+    float_ppl, ppl = served_perplexity(model_dir, ids), served_perplexity(out, ids)
     assert float_ppl < ppl < (SMOLLM2_BOUND + SMOLLM2_SLACK) * float_ppl, (ppl, float_ppl)
