@@ -38,6 +38,7 @@ from ascend_llm.eval.perplexity import perplexity
 from ascend_llm.loader.resolve import resolve_model_path
 from calib.config import CalibConfig
 from calib.pipeline import run_calibration
+from bench_offline import cpu_model_name     # benchmarks/ is on sys.path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -152,7 +153,7 @@ def main_w4a16(args, model_dir: Path) -> None:
     meta = {"model": "smollm2-135m-instruct", "eval_tokens": {n: len(i) for n, i in texts.items()},
             "window": args.window, "calib": f"calib_prose.jsonl, {args.num_samples} x {args.max_tokens} "
             f"tokens (GPTQ rows)", "threads": args.threads, "machine": platform.platform(),
-            "cpu": _cpu_model(), "note": "shared 2-core CPU; symmetric int4, lm_head / embeddings float"}
+            "cpu": cpu_model_name(), "note": "shared 2-core CPU; symmetric int4, lm_head / embeddings float"}
 
     def evaluate(ckpt: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
@@ -172,16 +173,6 @@ def main_w4a16(args, model_dir: Path) -> None:
     out_path.write_text(json.dumps({**meta, "float_perplexity": ppl, "rows": rows}, indent=2))
     print_w4a16_table(rows)
     print(f"wrote {out_path}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:
