@@ -3,31 +3,17 @@
 the first block is the message content (vLLM's hermes_tool_parser.py)."""
 from __future__ import annotations
 
-from ascend_llm.server.tool_parsers.abstract_tool_parser import ParsedCall, ParsedText, ToolParser, held_back
+from ascend_llm.server.tool_parsers.abstract_tool_parser import ParsedCall
 from ascend_llm.server.tool_parsers.json_scan import MalformedCall, scan_call_object, skip_whitespace
+from ascend_llm.server.tool_parsers.marked_calls import MarkedCallsParser
 
 
-class Hermes2ProToolParser(ToolParser):
+class Hermes2ProToolParser(MarkedCallsParser):
     """JSON calls wrapped in `<tool_call>` ... `</tool_call>`."""
 
     start_tag = "<tool_call>"
     end_tag = "</tool_call>"
-
-    def parse(self, text: str, final: bool) -> ParsedText:
-        first = text.find(self.start_tag)
-        if first < 0:
-            return ParsedText(text if final else held_back(text, (self.start_tag,)).rstrip())
-        content = self.clean_content(text[:first])
-        try:
-            calls = self._calls(text, first, final)
-        except MalformedCall:
-            return ParsedText(text if final else content)
-        if final and not calls:
-            return ParsedText(text)
-        return ParsedText(content, calls)
-
-    def clean_content(self, content: str) -> str:
-        return content.rstrip()
+    call_markers = (start_tag,)
 
     def _calls(self, text: str, pos: int, final: bool) -> list[ParsedCall]:
         calls: list[ParsedCall] = []

@@ -20,8 +20,9 @@ import math
 import re
 from typing import Any
 
-from ascend_llm.server.tool_parsers.abstract_tool_parser import ParsedCall, ParsedText, ToolParser, held_back
+from ascend_llm.server.tool_parsers.abstract_tool_parser import ParsedCall
 from ascend_llm.server.tool_parsers.json_scan import MalformedCall
+from ascend_llm.server.tool_parsers.marked_calls import MarkedCallsParser
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 FUNCTION_END, PARAMETER_END = "</function>", "</parameter>"
@@ -30,21 +31,10 @@ _PARAMETER = re.compile(r"<parameter=([^>\n]+)>")
 _STRING_TYPES = ("string", "str", "text", "varchar", "char", "enum")
 
 
-class Qwen3CoderToolParser(ToolParser):
+class Qwen3CoderToolParser(MarkedCallsParser):
     """`<tool_call><function=NAME><parameter=P>value</parameter>...</function></tool_call>`."""
 
-    def parse(self, text: str, final: bool) -> ParsedText:
-        first = _first_call(text)
-        if first < 0:
-            return ParsedText(text if final else held_back(text, (TOOL_CALL_START, "<function=")).rstrip())
-        content = text[:first].rstrip()
-        try:
-            calls = self._calls(text, first, final)
-        except MalformedCall:
-            return ParsedText(text if final else content)
-        if final and not calls:
-            return ParsedText(text)
-        return ParsedText(content, calls)
+    call_markers = (TOOL_CALL_START, "<function=")   # some models write a bare `<function=`
 
     def _calls(self, text: str, pos: int, final: bool) -> list[ParsedCall]:
         calls: list[ParsedCall] = []
@@ -81,12 +71,6 @@ class Qwen3CoderToolParser(ToolParser):
             values[key] = convert_param_value(_strip_newline(body[match.end():end]), schema.get(key))
         text = json.dumps(values, ensure_ascii=False)
         return text if complete else text[:-1]
-
-
-def _first_call(text: str) -> int:
-    """Where the first call starts: `<tool_call>`, or a bare `<function=` some models write."""
-    starts = [i for i in (text.find(TOOL_CALL_START), text.find("<function=")) if i >= 0]
-    return min(starts) if starts else -1
 
 
 def _strip_newline(value: str) -> str:
