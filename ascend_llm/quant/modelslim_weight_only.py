@@ -24,10 +24,9 @@ import torch
 import torch.nn as nn
 
 from ascend_llm.numerics.primitives import unpack_int4
-from ascend_llm.ops import cpu_quant
 from ascend_llm.quant.base import QuantMethod
 from ascend_llm.quant.param_loading import add_param, check_loaded
-from ascend_llm.quant.weight_only_group import bind_group_kernel
+from ascend_llm.quant.weight_only_group import bind_group_kernel, run_group_kernel
 
 TENSORS = ("weight", "weight_scale", "weight_offset")
 
@@ -97,10 +96,7 @@ class ModelSlimWeightOnlyMethod(QuantMethod):
         return torch.cat(parts).contiguous()
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        kernel = layer.weight_only_group_kernel
-        if kernel is None:                   # a bare layer (no op set): the CPU reference
-            return cpu_quant.weight_only_group_matmul(layer, x, bias)
-        return kernel.run(layer, x, bias)
+        return run_group_kernel(layer, x, bias)
 
 
 def unpack_modelslim_int4(stored: torch.Tensor, n: int, k: int, group_wise: bool) -> torch.Tensor:

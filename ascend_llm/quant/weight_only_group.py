@@ -110,10 +110,15 @@ class GroupWeightOnlyLinearMethod(QuantMethod):
         bind_group_kernel(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        kernel = layer.weight_only_group_kernel
-        if kernel is None:                   # a bare layer (no op set): the CPU reference
-            return cpu_quant.weight_only_group_matmul(layer, x, bias)
-        return kernel.run(layer, x, bias)
+        return run_group_kernel(layer, x, bias)
+
+
+def run_group_kernel(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer's bound `weight_only_group_matmul` kernel, or the CPU reference on a bare layer."""
+    kernel = layer.weight_only_group_kernel
+    if kernel is None:                       # a bare layer (no op set): the CPU reference
+        return cpu_quant.weight_only_group_matmul(layer, x, bias)
+    return kernel.run(layer, x, bias)
 
 
 def bind_group_kernel(layer: nn.Module) -> None:
