@@ -96,7 +96,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Load the model (no server) and print its per-layer quantization audit."""
     import json
-    from ascend_llm.quant.audit import strict_violations, summary_line, table
+    from ascend_llm.quant.audit import audit_report, summary_line, table
     if args.model_path:
         args.model = args.model_path
     if args.kv_cache_memory_gb is None:
@@ -105,9 +105,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     engine = _make_llm(args).llm_engine
     audits = engine.quantization_audit()
     if args.json:
-        sys.stdout.write(json.dumps({"backend": engine.backend, "summary": summary_line(audits),
-                                     "not_native": strict_violations(audits),
-                                     "layers": [a.to_dict() for a in audits]}, indent=2) + "\n")
+        sys.stdout.write(json.dumps(audit_report(audits, engine.backend), indent=2) + "\n")
     else:
         sys.stdout.write(table(audits) + "\n\n" + f"{engine.backend}: {summary_line(audits)}\n")
     return 0

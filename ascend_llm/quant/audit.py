@@ -146,6 +146,14 @@ def check_strict(audits: Iterable[LayerAudit]) -> None:
                          f"native low-bit kernel on this backend:\n  " + "\n  ".join(lines))
 
 
+def audit_report(audits: Iterable[LayerAudit], backend: str) -> dict[str, Any]:
+    """The audit as JSON (`ascend-llm inspect --json`, `GET /v1/quantization`): backend, summary
+    line, the strict-mode findings and every layer."""
+    audits = list(audits)
+    return {"backend": backend, "summary": summary_line(audits), "not_native": strict_violations(audits),
+            "layers": [a.to_dict() for a in audits]}
+
+
 def table(audits: Iterable[LayerAudit]) -> str:
     """A plain-text table, one row per layer."""
     rows = [("layer", "scheme", "path", "kernels", "weight layout", "bytes")]

@@ -12,16 +12,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ascend_llm.engine.async_engine import EngineUnavailableError
-from ascend_llm.quant.audit import LayerAudit, strict_violations, summary_line
+from ascend_llm.quant.audit import LayerAudit, audit_report
 
 PREFIX = "ascend_llm:"
 
 
 def quantization_report(llm_engine: Any) -> dict[str, Any]:
-    """JSON body of `GET /v1/quantization`: backend, summary line, strict-mode findings, layers."""
-    audits: list[LayerAudit] = llm_engine.quantization_audit()
-    return {"backend": llm_engine.backend, "summary": summary_line(audits),
-            "not_native": strict_violations(audits), "layers": [a.to_dict() for a in audits]}
+    """JSON body of `GET /v1/quantization` (`quant.audit.audit_report` of the engine's audit)."""
+    return audit_report(llm_engine.quantization_audit(), llm_engine.backend)
 
 
 class QuantizationCollector(Collector):
