@@ -135,7 +135,7 @@ class ServingContext:
         """SamplingParams for `req`; every bad value is a 400 naming the request field."""
         check_request_fields(req, self.llm.vocab_size)
         kwargs = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
-        kwargs.update(constraint_kwargs(req, self.llm.vocab_size))
+        kwargs.update(constraint_kwargs(req))
         kwargs.update(max_tokens=max_tokens, logprobs=logprobs, **overrides)
         for name in ("logprobs", "prompt_logprobs"):
             value = kwargs.get(name)

@@ -95,40 +95,25 @@ def _check_backend(req: Any) -> None:
                           f"one of {list(GUIDED_BACKENDS)}", "guided_decoding_backend")
 
 
-def logit_bias(req: Any, vocab_size: int) -> dict[int, float] | None:
+def logit_bias(req: Any) -> dict[int, float] | None:
     """{token id: bias} from the request's string-keyed logit_bias; 400 for a key that is not an
-    integer or an id outside the vocabulary (values are range-checked by SamplingParams)."""
+    integer. The ids and values are checked where every caller's are: SamplingParams (ids >= 0,
+    values in [-100, 100]) and the engine (ids inside the vocabulary)."""
     raw = getattr(req, "logit_bias", None)
     if not raw:
         return None
     result: dict[int, float] = {}
     for key, value in raw.items():
         try:
-            token_id = int(key)
+            result[int(key)] = value
         except (TypeError, ValueError):
             raise bad_request(f"logit_bias: key {key!r} is not an integer token id", "logit_bias") from None
-        if not 0 <= token_id < vocab_size:
-            raise bad_request(f"logit_bias: token id {token_id} is outside the vocabulary (vocab size "
-                              f"{vocab_size}; ids are 0..{vocab_size - 1})", "logit_bias")
-        result[token_id] = value
     return result
 
 
-def allowed_token_ids(req: Any, vocab_size: int) -> list[int] | None:
-    ids = getattr(req, "allowed_token_ids", None)
-    if ids is None:
-        return None
-    if not ids:
-        raise bad_request("allowed_token_ids: must be a non-empty list of token ids", "allowed_token_ids")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise bad_request(f"allowed_token_ids: token id {bad[0]} is outside the vocabulary (vocab size "
-                          f"{vocab_size}; ids are 0..{vocab_size - 1})", "allowed_token_ids")
-    return ids
-
-
-def constraint_kwargs(req: Any, vocab_size: int) -> dict[str, Any]:
-    """SamplingParams arguments for logit_bias, allowed_token_ids and structured outputs."""
-    kwargs = {"logit_bias": logit_bias(req, vocab_size), "allowed_token_ids": allowed_token_ids(req, vocab_size),
+def constraint_kwargs(req: Any) -> dict[str, Any]:
+    """SamplingParams arguments for logit_bias, allowed_token_ids and structured outputs
+    (allowed_token_ids is checked by SamplingParams and the engine, as logit_bias's ids)."""
+    kwargs = {"logit_bias": logit_bias(req), "allowed_token_ids": getattr(req, "allowed_token_ids", None),
               "structured_outputs": structured_outputs(req)}
     return {name: value for name, value in kwargs.items() if value is not None}
