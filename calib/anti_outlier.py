@@ -20,7 +20,7 @@ from calib.smoothing.stats import ChannelStats, collect_input_stats, outlier_rat
 
 logger = logging.getLogger(__name__)
 
-_COMMON_OPTIONS = {"w_bit": 8, "a_bit": 8, "is_dynamic": False, "num_search_tokens": 128}
+_COMMON_OPTIONS = {"w_bit": 8, "a_bit": 8, "is_dynamic": False, "num_search_tokens": 128, "skip_down_proj": False}
 _METHOD_OPTIONS = {
     "m1": {"alpha": 0.5},
     "m2": {"alpha": 0.5},
@@ -39,6 +39,7 @@ _CHECKS = {   # option -> (valid?, what it must be)
     "w_bit": (lambda v: v in (4, 8), "4 or 8"),
     "a_bit": (lambda v: v in (8, 16), "8 or 16"),
     "is_dynamic": (lambda v: isinstance(v, bool), "a bool"),
+    "skip_down_proj": (lambda v: isinstance(v, bool), "a bool"),
     "num_search_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
 }
 COLUMNS = ("group", "method", "alpha", "beta", "steps", "shift", "absmax before", "absmax after", "max/median before",
@@ -183,7 +184,8 @@ def apply_anti_outlier(model: nn.Module, method: str, calib_batches: list[torch.
     - "m6" two-stage search of s = max|X|^alpha / max|W|^beta: grid for alpha, then beta [0.2 .. 0.8].
     Every method also takes w_bit [8], a_bit [8], is_dynamic [False] (the quantization whose error
     the searches and the report measure) and num_search_tokens [128] (calibration tokens kept per
-    Linear for those measurements). q/k/v and gate/up inputs fold into the preceding norm, o_proj
+    Linear for those measurements) and skip_down_proj [False] (leave the up_proj -> down_proj
+    groups to the rotation, calib/rotation.py, which searches its own smoothing). q/k/v and gate/up inputs fold into the preceding norm, o_proj
     inputs into v_proj rows (skipped, and reported, when the head layout does not allow it),
     down_proj inputs into up_proj rows. Unknown methods or options, bad values -> ValueError.
     """
@@ -197,9 +199,13 @@ def apply_anti_outlier(model: nn.Module, method: str, calib_batches: list[torch.
         return collect_input_stats(model, names, calib_batches, opts["num_search_tokens"], runner=model.model)
 
     before = collect()
+    if opts["skip_down_proj"]:
+        for group in groups:
+            if group.name.endswith(".mlp.down_proj") and group.skip_reason is None:
+                group.skip_reason = "left to the down_proj rotation (calib/rotation.py)"
     foldable = [group for group in groups if group.skip_reason is None]
     for group in groups:
-        if group.skip_reason is not None:
+        if group.skip_reason is not None and not group.skip_reason.startswith("left to"):
             logger.warning("%s: not smoothed: %s", group.name, group.skip_reason)
     if method == "m4":
         plans = _plan_iterative(foldable, before, collect, spec, opts)

@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anti_method", help="anti-outlier method m1..m6 (omit for none)")
     p.add_argument("--disable_level", help="Lk: keep the k most sensitive Linears in float")
     p.add_argument("--disable_names", nargs="*", help="Linear names forced to float")
+    p.add_argument("--dynamic_names", nargs="*",
+                   help="Linear names / globs made W8A8_DYNAMIC (per-token) in a static W8A8 run, "
+                        "e.g. '*.mlp.down_proj'")
+    p.add_argument("--rotation", help="hadamard: smooth + online Hadamard before every mlp.down_proj "
+                                      "(QuaRot R4; such checkpoints run in ascend-llm only)")
+    p.add_argument("--hadamard_block_size", type=int,
+                   help="block of --rotation hadamard (power of two; default: largest dividing "
+                        "intermediate_size, at most 512)")
     p.add_argument("--is_dynamic", nargs="?", const=True, type=_bool,
                    help="per-token dynamic activations (W8A8_DYNAMIC)")
     p.add_argument("--use_kvcache_quant", nargs="?", const=True, type=_bool,

@@ -22,6 +22,7 @@ DEVICE_TYPES = ("cpu", "cuda", "npu")
 W_METHODS = {"minmax": "minmax", "gptq": "gptq"}
 UNSUPPORTED_W_METHODS = {"hqq": "HQQ (half-quadratic weight optimisation) is not implemented here"}
 SAVE_FORMATS = ("ascendv1", "compressed-tensors")
+ROTATIONS = ("hadamard",)        # online Hadamard before every mlp.down_proj (calib/rotation.py)
 _DISABLE_LEVEL = re.compile(r"^L(\d+)$")
 
 
@@ -47,6 +48,9 @@ class CalibConfig:
     anti_method: str | None = None
     disable_level: str = "L0"
     disable_names: list[str] = field(default_factory=list)
+    dynamic_names: list[str] = field(default_factory=list)   # W8A8 runs: these Linears W8A8_DYNAMIC
+    rotation: str | None = None      # "hadamard": smoothed + online-rotated down_proj inputs
+    hadamard_block_size: int = 0     # 0 = the largest power of two dividing intermediate_size (<= 512)
     is_dynamic: bool = False
     use_kvcache_quant: bool = False
     kv_asymmetric: bool = False      # C8 with kv_cache_offset (vllm-ascend ignores the offset)
@@ -118,6 +122,20 @@ class CalibConfig:
                      f"calibration keeps Linears float by --disable_names only")
             _require(not self.use_kvcache_quant, "--use_kvcache_quant: not written by weight-only "
                      "calibration (int4 / GPTQ / groups)")
+        _require(self.rotation is None or self.rotation in ROTATIONS,
+                 f"--rotation: unknown rotation {self.rotation!r}; expected one of {', '.join(ROTATIONS)}")
+        _require(self.rotation is None or self.a_bit == 8,
+                 f"--rotation {self.rotation}: implemented for int8 activations (W8A8 / W8A8_DYNAMIC); "
+                 f"weight-only runs do not quantize down_proj's input")
+        _require(self.rotation is None or not self.mixed_format,
+                 f"--rotation {self.rotation} with --mixed_format: not implemented (FP8 layers)")
+        _require(isinstance(self.hadamard_block_size, int) and self.hadamard_block_size >= 0,
+                 f"--hadamard_block_size: a power of two (0 = automatic), got {self.hadamard_block_size!r}")
+        _require(not self.hadamard_block_size or self.rotation is not None,
+                 "--hadamard_block_size sets the block of --rotation hadamard; pass --rotation hadamard")
+        _require(not self.dynamic_names or (self.a_bit == 8 and not self.is_dynamic and not self.mixed_format),
+                 "--dynamic_names: makes some Linears W8A8_DYNAMIC in a static W8A8 run (--a_bit 8, "
+                 "without --is_dynamic / --mixed_format)")
         _require(not self.kv_asymmetric or self.use_kvcache_quant,
                  "--kv_asymmetric shapes the C8 KV-cache scales; it needs --use_kvcache_quant")
         _require(self.act_method in ACT_METHODS,
@@ -184,8 +202,9 @@ def build_config(cli_values: dict[str, Any]) -> CalibConfig:
     `cli_values` holds only the options the user set (None / absent = not given).
     """
     merged = merge_recipe(cli_values)
-    if "disable_names" in merged and isinstance(merged["disable_names"], str):
-        merged["disable_names"] = merged["disable_names"].split()
+    for key in ("disable_names", "dynamic_names"):
+        if key in merged and isinstance(merged[key], str):
+            merged[key] = merged[key].split()
     return CalibConfig(**merged).validate()
 
 

@@ -66,14 +66,16 @@ def deq_scale_is_int64(source_dtype: torch.dtype) -> bool:
 
 def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
                      kv_ranges: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
-                     source_dtype: torch.dtype, progress: bool = True, kv_asymmetric: bool = False
+                     source_dtype: torch.dtype, progress: bool = True, kv_asymmetric: bool = False,
+                     online_hadamard: Mapping[str, object] | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """(tensors, description) of the (smoothed) HF `model` quantized as `plans` says.
 
     `kv_ranges` maps "model.layers.i.self_attn.k_proj" / "...v_proj" to per-channel (min, max)
     of the cache contents; given, C8 scales are written: symmetric (offset 0, msModelSlim's
     default) unless `kv_asymmetric`. Float tensors keep `source_dtype`; the biases of quantized
-    Linears are float32.
+    Linears are float32. `online_hadamard` ({"block_size", "layers"}, calib/rotation.py) is
+    written as the description key of that name: those layers' inputs are rotated at run time.
     """
     deq_as_int64 = deq_scale_is_int64(source_dtype)
     state = _float_state(model)
@@ -97,6 +99,8 @@ def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
             tensors[name], types[name] = tensor.detach().to(source_dtype).contiguous(), "FLOAT"
     _warn_dropped_biases(model, plans, state)
     description = quant_description(types)
+    if online_hadamard:
+        description["online_hadamard"] = dict(online_hadamard)
     if kv_ranges:
         if kv_asymmetric:
             logger.warning("C8 KV cache: asymmetric scales (non-zero kv_cache_offset) requested; "

@@ -25,7 +25,8 @@ from calib.observers import HistogramObserver, MinMaxObserver, RowSampler
 from calib.output_dir import check_output_dir, staged_output
 from calib.quantize import relative_error, simulate_linear
 from calib.report import CalibReport, LayerRecord, timed_stage
-from calib.sensitivity import score_layers, select_float_layers
+from calib.rotation import RotationReport, apply_down_proj_rotation
+from calib.sensitivity import expand_names, score_layers, select_float_layers
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,8 @@ def _apply_anti_outlier(model: nn.Module, cfg: CalibConfig, batches: list[torch.
                          f"(calib/anti_outlier.py) is not available: {exc}") from exc
     try:
         return anti_outlier.apply_anti_outlier(model, cfg.anti_method, batches, w_bit=cfg.w_bit,
-                                               a_bit=cfg.a_bit, is_dynamic=cfg.linear_quant_type != "W8A8")
+                                               a_bit=cfg.a_bit, is_dynamic=cfg.linear_quant_type != "W8A8",
+                                               skip_down_proj=cfg.rotation is not None)
     except ValueError as exc:
         raise CalibError(f"--anti_method {cfg.anti_method}: {exc}") from exc
 
@@ -239,6 +241,11 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
         with timer.stage("anti_outlier"):
             smooth_report = _apply_anti_outlier(model, cfg, batches)
             check_finite_weights(model, f"after anti-outlier {cfg.anti_method}")
+    rotation: RotationReport | None = None
+    if cfg.rotation:
+        with timer.stage("rotation"):
+            rotation = apply_down_proj_rotation(model, batches, cfg.hadamard_block_size, seed=cfg.seed)
+            check_finite_weights(model, f"after --rotation {cfg.rotation}")
     with timer.stage("observe"):
         stats, kv_ranges = observe(model, groups, batches, cfg, full=True, desc="calibration")
     weights = _weight_lookup(model)
@@ -254,13 +261,14 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
     with staged_output(target) as staging:
         with timer.stage("export"):
             tensors, description = build_checkpoint(model, plans, kv_ranges or None, source_dtype,
-                                                    progress=cfg.progress, kv_asymmetric=cfg.kv_asymmetric)
+                                                    progress=cfg.progress, kv_asymmetric=cfg.kv_asymmetric,
+                                                    online_hadamard=rotation.description() if rotation else None)
             write_checkpoint(staging, tensors, description, cfg.part_file_size)
             copy_side_files(model_dir, staging)
         report = CalibReport(str(model_dir), cfg.save_directory, str(description["model_quant_type"]),
                              options=_options(cfg), layers=list(records.values()),
                              stage_seconds=timer.seconds, anti_outlier=smooth_report,
-                             kv_cache_type="C8" if kv_ranges else None)
+                             kv_cache_type="C8" if kv_ranges else None, rotation=rotation)
         report.write_json(staging)
         with timer.stage("accuracy_reference"):
             record_and_write(reference, staging)
@@ -273,6 +281,7 @@ def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupSta
     records: dict[str, LayerRecord] = {}
     ranges: dict[str, tuple[float, float] | None] = {}
     formats: dict[str, FormatChoice] = {}
+    dynamic = _dynamic_groups(cfg, groups)
     samples = {g.key: stats[g.key].rows.sample() for g in groups}
     if cfg.mixed_format:
         with timer.stage("mixed_format"):
@@ -280,6 +289,8 @@ def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupSta
     with timer.stage("observers"):
         for group in tqdm(groups, desc="observers", disable=not cfg.progress):
             quant_type = formats[group.key].quant_type if formats else cfg.linear_quant_type
+            if group.key in dynamic:
+                quant_type = "W8A8_DYNAMIC"
             observer, x_range, errors = _observer_for(cfg, quant_type, group, stats[group.key], weights)
             ranges[group.key] = x_range
             for name in group.names:
@@ -299,6 +310,22 @@ def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupSta
                 "FLOAT", floats[name], None, "-"
     plans = {name: LinearPlan(r.quant_type, r.act_range) for name, r in records.items()}
     return records, plans
+
+
+def _dynamic_groups(cfg: CalibConfig, groups: list[LinearGroup]) -> set[str]:
+    """Keys of the groups `--dynamic_names` makes W8A8_DYNAMIC; a pattern naming only part of a
+    fused group is an error (one type per fused runtime layer)."""
+    by_name = group_of(groups)
+    named = {name for pattern in cfg.dynamic_names for name in expand_names(pattern, by_name, "--dynamic_names")}
+    keys = set()
+    for name in sorted(named):
+        group = by_name[name]
+        missing = [n for n in group.names if n not in named]
+        if missing:
+            raise CalibError(f"--dynamic_names: {name} is fused with {', '.join(missing)} in the runtime; "
+                             f"name the whole group (one type per fused layer)")
+        keys.add(group.key)
+    return keys
 
 
 def _observer_for(cfg: CalibConfig, quant_type: str, group: LinearGroup, stats: GroupStats,

@@ -50,6 +50,7 @@ class CalibReport:
     anti_outlier: Any = None
     kv_cache_type: str | None = None
     weight_only: dict[str, Any] | None = None     # calib/weight_only.py: output errors, GPTQ dampening
+    rotation: Any = None                           # calib/rotation.py RotationReport (--rotation)
 
     @property
     def float_layers(self) -> dict[str, str]:
@@ -59,6 +60,7 @@ class CalibReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["anti_outlier"] = _jsonable(self.anti_outlier)
+        data["rotation"] = self.rotation.to_dict() if self.rotation is not None else None
         data["float_layers"] = self.float_layers
         data["total_seconds"] = round(sum(self.stage_seconds.values()), 3)
         return data
@@ -77,6 +79,9 @@ class CalibReport:
             lo, hi = r.act_range if r.act_range else (None, None)
             lines.append(f"{r.name:<40} {r.quant_type:<17} {r.observer:<11} {_num(r.absmax_before):>10} "
                          f"{_num(r.absmax_after):>10} {_num(lo):>9} {_num(hi):>9} {_num(r.sensitivity):>9}")
+        if self.rotation is not None:
+            lines.append(f"rotation: hadamard({self.rotation.block_size}) online before "
+                         f"{len(self.rotation.layers)} down_proj layers (runs in ascend-llm only)")
         floats = self.float_layers
         lines.append(f"float fall-backs ({len(floats)}):" + ("" if floats else " none"))
         lines.extend(f"  {name}: {why}" for name, why in floats.items())

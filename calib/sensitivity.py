@@ -50,7 +50,7 @@ def select_float_layers(scores: Mapping[str, float], level: int, disable_names: 
     by_name = group_of(groups)
     reasons: dict[str, str] = {}
     for pattern in disable_names:
-        for name in _expand_disable_name(pattern, by_name):
+        for name in expand_names(pattern, by_name):
             reasons[name] = "--disable_names" if name == pattern else f"--disable_names {pattern}"
     ranked = sorted((n for n in scores if n not in reasons), key=lambda n: scores[n], reverse=True)
     for rank, name in enumerate(ranked[:level], start=1):
@@ -62,15 +62,15 @@ def select_float_layers(scores: Mapping[str, float], level: int, disable_names: 
     return reasons
 
 
-def _expand_disable_name(pattern: str, by_name: Mapping[str, LinearGroup]) -> list[str]:
-    """The Linears a `--disable_names` entry means: itself, or every match of a glob pattern
-    (`*.mlp.down_proj`, msModelSlim's default W8A8 fall-back); CalibError when none matches."""
+def expand_names(pattern: str, by_name: Mapping[str, LinearGroup], flag: str = "--disable_names") -> list[str]:
+    """The Linears a `--disable_names` (or `flag`) entry means: itself, or every match of a glob
+    pattern (`*.mlp.down_proj`, msModelSlim's default W8A8 fall-back); CalibError when none matches."""
     if any(c in pattern for c in "*?["):
         matches = [name for name in by_name if fnmatch.fnmatchcase(name, pattern)]
     else:
         matches = [pattern] if pattern in by_name else []
     if not matches:
         examples = ", ".join(list(by_name)[:3])
-        raise CalibError(f"--disable_names: {pattern!r} matches no decoder Linear of this model "
+        raise CalibError(f"{flag}: {pattern!r} matches no decoder Linear of this model "
                          f"(names look like {examples})")
     return matches
