@@ -32,8 +32,9 @@ class ResponsesServing:
         self.chat = chat
 
     async def create(self, req: ResponsesRequest) -> JSONResponse | StreamingResponse:
-        try:
-            p = self.chat.prepare(to_chat_request(req))
+        chat_request = to_chat_request(req)
+        try:                                # the chat path's errors name chat fields: renamed
+            p = self.chat.prepare(chat_request)
             response_id = response_item_id("resp")
             renames = {k: "text.format" if v == "response_format" else v
                        for k, v in structured_renames(p.request).items()}
