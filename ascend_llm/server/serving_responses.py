@@ -7,6 +7,7 @@ default, VLLM_ENABLE_RESPONSES_API_STORE unset: its serving_responses.py turns `
 OpenAI default, off rather than failing), so `previous_response_id` is a 400."""
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -32,6 +33,7 @@ class ResponsesServing:
         self.chat = chat
 
     async def create(self, req: ResponsesRequest) -> JSONResponse | StreamingResponse:
+        created_at = int(time.time())
         chat_request = to_chat_request(req)
         try:                                # the chat path's errors name chat fields: renamed
             p = self.chat.prepare(chat_request)
@@ -42,18 +44,19 @@ class ResponsesServing:
         except APIError as exc:
             raise responses_error(exc) from None
         if req.stream:
-            return StreamingResponse(self._stream(response_id, req, p, stream), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return StreamingResponse(self._stream(response_id, req, p, stream, created_at),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
         final = (await stream.collect())[0]
         output = self._output(p, final.outputs[0])
-        return JSONResponse(self._response(response_id, req, p, output, final).model_dump())
+        return JSONResponse(self._response(response_id, req, p, output, final, created_at).model_dump())
 
     # ------------------------------------------------------------ response
     def _response(self, response_id: str, req: ResponsesRequest, p: _Prepared,
-                  output: list[OutputMessage | FunctionCallItem], final: RequestOutput | None) -> ResponseObject:
+                  output: list[OutputMessage | FunctionCallItem], final: RequestOutput | None,
+                  created_at: int) -> ResponseObject:
         """The response object; `final` None while in progress (no status, no usage yet)."""
-        response = ResponseObject(id=response_id, model=p.model, output=output, status="in_progress",
-                                  **_echo(req, p))
+        response = ResponseObject(id=response_id, created_at=created_at, model=p.model, output=output,
+                                  status="in_progress", **_echo(req, p))
         if final is None:
             return response
         completion = final.outputs[0]
@@ -83,13 +86,13 @@ class ResponsesServing:
 
     # ------------------------------------------------------------ streaming
     async def _stream(self, response_id: str, req: ResponsesRequest, p: _Prepared,
-                      stream: OutputStream) -> AsyncIterator[str]:
+                      stream: OutputStream, created_at: int) -> AsyncIterator[str]:
         writer = ResponseEventWriter()
         tracker = DeltaTracker(p.params.stop_str_buffer_length)
         parser = p.tools.new_parser() if p.tools else None
         final: RequestOutput | None = None
         try:
-            started = self._response(response_id, req, p, [], None)
+            started = self._response(response_id, req, p, [], None, created_at)
             yield writer.lifecycle("response.created", started)
             yield writer.lifecycle("response.in_progress", started)
             async for _, out in stream:
@@ -105,7 +108,7 @@ class ResponsesServing:
                     yield event
             if final is None:        # the stream ended without a finished output (aborted)
                 return
-            done = self._response(response_id, req, p, writer.items, final)
+            done = self._response(response_id, req, p, writer.items, final, created_at)
             for event in writer.finish(done.status == "incomplete"):
                 yield event
             yield writer.lifecycle(f"response.{done.status}", done.model_copy(update={"output": writer.items}))

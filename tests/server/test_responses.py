@@ -96,6 +96,16 @@ def test_input_items_instructions_and_tools_go_through_the_template(template_cli
     assert prompt.endswith("<|im_start|>user\nAnd Rome?<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_output_items_feed_back_as_input(client):
+    # what the SDK sends for `input=[..., *response.output, ...]`: each item dumped with exclude_unset
+    response = Response.model_validate(client.post("/v1/responses", json={**BASE, "ignore_eos": True}).json())
+    items = [item.model_dump(exclude_unset=True, mode="json") for item in response.output]
+    turns = [{"role": "user", "content": "hi"}, *items, {"role": "user", "content": "more"}]
+    chat_req = to_chat_request(ResponsesRequest(input=turns))
+    assert [(m.role, m.content) for m in chat_req.messages] == \
+        [("user", "hi"), ("assistant", response.output_text), ("user", "more")]
+
+
 def test_parallel_function_calls_join_one_assistant_turn():
     second = {**CALL, "call_id": "call_2", "arguments": '{"city": "Rome"}'}
     chat_req = to_chat_request(ResponsesRequest(input=TURNS[:2] + [second, RESULT], tools=[WEATHER]))
@@ -169,6 +179,7 @@ def test_streamed_text_events(client):
     final = events[-1].response
     assert final.output_text == "".join(deltas) == events[-4].text and final.usage.output_tokens == 4
     assert final.output[0].id == events[2].item.id == events[-2].item.id and final.id == events[0].response.id
+    assert final.created_at == events[0].response.created_at
 
 
 def _prepared(req: ResponsesRequest) -> _Prepared:
@@ -184,7 +195,7 @@ def _serving(tools_body: dict[str, Any], pieces: list[str], finish_reason: str =
 
     async def collect() -> list[str]:
         stream = _FakeStream(pieces, finish_reason)
-        return [e async for e in ResponsesServing(None, None)._stream("resp_1", req, _prepared(req), stream)]
+        return [e async for e in ResponsesServing(None, None)._stream("resp_1", req, _prepared(req), stream, 7)]
     return _parse_sse("".join(asyncio.run(collect())).splitlines())
 
 
@@ -246,7 +257,7 @@ def test_client_going_away_aborts_the_engine_request():
     req = ResponsesRequest(input="x", stream=True)
 
     async def two_events_then_close() -> None:
-        gen = ResponsesServing(None, None)._stream("resp_1", req, _prepared(req), _Stream(["a", "ab", "abc"], "stop"))
+        gen = ResponsesServing(None, None)._stream("resp_1", req, _prepared(req), _Stream(["a", "ab", "abc"], "stop"), 7)
         await gen.__anext__()
         await gen.__anext__()
         await gen.aclose()          # what Starlette does when the client disconnects mid-stream
