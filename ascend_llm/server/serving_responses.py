@@ -38,9 +38,8 @@ class ResponsesServing:
         try:                                # the chat path's errors name chat fields: renamed
             p = self.chat.prepare(chat_request)
             response_id = response_item_id("resp")
-            renames = {k: "text.format" if v == "response_format" else v
-                       for k, v in structured_renames(p.request).items()}
-            stream = await self.ctx.submit(response_id, [p.prompt], [p.params], renames=renames)
+            stream = await self.ctx.submit(response_id, [p.prompt], [p.params],
+                                           renames=structured_renames(p.request))
         except APIError as exc:
             raise responses_error(exc) from None
         if req.stream:
