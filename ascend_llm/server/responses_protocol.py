@@ -38,21 +38,21 @@ class ResponsesRequest(RequestModel):
     metadata: dict[str, str] | None = None
     stream: bool = False
     store: bool | None = None                   # accepted, never stored (vLLM's default); echoed as false
+    include: list[Any] | None = None            # only "message.output_text.logprobs"; other values a 400
+    top_logprobs: int | None = None             # with that include value
+    truncation: Literal["auto", "disabled"] | None = None    # "auto" is a 400 (no prompt truncation)
     # no-ops, as on chat: ids for abuse monitoring, a cache-routing hint, the pricing tier
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     service_tier: str | None = None
-    truncation: Literal["auto", "disabled"] | None = None    # "auto" is a 400 (no prompt truncation)
     # OpenAI fields not implemented here: set to anything but their default, a 400 naming them
     previous_response_id: str | None = None     # needs stored responses
     conversation: Any = None
     background: bool | None = None
     reasoning: Any = None
-    include: list[Any] | None = None
     max_tool_calls: int | None = None
     prompt: Any = None
-    top_logprobs: int | None = None
     stream_options: dict[str, Any] | None = None
     # vLLM's extra sampling parameters on its ResponsesRequest
     top_k: int | None = None

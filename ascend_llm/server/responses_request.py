@@ -23,6 +23,7 @@ from ascend_llm.server.errors import APIError, bad_request
 from ascend_llm.server.protocol import ChatCompletionRequest, ChatMessageIn
 from ascend_llm.server.responses_protocol import ResponsesRequest
 
+OUTPUT_LOGPROBS = "message.output_text.logprobs"      # the one `include` value this server produces
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 _ITEM_KEYS = {
     "message": {"type", "role", "content", "id", "status", "phase"},
@@ -51,7 +52,8 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     fields: dict[str, Any] = {name: getattr(req, name) for name in _PASSED_THROUGH}
     fields.update(messages=input_messages(req.instructions, req.input), tools=tools,
                   tool_choice=chat_tool_choice(req.tool_choice, tools),
-                  max_completion_tokens=req.max_output_tokens, response_format=response_format(req.text))
+                  max_completion_tokens=req.max_output_tokens, response_format=response_format(req.text),
+                  **_logprobs(req, tools))
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:     # fields were checked above; this names whatever slipped through
@@ -84,16 +86,35 @@ def check_unsupported(req: ResponsesRequest) -> None:
                                                        "conversation in `input`"),
         "background": (bool(req.background), "background mode needs stored responses"),
         "reasoning": (req.reasoning is not None, "reasoning options are not supported"),
-        "include": (bool(req.include), f"{req.include!r} cannot be produced here"),
+        "include": (bool(set(req.include or ()) - {OUTPUT_LOGPROBS}),
+                    f"{sorted(set(req.include or ()) - {OUTPUT_LOGPROBS})} cannot be produced here (only "
+                    f"{OUTPUT_LOGPROBS!r})"),
         "max_tool_calls": (req.max_tool_calls is not None, "not supported"),
         "prompt": (req.prompt is not None, "stored prompt templates are not supported"),
-        "top_logprobs": (bool(req.top_logprobs), "output logprobs are not supported on /v1/responses"),
+        "top_logprobs": (bool(req.top_logprobs) and not wants_logprobs(req),
+                         f"needs include [{OUTPUT_LOGPROBS!r}] (logprobs are returned only when included)"),
         "stream_options": (req.stream_options is not None, "not supported"),
         "truncation": (req.truncation == "auto", "'auto' truncation is not supported; the prompt must fit"),
     }
     for name, (bad, why) in unsupported.items():
         if bad:
             raise bad_request(f"{name}: {why}", name)
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """Whether the request includes the output text's logprobs."""
+    return OUTPUT_LOGPROBS in (req.include or ())
+
+
+def _logprobs(req: ResponsesRequest, tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Chat's `logprobs` / `top_logprobs` for `include: ["message.output_text.logprobs"]`. They cover
+    the message text only, so a request whose output may hold function calls cannot have them."""
+    if not wants_logprobs(req):
+        return {}
+    if tools and req.tool_choice != "none":
+        raise bad_request(f"include: {OUTPUT_LOGPROBS!r} is supported only for plain-text output (no tools, or "
+                          "tool_choice 'none')", "include")
+    return {"logprobs": True, "top_logprobs": req.top_logprobs or 0}
 
 
 # ------------------------------------------------------------------ input

@@ -36,6 +36,7 @@ class ResponseEventWriter:
         self._open: OutputMessage | FunctionCallItem | None = None
         self._calls: dict[int, FunctionCallItem] = {}       # the parser's call index -> its item
         self._pending = ""                                  # held-back whitespace
+        self._logprobs: list[dict[str, Any]] = []           # of tokens whose text is not sent yet
 
     def event(self, kind: str, **fields: Any) -> str:
         """One SSE event of type `kind`, numbered."""
@@ -52,8 +53,11 @@ class ResponseEventWriter:
         return self.event("error", code=str(exc.status), message=exc.message, param=exc.param)
 
     # ------------------------------------------------------------ deltas
-    def add(self, text: str, tool_calls: list[DeltaToolCall]) -> list[str]:
-        """The events for the next piece of output: content text, then tool-call deltas."""
+    def add(self, text: str, tool_calls: list[DeltaToolCall],
+            logprobs: list[dict[str, Any]] | None = None) -> list[str]:
+        """The events for the next piece of output: content text (with the `logprobs` of its
+        tokens, when included), then tool-call deltas."""
+        self._logprobs.extend(logprobs or [])
         events = self._text(text) if text else []
         for delta in tool_calls:
             events.extend(self._call(delta))
@@ -106,9 +110,11 @@ class ResponseEventWriter:
         item = self._open
         if not text or not isinstance(item, OutputMessage):
             return []
-        item.content[0].text += text
+        part, sent, self._logprobs = item.content[0], self._logprobs, []
+        part.text += text
+        part.logprobs.extend(sent)
         return [self.event("response.output_text.delta", item_id=item.id, output_index=self._index(item),
-                           content_index=0, delta=text, logprobs=[])]
+                           content_index=0, delta=text, logprobs=[_delta_logprob(entry) for entry in sent])]
 
     def _added(self, item: OutputMessage | FunctionCallItem) -> str:
         self.items.append(item)
@@ -123,8 +129,10 @@ class ResponseEventWriter:
         if isinstance(item, OutputMessage):
             item.status = "incomplete" if incomplete else "completed"
             part = item.content[0]
+            part.logprobs.extend(self._logprobs)
+            self._logprobs = []
             events = [self.event("response.output_text.done", item_id=item.id, output_index=index, content_index=0,
-                                 text=part.text, logprobs=[]),
+                                 text=part.text, logprobs=[_delta_logprob(entry) for entry in part.logprobs]),
                       self.event("response.content_part.done", item_id=item.id, output_index=index,
                                  content_index=0, part=part.model_dump())]
         else:
@@ -136,3 +144,9 @@ class ResponseEventWriter:
 
     def _index(self, item: OutputMessage | FunctionCallItem) -> int:
         return next(i for i, known in enumerate(self.items) if known is item)
+
+
+def _delta_logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    """A token's logprob as the text delta / done events carry it (the output item's shape without bytes)."""
+    return {"token": entry["token"], "logprob": entry["logprob"],
+            "top_logprobs": [{"token": top["token"], "logprob": top["logprob"]} for top in entry["top_logprobs"]]}

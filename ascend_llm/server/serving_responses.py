@@ -8,12 +8,13 @@ OpenAI default, off rather than failing), so `previous_response_id` is a 400."""
 from __future__ import annotations
 
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ascend_llm.outputs import CompletionOutput, RequestOutput
 from ascend_llm.server.errors import APIError
+from ascend_llm.server.logprobs import chat_logprobs
 from ascend_llm.server.responses_protocol import (FunctionCallItem, IncompleteDetails, InputTokensDetails,
                                                   OutputMessage, OutputText, ResponseObject, ResponsesRequest,
                                                   ResponseUsage, response_item_id)
@@ -66,8 +67,15 @@ class ResponsesServing:
             response.status = "completed"
         return response
 
-    @staticmethod
-    def _output(p: _Prepared, completion: CompletionOutput) -> list[OutputMessage | FunctionCallItem]:
+    def _logprobs(self, p: _Prepared, token_ids: list[int], logprobs: Any) -> list[dict[str, Any]]:
+        """The tokens' logprobs in the `output_text.logprobs` shape (empty unless included)."""
+        if p.top_logprobs is None or logprobs is None:
+            return []
+        content = chat_logprobs(token_ids, logprobs, p.top_logprobs, self.ctx.tokenizer,
+                                as_token_ids=self.ctx.tokens_as_ids(p.request)).content
+        return [entry.model_dump() for entry in content]
+
+    def _output(self, p: _Prepared, completion: CompletionOutput) -> list[OutputMessage | FunctionCallItem]:
         """A finished output as items: its text as one message (when there is text, or nothing
         else), then one `function_call` item per parsed call."""
         parser = p.tools.new_parser() if p.tools else None
@@ -78,7 +86,9 @@ class ResponsesServing:
         items: list[OutputMessage | FunctionCallItem] = []
         if text.strip() or not calls:
             status = "incomplete" if completion.finish_reason == "length" else "completed"
-            items.append(OutputMessage(id=response_item_id("msg"), status=status, content=[OutputText(text=text)]))
+            logprobs = self._logprobs(p, completion.token_ids, completion.logprobs)
+            items.append(OutputMessage(id=response_item_id("msg"), status=status,
+                                       content=[OutputText(text=text, logprobs=logprobs)]))
         items.extend(FunctionCallItem(id=response_item_id("fc"), call_id=call.id, name=call.function.name,
                                       arguments=call.function.arguments) for call in calls)
         return items
@@ -103,7 +113,8 @@ class ResponsesServing:
                 if parser is not None:
                     parsed = parser.extract_tool_calls_streaming(delta.text, final=delta.finish_reason is not None)
                     text, calls = parsed.content, parsed.tool_calls
-                for event in writer.add(text, calls):
+                logprobs = self._logprobs(p, delta.token_ids, delta.logprobs)
+                for event in writer.add(text, calls, logprobs):
                     yield event
             if final is None:        # the stream ended without a finished output (aborted)
                 return
@@ -132,4 +143,4 @@ def _echo(req: ResponsesRequest, p: _Prepared) -> dict:
                 tool_choice=req.tool_choice if req.tool_choice is not None else "auto",
                 tools=[{"description": None, "parameters": None, "strict": None, **tool} for tool in req.tools or []],
                 user=req.user, truncation=req.truncation or "disabled",
-                service_tier=req.service_tier or "default")
+                service_tier=req.service_tier or "default", top_logprobs=req.top_logprobs or 0)

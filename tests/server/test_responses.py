@@ -34,6 +34,7 @@ CALL = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "ar
 RESULT = {"type": "function_call_output", "call_id": "call_1", "output": "22 C, sunny"}
 TURNS = [{"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}, CALL, RESULT]
 BASE = {"model": MODEL, "input": "hi", "max_output_tokens": 3}
+LOGPROBS = "message.output_text.logprobs"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,29 @@ def test_text_response_and_request_echo(client):
         ("Be brief", {"k": "v"}, "u1", 3)
     assert response.temperature == 0.0 and response.top_p == 1.0 and response.store is False
     assert response.tool_choice == "auto" and response.tools == [] and response.text.format.type == "text"
+
+
+def test_included_logprobs(client):
+    # vLLM serving_responses.py `_create_response_logprobs`: one entry per output token, top_logprobs alternatives
+    body = {**BASE, "ignore_eos": True, "include": [LOGPROBS], "top_logprobs": 2}
+    response = Response.model_validate(client.post("/v1/responses", json=body).json())
+    logprobs = response.output[0].content[0].logprobs
+    assert len(logprobs) == response.usage.output_tokens == 3 and response.top_logprobs == 2
+    assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in logprobs)
+    plain = Response.model_validate(client.post("/v1/responses", json={**BASE, "ignore_eos": True}).json())
+    assert plain.output[0].content[0].logprobs == []
+
+
+def test_streamed_logprobs_follow_the_text(client):
+    body = {**BASE, "stream": True, "ignore_eos": True, "max_output_tokens": 4, "include": [LOGPROBS],
+            "top_logprobs": 1}
+    events = response_events(client, body)
+    streamed = [entry for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    final = events[-1].response.output[0].content[0].logprobs
+    assert len(final) == 4 and [(e.token, e.logprob) for e in done.logprobs] == [(e.token, e.logprob) for e in final]
+    pairs = [(e.token, e.logprob) for e in final]
+    assert streamed and [(e.token, e.logprob) for e in streamed] == pairs[:len(streamed)]
 
 
 def test_input_items_instructions_and_tools_go_through_the_template(template_client):
@@ -132,7 +156,9 @@ def test_required_and_named_choices_set_the_tool_grammar(template_client):
     ({"input": ""}, "input"), ({"input": []}, "input"), ({"input": None}, "input"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"reasoning": {"effort": "low"}}, "reasoning"), ({"background": True}, "background"),
-    ({"include": ["message.output_text.logprobs"]}, "include"), ({"truncation": "auto"}, "truncation"),
+    ({"include": ["file_search_call.results"]}, "include"), ({"truncation": "auto"}, "truncation"),
+    ({"include": [LOGPROBS], "tools": [WEATHER], "tool_choice": "required"}, "include"),
+    ({"include": [LOGPROBS], "top_logprobs": 100}, "top_logprobs"),
     ({"conversation": "conv_1"}, "conversation"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}, "tools[0].type"),
@@ -257,7 +283,8 @@ def test_client_going_away_aborts_the_engine_request():
     req = ResponsesRequest(input="x", stream=True)
 
     async def two_events_then_close() -> None:
-        gen = ResponsesServing(None, None)._stream("resp_1", req, _prepared(req), _Stream(["a", "ab", "abc"], "stop"), 7)
+        stream = _Stream(["a", "ab", "abc"], "stop")
+        gen = ResponsesServing(None, None)._stream("resp_1", req, _prepared(req), stream, 7)
         await gen.__anext__()
         await gen.__anext__()
         await gen.aclose()          # what Starlette does when the client disconnects mid-stream
