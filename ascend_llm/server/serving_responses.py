@@ -118,10 +118,10 @@ class ResponsesServing:
                     yield event
             if final is None:        # the stream ended without a finished output (aborted)
                 return
-            done = self._response(response_id, req, p, writer.items, final, created_at)
-            for event in writer.finish(done.status == "incomplete"):
+            for event in writer.finish(final.outputs[0].finish_reason == "length"):
                 yield event
-            yield writer.lifecycle(f"response.{done.status}", done.model_copy(update={"output": writer.items}))
+            done = self._response(response_id, req, p, writer.items, final, created_at)
+            yield writer.lifecycle(f"response.{done.status}", done)
         except APIError as exc:
             yield writer.error(responses_error(exc))
         finally:
