@@ -26,6 +26,7 @@ from calib.output_dir import check_output_dir, staged_output
 from calib.quantize import relative_error, simulate_linear
 from calib.report import CalibReport, LayerRecord, timed_stage
 from calib.sensitivity import score_layers, select_float_layers
+from calib.speed_aware import read_speed_table, speed_float_layers
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
 
         return run_weight_only(cfg)
     target = check_output_dir(cfg.save_directory, cfg.overwrite)
+    slow = read_speed_table(cfg.speed_aware, cfg.speed_aware_batch) if cfg.speed_aware else {}
     timer = _Timer()
     with timer.stage("load"):
         texts = load_calib_texts(cfg.calib_file, cfg.num_samples)
@@ -242,7 +244,8 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
     with timer.stage("observe"):
         stats, kv_ranges = observe(model, groups, batches, cfg, full=True, desc="calibration")
     weights = _weight_lookup(model)
-    records, plans = _plan(cfg, groups, stats, weights, timer)
+    records, plans = _plan(cfg, groups, stats, weights, timer,
+                           speed_float_layers(slow, groups, cfg.speed_aware) if slow else {})
     by_name = group_of(groups)
     # the anti-outlier pass measured every group's input before folding: no extra forward pass
     before = {e.reader: e.absmax_before for e in smooth_report.entries} if smooth_report else {}
@@ -268,8 +271,9 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
 
 
 def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupStats], weights: Any,
-          timer: _Timer) -> tuple[dict[str, LayerRecord], dict[str, LinearPlan]]:
-    """Per-Linear records and export plans: type, observer / range, sensitivity, float fall-backs."""
+          timer: _Timer, slow: dict[str, str]) -> tuple[dict[str, LayerRecord], dict[str, LinearPlan]]:
+    """Per-Linear records and export plans: type, observer / range, sensitivity, float fall-backs
+    (`slow`: Linear -> reason, those `--speed_aware` keeps float)."""
     records: dict[str, LayerRecord] = {}
     ranges: dict[str, tuple[float, float] | None] = {}
     formats: dict[str, FormatChoice] = {}
@@ -291,7 +295,7 @@ def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupSta
         with timer.stage("sensitivity"):
             scores = score_layers(groups, weights, samples, {n: r.quant_type for n, r in records.items()},
                                   ranges, progress=cfg.progress)
-    floats = select_float_layers(scores, cfg.num_float_layers, list(cfg.disable_names), groups)
+    floats = select_float_layers(scores, cfg.num_float_layers, list(cfg.disable_names), groups, slow)
     for name, record in records.items():
         record.sensitivity = scores.get(name)
         if name in floats:
