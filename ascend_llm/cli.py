@@ -103,13 +103,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.kv_cache_memory_gb is None:
         args.kv_cache_memory_gb = 0.05          # the audit needs the model, not a serving-size cache
     args.enforce_eager = True
+    if args.bench_output and not Path(args.bench_output).parent.is_dir():
+        raise ValueError(f"--bench-output {args.bench_output}: the directory does not exist")
     engine = _make_llm(args).llm_engine
     audits = engine.quantization_audit()
     bench = engine.kernel_bench(tuple(args.bench_batch_sizes)) if args.bench or args.bench_output else None
     bench_dict = None if bench is None else {**bench.to_dict(), "host": _bench_host(args.bench_note)}
     report = audit_report(audits, engine.backend, bench_dict)
     if args.bench_output:
-        Path(args.bench_output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(args.bench_output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--bench-output {args.bench_output}: cannot write ({exc.strerror or exc})") from exc
         logger.info("wrote the audit and kernel timings to %s", args.bench_output)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -121,7 +126,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _bench_host(note: str | None) -> dict[str, object]:
-    """Where `inspect --bench` measured: CPU model and count, torch version, time, the user's note."""
+    """Where `inspect --bench` measured: CPU model and count, torch threads and version, time, the
+    user's note."""
     import os
     import time
 
@@ -129,7 +135,7 @@ def _bench_host(note: str | None) -> dict[str, object]:
 
     from ascend_llm.ops.cpu_features import cpuinfo_text, parse_cpuinfo_field
     return {"cpu": parse_cpuinfo_field(cpuinfo_text(), "model name"), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "note": note}
 
 

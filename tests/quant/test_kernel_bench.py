@@ -131,8 +131,11 @@ def test_inspect_bench_real_run_structure(tiny_llama_dir, tmp_path, capsys):
     assert "quant us@1" in text and "expected decode speed-up over float32 on cpu (9 layers)" in text
 
 
-def test_inspect_rejects_bad_batch_sizes(capsys):
+def test_inspect_rejects_bad_batch_sizes_and_output_paths(tmp_path, capsys, caplog):
     for value in ("0,16", "1,x", "4,4"):
         with pytest.raises(SystemExit):
             main(["inspect", "m", "--bench", "--bench-batch-sizes", value])
         assert "--bench-batch-sizes" in capsys.readouterr().err
+    missing = tmp_path / "no" / "bench.json"
+    assert main(["inspect", "m", "--bench-output", str(missing)]) == 2       # before loading anything
+    assert f"--bench-output {missing}: the directory does not exist" in caplog.text
