@@ -47,7 +47,7 @@ class CalibConfig:
     anti_method: str | None = None
     disable_level: str = "L0"
     disable_names: list[str] = field(default_factory=list)
-    speed_aware: str | None = None   # `ascend-llm inspect --bench --bench-output` JSON: slower layers stay float
+    speed_aware: str | None = None   # `inspect --bench --bench-output` JSON, or auto: slower layers stay float
     speed_aware_batch: int = 1       # the batch size (rows) whose timings decide
     is_dynamic: bool = False
     use_kvcache_quant: bool = False
@@ -123,9 +123,6 @@ class CalibConfig:
         _require(not (self.speed_aware and self.weight_only_calibration),
                  "--speed_aware: implemented for W8A8 / W8A8_DYNAMIC / per-channel W8A16 calibration; "
                  "weight-only calibration (int4 / GPTQ / groups) keeps Linears float by --disable_names only")
-        _require(self.speed_aware != "auto", "--speed_aware auto (benchmarking in-process) is not implemented: "
-                 "run `ascend-llm inspect QUANTIZED_MODEL --bench --bench-output PATH` on the target "
-                 "backend and pass --speed_aware PATH")
         _require(isinstance(self.speed_aware_batch, int) and self.speed_aware_batch >= 1,
                  f"--speed_aware_batch: must be >= 1, got {self.speed_aware_batch!r}")
         _require(not self.kv_asymmetric or self.use_kvcache_quant,

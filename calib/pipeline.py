@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from calib.output_dir import check_output_dir, staged_output
 from calib.quantize import relative_error, simulate_linear
 from calib.report import CalibReport, LayerRecord, timed_stage
 from calib.sensitivity import score_layers, select_float_layers
-from calib.speed_aware import read_speed_table, speed_float_layers
+from calib.speed_aware import measure_speed_table, read_speed_table, speed_float_layers
 
 logger = logging.getLogger(__name__)
 
@@ -216,15 +216,17 @@ class _Timer:
         return timed_stage(self.seconds, name)
 
 
-def run_calibration(cfg: CalibConfig) -> CalibReport:
-    """Calibrate `cfg.model_path` and write the checkpoint to `cfg.save_directory`."""
+def run_calibration(cfg: CalibConfig, speed_clock: Callable[[], float] | None = None) -> CalibReport:
+    """Calibrate `cfg.model_path` and write the checkpoint to `cfg.save_directory`; `speed_clock`:
+    the timer of `--speed_aware auto` (time.perf_counter unless given)."""
     cfg.validate()
     if cfg.weight_only_calibration:           # int4 / GPTQ / groups / zero points / compressed-tensors
         from calib.weight_only import run_weight_only
 
         return run_weight_only(cfg)
     target = check_output_dir(cfg.save_directory, cfg.overwrite)
-    slow = read_speed_table(cfg.speed_aware, cfg.speed_aware_batch) if cfg.speed_aware else {}
+    slow = read_speed_table(cfg.speed_aware, cfg.speed_aware_batch) \
+        if cfg.speed_aware and cfg.speed_aware != "auto" else {}
     timer = _Timer()
     with timer.stage("load"):
         texts = load_calib_texts(cfg.calib_file, cfg.num_samples)
@@ -236,6 +238,9 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
         num_used = None if cfg.num_samples is None else len(texts)      # held out: the texts after these
         reference = float_reference(model, tokenizer, heldout_texts(cfg.calib_file, num_used), "calib.pipeline",
                                     str(model_dir))
+    if cfg.speed_aware == "auto":
+        with timer.stage("speed_aware"):
+            slow = measure_speed_table(model, model_dir, groups, cfg, source_dtype, speed_clock)
     smooth_report = None
     if cfg.anti_method:
         with timer.stage("anti_outlier"):

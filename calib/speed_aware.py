@@ -10,18 +10,32 @@ with the measured times and ratio as the reason in calib_report.json.
 The runtime fuses q/k/v into qkv_proj and gate/up into gate_up_proj; a fused runtime layer maps to
 its HF Linears (`DEFAULT_PACKED_MODULES`), which are one group here and stay float together.
 Layers that were FLOAT in the benchmarked checkpoint have no quantized timing and are not flagged.
+
+`--speed_aware auto` makes that table here, before calibrating (`measure_speed_table`): every
+decoder Linear of the float model is written as the run's planned type (W8A8 static with a
+placeholder activation range: the speed does not depend on it) to a temporary directory, which
+the runtime loads on `--device_type` and times at `--speed_aware_batch` (`LLMEngine.kernel_bench`).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn as nn
+
 from ascend_llm.quant.w8a8 import DEFAULT_PACKED_MODULES
-from calib.config import CalibError
+from calib.config import CalibConfig, CalibError
+from calib.export import LinearPlan, build_checkpoint, copy_side_files, write_checkpoint
 from calib.model_spec import LinearGroup, group_of
+
+logger = logging.getLogger(__name__)
+PLACEHOLDER_RANGE = (-4.0, 4.0)     # W8A8 static activation range of the timed stand-in checkpoint
 
 INSPECT_HINT = "write one with `ascend-llm inspect QUANTIZED_MODEL --bench --bench-output PATH`"
 
@@ -29,7 +43,11 @@ INSPECT_HINT = "write one with `ascend-llm inspect QUANTIZED_MODEL --bench --ben
 def read_speed_table(path: str, batch: int) -> dict[str, str]:
     """Runtime layer name -> why it stays float, for every layer flagged slower at `batch`;
     CalibError naming the file and the problem when it is missing or malformed."""
-    data = _read_json(path)
+    return parse_speed_table(_read_json(path), batch, path)
+
+
+def parse_speed_table(data: Any, batch: int, path: str) -> dict[str, str]:
+    """`read_speed_table` on already parsed JSON (`path` names its source in errors)."""
     bench = data.get("bench") if isinstance(data, dict) else None
     if not isinstance(bench, dict):
         raise CalibError(f"--speed_aware {path}: no 'bench' table in the file; {INSPECT_HINT}")
@@ -101,3 +119,27 @@ def speed_float_layers(runtime_reasons: Mapping[str, str], groups: list[LinearGr
                              f"(was the table measured on a checkpoint of another model?)")
         reasons.update((member, why) for member in members)
     return reasons
+
+
+def measure_speed_table(model: nn.Module, model_dir: Path, groups: list[LinearGroup], cfg: CalibConfig,
+                        source_dtype: torch.dtype, clock: Callable[[], float] | None = None) -> dict[str, str]:
+    """`--speed_aware auto`: runtime layer name -> reason for every layer of the stand-in
+    checkpoint (module doc) that the runtime measures slower than float on `cfg.device_type`."""
+    from ascend_llm.llm import LLM
+
+    quant_type = cfg.linear_quant_type
+    x_range = PLACEHOLDER_RANGE if quant_type == "W8A8" else None
+    plans = {name: LinearPlan(quant_type, x_range) for group in groups for name in group.names}
+    tensors, description = build_checkpoint(model, plans, None, source_dtype, progress=False)
+    with tempfile.TemporaryDirectory(prefix="calib_speed_aware_") as tmp:
+        write_checkpoint(tmp, tensors, description, 0.0)
+        copy_side_files(model_dir, tmp)
+        del tensors
+        llm = LLM(tmp, device=cfg.device_type, enforce_eager=True, kv_cache_memory_gb=0.01, max_model_len=32)
+        try:
+            bench = llm.llm_engine.kernel_bench((cfg.speed_aware_batch,), clock)
+        finally:
+            llm.shutdown()
+    logger.info("--speed_aware auto on %s:\n%s", cfg.device_type, bench.table())
+    return parse_speed_table({"bench": bench.to_dict()}, cfg.speed_aware_batch,
+                             f"auto ({quant_type} stand-in measured on {cfg.device_type})")

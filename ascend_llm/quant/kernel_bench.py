@@ -167,9 +167,11 @@ class KernelBench:
 
 
 def bench_model(model: nn.Module, dtype: torch.dtype, backend: str,
-                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, clock: Clock = time.perf_counter,
+                batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, clock: Clock | None = None,
                 settings: TimerSettings = TimerSettings()) -> KernelBench:
-    """Time every distinct linear shape of `model` (module doc); `dtype`: the model dtype."""
+    """Time every distinct linear shape of `model` (module doc); `dtype`: the model dtype;
+    `clock`: time.perf_counter unless given."""
+    clock = clock or time.perf_counter
     groups: dict[ShapeKey, list[tuple[nn.Module, LayerAudit]]] = {}
     skipped = []
     for layer, audit in audited_layers(model):

@@ -12,10 +12,14 @@ import torch
 
 from ascend_llm.quant.audit import audit_report
 from ascend_llm.quant.kernel_bench import KernelBench, ShapeBench, ShapeKey, TimerSettings
+from ascend_llm.quant.unquantized import UnquantizedLinearMethod
+from ascend_llm.quant.w8a8 import W8A8StaticLinearMethod
 from calib.cli import main
-from calib.config import CalibError
+from calib.config import CalibError, build_config
+from calib.pipeline import run_calibration
 from calib.speed_aware import read_speed_table
-from tests.calib.test_cli import base_args, run_cli
+from tests.calib.test_cli import CALIB_FILE, base_args, run_cli
+from tests.quant.test_kernel_bench import FakeClock
 
 W8A8 = "W8A8 static"
 KERNELS = "cpu.quantize_per_tensor, cpu.quant_matmul"
@@ -64,6 +68,35 @@ def test_layers_measured_slower_stay_float_with_the_ratio_as_reason(tiny_llama_d
     assert {description[f"{n}.weight"] for n in gate_up} == {"FLOAT"}
 
 
+def test_speed_aware_auto_times_the_planned_layers_before_calibrating(tiny_llama_dir, tmp_path, monkeypatch):
+    """auto writes the float model as W8A8 to a temporary checkpoint, loads it with the runtime and
+    times it; here on a fake clock: qkv layers 30 us, the other W8A8 layers 10 us, float 20 us."""
+    clock = FakeClock()
+    float_apply, quant_apply = UnquantizedLinearMethod.apply, W8A8StaticLinearMethod.apply
+
+    def slow_float(self, layer, x, bias=None):
+        clock.advance_us(20.0)
+        return float_apply(self, layer, x, bias)
+
+    def slow_quant(self, layer, x, bias=None):
+        clock.advance_us(30.0 if layer.prefix.endswith("qkv_proj") else 10.0)
+        return quant_apply(self, layer, x, bias)
+
+    monkeypatch.setattr(UnquantizedLinearMethod, "apply", slow_float)
+    monkeypatch.setattr(W8A8StaticLinearMethod, "apply", slow_quant)
+    out = tmp_path / "auto"
+    cfg = build_config({"model_path": str(tiny_llama_dir), "save_directory": str(out), "calib_file": CALIB_FILE,
+                        "num_samples": 2, "max_tokens": 32, "progress": False, "speed_aware": "auto"})
+    report = run_calibration(cfg, speed_clock=clock)
+    qkv = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"}
+    assert set(report.float_layers) == qkv and "speed_aware" in report.stage_seconds
+    assert report.float_layers["model.layers.1.self_attn.v_proj"] == (
+        f"--speed_aware: {W8A8} ({KERNELS}) measured 30.0 us vs float 20.0 us at batch 1 on cpu (ratio 1.50)")
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert {description[f"{n}.weight"] for n in qkv} == {"FLOAT"}
+    assert description["model.layers.1.mlp.down_proj.weight"] == "W8A8"
+
+
 def write(path: Path, data) -> str:
     path.write_text(data if isinstance(data, str) else json.dumps(data))
     return str(path)
@@ -100,8 +133,6 @@ def test_bad_speed_aware_inputs_exit_2(tiny_llama_dir, tmp_path, capsys):
         {**GOOD_SHAPE, "layers": ["model.layers.7.self_attn.qkv_proj"]}]}})
     code, _, err = run_cli(capsys, *base_args(tiny_llama_dir, tmp_path / "o2"), "--speed_aware", other)
     assert code == 2 and "'model.layers.7.self_attn.qkv_proj' is not a decoder Linear of this model" in err
-    code, _, err = run_cli(capsys, *base_args(tiny_llama_dir, tmp_path / "o3"), "--speed_aware", "auto")
-    assert code == 2 and "--speed_aware auto (benchmarking in-process) is not implemented" in err
     code, _, err = run_cli(capsys, *base_args(tiny_llama_dir, tmp_path / "o4"), "--speed_aware", other,
                            "--a_bit", "16", "--w_bit", "4")
     assert code == 2 and "--speed_aware: implemented for W8A8" in err
