@@ -135,8 +135,8 @@ def _bench_host(note: str | None) -> dict[str, object]:
 
     from ascend_llm.ops.cpu_features import cpuinfo_text, parse_cpuinfo_field
     return {"cpu": parse_cpuinfo_field(cpuinfo_text(), "model name"), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "note": note}
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": note}
 
 
 def _batch_sizes(value: str) -> list[int]:
