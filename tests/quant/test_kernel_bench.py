@@ -16,6 +16,7 @@ from ascend_llm.quant.audit import audit_model, audit_report
 from ascend_llm.quant.kernel_bench import TimerSettings, bench_model, seconds_per_call
 from ascend_llm.quant.unquantized import UnquantizedLinearMethod
 from ascend_llm.quant.w8a8 import W8A8StaticLinearMethod
+from tests.ops.npu_emulation import npu_emulation  # noqa: F401  (fixture)
 from tests.quant.peer_fixtures import ROOT, build
 
 FLOAT_US = 20.0
@@ -139,3 +140,14 @@ def test_inspect_rejects_bad_batch_sizes_and_output_paths(tmp_path, capsys, capl
     missing = tmp_path / "no" / "bench.json"
     assert main(["inspect", "m", "--bench-output", str(missing)]) == 2       # before loading anything
     assert f"--bench-output {missing}: the directory does not exist" in caplog.text
+
+
+def test_bench_on_the_emulated_npu_binds_the_npu_kernels(npu_emulation):
+    """Same code on another backend: the NPU W8A8 kernel against the NPU float linear, synchronized
+    through torch.npu (the emulation's); structure only, no timing asserted."""
+    _, model = build("msmodelslim/llama_w8a8", build_op_set("npu"), torch.float16)
+    bench = bench_model(model, torch.float16, "npu", (1,), settings=TimerSettings(warmup=1, repeat=1, max_calls=1))
+    quantized = [s for s in bench.shapes if s.quantized]
+    assert {s.key.kernels for s in quantized} == {"npu.w8a8_static"}
+    assert all(s.float_kernel.startswith("npu.") for s in quantized), quantized[0].float_kernel
+    assert sum(len(s.layers) for s in bench.shapes) == 9 and bench.to_dict()["dtype"] == "float16"
