@@ -91,8 +91,8 @@ class ShapeBench:
         return self.key.scheme != "FLOAT"
 
     def ratio(self, batch: int) -> float:
-        """Quantized / float time (> 1: the quantized kernel is slower)."""
-        return self.quant_us[batch] / self.float_us[batch]
+        """Quantized / float time (> 1: the quantized kernel is slower); 1 for a FLOAT layer."""
+        return self.quant_us[batch] / self.float_us[batch] if self.quantized else 1.0
 
     def slower(self, batch: int) -> bool:
         return self.quantized and self.quant_us[batch] > self.float_us[batch]
@@ -163,6 +163,8 @@ class KernelBench:
             slow = self.slower_layers(b)
             if slow:
                 lines.append(f"slower than float at batch {b}: {len(slow)} layer(s)")
+        if self.skipped:
+            lines.append(f"not timed (no linear shape, e.g. MoE experts): {len(self.skipped)} layer(s)")
         return "\n".join(lines)
 
 

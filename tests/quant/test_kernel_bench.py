@@ -18,6 +18,8 @@ from ascend_llm.quant.unquantized import UnquantizedLinearMethod
 from ascend_llm.quant.w8a8 import W8A8StaticLinearMethod
 from tests.ops.npu_emulation import npu_emulation  # noqa: F401  (fixture)
 from tests.quant.peer_fixtures import ROOT, build
+from tests.quant.test_moe_checkpoints import build as build_moe
+from tests.tiny_models import make_tiny_moe_model_dir
 
 FLOAT_US = 20.0
 
@@ -151,3 +153,13 @@ def test_bench_on_the_emulated_npu_binds_the_npu_kernels(npu_emulation):
     assert {s.key.kernels for s in quantized} == {"npu.w8a8_static"}
     assert all(s.float_kernel.startswith("npu.") for s in quantized), quantized[0].float_kernel
     assert sum(len(s.layers) for s in bench.shapes) == 9 and bench.to_dict()["dtype"] == "float16"
+
+
+def test_moe_experts_are_listed_as_not_timed(tmp_path):
+    src = make_tiny_moe_model_dir(tmp_path, "qwen3_moe")
+    _, model = build_moe(src)
+    bench = bench_model(model, torch.float32, "cpu", (1,), settings=TimerSettings(warmup=1, repeat=1, max_calls=1))
+    experts = [getattr(m, "prefix", n) or n for n, m in model.named_modules() if getattr(m, "is_fused_moe", False)]
+    assert experts and bench.skipped == experts
+    assert f"not timed (no linear shape, e.g. MoE experts): {len(experts)} layer(s)" in bench.table()
+    assert bench.shapes and all(not s.quantized for s in bench.shapes)
