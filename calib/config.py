@@ -47,6 +47,8 @@ class CalibConfig:
     anti_method: str | None = None
     disable_level: str = "L0"
     disable_names: list[str] = field(default_factory=list)
+    speed_aware: str | None = None   # `inspect --bench --bench-output` JSON, or auto: slower layers stay float
+    speed_aware_batch: int = 1       # the batch size (rows) whose timings decide
     is_dynamic: bool = False
     use_kvcache_quant: bool = False
     kv_asymmetric: bool = False      # C8 with kv_cache_offset (vllm-ascend ignores the offset)
@@ -118,6 +120,11 @@ class CalibConfig:
                      f"calibration keeps Linears float by --disable_names only")
             _require(not self.use_kvcache_quant, "--use_kvcache_quant: not written by weight-only "
                      "calibration (int4 / GPTQ / groups)")
+        _require(not (self.speed_aware and self.weight_only_calibration),
+                 "--speed_aware: implemented for W8A8 / W8A8_DYNAMIC / per-channel W8A16 calibration; "
+                 "weight-only calibration (int4 / GPTQ / groups) keeps Linears float by --disable_names only")
+        _require(isinstance(self.speed_aware_batch, int) and self.speed_aware_batch >= 1,
+                 f"--speed_aware_batch: must be >= 1, got {self.speed_aware_batch!r}")
         _require(not self.kv_asymmetric or self.use_kvcache_quant,
                  "--kv_asymmetric shapes the C8 KV-cache scales; it needs --use_kvcache_quant")
         _require(self.act_method in ACT_METHODS,
