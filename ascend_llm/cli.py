@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import subprocess
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ascend_llm.engine.arg_utils import EngineArgs
@@ -102,13 +103,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.kv_cache_memory_gb is None:
         args.kv_cache_memory_gb = 0.05          # the audit needs the model, not a serving-size cache
     args.enforce_eager = True
+    if args.bench_output and not Path(args.bench_output).parent.is_dir():
+        raise ValueError(f"--bench-output {args.bench_output}: the directory does not exist")
     engine = _make_llm(args).llm_engine
     audits = engine.quantization_audit()
+    bench = engine.kernel_bench(tuple(args.bench_batch_sizes)) if args.bench or args.bench_output else None
+    bench_dict = None if bench is None else {**bench.to_dict(), "host": _bench_host(args.bench_note)}
+    report = audit_report(audits, engine.backend, bench_dict)
+    if args.bench_output:
+        try:
+            Path(args.bench_output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--bench-output {args.bench_output}: cannot write ({exc.strerror or exc})") from exc
+        logger.info("wrote the audit and kernel timings to %s", args.bench_output)
     if args.json:
-        sys.stdout.write(json.dumps(audit_report(audits, engine.backend), indent=2) + "\n")
-    else:
-        sys.stdout.write(table(audits) + "\n\n" + f"{engine.backend}: {summary_line(audits)}\n")
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return 0
+    sys.stdout.write(table(audits) + "\n\n" + f"{engine.backend}: {summary_line(audits)}\n")
+    if bench is not None:
+        sys.stdout.write("\n" + bench.table() + "\n")
     return 0
+
+
+def _bench_host(note: str | None) -> dict[str, object]:
+    """Where `inspect --bench` measured: CPU model and count, torch threads and version, time, the
+    user's note."""
+    import os
+    import time
+
+    import torch
+
+    from ascend_llm.ops.cpu_features import cpuinfo_text, parse_cpuinfo_field
+    return {"cpu": parse_cpuinfo_field(cpuinfo_text(), "model name"), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "note": note}
+
+
+def _batch_sizes(value: str) -> list[int]:
+    """'1,16' -> [1, 16]; argparse reports anything else as a bad --bench-batch-sizes."""
+    try:
+        sizes = [int(part) for part in value.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(size < 1 for size in sizes) or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"expected distinct positive integers separated by commas, got {value!r}")
+    return sizes
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -163,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "chosen on this backend, the weight layout and bytes"))
     inspect.add_argument("model_path", nargs="?", default=None, help="model (same as --model)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--bench", action="store_true",
+                         help="time each distinct layer shape with its chosen kernel against the float kernel "
+                              "and print the expected decode speed-up, flagging layers slower than float")
+    inspect.add_argument("--bench-batch-sizes", type=_batch_sizes, default=[1, 16], metavar="N,N",
+                         help="rows of the timed inputs (default 1,16)")
+    inspect.add_argument("--bench-output", default=None, metavar="PATH",
+                         help="also write the audit with the timings as JSON to PATH (implies --bench; "
+                              "`python -m calib --speed_aware PATH` reads it)")
+    inspect.add_argument("--bench-note", default=None, help="free text stored with the timings (e.g. the host's load)")
     inspect.set_defaults(func=cmd_inspect)
     _add_verify_parser(sub)
     sub.add_parser("convert", add_help=False,

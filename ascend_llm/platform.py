@@ -77,6 +77,15 @@ def torch_device(backend: str) -> torch.device:
     return torch.device("npu", torch.npu.current_device())
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (torch.cuda / torch.npu / torch.cpu `synchronize`);
+    a no-op for a device module without one (the NPU emulation keeps tensors on the CPU)."""
+    module = getattr(torch, device.type, None)
+    sync = getattr(module, "synchronize", None)
+    if callable(sync):
+        sync()
+
+
 def resolve_device(device: str) -> str:
     """Map `auto|npu|cuda|cpu` to an available backend name, or raise ValueError."""
     if device == "auto":

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hadamard_block_size", type=int,
                    help="block of --rotation hadamard (power of two; default: largest dividing "
                         "intermediate_size, at most 512)")
+    p.add_argument("--speed_aware", metavar="PATH|auto",
+                   help="keep in float the Linears `ascend-llm inspect --bench --bench-output PATH` "
+                        "measured slower than float on the target backend; auto: measure them here first, "
+                        "on --device_type")
+    p.add_argument("--speed_aware_batch", type=int,
+                   help="the batch size whose --speed_aware timings decide (default 1: decode)")
     p.add_argument("--is_dynamic", nargs="?", const=True, type=_bool,
                    help="per-token dynamic activations (W8A8_DYNAMIC)")
     p.add_argument("--use_kvcache_quant", nargs="?", const=True, type=_bool,

@@ -51,6 +51,8 @@ class CalibConfig:
     dynamic_names: list[str] = field(default_factory=list)   # W8A8 runs: these Linears W8A8_DYNAMIC
     rotation: str | None = None      # "hadamard": smoothed + online-rotated down_proj inputs
     hadamard_block_size: int = 0     # 0 = the largest power of two dividing intermediate_size (<= 512)
+    speed_aware: str | None = None   # `inspect --bench --bench-output` JSON, or auto: slower layers stay float
+    speed_aware_batch: int = 1       # the batch size (rows) whose timings decide
     is_dynamic: bool = False
     use_kvcache_quant: bool = False
     kv_asymmetric: bool = False      # C8 with kv_cache_offset (vllm-ascend ignores the offset)
@@ -136,6 +138,11 @@ class CalibConfig:
         _require(not self.dynamic_names or (self.a_bit == 8 and not self.is_dynamic and not self.mixed_format),
                  "--dynamic_names: makes some Linears W8A8_DYNAMIC in a static W8A8 run (--a_bit 8, "
                  "without --is_dynamic / --mixed_format)")
+        _require(not (self.speed_aware and self.weight_only_calibration),
+                 "--speed_aware: implemented for W8A8 / W8A8_DYNAMIC / per-channel W8A16 calibration; "
+                 "weight-only calibration (int4 / GPTQ / groups) keeps Linears float by --disable_names only")
+        _require(isinstance(self.speed_aware_batch, int) and self.speed_aware_batch >= 1,
+                 f"--speed_aware_batch: must be >= 1, got {self.speed_aware_batch!r}")
         _require(not self.kv_asymmetric or self.use_kvcache_quant,
                  "--kv_asymmetric shapes the C8 KV-cache scales; it needs --use_kvcache_quant")
         _require(self.act_method in ACT_METHODS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from calib.quantize import relative_error, simulate_linear
 from calib.report import CalibReport, LayerRecord, timed_stage
 from calib.rotation import RotationReport, apply_down_proj_rotation
 from calib.sensitivity import expand_names, score_layers, select_float_layers
+from calib.speed_aware import measure_speed_table, read_speed_table, speed_float_layers
 
 logger = logging.getLogger(__name__)
 
@@ -217,14 +218,17 @@ class _Timer:
         return timed_stage(self.seconds, name)
 
 
-def run_calibration(cfg: CalibConfig) -> CalibReport:
-    """Calibrate `cfg.model_path` and write the checkpoint to `cfg.save_directory`."""
+def run_calibration(cfg: CalibConfig, speed_clock: Callable[[], float] | None = None) -> CalibReport:
+    """Calibrate `cfg.model_path` and write the checkpoint to `cfg.save_directory`; `speed_clock`:
+    the timer of `--speed_aware auto` (time.perf_counter unless given)."""
     cfg.validate()
     if cfg.weight_only_calibration:           # int4 / GPTQ / groups / zero points / compressed-tensors
         from calib.weight_only import run_weight_only
 
         return run_weight_only(cfg)
     target = check_output_dir(cfg.save_directory, cfg.overwrite)
+    slow = read_speed_table(cfg.speed_aware, cfg.speed_aware_batch) \
+        if cfg.speed_aware and cfg.speed_aware != "auto" else {}
     timer = _Timer()
     with timer.stage("load"):
         texts = load_calib_texts(cfg.calib_file, cfg.num_samples)
@@ -236,6 +240,9 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
         num_used = None if cfg.num_samples is None else len(texts)      # held out: the texts after these
         reference = float_reference(model, tokenizer, heldout_texts(cfg.calib_file, num_used), "calib.pipeline",
                                     str(model_dir))
+    if cfg.speed_aware == "auto":
+        with timer.stage("speed_aware"):
+            slow = measure_speed_table(model, model_dir, groups, cfg, source_dtype, speed_clock)
     smooth_report = None
     if cfg.anti_method:
         with timer.stage("anti_outlier"):
@@ -249,7 +256,8 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
     with timer.stage("observe"):
         stats, kv_ranges = observe(model, groups, batches, cfg, full=True, desc="calibration")
     weights = _weight_lookup(model)
-    records, plans = _plan(cfg, groups, stats, weights, timer)
+    records, plans = _plan(cfg, groups, stats, weights, timer,
+                           speed_float_layers(slow, groups, cfg.speed_aware) if slow else {})
     by_name = group_of(groups)
     # the anti-outlier pass measured every group's input before folding: no extra forward pass
     before = {e.reader: e.absmax_before for e in smooth_report.entries} if smooth_report else {}
@@ -276,8 +284,9 @@ def run_calibration(cfg: CalibConfig) -> CalibReport:
 
 
 def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupStats], weights: Any,
-          timer: _Timer) -> tuple[dict[str, LayerRecord], dict[str, LinearPlan]]:
-    """Per-Linear records and export plans: type, observer / range, sensitivity, float fall-backs."""
+          timer: _Timer, slow: dict[str, str]) -> tuple[dict[str, LayerRecord], dict[str, LinearPlan]]:
+    """Per-Linear records and export plans: type, observer / range, sensitivity, float fall-backs
+    (`slow`: Linear -> reason, those `--speed_aware` keeps float)."""
     records: dict[str, LayerRecord] = {}
     ranges: dict[str, tuple[float, float] | None] = {}
     formats: dict[str, FormatChoice] = {}
@@ -302,7 +311,7 @@ def _plan(cfg: CalibConfig, groups: list[LinearGroup], stats: dict[str, GroupSta
         with timer.stage("sensitivity"):
             scores = score_layers(groups, weights, samples, {n: r.quant_type for n, r in records.items()},
                                   ranges, progress=cfg.progress)
-    floats = select_float_layers(scores, cfg.num_float_layers, list(cfg.disable_names), groups)
+    floats = select_float_layers(scores, cfg.num_float_layers, list(cfg.disable_names), groups, slow)
     for name, record in records.items():
         record.sensitivity = scores.get(name)
         if name in floats:

@@ -42,8 +42,9 @@ def score_layers(groups: list[LinearGroup], weights: WeightLookup, samples: Mapp
 
 
 def select_float_layers(scores: Mapping[str, float], level: int, disable_names: list[str],
-                        groups: list[LinearGroup]) -> dict[str, str]:
-    """Linear name -> why it stays FLOAT: `--disable_names`, the top-`level` scores, fused siblings.
+                        groups: list[LinearGroup], kept: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Linear name -> why it stays FLOAT: `--disable_names`, `kept` (e.g. `--speed_aware`'s
+    layers, with their reasons), the top-`level` scores of the others, fused siblings.
 
     CalibError for a disable name that is not a decoder Linear of the model.
     """
@@ -52,6 +53,8 @@ def select_float_layers(scores: Mapping[str, float], level: int, disable_names: 
     for pattern in disable_names:
         for name in expand_names(pattern, by_name):
             reasons[name] = "--disable_names" if name == pattern else f"--disable_names {pattern}"
+    for name, why in (kept or {}).items():
+        reasons.setdefault(name, why)
     ranked = sorted((n for n in scores if n not in reasons), key=lambda n: scores[n], reverse=True)
     for rank, name in enumerate(ranked[:level], start=1):
         reasons[name] = (f"disable_level L{level}: sensitivity rank {rank}/{len(ranked)}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ascend_llm.executor.launch import create_executor, validate_tp_config
 from ascend_llm.executor.worker import WorkerSpec
@@ -22,6 +22,7 @@ from ascend_llm.loader import load_hf_config, load_tokenizer, resolve_model_path
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.outputs import RequestMetrics, RequestOutput
 from ascend_llm.platform import resolve_device
+from ascend_llm.quant.kernel_bench import DEFAULT_BATCH_SIZES, KernelBench, bench_model
 from ascend_llm.sampling_params import SamplingParams, StructuredOutputsParams
 from ascend_llm.spec_decode import accepted_tokens
 
@@ -118,6 +119,13 @@ class LLMEngine:
     def quantization_audit(self) -> list:
         """The per-layer quantization audit of the driver's model (`quant/audit.py`)."""
         return list(getattr(self.model_runner, "quant_audit", []))
+
+    def kernel_bench(self, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                     clock: Callable[[], float] | None = None) -> KernelBench:
+        """Each distinct linear shape of the driver's model timed with its bound kernels against
+        the float kernel on this backend (`quant/kernel_bench.py`, `inspect --bench`)."""
+        runner = self.model_runner
+        return bench_model(runner.model, runner.dtype, self.backend, batch_sizes, clock)
 
     def _check_token_constraints(self, params: SamplingParams) -> None:
         """logit_bias / allowed_token_ids ids inside the vocabulary; structured outputs not with

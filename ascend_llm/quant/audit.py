@@ -78,15 +78,20 @@ class LayerAudit:
 
 def audit_model(model: nn.Module) -> list[LayerAudit]:
     """The audit of every layer holding a quant method, in module order."""
-    audits = []
+    return [audit for _, audit in audited_layers(model)]
+
+
+def audited_layers(model: nn.Module) -> list[tuple[nn.Module, LayerAudit]]:
+    """(layer, its audit) for every layer holding a quant method, in module order."""
+    pairs = []
     for name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if method is None:
             continue
-        audits.append(LayerAudit(getattr(module, "prefix", name) or name, _scheme(module, method),
-                                 tuple(getattr(module, "kernel_choices", ())), _layout(module),
-                                 _own_bytes(module)))
-    return audits
+        pairs.append((module, LayerAudit(getattr(module, "prefix", name) or name, _scheme(module, method),
+                                         tuple(getattr(module, "kernel_choices", ())), _layout(module),
+                                         _own_bytes(module))))
+    return pairs
 
 
 def _scheme(layer: nn.Module, method: Any) -> str:
@@ -146,12 +151,17 @@ def check_strict(audits: Iterable[LayerAudit]) -> None:
                          f"native low-bit kernel on this backend:\n  " + "\n  ".join(lines))
 
 
-def audit_report(audits: Iterable[LayerAudit], backend: str) -> dict[str, Any]:
+def audit_report(audits: Iterable[LayerAudit], backend: str,
+                 bench: dict[str, Any] | None = None) -> dict[str, Any]:
     """The audit as JSON (`ascend-llm inspect --json`, `GET /v1/quantization`): backend, summary
-    line, the strict-mode findings and every layer."""
+    line, the strict-mode findings and every layer; with `bench` (`KernelBench.to_dict()`,
+    `inspect --bench`) the measured speed per layer shape under "bench"."""
     audits = list(audits)
-    return {"backend": backend, "summary": summary_line(audits), "not_native": strict_violations(audits),
-            "layers": [a.to_dict() for a in audits]}
+    report = {"backend": backend, "summary": summary_line(audits), "not_native": strict_violations(audits),
+              "layers": [a.to_dict() for a in audits]}
+    if bench is not None:
+        report["bench"] = bench
+    return report
 
 
 def table(audits: Iterable[LayerAudit]) -> str:

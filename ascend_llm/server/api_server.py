@@ -27,9 +27,10 @@ from ascend_llm.server.args import ServerConfig, make_parser
 
 logger = logging.getLogger("ascend_llm.server")
 
-_ENDPOINTS = (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
-              ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"), ("POST", "/tokenize"), ("POST", "/detokenize"),
-              ("GET", "/tokenizer_info"), ("GET", "/health"), ("GET", "/version"), ("GET", "/metrics"))
+_ENDPOINTS = (("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"),
+              ("POST", "/v1/embeddings"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
+              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info"), ("GET", "/health"),
+              ("GET", "/version"), ("GET", "/metrics"))
 
 
 _ENGINE_MARGIN_S = 1.0

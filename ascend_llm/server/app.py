@@ -22,11 +22,13 @@ from ascend_llm.server.metrics import ServerMetrics
 from ascend_llm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                                         TokenizeRequest)
 from ascend_llm.server.quantization import QuantizationCollector, quantization_report
+from ascend_llm.server.responses_protocol import ResponsesRequest
 from ascend_llm.server.serving_chat import ChatServing
 from ascend_llm.server.serving_completion import CompletionServing
 from ascend_llm.server.serving_embedding import EmbeddingServing
 from ascend_llm.server.serving_engine import ServingContext, admission_error
 from ascend_llm.server.serving_models import list_models, retrieve_model
+from ascend_llm.server.serving_responses import ResponsesServing
 from ascend_llm.server.serving_tokenize import TokenizeServing
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class ServerHandlers:
         self.ctx = ServingContext(engine, config)
         self.completion = CompletionServing(self.ctx)
         self.chat = ChatServing(self.ctx)
+        self.responses = ResponsesServing(self.ctx, self.chat)
         self.embedding = EmbeddingServing(self.ctx)
         self.tokenize = TokenizeServing(self.ctx, self.chat)
         self.metrics: ServerMetrics | None = None
@@ -175,6 +178,11 @@ def _add_openai_routes(app: FastAPI, h: ServerHandlers) -> None:
     async def chat_completions(request: Request) -> Response:
         req = await parse_request(request, ChatCompletionRequest, limit)
         return _or_closed(await cancel_on_disconnect(request, h.chat.create(req)))
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        req = await parse_request(request, ResponsesRequest, limit)
+        return _or_closed(await cancel_on_disconnect(request, h.responses.create(req)))
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
