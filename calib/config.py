@@ -40,7 +40,7 @@ class CalibConfig:
     device_type: str = "cpu"
     w_bit: int = 8
     a_bit: int = 8
-    w_method: str = "MinMax"         # weight rounding: MinMax (nearest) | GPTQ (weight-only runs)
+    w_method: str = "MinMax"         # weight rounding: MinMax (nearest) | GPTQ (int8 and weight-only runs)
     group_size: int = 0              # weight-only: input columns per scale; 0 = per channel
     w_sym: bool = True               # weight-only: False adds integer zero points (weight_offset)
     save_format: str = "ascendv1"    # weight-only runs may write compressed-tensors instead
@@ -114,9 +114,11 @@ class CalibConfig:
                  f"--group_size: must be 0 (per channel) or a positive number of input columns, "
                  f"got {self.group_size!r}")
         weight_only_opts = [opt for opt, used in (
-            ("--w_method GPTQ", method == "gptq"), (f"--group_size {self.group_size}", self.group_size > 0),
+            (f"--group_size {self.group_size}", self.group_size > 0),
             ("--w_sym false", not self.w_sym), (f"--save_format {self.save_format}", self.save_format != "ascendv1"))
             if used]
+        _require(not (method == "gptq" and self.a_bit == 8 and self.mixed_format),
+                 "--w_method GPTQ with --mixed_format: not implemented (FP8 layers); GPTQ rounds int8 weights")
         _require(self.a_bit == 16 or not weight_only_opts,
                  f"{', '.join(weight_only_opts)}: implemented for weight-only calibration; pass --a_bit 16")
         if self.weight_only_calibration:

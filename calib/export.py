@@ -57,6 +57,7 @@ class LinearPlan:
 
     quant_type: str
     x_range: tuple[float, float] | None = None
+    w_scale: torch.Tensor | None = None    # [n] int8 weight scale chosen by GPTQ (None: max |W_row| / 127)
 
 
 def deq_scale_is_int64(source_dtype: torch.dtype) -> bool:
@@ -88,7 +89,7 @@ def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
             bias = state.get(f"{module}.bias")
             written = VLLM_ASCEND_FP8_TYPE if plan.quant_type == "WFP8AFP8_DYNAMIC" else plan.quant_type
             parts = layer_tensors(plan.quant_type, tensor, bias, plan.x_range, deq_as_int64,
-                                  fp8_offset=written == VLLM_ASCEND_FP8_TYPE)
+                                  fp8_offset=written == VLLM_ASCEND_FP8_TYPE, w_scale=plan.w_scale)
             for part, value in parts.items():
                 if value.is_floating_point() and plan.quant_type == "FLOAT":
                     value = value.to(source_dtype)

@@ -19,6 +19,7 @@ from calib.config import CalibConfig, CalibError
 from calib.dataset import load_calib_texts, tokenize_texts
 from calib.export import LinearPlan, build_checkpoint, copy_side_files, write_checkpoint
 from calib.finite import check_finite_activation, check_finite_weights
+from calib.gptq_int8 import gptq_int8
 from calib.mixed_format import FormatChoice, choose_formats
 from calib.model_spec import LinearGroup, check_architecture, find_groups, group_of
 from calib.observers import HistogramObserver, MinMaxObserver, RowSampler
@@ -258,6 +259,11 @@ def run_calibration(cfg: CalibConfig, speed_clock: Callable[[], float] | None = 
     weights = _weight_lookup(model)
     records, plans = _plan(cfg, groups, stats, weights, timer,
                            speed_float_layers(slow, groups, cfg.speed_aware) if slow else {})
+    gptq = None
+    if cfg.w_method_name == "gptq":
+        with timer.stage("gptq"):
+            gptq = gptq_int8(model, groups, plans, batches, cfg.progress)
+            check_finite_weights(model, "after GPTQ")
     by_name = group_of(groups)
     # the anti-outlier pass measured every group's input before folding: no extra forward pass
     before = {e.reader: e.absmax_before for e in smooth_report.entries} if smooth_report else {}
@@ -276,7 +282,8 @@ def run_calibration(cfg: CalibConfig, speed_clock: Callable[[], float] | None = 
         report = CalibReport(str(model_dir), cfg.save_directory, str(description["model_quant_type"]),
                              options=_options(cfg), layers=list(records.values()),
                              stage_seconds=timer.seconds, anti_outlier=smooth_report,
-                             kv_cache_type="C8" if kv_ranges else None, rotation=rotation)
+                             kv_cache_type="C8" if kv_ranges else None, rotation=rotation,
+                             gptq=gptq.to_dict() if gptq else None)
         report.write_json(staging)
         with timer.stage("accuracy_reference"):
             record_and_write(reference, staging)

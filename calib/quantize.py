@@ -19,9 +19,14 @@ from calib.observers import activation_qparams, fake_quant_activation
 QUANT_TYPES = ("FLOAT", "W8A8", "W8A8_DYNAMIC", "W8A16", "WFP8AFP8_DYNAMIC")
 
 
-def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (q [n, k] int8, scale [n] float32 = max|W_row| / 127)."""
-    return P.quantize_per_channel(weight.detach().float(), 8)
+def quantize_weight_int8(weight: torch.Tensor, scale: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [n, k] int8, scale [n] float32 = max|W_row| / 127),
+    or the codes of weight on a given `scale` [n] (GPTQ's: its weights are codes * scale)."""
+    if scale is None:
+        return P.quantize_per_channel(weight.detach().float(), 8)
+    scale = scale.float()
+    return torch.round(weight.detach().float() / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
 def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +37,9 @@ def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def w8a8_static_tensors(weight: torch.Tensor, bias: torch.Tensor | None, x_range: tuple[float, float],
-                        deq_as_int64: bool) -> dict[str, torch.Tensor]:
+                        deq_as_int64: bool, w_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """weight, input_scale, input_offset, deq_scale, quant_bias of one W8A8 (static) Linear."""
-    q_w, w_scale = quantize_weight_int8(weight)                             # [n, k], [n]
+    q_w, w_scale = quantize_weight_int8(weight, w_scale)                             # [n, k], [n]
     scale, offset = activation_qparams(*x_range)
     return {"weight": q_w, **static_scale_tensors(q_w, w_scale, scale, offset, bias, deq_as_int64)}
 
@@ -56,16 +61,16 @@ def static_scale_tensors(q_w: torch.Tensor, w_scale: torch.Tensor, input_scale: 
             "quant_bias": quant_bias.to(torch.int32)}
 
 
-def w8a8_dynamic_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def w8a8_dynamic_tensors(weight: torch.Tensor, w_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """weight [n, k] int8, weight_scale [n, 1], weight_offset zeros [n, 1] (W8A8_DYNAMIC)."""
-    q_w, w_scale = quantize_weight_int8(weight)
+    q_w, w_scale = quantize_weight_int8(weight, w_scale)
     return {"weight": q_w, "weight_scale": w_scale[:, None].clone(),
             "weight_offset": torch.zeros_like(w_scale)[:, None].clone()}
 
 
-def w8a16_tensors(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def w8a16_tensors(weight: torch.Tensor, w_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """W8A16 with msModelSlim's default symmetric weights (w_sym): offsets are zero."""
-    return w8a8_dynamic_tensors(weight)
+    return w8a8_dynamic_tensors(weight, w_scale)
 
 
 def wfp8_dynamic_tensors(weight: torch.Tensor, with_offset: bool = False) -> dict[str, torch.Tensor]:
@@ -81,17 +86,18 @@ def wfp8_dynamic_tensors(weight: torch.Tensor, with_offset: bool = False) -> dic
 
 def layer_tensors(quant_type: str, weight: torch.Tensor, bias: torch.Tensor | None,
                   x_range: tuple[float, float] | None, deq_as_int64: bool,
-                  fp8_offset: bool = False) -> dict[str, torch.Tensor]:
+                  fp8_offset: bool = False, w_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint tensors (suffix -> tensor) of one Linear; `bias` is written separately.
-    `fp8_offset`: WFP8AFP8_DYNAMIC layers also get a zero `weight_offset`."""
+    `fp8_offset`: WFP8AFP8_DYNAMIC layers also get a zero `weight_offset`. `w_scale` [n]: the
+    int8 weight scale to use (GPTQ's) instead of max |W_row| / 127."""
     if quant_type == "W8A8":
         if x_range is None:
             raise ValueError("W8A8 static needs the calibrated activation range")
-        return w8a8_static_tensors(weight, bias, x_range, deq_as_int64)
+        return w8a8_static_tensors(weight, bias, x_range, deq_as_int64, w_scale)
     if quant_type == "W8A8_DYNAMIC":
-        return w8a8_dynamic_tensors(weight)
+        return w8a8_dynamic_tensors(weight, w_scale)
     if quant_type == "W8A16":
-        return w8a16_tensors(weight)
+        return w8a16_tensors(weight, w_scale)
     if quant_type == "WFP8AFP8_DYNAMIC":
         return wfp8_dynamic_tensors(weight, fp8_offset)
     if quant_type == "FLOAT":

@@ -51,6 +51,7 @@ class CalibReport:
     kv_cache_type: str | None = None
     weight_only: dict[str, Any] | None = None     # calib/weight_only.py: output errors, GPTQ dampening
     rotation: Any = None                           # calib/rotation.py RotationReport (--rotation)
+    gptq: dict[str, Any] | None = None             # calib/gptq_int8.py: int8 GPTQ output errors
 
     @property
     def float_layers(self) -> dict[str, str]:
@@ -82,6 +83,9 @@ class CalibReport:
         if self.rotation is not None:
             lines.append(f"rotation: hadamard({self.rotation.block_size}) online before "
                          f"{len(self.rotation.layers)} down_proj layers (runs in ascend-llm only)")
+        if self.gptq is not None:
+            lines.append(f"GPTQ int8 weights: mean output error {self.gptq['mean_output_error_rtn']:.4g} (nearest) "
+                         f"-> {self.gptq['mean_output_error_gptq']:.4g}, dampening {self.gptq['damp_used']:g}")
         floats = self.float_layers
         lines.append(f"float fall-backs ({len(floats)}):" + ("" if floats else " none"))
         lines.extend(f"  {name}: {why}" for name, why in floats.items())

@@ -123,7 +123,8 @@ def test_indefinite_hessian_raises_the_dampening_and_stays_finite():
      "--group_size 64: does not divide the input dim k=96 of model.layers.0.mlp.down_proj; group sizes "
      "that divide every Linear's input dim ([64, 96]): 8, 16, 32"),
     (["--w_bit", "4", "--a_bit", "16", "--save_format", "gguf"], "--save_format: expected one of"),
-    (["--w_bit", "8", "--a_bit", "8", "--w_method", "GPTQ"], "--w_method GPTQ: implemented for weight-only"),
+    (["--w_bit", "8", "--a_bit", "8", "--w_method", "GPTQ", "--mixed_format"],
+     "--w_method GPTQ with --mixed_format: not implemented"),
 ])
 def test_bad_weight_only_options_exit_2(tiny_llama_dir, tmp_path, capsys, flags, message):
     code, _, err = run_cli(capsys, *base_args(tiny_llama_dir, tmp_path / "out"), *flags)
