@@ -196,3 +196,14 @@ def test_rotated_w8a8_on_the_emulated_npu_matches_cpu(dirs, npu_emulation):
     err = (got - want).abs()
     assert float(err.max()) < 0.15 and float(err.mean()) < 0.03, (err.max(), err.mean())
     assert npu_emulation.called("npu_quant_matmul")
+
+
+def test_expert_of_a_fused_moe_layer_is_refused():
+    description = {"model_quant_type": "W8A8_DYNAMIC", "model.layers.0.mlp.experts.0.down_proj.weight": "W8A8_DYNAMIC",
+                   "online_hadamard": {"block_size": 32, "layers": ["model.layers.0.mlp.experts.0.down_proj"]}}
+    moe = torch.nn.Module()
+    moe.is_fused_moe, moe.num_experts = True, 1
+    with pytest.raises(ValueError, match=r"lists 'model\.layers\.0\.mlp\.experts\.0\.down_proj', an expert of fused "
+                                         r"MoE layer model\.layers\.0\.mlp\.experts: online rotation is supported on "
+                                         r"Linear layers only"):
+        AscendW8A8Config(description).get_quant_method(moe, "model.layers.0.mlp.experts")
