@@ -13,7 +13,7 @@ A float weight [n, k] defaults to out_dim 0, in_dim 1; a bias [n] to out_dim 0.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,7 @@ class LinearBase(nn.Module):
         self.tp_rank, self.tp_size, self.prefix = tp_rank, tp_size, prefix
         self.parallel = parallel    # the group collectives run over (None: no collectives)
         self.loaded_shards: set[tuple[str, int]] = set()    # (param name, fused shard index)
+        self.params_dtype = params_dtype
         method = quant_config.get_quant_method(self, prefix) if quant_config else None
         self.quant_method: QuantMethod = method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, input_size, output_sizes, params_dtype)
@@ -57,6 +58,28 @@ class LinearBase(nn.Module):
         for name, param in self.named_parameters(recurse=False):
             _default_dims(param, name)
             param.weight_loader = self.weight_loader
+        # online Hadamard rotation of the input (the checkpoint folded H_b into the weight): block
+        # size or None, and the bound `hadamard_transform` kernel
+        self.input_hadamard_block = quant_config.input_hadamard_block(prefix) if quant_config else None
+        self._input_transform = self._bind_input_transform() if self.input_hadamard_block else None
+
+    def _bind_input_transform(self) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """Check the block against this rank's input and bind the backend's kernel (its matrix
+        built now, on the layer's device, so graph capture and torch.compile find it ready)."""
+        block, k = self.input_hadamard_block, self.input_size
+        if k % block:
+            tp = self.tp_size if self.shards_input_dim else 1
+            fits = [b for b in (2 ** i for i in range(1, k.bit_length())) if k % b == 0]
+            raise ValueError(f"{self.prefix}: online_hadamard block_size {block} does not divide the "
+                             f"layer's input size {k * tp}" + (f" split over tensor_parallel_size {tp} "
+                             f"({k} per rank; each rank's shard must hold whole blocks)" if tp > 1 else "")
+                             + f"; block sizes that fit: {fits or 'none'}")
+        if self.ops is None:                    # a bare layer (tests): the CPU kernel
+            from ascend_llm.ops.cpu_hadamard import HadamardMatmul
+            return HadamardMatmul()
+        kernel = self.ops.bind(self, "hadamard_transform", block_size=block, dtype=self.params_dtype)
+        kernel.prepare(self)
+        return kernel.run
 
     def shard_index(self, shard_id: str | int | None) -> int:
         """The fused-shard index of `shard_id` (0 for an unfused layer, which takes no id)."""
@@ -111,8 +134,15 @@ class LinearBase(nn.Module):
             loaded = rank_slice(loaded, dst, param.in_dim, self.tp_rank, self.tp_size, name)
         return dst, loaded
 
+    def apply_method(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, k] -> [T, n]: the quant method's apply, on the Hadamard-rotated input when the
+        checkpoint rotated this layer (one place for every scheme)."""
+        if self._input_transform is not None:
+            x = self._input_transform(x, self.input_hadamard_block)              # [T, k]
+        return self.quant_method.apply(self, x, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        return self.apply_method(x, self.bias)
 
 
 def _default_dims(param: nn.Parameter, name: str) -> None:
@@ -234,7 +264,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        out = self.quant_method.apply(self, x, bias)             # [T, n] this rank's partial sum
+        out = self.apply_method(x, bias)                         # [T, n] this rank's partial sum
         if self._all_reduce is not None:
             out = self._all_reduce(out, self.parallel)
         return out

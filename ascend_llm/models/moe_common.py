@@ -62,7 +62,7 @@ class PartialRowParallelLinear(RowParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return self.quant_method.apply(self, x, bias)             # [T, n] partial sum
+        return self.apply_method(x, bias)                         # [T, n] partial sum
 
 
 class MoEAttention(nn.Module):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ascend_llm.ops import cpu_bf16 as bf16
 from ascend_llm.ops import cpu_gemv as gemv
+from ascend_llm.ops import cpu_hadamard as hadamard
 from ascend_llm.ops import cpu_onednn as onednn
 from ascend_llm.ops import cpu_int8 as int8_kernels
 from ascend_llm.ops import cpu_kv_quant as kv_quant_kernels
@@ -137,3 +138,4 @@ def register(registry: OpRegistry) -> None:
     quant_kernels.register(registry)
     int8_kernels.register(registry)
     kv_quant_kernels.register(registry, attend=paged_attention)
+    hadamard.register(registry)

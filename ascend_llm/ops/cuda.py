@@ -76,8 +76,8 @@ def register(registry: OpRegistry) -> None:
     if reason is not None:
         logger.info("cuda backend: Triton kernels not registered: %s", reason)
         return
-    from ascend_llm.ops.triton import (fp8, grouped_matmul, int8_gemm, norm_rope_act, paged_attention, weight_only,
-                                      weight_only_group)
+    from ascend_llm.ops.triton import (fp8, grouped_matmul, hadamard, int8_gemm, norm_rope_act, paged_attention,
+                                      weight_only, weight_only_group)
 
     def add(op: str, name: str, run: Any, supports: Any = None, prepare: Any = None) -> None:
         extra = {k: v for k, v in (("supports", supports), ("prepare", prepare)) if v is not None}
@@ -95,6 +95,7 @@ def register(registry: OpRegistry) -> None:
         supports_weight_only, weight_only.prepare_weight_only)
     add("weight_only_group_matmul", "weight_only_group_matmul", weight_only_group.weight_only_group_matmul,
         weight_only_group.supports_weight_only_group, weight_only_group.prepare_weight_only_group)
+    add("hadamard_transform", "hadamard_transform", hadamard.hadamard_transform, hadamard.supports_hadamard)
     add("fp8_matmul", "fp8_matmul_block", fp8.fp8_matmul_block, supports_fp8("block"), fp8.prepare_block)
     add("fp8_matmul", "fp8_matmul_per_tensor", fp8.fp8_matmul_per_tensor, supports_fp8("per_tensor"),
         fp8.prepare_per_tensor)

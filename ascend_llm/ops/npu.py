@@ -12,6 +12,7 @@ NPU device (`ascend_llm.ops._REFERENCE_FALLBACK`).
 from __future__ import annotations
 
 from ascend_llm.ops import npu_attention as attention
+from ascend_llm.ops import npu_hadamard as hadamard
 from ascend_llm.ops import npu_linear as linear
 from ascend_llm.ops import npu_moe as moe
 from ascend_llm.ops import npu_norm as norm
@@ -37,6 +38,7 @@ def register(registry: OpRegistry) -> None:
                              paged_attention, attention.supports_int8_kv, priority=10))
     _register_linear(registry)
     _register_moe(registry)
+    hadamard.register(registry)
 
 
 def _register_moe(registry: OpRegistry) -> None:

@@ -51,6 +51,7 @@ class LayerAudit:
     kernels: tuple[KernelChoice, ...]
     layout: str
     nbytes: int
+    input_transform: str | None = None      # online rotation of the input, e.g. "hadamard(512)"
 
     @property
     def quantized(self) -> bool:
@@ -73,7 +74,7 @@ class LayerAudit:
         return {"layer": self.prefix, "scheme": self.scheme, "path": self.path,
                 "kernels": [{"op": c.op, "kernel": c.kernel.name, "path": c.kernel.path,
                              "rejected": list(c.rejected)} for c in self.kernels],
-                "weight_layout": self.layout, "bytes": self.nbytes}
+                "weight_layout": self.layout, "bytes": self.nbytes, "input_transform": self.input_transform}
 
 
 def audit_model(model: nn.Module) -> list[LayerAudit]:
@@ -90,7 +91,7 @@ def audited_layers(model: nn.Module) -> list[tuple[nn.Module, LayerAudit]]:
             continue
         pairs.append((module, LayerAudit(getattr(module, "prefix", name) or name, _scheme(module, method),
                                          tuple(getattr(module, "kernel_choices", ())), _layout(module),
-                                         _own_bytes(module))))
+                                         _own_bytes(module), _input_transform(module))))
     return pairs
 
 
@@ -102,6 +103,11 @@ def _scheme(layer: nn.Module, method: Any) -> str:
     if isinstance(group, int) and group and k and group < k:
         label += f" g{group}"
     return label
+
+
+def _input_transform(layer: nn.Module) -> str | None:
+    block = getattr(layer, "input_hadamard_block", None)
+    return f"hadamard({block})" if block else None
 
 
 def _layout(layer: nn.Module) -> str:
@@ -167,6 +173,7 @@ def audit_report(audits: Iterable[LayerAudit], backend: str,
 def table(audits: Iterable[LayerAudit]) -> str:
     """A plain-text table, one row per layer."""
     rows = [("layer", "scheme", "path", "kernels", "weight layout", "bytes")]
-    rows += [(a.prefix, a.scheme, a.path, a.kernel_names, a.layout, str(a.nbytes)) for a in audits]
+    rows += [(a.prefix, a.scheme + (f" + {a.input_transform}" if a.input_transform else ""), a.path,
+              a.kernel_names, a.layout, str(a.nbytes)) for a in audits]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

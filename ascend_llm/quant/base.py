@@ -37,3 +37,8 @@ class QuantConfig(ABC):
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
         """The method for the layer at `prefix`, or None to keep it unquantized."""
+
+    def input_hadamard_block(self, prefix: str) -> int | None:
+        """The block size of the online Hadamard rotation the layer at `prefix` applies to its input
+        (its checkpoint weight holds the folded rotation), or None for no rotation."""
+        return None

@@ -23,8 +23,13 @@ KNOWN_QUANT_TYPES = frozenset({
 # Top-level description keys that are not tensor names.
 DESCRIPTION_META_KEYS = frozenset({
     "model_quant_type", "version", "group_size", "metadata", "optional", "kv_cache_type",
-    "kv_quant_type", "fa_quant_type", "reduce_quant_type",
+    "kv_quant_type", "fa_quant_type", "reduce_quant_type", "online_hadamard",
 })
+# Our key (not msModelSlim's): {"block_size": b, "layers": [Linear names]}, the Linears whose weight
+# holds a folded block-diagonal Hadamard rotation (W @ blockdiag(H_b)), so the runtime rotates their
+# input online (QuaRot's R4 before down_proj). vllm-ascend / MindIE do not read it.
+ONLINE_HADAMARD_KEY = "online_hadamard"
+_NOT_LINEAR_LEAVES = ("lm_head", "embed_tokens")
 
 
 # Older msModelSlim savers (the classic `safe_tensor` / MindIE save after an anti-outlier run) also
@@ -88,6 +93,37 @@ def validate_description(description: Any, source: str) -> None:
     for name, quant_type in tensors.items():
         if not isinstance(quant_type, str) or quant_type not in KNOWN_QUANT_TYPES:
             raise ValueError(f"{source}: tensor {name!r} has unknown quant type {quant_type!r}")
+    validate_online_hadamard(description, source)
+
+
+def validate_online_hadamard(description: dict[str, Any], source: str) -> None:
+    """ValueError naming `source`, the `online_hadamard` key and what is wrong with it, unless it is
+    absent or {"block_size": a power of two >= 2, "layers": [Linear names the description lists]}."""
+    if ONLINE_HADAMARD_KEY not in description:
+        return
+    spec, where = description[ONLINE_HADAMARD_KEY], f"{source}: '{ONLINE_HADAMARD_KEY}'"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be an object {{\"block_size\": int, \"layers\": [...]}}, "
+                         f"got {type(spec).__name__}")
+    unknown = sorted(set(spec) - {"block_size", "layers"})
+    if unknown or "block_size" not in spec or "layers" not in spec:
+        raise ValueError(f"{where} must have exactly the keys 'block_size' and 'layers'; got {sorted(spec)}")
+    block = spec["block_size"]
+    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+        raise ValueError(f"{where}.block_size must be a power of two >= 2, got {block!r}")
+    layers = spec["layers"]
+    if not isinstance(layers, list) or not layers or not all(isinstance(n, str) and n for n in layers):
+        raise ValueError(f"{where}.layers must be a non-empty list of layer names, got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{where}.layers lists a layer twice: {sorted({n for n in layers if layers.count(n) > 1})}")
+    for name in layers:
+        leaf = name.rpartition(".")[2]
+        if leaf in _NOT_LINEAR_LEAVES or leaf.endswith("norm"):
+            raise ValueError(f"{where}.layers: {name!r} is not a decoder Linear layer (only those take "
+                             f"an online rotation)")
+        if f"{name}.weight" not in description:
+            raise ValueError(f"{where}.layers: {name!r} is not a layer of this checkpoint (the "
+                             f"description lists no {name + '.weight'!r})")
 
 
 def _find_description(directory: Path) -> Path | None:

@@ -34,8 +34,8 @@ from ascend_llm.ops.cpu_int8 import (  # noqa: F401  (re-exported: the reference
     weight_only_matmul_reference)
 from ascend_llm.ops.cpu_quant import fp8_per_token_matmul_reference as wfp8_dynamic_matmul_reference
 from ascend_llm.quant.base import QuantConfig, QuantMethod
-from ascend_llm.quant.formats import (DESCRIPTION_META_KEYS, detect_quant_format, norm_module_alias,
-                                      validate_description)
+from ascend_llm.quant.formats import (DESCRIPTION_META_KEYS, ONLINE_HADAMARD_KEY, detect_quant_format,
+                                      norm_module_alias, validate_description)
 from ascend_llm.quant.moe_w8a8 import w8a8_moe_method
 from ascend_llm.quant.modelslim_weight_only import ModelSlimWeightOnlyMethod
 
@@ -146,8 +146,31 @@ class AscendW8A8Config(QuantConfig):
                              f"all shards of a fused layer must share one")
         return next(iter(types.values()))
 
+    def input_hadamard_block(self, prefix: str) -> int | None:
+        """The `online_hadamard` block size when the description lists the layer at `prefix` (a
+        fused layer: all of its shards, which share one input), else None."""
+        spec = self.description.get(ONLINE_HADAMARD_KEY)
+        if spec is None:
+            return None
+        listed = set(spec["layers"])
+        parent, _, name = prefix.rpartition(".")
+        shards = self.packed_modules.get(name, ()) if prefix not in listed else ()
+        names = [f"{parent}.{s}" if parent else s for s in shards] or [prefix]
+        rotated = [n for n in names if n in listed]
+        if rotated and len(rotated) != len(names):
+            raise ValueError(f"{self.source}: '{ONLINE_HADAMARD_KEY}' lists {rotated} but not "
+                             f"{sorted(set(names) - set(rotated))}: the shards of fused {prefix} share "
+                             f"one input, so all or none of them are rotated")
+        return int(spec["block_size"]) if rotated else None
+
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
         if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py
+            spec = self.description.get(ONLINE_HADAMARD_KEY) or {"layers": []}
+            inside = [n for n in spec["layers"] if n.startswith(f"{prefix}.")]
+            if inside:
+                raise ValueError(f"{self.source}: '{ONLINE_HADAMARD_KEY}' lists {inside[0]!r}, an expert "
+                                 f"of fused MoE layer {prefix}: online rotation is supported on "
+                                 f"Linear layers only")
             return w8a8_moe_method(self.description, prefix, layer.num_experts, self.source)
         quant_type = self.layer_quant_type(prefix)
         if quant_type == "FLOAT":

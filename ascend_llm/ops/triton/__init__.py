@@ -8,6 +8,8 @@
   W4A16 / W8A16);
 - `fp8`: per-token-group e4m3 activation quantization, 128x128 block-fp8 GEMM, and the
   `torch._scaled_mm` wrappers of per-tensor fp8;
+- `hadamard`: the online block-diagonal Hadamard rotation (`hadamard_transform`), a GEMM whose
+  +-1 tiles are made from their indices;
 - `paged_attention`: KV-cache write and prefill + decode attention over the block table
   (float, fp8 or int8 cache).
 

@@ -57,7 +57,7 @@ def _import_kernels_for_the_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         _reinterpret_triton_stdlib()
-        for module in ("fp8", "int8_gemm", "norm_rope_act", "paged_attention", "weight_only", "weight_only_group"):
+        for module in ("fp8", "hadamard", "int8_gemm", "norm_rope_act", "paged_attention", "weight_only", "weight_only_group"):
             importlib.import_module(f"ascend_llm.ops.triton.{module}")
     finally:
         if previous is None:
