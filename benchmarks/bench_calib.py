@@ -78,6 +78,23 @@ W4A16_GRID: tuple[tuple[str, str, int], ...] = (
 )
 EVAL_TEXTS = ("eval_tempest.txt", "eval_paradise_regained.txt")
 
+# `--targets`: issue 28's W8A8 targets, both eval texts. (label, options for CalibConfig, target)
+TARGET_GRID: tuple[tuple[str, dict, str], ...] = (
+    ("T1 all static: m3 + hadamard down_proj", dict(anti_method="m3", act_method=1, rotation="hadamard"),
+     "<= 1.05x, every Linear static W8A8"),
+    ("T2 static + dynamic down_proj: m3 + hadamard",
+     dict(anti_method="m3", act_method=1, rotation="hadamard", dynamic_names=["*.mlp.down_proj"]),
+     "<= 1.02x, down_proj W8A8_DYNAMIC"),
+    ("T3 all dynamic: m1 + hadamard + GPTQ",
+     dict(anti_method="m1", is_dynamic=True, rotation="hadamard", w_method="GPTQ"),
+     "<= llm-compressor SmoothQuant 0.8 + GPTQ"),
+    ("T1 all static: m3 + hadamard + GPTQ",
+     dict(anti_method="m3", act_method=1, rotation="hadamard", w_method="GPTQ"), "<= 1.05x"),
+    ("old: m3 all static (no rotation)", dict(anti_method="m3", act_method=1), "(the 1.18x-1.41x baseline)"),
+    ("T3 all dynamic: m1 + GPTQ (no rotation)", dict(anti_method="m1", is_dynamic=True, w_method="GPTQ"),
+     "<= llm-compressor"),
+)
+
 
 def eval_ids(tokenizer, num_tokens: int, name: str = "eval_tempest.txt") -> list[int]:
     """The first `num_tokens` token ids of shared/data/`name`."""
@@ -163,7 +180,7 @@ def main_w4a16(args, model_dir: Path) -> None:
     ppl, seconds = evaluate(str(model_dir))
     rows = [{"label": "float", "perplexity": ppl, "eval_seconds": seconds}]
     with tempfile.TemporaryDirectory() as tmp:
-        for row in W4A16_GRID[:args.rows]:
+        for row in W4A16_GRID[:args.rows or len(W4A16_GRID)]:
             result = calibrate_w4a16_row(row, args, Path(tmp))
             result["perplexity"], result["eval_seconds"] = evaluate(result.pop("ckpt"))
             result["ratio_to_float"] = {t: round(result["perplexity"][t] / ppl[t], 4) for t in EVAL_TEXTS}
@@ -175,14 +192,72 @@ def main_w4a16(args, model_dir: Path) -> None:
     print(f"wrote {out_path}")
 
 
+def main_targets(args, model_dir: Path) -> None:
+    """Issue 28's W8A8 targets: float, each TARGET_GRID row and (given) llm-compressor's checkpoint,
+    perplexity on both eval texts, calibration time; rows in priority order, JSON after each."""
+    from transformers import AutoTokenizer
+
+    out_path = Path(args.out) if args.out else RESULTS / f"calib_w8a8_targets_smollm2_{dt.date.today().isoformat()}.json"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = {name: eval_ids(tokenizer, args.eval_tokens, name) for name in EVAL_TEXTS}
+    meta = {"model": "smollm2-135m-instruct", "eval_tokens": {n: len(i) for n, i in texts.items()},
+            "window": args.window, "calib": f"calib_prose.jsonl, {args.num_samples} x {args.max_tokens} tokens",
+            "threads": args.threads, "machine": platform.platform(), "cpu": cpu_model_name(),
+            "note": "shared 2-core CPU; lm_head / embeddings float"}
+
+    def evaluate(ckpt: str) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        return ({name: measure(ckpt, ids, args.window) for name, ids in texts.items()},
+                round(time.perf_counter() - t0, 1))
+
+    def save(rows: list[dict]) -> None:
+        out_path.write_text(json.dumps({**meta, "float_perplexity": rows[0]["perplexity"], "rows": rows}, indent=2))
+
+    ppl, seconds = evaluate(str(model_dir))
+    rows = [{"label": "float", "perplexity": ppl, "eval_seconds": seconds}]
+
+    def add(result: dict, ckpt: str) -> None:
+        result["perplexity"], result["eval_seconds"] = evaluate(ckpt)
+        result["ratio_to_float"] = {t: round(result["perplexity"][t] / ppl[t], 4) for t in EVAL_TEXTS}
+        rows.append(result)
+        save(rows)
+        logging.warning("%s: %s", result["label"], result["ratio_to_float"])
+
+    if args.llmcompressor:
+        manifest = Path(args.llmcompressor) / "MANIFEST.json"
+        add({"label": "llm-compressor SmoothQuant 0.8 + GPTQ W8A8 (dynamic)", "target": "the yardstick of T3",
+             "tool": json.loads(manifest.read_text()) if manifest.exists() else None}, args.llmcompressor)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, options, target in TARGET_GRID[:args.rows or len(TARGET_GRID)]:
+            out = Path(tmp) / "ckpt"
+            report = run_calibration(CalibConfig(
+                model_path="smollm2-135m-instruct", save_directory=str(out),
+                calib_file=str(SHARED / "calib_prose.jsonl"), num_samples=args.num_samples,
+                max_tokens=args.max_tokens, progress=False, overwrite=True, **options))
+            types = [r.quant_type for r in report.layers]
+            add({"label": label, "target": target, "options": options,
+                 "linears": {t: types.count(t) for t in sorted(set(types))},
+                 "calib_seconds": round(sum(report.stage_seconds.values()), 1),
+                 "stage_seconds": report.stage_seconds}, str(out))
+    print(f"{'row':48} {'tempest':>8} {'x float':>7} {'paradise':>8} {'x float':>7} {'calib s':>7}")
+    for r in rows:
+        cells = " ".join(f"{r['perplexity'][t]:8.3f} {r['perplexity'][t] / ppl[t]:7.3f}" for t in EVAL_TEXTS)
+        print(f"{r['label']:48} {cells} {r.get('calib_seconds', 0):7.1f}")
+    print(f"wrote {out_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval_tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--num_samples", type=int, default=16)
     parser.add_argument("--max_tokens", type=int, default=128)
-    parser.add_argument("--rows", type=int, default=len(GRID), help="run only the first N grid rows")
+    parser.add_argument("--rows", type=int, default=None, help="run only the first N grid rows")
     parser.add_argument("--w4a16", action="store_true", help="the W4A16 (int4 weight-only) grid, both eval texts")
+    parser.add_argument("--targets", action="store_true",
+                        help="issue 28's W8A8 targets (static / static + dynamic down_proj / dynamic + GPTQ), both texts")
+    parser.add_argument("--llmcompressor", default=None,
+                        help="with --targets: llm-compressor's checkpoint (scripts/peer_llmcompressor_smollm2.py)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared machine: 1)")
     parser.add_argument("--out", default=None, help="JSON path (default results/calib_smollm2_<date>.json)")
     args = parser.parse_args()
@@ -193,6 +268,9 @@ def main() -> None:
     if args.w4a16:
         main_w4a16(args, Path(model_dir))
         return
+    if args.targets:
+        main_targets(args, Path(model_dir))
+        return
     start = time.perf_counter()
     from transformers import AutoTokenizer
     ids = eval_ids(AutoTokenizer.from_pretrained(model_dir), args.eval_tokens)
@@ -202,7 +280,7 @@ def main() -> None:
             "calib": f"calib_prose.jsonl, {args.num_samples} x {args.max_tokens} tokens",
             "threads": args.threads, "machine": platform.platform(), "note": "shared 2-core CPU"}
     with tempfile.TemporaryDirectory() as tmp:
-        for row in GRID[:args.rows]:
+        for row in GRID[:args.rows or len(GRID)]:
             result = calibrate_row(row, args, Path(tmp))
             t0 = time.perf_counter()
             result["perplexity"] = measure(result.pop("ckpt"), ids, args.window)
