@@ -5,7 +5,7 @@ tokens reach |x| ~ 3000 in one channel while the median token stays under 2, so 
 per-tensor int8 range cannot serve both. A block-diagonal Hadamard H (blocks of `block_size`,
 normalized Sylvester, symmetric and orthonormal) spreads each token's outlier over its block:
 the runtime computes y = (W H) (H x), with W H stored in the checkpoint and H x done online by
-the registry op `hadamard_transform` (the description key `online_hadamard` tells the loader).
+the registry op `hadamard_transform` (ascend_llm/numerics/hadamard.py; the description key `online_hadamard` tells the loader).
 
 Rotation alone leaves the massive token ~ 200 against a median ~ 0.5; a SmoothQuant scale folded
 from `up_proj` rows into `down_proj` columns first shrinks the outlier channels. Its exponent is
@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ascend_llm.numerics.hadamard import hadamard_matrix
 from calib.config import CalibError
 from calib.quantize import relative_error, simulate_linear
 
@@ -38,19 +39,10 @@ _EPS = 1e-5
 _TOP_ROWS = 16               # highest-|x| tokens always kept for the static range
 
 
-def hadamard_matrix(block: int) -> torch.Tensor:
-    """Normalized Sylvester Hadamard [b, b]: H[i, j] = (-1)^popcount(i & j) / sqrt(b)."""
-    if block < 1 or block & (block - 1):
-        raise ValueError(f"Hadamard block size must be a power of two, got {block}")
-    h = torch.ones(1, 1)
-    while h.shape[0] < block:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / block ** 0.5
-
-
 def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [..., d] -> x with every `block`-wide slice of the last dim multiplied by H_block."""
-    h = hadamard_matrix(block).to(device=x.device, dtype=x.dtype)
+    """x [..., d] -> x with every `block`-wide slice of the last dim multiplied by H_block
+    (the same rotation as the runtime's `hadamard_transform`; W @ blockdiag(H) for a weight)."""
+    h = hadamard_matrix(block, x.dtype, x.device)
     shape = x.shape
     return (x.reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape)
 
