@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ascend_llm.numerics.hadamard import is_power_of_two
+
 DESCRIPTION_FILE = "quant_model_description.json"
 DESCRIPTION_GLOB = "quant_model_description_*.json"
 
@@ -20,16 +22,16 @@ KNOWN_QUANT_TYPES = frozenset({
     "W4A16", "W4A8_DYNAMIC", "W4A4_DYNAMIC", "W4A4_FLATQUANT_DYNAMIC", "W8A8_MXFP8",
     "W4A8_MXFP", "W4A4_MXFP4", "WFP8AFP8_DYNAMIC", "W8A8FP8_DYNAMIC", "C8", "FAQuant", "FAKQuant", "INT8_DYNAMIC",
 })
-# Top-level description keys that are not tensor names.
-DESCRIPTION_META_KEYS = frozenset({
-    "model_quant_type", "version", "group_size", "metadata", "optional", "kv_cache_type",
-    "kv_quant_type", "fa_quant_type", "reduce_quant_type", "online_hadamard",
-})
 # Our key (not msModelSlim's): {"block_size": b, "layers": [Linear names]}, the Linears whose weight
 # holds a folded block-diagonal Hadamard rotation (W @ blockdiag(H_b)), so the runtime rotates their
 # input online (QuaRot's R4 before down_proj). vllm-ascend / MindIE do not read it.
 ONLINE_HADAMARD_KEY = "online_hadamard"
 _NOT_LINEAR_LEAVES = ("lm_head", "embed_tokens")
+# Top-level description keys that are not tensor names.
+DESCRIPTION_META_KEYS = frozenset({
+    "model_quant_type", "version", "group_size", "metadata", "optional", "kv_cache_type",
+    "kv_quant_type", "fa_quant_type", "reduce_quant_type", ONLINE_HADAMARD_KEY,
+})
 
 
 # Older msModelSlim savers (the classic `safe_tensor` / MindIE save after an anti-outlier run) also
@@ -109,7 +111,7 @@ def validate_online_hadamard(description: dict[str, Any], source: str) -> None:
     if unknown or "block_size" not in spec or "layers" not in spec:
         raise ValueError(f"{where} must have exactly the keys 'block_size' and 'layers'; got {sorted(spec)}")
     block = spec["block_size"]
-    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+    if not is_power_of_two(block):
         raise ValueError(f"{where}.block_size must be a power of two >= 2, got {block!r}")
     layers = spec["layers"]
     if not isinstance(layers, list) or not layers or not all(isinstance(n, str) and n for n in layers):

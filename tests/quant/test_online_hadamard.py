@@ -16,6 +16,7 @@ import shutil
 import pytest
 import torch
 
+from ascend_llm import LLM, SamplingParams
 from ascend_llm.layers.linear import RowParallelLinear
 from ascend_llm.numerics.hadamard import rotate_input_blocks
 from ascend_llm.ops import build_op_set
@@ -207,3 +208,25 @@ def test_expert_of_a_fused_moe_layer_is_refused():
                                          r"MoE layer model\.layers\.0\.mlp\.experts: online rotation is supported on "
                                          r"Linear layers only"):
         AscendW8A8Config(description).get_quant_method(moe, "model.layers.0.mlp.experts")
+
+
+@pytest.mark.slow
+def test_rotated_w8a8_decode_graphs_on_the_emulated_npu_match_eager(dirs, npu_emulation):
+    """ACL decode graphs (tests/graph/test_npu_decode_graph_engine.py's set-up): the replayed
+    rotation reads the H_b built at load, so graph decode equals eager decode bit for bit."""
+    prompts = [[(7 * i + 13 * j) % 381 + 3 for j in range(3 + 5 * i)] for i in range(3)]
+    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0.0, ignore_eos=True, logprobs=1) for i in range(3)]
+
+    def run(**kwargs):
+        llm = LLM(str(dirs["rotated_w8a8"]), device="npu", dtype="float16", max_model_len=64, max_num_seqs=4,
+                  **kwargs)
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        return llm, [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                              o.outputs[0].token_ids)]) for o in outs]
+
+    _, eager = run(enforce_eager=True)
+    llm, graphed = run()
+    graphs = llm.llm_engine.model_runner.decode_graphs
+    assert graphs.num_steps > 0 and graphed == eager
+    down = llm.llm_engine.model_runner.model.model.layers[1].mlp.down_proj
+    assert down.kernel_choices[0].kernel.name == "npu.hadamard_batch_matmul"

@@ -13,8 +13,8 @@ from ascend_llm.ops.registry import OpRegistry, OpSet  # noqa: E402
 from ascend_llm.quant.fp8 import BlockWiseFp8Config, Fp8Config  # noqa: E402
 from ascend_llm.quant.weight_only import WInt4Config, WInt8Config  # noqa: E402
 
-TRITON_OPS = ["add_rms_norm", "dynamic_quant_per_token", "fp8_matmul", "grouped_matmul", "paged_attention",
-              "quant_matmul", "quantize_per_tensor", "reshape_and_cache", "rms_norm", "rope",
+TRITON_OPS = ["add_rms_norm", "dynamic_quant_per_token", "fp8_matmul", "grouped_matmul", "hadamard_transform",
+              "paged_attention", "quant_matmul", "quantize_per_tensor", "reshape_and_cache", "rms_norm", "rope",
               "silu_and_mul", "weight_only_group_matmul", "weight_only_matmul"]
 
 
