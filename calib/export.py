@@ -102,6 +102,9 @@ def build_checkpoint(model: nn.Module, plans: Mapping[str, LinearPlan],
     description = quant_description(types)
     if online_hadamard:
         description["online_hadamard"] = dict(online_hadamard)
+        logger.warning("online Hadamard before %d Linears (description key online_hadamard): the checkpoint "
+                       "runs in ascend-llm only; vllm-ascend / MindIE ignore the key and would compute wrong "
+                       "outputs", len(online_hadamard.get("layers", ())))
     if kv_ranges:
         if kv_asymmetric:
             logger.warning("C8 KV cache: asymmetric scales (non-zero kv_cache_offset) requested; "

@@ -2,10 +2,11 @@
 
 Every distinct linear layer shape of a loaded model, keyed by (scheme, bound kernels, in features,
 out features, bias), is timed on this backend twice at each batch size (rows of the input):
-- quantized: the layer's own `quant_method.apply`, i.e. the kernels the op registry bound to it;
+- quantized: the layer's own `apply_method` (its quant method's apply, after the online Hadamard
+  of a rotated layer), i.e. the kernels the op registry bound to it;
 - float: a twin layer of the same shape in the model dtype whose `linear` kernel the registry
   binds as for any unquantized Linear (`UnquantizedLinearMethod`), with random weights.
-A FLOAT layer is timed once, on itself, and counts as its own float time.
+A FLOAT layer without an online rotation is timed once, on itself, and counts as its own float time.
 
 A timing is the median over `repeat` blocks (after `warmup` calls) of the seconds per call, each
 block running enough calls to last ~`block_seconds` and ending with a device synchronize
@@ -201,7 +202,10 @@ def _bench_shape(key: ShapeKey, members: list[tuple[nn.Module, LayerAudit]], dty
                  batch_sizes: Iterable[int], clock: Clock, settings: TimerSettings) -> ShapeBench:
     layer = members[0][0]
     device = _device_of(layer)
-    twin = layer if key.scheme == "FLOAT" else float_twin(layer, key.in_features, key.out_features, dtype, device)
+    rotated = getattr(layer, "input_hadamard_block", None) is not None
+    twin = layer if key.scheme == "FLOAT" and not rotated else \
+        float_twin(layer, key.in_features, key.out_features, dtype, device)
+    run = getattr(layer, "apply_method", None) or (lambda x, b: layer.quant_method.apply(layer, x, b))
     bench = ShapeBench(key, [audit.prefix for _, audit in members], _kernel_names(twin))
     bias = getattr(layer, "bias", None)
     with torch.inference_mode():
@@ -210,7 +214,7 @@ def _bench_shape(key: ShapeKey, members: list[tuple[nn.Module, LayerAudit]], dty
             float_s = seconds_per_call(lambda: twin.quant_method.apply(twin, x, bias), device, clock, settings)
             bench.float_us[batch] = float_s * 1e6
             bench.quant_us[batch] = bench.float_us[batch] if twin is layer else 1e6 * seconds_per_call(
-                lambda: layer.quant_method.apply(layer, x, bias), device, clock, settings)
+                lambda: run(x, bias), device, clock, settings)
     return bench
 
 

@@ -62,6 +62,11 @@ def group_size(description: dict) -> int:
 
 
 def _refuse_unconvertible(description: dict, source: str) -> None:
+    if "online_hadamard" in description:
+        raise CalibError(f"{source}: online_hadamard: the checkpoint rotates some Linears' inputs online "
+                         f"(python -m calib --rotation hadamard); the converter has no target format that "
+                         f"carries the rotation (compressed-tensors' transform config is not written), and "
+                         f"without it the layers compute wrong outputs: not converted")
     for name, value in description.items():
         if name in META_KEYS or name in ("kv_cache_type", "kv_quant_type"):
             continue

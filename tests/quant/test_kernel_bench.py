@@ -163,3 +163,30 @@ def test_moe_experts_are_listed_as_not_timed(tmp_path):
     assert experts and bench.skipped == experts
     assert f"not timed (no linear shape, e.g. MoE experts): {len(experts)} layer(s)" in bench.table()
     assert bench.shapes and all(not s.quantized for s in bench.shapes)
+
+
+def test_a_rotated_layer_is_timed_with_its_online_hadamard(fake_costs, tiny_llama_dir, tmp_path, monkeypatch):
+    """The quantized time of a down_proj with `online_hadamard` includes the rotation (the layer's
+    apply_method), while its float twin stays unrotated."""
+    from ascend_llm.layers import linear as linear_module
+    from tests.quant.hadamard_writer import write_rotated_checkpoint
+    from tests.quant.peer_fixtures import build_dir
+
+    out = write_rotated_checkpoint(tiny_llama_dir, tmp_path / "rot", 32)
+    _, model = build_dir(out, build_op_set("cpu"), torch.float32)
+    down = dict(model.named_modules())["model.layers.0.mlp.down_proj"]
+    assert down.input_hadamard_block == 32
+    rotate = down._input_transform
+
+    def slow_rotate(x, block):
+        fake_costs.advance_us(7.0)
+        return rotate(x, block)
+
+    for module in model.modules():
+        if isinstance(module, linear_module.LinearBase) and module.input_hadamard_block is not None:
+            monkeypatch.setattr(module, "_input_transform", slow_rotate)
+    bench = bench_model(model, torch.float32, "cpu", (1,), clock=fake_costs,
+                        settings=TimerSettings(warmup=1, repeat=3, max_calls=2))
+    shape = next(s for s in bench.shapes if "model.layers.0.mlp.down_proj" in s.layers)
+    assert shape.float_us[1] == pytest.approx(FLOAT_US)
+    assert shape.quant_us[1] == pytest.approx(quant_cost_us(64, 1) + 7.0)
