@@ -2,8 +2,8 @@
 calibrate -> write the ascendV1 checkpoint -> serve it with the runtime -> perplexity on
 eval_tempest.txt against the float model served the same way.
 
-- the best static W8A8 recipe (`w8a8_best`: m3 + min-max, every mlp.down_proj in float, as
-  msModelSlim's default a_bit=8 fall-back) comes within 1.04x of float on 16k tokens / 512 windows;
+- every Linear static W8A8 (`w8a8_static_rot`: m3, and smoothing + online Hadamard before
+  down_proj; issue 28 target 1) within 1.05x of float on both eval texts;
 - every anti-outlier method beats no smoothing at the same act_method / disable_level (small
   calibration set and 1024 evaluation tokens, one calibration per method).
 Numbers of the full grid: benchmarks/bench_calib.py -> benchmarks/results/calib_smollm2_*.json
@@ -24,7 +24,7 @@ from ascend_llm.loader.resolve import resolve_model_path
 from calib.config import build_config
 from calib.pipeline import run_calibration
 from calib.report import CalibReport
-from tests.shared_data import CALIB_PROSE, EVAL_TEMPEST
+from tests.shared_data import CALIB_PROSE, EVAL_PARADISE, EVAL_TEMPEST
 
 WINDOW = 512
 
@@ -47,10 +47,10 @@ def smollm2_dir() -> Path:
         pytest.fail(f"SmolLM2 is not available: {exc}")
 
 
-def eval_ids(model_dir: Path, num_tokens: int) -> list[int]:
+def eval_ids(model_dir: Path, num_tokens: int, text: Path = EVAL_TEMPEST) -> list[int]:
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(model_dir)(EVAL_TEMPEST.read_text())["input_ids"][:num_tokens]
+    ids = AutoTokenizer.from_pretrained(model_dir)(text.read_text())["input_ids"][:num_tokens]
     assert len(ids) == num_tokens
     return ids
 
@@ -69,19 +69,25 @@ def calibrate(out: Path, **options) -> CalibReport:
 
 
 @pytest.mark.slow
-def test_best_recipe_within_1_04x_of_float_on_16k_tokens(tmp_path, smollm2_dir, one_torch_thread):
-    ids = eval_ids(smollm2_dir, 16384)
-    out = tmp_path / "best"
-    report = calibrate(out, recipe="w8a8_best")
-    down_projs = {f"model.layers.{i}.mlp.down_proj" for i in range(30)}
-    assert set(report.float_layers) == down_projs                     # 30 of 210 Linears
-    assert len(report.layers) == 210
+def test_every_linear_static_w8a8_within_1_05x_of_float_on_both_texts(tmp_path, smollm2_dir, one_torch_thread):
+    """Issue 28 target 1: all 210 Linears static W8A8 (no float, no dynamic layer), recipe
+    w8a8_static_rot (m3 + smoothing and online Hadamard before down_proj), <= 1.05x float on both
+    eval texts. Scaled down for the suite: 16 x 128 calibration tokens (the recipe: 64 x 512) and
+    the first 4096 tokens of each text (the benchmark: 16384); measured here 1.012x / 1.007x
+    (benchmarks/results/calib_w8a8_targets_smollm2_*.json has the full-size numbers)."""
+    out = tmp_path / "static"
+    report = calibrate(out, recipe="w8a8_static_rot", num_samples=16, max_tokens=128)
+    assert len(report.layers) == 210 and report.float_layers == {}
+    assert {r.quant_type for r in report.layers} == {"W8A8"}
     description = json.loads((out / "quant_model_description.json").read_text())
-    assert {description[f"{name}.weight"] for name in down_projs} == {"FLOAT"}
-    assert description["model.layers.0.mlp.up_proj.weight"] == "W8A8"
-    float_ppl = served_perplexity(smollm2_dir, ids)
-    ppl = served_perplexity(out, ids)
-    assert float_ppl < ppl < 1.04 * float_ppl, (ppl, float_ppl)
+    down_projs = [f"model.layers.{i}.mlp.down_proj" for i in range(30)]
+    assert description["online_hadamard"] == {"block_size": 512, "layers": down_projs}
+    assert {description[f"{name}.weight"] for name in down_projs} == {"W8A8"}
+    for text in (EVAL_TEMPEST, EVAL_PARADISE):
+        ids = eval_ids(smollm2_dir, 4096, text)
+        float_ppl = served_perplexity(smollm2_dir, ids)
+        ppl = served_perplexity(out, ids)
+        assert ppl < 1.05 * float_ppl, (text.name, ppl, float_ppl)
 
 
 @pytest.fixture(scope="module")
