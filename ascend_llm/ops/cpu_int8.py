@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ascend_llm.ops.registry import Kernel, OpRegistry
+from ascend_llm.ops.registry import REFERENCE_PRIORITY, Kernel, OpRegistry
 
 INT8_MIN, INT8_MAX = -128, 127
 MAX_EXACT_K = 1 << 17            # k * 2^14 < 2^31: the int32 accumulator cannot overflow
@@ -105,9 +105,12 @@ def _supports_int8(**traits: Any) -> str | None:
 
 
 def register(registry: OpRegistry) -> None:
-    """Register the int8 reference kernels on the CPU backend."""
+    """Register the int8 reference kernels on the CPU backend. The float64 matmul is exact but no
+    int8 arithmetic: it is registered as the reference (audit path "reference", which strict mode
+    reports); the quantize ops are plain float32 element-wise torch, as a native kernel would be."""
     registry.register(Kernel("quantize_per_tensor", "cpu", "cpu.quantize_per_tensor",
                              quantize_per_tensor_reference, _supports_int8))
     registry.register(Kernel("dynamic_quant_per_token", "cpu", "cpu.dynamic_quant_per_token",
                              dynamic_quant_per_token_reference, _supports_int8))
-    registry.register(Kernel("quant_matmul", "cpu", "cpu.quant_matmul", quant_matmul, _supports_int8))
+    registry.register(Kernel("quant_matmul", "cpu", "cpu.quant_matmul", quant_matmul, _supports_int8,
+                             priority=REFERENCE_PRIORITY))

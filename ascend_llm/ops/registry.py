@@ -24,7 +24,8 @@ import torch.nn as nn
 logger = logging.getLogger(__name__)
 
 SupportsFn = Callable[..., "str | None"]
-REFERENCE_PRIORITY = -100          # a backend's plain-torch reference kernels (ops._REFERENCE_FALLBACK)
+REFERENCE_PRIORITY = -100          # plain-torch reference kernels: ops._REFERENCE_FALLBACK, and CPU
+                                   # references that emulate low-bit arithmetic (cpu.quant_matmul)
 
 
 def _always(**traits: Any) -> str | None:

@@ -23,12 +23,13 @@ from tests.quant.peer_fixtures import ROOT, build
 LINEARS_PER_LAYER = 4          # qkv, o, gate_up, down (fused as the runtime builds them)
 
 
-def test_w8a8_on_cpu_runs_int8_gemm_everywhere():
+def test_w8a8_on_cpu_float64_reference_is_reported_by_strict_mode():
     _, model = build("msmodelslim/llama_w8a8", build_op_set("cpu"), torch.float32)
     audits = audit_model(model)
     quantized = [a for a in audits if a.quantized]
     assert len(quantized) == 2 * LINEARS_PER_LAYER and all(a.scheme == "W8A8 static" for a in quantized)
-    assert all(a.path == "native" for a in quantized)
+    # the exact float64 emulation of the int8 matmul is the reference, not an int8 kernel
+    assert all(a.path == "reference" for a in quantized)
     assert {c.kernel.name for a in quantized for c in a.kernels} == {"cpu.quantize_per_tensor", "cpu.quant_matmul"}
     qkv = quantized[0]
     assert qkv.prefix == "model.layers.0.self_attn.qkv_proj" and qkv.layout == "int8 [128, 64]"
@@ -36,7 +37,10 @@ def test_w8a8_on_cpu_runs_int8_gemm_everywhere():
                              list(model.model.layers[0].self_attn.qkv_proj.parameters(recurse=False))
                              + list(model.model.layers[0].self_attn.qkv_proj.buffers(recurse=False)))
     assert summary_line(audits).startswith("9 layers: 8 W8A8 static -> cpu.quantize_per_tensor, cpu.quant_matmul, 1 FLOAT")
-    check_strict(audits)                                                   # passes: nothing to report
+    lines = strict_violations(audits)
+    assert len(lines) == 2 * LINEARS_PER_LAYER
+    assert lines[0] == ("model.layers.0.self_attn.qkv_proj [W8A8 static]: quant_matmul runs "
+                        "cpu.quant_matmul (reference)")
 
 
 def test_strict_mode_names_layers_that_dequantize_on_cpu():
@@ -75,7 +79,10 @@ def test_llm_quantization_strict_refuses_at_load(tiny_llama_dir):
                   kv_cache_memory_gb=0.01)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.qkv_proj \[FP8 per-channel dynamic\]"):
         LLM(str(model_dir), quantization_strict=True, **kwargs)
-    llm = LLM(str(ROOT / "msmodelslim" / "llama_w8a8"), quantization_strict=True, **kwargs)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.qkv_proj \[W8A8 static\]: "
+                                         r"quant_matmul runs cpu\.quant_matmul \(reference\)"):
+        LLM(str(ROOT / "msmodelslim" / "llama_w8a8"), quantization_strict=True, **kwargs)
+    llm = LLM(str(ROOT / "msmodelslim" / "llama_w8a8"), **kwargs)
     assert "8 W8A8 static" in summary_line(llm.llm_engine.quantization_audit())
 
 
