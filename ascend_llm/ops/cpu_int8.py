@@ -49,10 +49,18 @@ def quant_matmul_reference(q_x: torch.Tensor, weight: torch.Tensor, deq_scale: t
 
     q_x [T, k] int8, weight [n, k] int8, deq_scale [n] float32 values, quant_bias [n] int32.
     """
-    acc = int8_matmul_reference(q_x, weight).to(torch.int64)               # [T, n]
+    return dequant_static(int8_matmul_reference(q_x, weight), deq_scale, quant_bias, out_dtype)
+
+
+def dequant_static(acc: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """The static epilogue of every CPU int8 kernel: (acc [T, n] int32 + quant_bias [n], summed in
+    int64 so it cannot wrap) * deq_scale [n] in float32, cast to out_dtype."""
+    acc = acc.to(torch.int64)                                               # [T, n]
     if quant_bias is not None:
-        acc = acc + quant_bias.to(torch.int64)
-    return (acc.to(torch.float32) * deq_scale.to(torch.float32)).to(out_dtype)
+        acc = torch.add(acc, quant_bias)                    # int64 (type promotion, no copy of the bias)
+    # int64 * float32 computes in float32: each sum rounded to float32 once, then the product
+    return torch.mul(acc, deq_scale.to(torch.float32)).to(out_dtype)
 
 
 def dynamic_quant_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +82,15 @@ def dynamic_quant_matmul_reference(q_x: torch.Tensor, weight: torch.Tensor,
 
     q_x [T, k] int8, weight [n, k] int8, weight_scale [n], pertoken_scale [T], bias [n].
     """
-    acc = int8_matmul_reference(q_x, weight).to(torch.float32)              # [T, n]
-    out = acc * weight_scale.to(torch.float32)[None, :] * pertoken_scale.to(torch.float32)[:, None]
+    return dequant_dynamic(int8_matmul_reference(q_x, weight), weight_scale, pertoken_scale, bias, out_dtype)
+
+
+def dequant_dynamic(acc: torch.Tensor, weight_scale: torch.Tensor, pertoken_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The per-token epilogue of every CPU int8 kernel: acc [T, n] int32 * weight_scale [n] *
+    pertoken_scale [T] (+ bias [n]) in float32, cast to out_dtype."""
+    # int32 * float32 computes in float32 (acc rounded to float32 once), as acc.to(float32) * ...
+    out = torch.mul(acc, weight_scale.to(torch.float32)[None, :]) * pertoken_scale.to(torch.float32)[:, None]
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
