@@ -108,9 +108,10 @@ def test_bench_json_rides_in_the_audit_report(fake_costs):
     assert data["slower_layers"] == {"1": ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"]}
     qkv = next(s for s in data["shapes"] if s["out_features"] == 128 and s["scheme"] != "FLOAT")
     native = int8_gemm_unavailable() is None         # the int8 GEMM, or the float64 reference without VNNI
-    assert qkv == {"scheme": "W8A8 static",
-                   "kernels": f"cpu.quantize_per_tensor, {'cpu.int8_quant_matmul' if native else 'cpu.quant_matmul'}",
-                   "path": "native" if native else "reference", "float_kernel": qkv["float_kernel"], "in_features": 64, "out_features": 128,
+    matmul = "cpu.int8_quant_matmul" if native else "cpu.quant_matmul"
+    assert qkv == {"scheme": "W8A8 static", "kernels": f"cpu.quantize_per_tensor, {matmul}",
+                   "path": "native" if native else "reference", "float_kernel": qkv["float_kernel"],
+                   "in_features": 64, "out_features": 128,
                    "bias": False, "num_layers": 2, "layers": qkv["layers"], "quant_us": {"1": 30.0},
                    "float_us": {"1": 20.0}, "ratio": {"1": 1.5}, "slower": {"1": True}}
     assert qkv["float_kernel"].startswith("cpu.")          # what the registry binds for a float Linear
