@@ -15,10 +15,11 @@ result equals the exact integer product. Without them (AVX2 / AVX-512 before Cas
 ONEDNN_MAX_CPU_ISA=AVX2 / AVX512_CORE) oneDNN sums u8 x s8 pairs in saturating int16
 (vpmaddubsw) and the result is off by up to ~3e5 at k = 4096 on random int8 data (measured). So
 the kernel runs only where the CPU flags show an exact int8 dot product
-(`CpuFeatures.int8_dot_unavailable`, capped by ASCEND_LLM_CPU_ISA) and a probe of torch._int_mm on saturating inputs is exact in this
-process (which also catches ONEDNN_MAX_CPU_ISA); otherwise it steps aside for the reference with
-the reason, which the registry logs and the audit records. torch 2.13's CPU `_int_mm` also
-returns garbage for k = 1 (measured): such a call, and an empty one, runs the reference.
+(`CpuFeatures.int8_dot_unavailable`, capped by ASCEND_LLM_CPU_ISA) and a probe of torch._int_mm
+on saturating inputs is exact in this process (which also catches ONEDNN_MAX_CPU_ISA); otherwise
+it steps aside for the reference with the reason, which the registry logs and the audit records.
+torch 2.13's CPU `_int_mm` also returns garbage for k = 1 (measured): such a call, and an empty
+one, runs the reference.
 """
 from __future__ import annotations
 
