@@ -18,7 +18,8 @@ _BACKEND_MODULES = {"cpu": "ascend_llm.ops.cpu", "cuda": "ascend_llm.ops.cuda", 
 # Ops a backend has no kernel of yet run as the plain-torch reference kernels on its device.
 _REFERENCE_FALLBACK = ("cuda", "npu")
 # further modules registering kernels of a backend (kept out of the backend's main module)
-_EXTRA_MODULES = {"cpu": ("ascend_llm.ops.cpu_moe", "ascend_llm.ops.cpu_fused", "ascend_llm.ops.cpu_logits")}
+_EXTRA_MODULES = {"cpu": ("ascend_llm.ops.cpu_moe", "ascend_llm.ops.cpu_fused", "ascend_llm.ops.cpu_logits",
+                          "ascend_llm.ops.cpu_int8_gemm")}
 
 
 def _register_backend(registry: OpRegistry, backend: str) -> None:
@@ -44,7 +45,7 @@ def _register_reference_fallback(registry: OpRegistry, backend: str) -> None:
     reference = OpRegistry()
     _register_backend(reference, "cpu")
     for (op, _), kernels in reference.kernels.items():
-        for k in kernels:
+        for k in (k for k in kernels if not k.host_only):
             registry.register(Kernel(op, backend, f"{backend}.torch_reference.{op}", k.run,
                                      k.supports, k.prepare, priority=REFERENCE_PRIORITY))
 

@@ -1,7 +1,7 @@
 """What the host CPU can run, probed once per process; every CPU kernel that needs a CPU feature
 asks here in its `supports()` and steps aside with the reason this module gives.
 
-The one such dependency today: oneDNN's low-precision linear (`torch.ops.mkldnn.
+The first such dependency: oneDNN's low-precision linear (`torch.ops.mkldnn.
 _reorder_linear_weight` / `_linear_pointwise`, ops/cpu_onednn.py). torch runs it in bfloat16 only
 with AVX-512 BW + VL + DQ or AVX-NE-CONVERT (float16: AVX512-FP16 or AVX-NE-CONVERT); on an
 AVX2-only x86-64 CPU (AMD Zen 1-3, Intel client cores without AVX-512) it raises
@@ -9,6 +9,9 @@ AVX2-only x86-64 CPU (AMD Zen 1-3, Intel client cores without AVX-512) it raises
 and avx512dq" (or "could not create a primitive descriptor" for an unpacked weight). F.linear then
 runs (ops/cpu_bf16.py): it also accumulates bf16 products in fp32 and rounds once, so the
 outputs agree within one bf16 rounding. Float32 oneDNN needs only SSE4.1.
+The second: the int8 GEMM of `quant_matmul` (ops/cpu_int8_gemm.py, torch._int_mm through oneDNN)
+is exact only with VNNI or AMX-INT8 (`int8_dot_unavailable`); without, oneDNN sums u8 x s8 pairs in
+saturating int16 and the result is wrong, so the kernel also probes torch._int_mm itself once.
 The C++ kernels (ops/cpu_extension.py) are float32 only and built on the host itself with
 `-march=native`, AVX2/FMA intrinsics behind `#ifdef __AVX2__` and a scalar path otherwise, so
 they need no feature check.
@@ -16,12 +19,13 @@ they need no feature check.
 The decision takes two sources, and both must agree:
 - the x86 feature flags of /proc/cpuinfo, mirroring torch's own rule, capped by
   `ASCEND_LLM_CPU_ISA` (in the spirit of oneDNN's ONEDNN_MAX_CPU_ISA and torch's
-  ATEN_CPU_CAPABILITY): `native` (default), `avx512_core` (AVX-512 without BF16 / FP16 / AMX:
-  Skylake-SP) or `avx2` (no AVX-512, AMX, AVX-VNNI, AVX-NE-CONVERT: AMD Zen 3). The cap makes
+  ATEN_CPU_CAPABILITY): `native` (default), `avx512_core` (AVX-512 without BF16 / FP16 / AMX /
+  VNNI: Skylake-SP) or `avx2` (no AVX-512, AMX, AVX-VNNI, AVX-NE-CONVERT: AMD Zen 3). The cap makes
   our kernels behave as on such a host; torch's own kernels follow it only through
   ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY, set before the process starts;
-- torch's own check (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`), which also honours
-  ONEDNN_MAX_CPU_ISA: `ONEDNN_MAX_CPU_ISA=AVX2` reproduces an AVX2-only host in full.
+- torch's own check (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`; for int8, the kernel's probe
+  of torch._int_mm), which also honours ONEDNN_MAX_CPU_ISA: `ONEDNN_MAX_CPU_ISA=AVX2` reproduces
+  an AVX2-only host in full.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ X86_MACHINES = ("x86_64", "amd64", "i386", "i686")
 # flag prefixes an ISA cap removes (Linux /proc/cpuinfo names)
 _REMOVED_BY_CAP = {
     "native": (),
-    "avx512_core": ("avx512_bf16", "avx512_fp16", "amx", "avx_ne_convert", "avx_vnni"),
+    "avx512_core": ("avx512_bf16", "avx512_fp16", "amx", "avx_ne_convert", "avx_vnni", "avx512_vnni"),
     "avx2": ("avx512", "amx", "avx_"),          # avx_vnni, avx_ne_convert, avx_ifma, avx_vnni_int8
 }
 # torch's rule (aten/src/ATen/native/mkldnn/Utils.h): any one of these sets suffices on x86
@@ -52,6 +56,8 @@ _ONEDNN_NEEDS = {
     torch.bfloat16: (frozenset({"avx512bw", "avx512vl", "avx512dq"}), frozenset({"avx_ne_convert"})),
     torch.float16: (frozenset({"avx512_fp16"}), frozenset({"avx_ne_convert"})),
 }
+# an exact int8 x int8 -> int32 dot product (vpdpbusd, or AMX tiles); any one suffices
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,16 @@ class CpuFeatures:
             hint = f" (ONEDNN_MAX_CPU_ISA={self.onednn_max_isa})" if self.onednn_max_isa else ""
             return f"torch reports no oneDNN {_dtype_name(dtype)} support on this CPU{hint}; it needs {wanted}"
         return None
+
+    def int8_dot_unavailable(self) -> str | None:
+        """Why this CPU has no exact int8 dot-product instruction (VNNI / AMX), or None if it has
+        one. Without one oneDNN's int8 GEMM sums u8 x s8 pairs in saturating int16 (vpmaddubsw)
+        and is not exact; only the x86 flags decide here (elsewhere the kernel's own probe does)."""
+        if not self.flags_decide() or any(flag in self.flags for flag in INT8_DOT_FLAGS):
+            return None
+        cap = "" if self.isa == "native" else f" ({ENV_VAR}={self.isa})"
+        return (f"an exact int8 GEMM needs one of the CPU features {' / '.join(INT8_DOT_FLAGS)}; "
+                f"this CPU{cap} lacks them")
 
     def flags_decide(self) -> bool:
         """Whether the x86 flags rule applies: on x86 with known flags, or under a cap (which

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ascend_llm.ops.registry import Kernel, OpRegistry
+from ascend_llm.ops.registry import REFERENCE_PRIORITY, Kernel, OpRegistry
 
 INT8_MIN, INT8_MAX = -128, 127
 MAX_EXACT_K = 1 << 17            # k * 2^14 < 2^31: the int32 accumulator cannot overflow
@@ -49,10 +49,18 @@ def quant_matmul_reference(q_x: torch.Tensor, weight: torch.Tensor, deq_scale: t
 
     q_x [T, k] int8, weight [n, k] int8, deq_scale [n] float32 values, quant_bias [n] int32.
     """
-    acc = int8_matmul_reference(q_x, weight).to(torch.int64)               # [T, n]
+    return dequant_static(int8_matmul_reference(q_x, weight), deq_scale, quant_bias, out_dtype)
+
+
+def dequant_static(acc: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """The static epilogue of every CPU int8 kernel: (acc [T, n] int32 + quant_bias [n], summed in
+    int64 so it cannot wrap) * deq_scale [n] in float32, cast to out_dtype."""
+    acc = acc.to(torch.int64)                                               # [T, n]
     if quant_bias is not None:
-        acc = acc + quant_bias.to(torch.int64)
-    return (acc.to(torch.float32) * deq_scale.to(torch.float32)).to(out_dtype)
+        acc = torch.add(acc, quant_bias)                    # int64 (type promotion, no copy of the bias)
+    # int64 * float32 computes in float32: each sum rounded to float32 once, then the product
+    return torch.mul(acc, deq_scale.to(torch.float32)).to(out_dtype)
 
 
 def dynamic_quant_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +82,15 @@ def dynamic_quant_matmul_reference(q_x: torch.Tensor, weight: torch.Tensor,
 
     q_x [T, k] int8, weight [n, k] int8, weight_scale [n], pertoken_scale [T], bias [n].
     """
-    acc = int8_matmul_reference(q_x, weight).to(torch.float32)              # [T, n]
-    out = acc * weight_scale.to(torch.float32)[None, :] * pertoken_scale.to(torch.float32)[:, None]
+    return dequant_dynamic(int8_matmul_reference(q_x, weight), weight_scale, pertoken_scale, bias, out_dtype)
+
+
+def dequant_dynamic(acc: torch.Tensor, weight_scale: torch.Tensor, pertoken_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The per-token epilogue of every CPU int8 kernel: acc [T, n] int32 * weight_scale [n] *
+    pertoken_scale [T] (+ bias [n]) in float32, cast to out_dtype."""
+    # int32 * float32 computes in float32 (acc rounded to float32 once), as acc.to(float32) * ...
+    out = torch.mul(acc, weight_scale.to(torch.float32)[None, :]) * pertoken_scale.to(torch.float32)[:, None]
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
@@ -105,9 +120,12 @@ def _supports_int8(**traits: Any) -> str | None:
 
 
 def register(registry: OpRegistry) -> None:
-    """Register the int8 reference kernels on the CPU backend."""
+    """Register the int8 reference kernels on the CPU backend. The float64 matmul is exact but no
+    int8 arithmetic: it is registered as the reference (audit path "reference", which strict mode
+    reports); the quantize ops are plain float32 element-wise torch, as a native kernel would be."""
     registry.register(Kernel("quantize_per_tensor", "cpu", "cpu.quantize_per_tensor",
                              quantize_per_tensor_reference, _supports_int8))
     registry.register(Kernel("dynamic_quant_per_token", "cpu", "cpu.dynamic_quant_per_token",
                              dynamic_quant_per_token_reference, _supports_int8))
-    registry.register(Kernel("quant_matmul", "cpu", "cpu.quant_matmul", quant_matmul, _supports_int8))
+    registry.register(Kernel("quant_matmul", "cpu", "cpu.quant_matmul", quant_matmul, _supports_int8,
+                             priority=REFERENCE_PRIORITY))

@@ -24,7 +24,8 @@ import torch.nn as nn
 logger = logging.getLogger(__name__)
 
 SupportsFn = Callable[..., "str | None"]
-REFERENCE_PRIORITY = -100          # a backend's plain-torch reference kernels (ops._REFERENCE_FALLBACK)
+REFERENCE_PRIORITY = -100          # plain-torch reference kernels: ops._REFERENCE_FALLBACK, and CPU
+                                   # references that emulate low-bit arithmetic (cpu.quant_matmul)
 
 
 def _always(**traits: Any) -> str | None:
@@ -38,7 +39,9 @@ def _no_prepare(layer: nn.Module) -> None:
 @dataclass(frozen=True, slots=True)
 class Kernel:
     """One backend's implementation of an op. `dequantizes`: it decodes quantized weights to a
-    float tensor and runs a float matmul (no low-bit arithmetic), which strict mode reports."""
+    float tensor and runs a float matmul (no low-bit arithmetic), which strict mode reports.
+    `host_only`: it computes on CPU tensors only (a host-ISA kernel), so it is never copied as
+    another backend's plain-torch reference fallback."""
     op: str
     backend: str
     name: str
@@ -47,6 +50,7 @@ class Kernel:
     prepare: Callable[[nn.Module], None] = _no_prepare
     priority: int = 0
     dequantizes: bool = False
+    host_only: bool = False
 
     @property
     def path(self) -> str:

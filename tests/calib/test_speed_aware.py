@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ascend_llm.ops.cpu_int8_gemm import int8_gemm_unavailable
 from ascend_llm.quant.audit import audit_report
 from ascend_llm.quant.kernel_bench import KernelBench, ShapeBench, ShapeKey, TimerSettings
 from ascend_llm.quant.unquantized import UnquantizedLinearMethod
@@ -22,7 +23,10 @@ from tests.calib.test_cli import CALIB_FILE, base_args, run_cli
 from tests.quant.test_kernel_bench import FakeClock
 
 W8A8 = "W8A8 static"
-KERNELS = "cpu.quantize_per_tensor, cpu.quant_matmul"
+KERNELS = "cpu.quantize_per_tensor, cpu.int8_quant_matmul"
+# what a real W8A8 load binds here: the int8 GEMM, or the float64 reference on a CPU without VNNI
+BOUND_KERNELS = ("cpu.quantize_per_tensor, "
+                 + ("cpu.int8_quant_matmul" if int8_gemm_unavailable() is None else "cpu.quant_matmul"))
 
 
 def shape(layers: list[str], quant_us: dict[int, float], float_us: dict[int, float]) -> ShapeBench:
@@ -91,7 +95,7 @@ def test_speed_aware_auto_times_the_planned_layers_before_calibrating(tiny_llama
     qkv = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"}
     assert set(report.float_layers) == qkv and "speed_aware" in report.stage_seconds
     assert report.float_layers["model.layers.1.self_attn.v_proj"] == (
-        f"--speed_aware: {W8A8} ({KERNELS}) measured 30.0 us vs float 20.0 us at batch 1 on cpu (ratio 1.50)")
+        f"--speed_aware: {W8A8} ({BOUND_KERNELS}) measured 30.0 us vs float 20.0 us at batch 1 on cpu (ratio 1.50)")
     description = json.loads((out / "quant_model_description.json").read_text())
     assert {description[f"{n}.weight"] for n in qkv} == {"FLOAT"}
     assert description["model.layers.1.mlp.down_proj.weight"] == "W8A8"

@@ -16,6 +16,7 @@ import torch
 from ascend_llm import LLM
 from ascend_llm.cli import main
 from ascend_llm.ops import build_op_set
+from ascend_llm.ops.cpu_int8_gemm import int8_gemm_unavailable
 from ascend_llm.quant.audit import audit_model, check_strict, strict_violations, summary_line
 from tests.ops.npu_emulation import npu_emulation  # noqa: F401  (fixture)
 from tests.quant.peer_fixtures import ROOT, build
@@ -23,20 +24,39 @@ from tests.quant.peer_fixtures import ROOT, build
 LINEARS_PER_LAYER = 4          # qkv, o, gate_up, down (fused as the runtime builds them)
 
 
-def test_w8a8_on_cpu_runs_int8_gemm_everywhere():
+def test_w8a8_on_cpu_runs_the_int8_gemm_where_it_is_exact():
     _, model = build("msmodelslim/llama_w8a8", build_op_set("cpu"), torch.float32)
     audits = audit_model(model)
     quantized = [a for a in audits if a.quantized]
     assert len(quantized) == 2 * LINEARS_PER_LAYER and all(a.scheme == "W8A8 static" for a in quantized)
-    assert all(a.path == "native" for a in quantized)
-    assert {c.kernel.name for a in quantized for c in a.kernels} == {"cpu.quantize_per_tensor", "cpu.quant_matmul"}
+    # where the CPU has no exact int8 dot product the float64 reference runs (tests/ops/test_cpu_int8_gemm.py)
+    native = int8_gemm_unavailable() is None
+    matmul = "cpu.int8_quant_matmul" if native else "cpu.quant_matmul"
+    assert all(a.path == ("native" if native else "reference") for a in quantized)
+    assert {c.kernel.name for a in quantized for c in a.kernels} == {"cpu.quantize_per_tensor", matmul}
     qkv = quantized[0]
     assert qkv.prefix == "model.layers.0.self_attn.qkv_proj" and qkv.layout == "int8 [128, 64]"
     assert qkv.nbytes == sum(t.numel() * t.element_size() for t in
                              list(model.model.layers[0].self_attn.qkv_proj.parameters(recurse=False))
                              + list(model.model.layers[0].self_attn.qkv_proj.buffers(recurse=False)))
-    assert summary_line(audits).startswith("9 layers: 8 W8A8 static -> cpu.quantize_per_tensor, cpu.quant_matmul, 1 FLOAT")
-    check_strict(audits)                                                   # passes: nothing to report
+    assert summary_line(audits).startswith(f"9 layers: 8 W8A8 static -> cpu.quantize_per_tensor, {matmul}, 1 FLOAT")
+    assert (strict_violations(audits) == []) == native
+
+
+def test_w8a8_on_the_float64_reference_is_reported_by_strict_mode(monkeypatch):
+    monkeypatch.setenv("ASCEND_LLM_DISABLE_KERNELS", "cpu.int8_quant_matmul")
+    _, model = build("msmodelslim/llama_w8a8", build_op_set("cpu"), torch.float32)
+    quantized = [a for a in audit_model(model) if a.quantized]
+    # the exact float64 emulation of the int8 matmul is the reference, not an int8 kernel
+    assert all(a.path == "reference" for a in quantized)
+    assert quantized[0].to_dict()["kernels"][1]["rejected"] == [
+        "cpu.int8_quant_matmul: disabled by ASCEND_LLM_DISABLE_KERNELS"]
+    lines = strict_violations(quantized)
+    assert len(lines) == 2 * LINEARS_PER_LAYER
+    assert lines[0] == ("model.layers.0.self_attn.qkv_proj [W8A8 static]: quant_matmul runs "
+                        "cpu.quant_matmul (reference)")
+    with pytest.raises(ValueError, match=r"--quantization-strict: 8 quantized layer\(s\)"):
+        check_strict(quantized)
 
 
 def test_strict_mode_names_layers_that_dequantize_on_cpu():
@@ -75,8 +95,14 @@ def test_llm_quantization_strict_refuses_at_load(tiny_llama_dir):
                   kv_cache_memory_gb=0.01)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.qkv_proj \[FP8 per-channel dynamic\]"):
         LLM(str(model_dir), quantization_strict=True, **kwargs)
-    llm = LLM(str(ROOT / "msmodelslim" / "llama_w8a8"), quantization_strict=True, **kwargs)
-    assert "8 W8A8 static" in summary_line(llm.llm_engine.quantization_audit())
+    w8a8 = str(ROOT / "msmodelslim" / "llama_w8a8")
+    if int8_gemm_unavailable() is None:      # the int8 GEMM runs here: strict mode accepts W8A8
+        llm = LLM(w8a8, quantization_strict=True, **kwargs)
+        assert "8 W8A8 static -> cpu.quantize_per_tensor, cpu.int8_quant_matmul" in \
+            summary_line(llm.llm_engine.quantization_audit())
+    else:
+        with pytest.raises(ValueError, match=r"qkv_proj \[W8A8 static\]: quant_matmul runs cpu\.quant_matmul"):
+            LLM(w8a8, quantization_strict=True, **kwargs)
 
 
 def test_inspect_prints_the_audit_without_a_server(tiny_llama_dir, capsys):

@@ -12,6 +12,7 @@ import torch
 
 from ascend_llm.cli import main
 from ascend_llm.ops import build_op_set
+from ascend_llm.ops.cpu_int8_gemm import int8_gemm_unavailable
 from ascend_llm.quant.audit import audit_model, audit_report
 from ascend_llm.quant.kernel_bench import TimerSettings, bench_model, seconds_per_call
 from ascend_llm.quant.unquantized import UnquantizedLinearMethod
@@ -106,8 +107,11 @@ def test_bench_json_rides_in_the_audit_report(fake_costs):
     assert data["batch_sizes"] == [1] and data["dtype"] == "float32" and data["skipped"] == []
     assert data["slower_layers"] == {"1": ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"]}
     qkv = next(s for s in data["shapes"] if s["out_features"] == 128 and s["scheme"] != "FLOAT")
-    assert qkv == {"scheme": "W8A8 static", "kernels": "cpu.quantize_per_tensor, cpu.quant_matmul",
-                   "path": "native", "float_kernel": qkv["float_kernel"], "in_features": 64, "out_features": 128,
+    native = int8_gemm_unavailable() is None         # the int8 GEMM, or the float64 reference without VNNI
+    matmul = "cpu.int8_quant_matmul" if native else "cpu.quant_matmul"
+    assert qkv == {"scheme": "W8A8 static", "kernels": f"cpu.quantize_per_tensor, {matmul}",
+                   "path": "native" if native else "reference", "float_kernel": qkv["float_kernel"],
+                   "in_features": 64, "out_features": 128,
                    "bias": False, "num_layers": 2, "layers": qkv["layers"], "quant_us": {"1": 30.0},
                    "float_us": {"1": 20.0}, "ratio": {"1": 1.5}, "slower": {"1": True}}
     assert qkv["float_kernel"].startswith("cpu.")          # what the registry binds for a float Linear
