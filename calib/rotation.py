@@ -37,6 +37,7 @@ MAX_AUTO_BLOCK = 512         # measured on SmolLM2 (intermediate 1536): 512 spre
 MIN_BLOCK = 16               # below this the spread (1 / sqrt(b)) is too small to be worth it
 _EPS = 1e-5
 _TOP_ROWS = 16               # highest-|x| tokens always kept for the static range
+SAMPLE_ROWS = 1024           # random calibration tokens per layer for the error search
 
 
 def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -160,13 +161,15 @@ def _rotate_hook(block: int):
 
 @torch.no_grad()
 def apply_down_proj_rotation(model: nn.Module, batches: list[torch.Tensor], block_size: int = 0,
-                             rows_per_batch: int = 64, seed: int = 0) -> RotationReport:
+                             sample_rows: int = SAMPLE_ROWS, seed: int = 0) -> RotationReport:
     """Smooth (searched exponent) and rotate every decoder layer's mlp.down_proj in place.
 
     `model`: a transformers Llama / Qwen2 float model (eval). After the call each down_proj holds
     (W diag(s)) H, its up_proj rows are divided by s, and a forward pre-hook applies H to its
     input, so the model computes what it did before; `online_hadamard_block` is set on it.
-    `block_size` 0 picks the largest power of two dividing intermediate_size (at most 512).
+    `block_size` 0 picks the largest power of two dividing intermediate_size (at most 512);
+    about `sample_rows` random calibration tokens per layer (plus the most extreme ones) score
+    the smoothing candidates.
     """
     inter = int(model.config.intermediate_size)
     block = block_size or auto_block_size(inter, "mlp.down_proj")
@@ -178,7 +181,7 @@ def apply_down_proj_rotation(model: nn.Module, batches: list[torch.Tensor], bloc
     for name in names:
         if getattr(modules.get(name), "online_hadamard_block", None):
             raise CalibError(f"{name}: already rotated")
-    seen = _collect(model, names, batches, rows_per_batch, seed)
+    seen = _collect(model, names, batches, max(1, sample_rows // max(1, len(batches))), seed)
     report = RotationReport(block)
     for name in names:
         down, up = modules[name], modules[name.replace("down_proj", "up_proj")]
