@@ -84,11 +84,8 @@ def validation_error(exc: ValidationError) -> APIError:
     """A 400 naming the full path of the offending field (`messages[2].foo`, `stream_options.bogus`), as
     OpenAI's `param` does. Of the errors pydantic reports (one per union branch), the deepest is kept:
     it is the branch the client meant (a list of content parts, not a string)."""
-    errors = exc.errors(include_url=False)
-    paths = [field_path(error.get("loc", ())) for error in errors]
-    depth = [len(error.get("loc", ())) - sum(_is_union_tag(part) for part in error.get("loc", ())) for error in errors]
-    best = max(range(len(errors)), key=lambda i: (depth[i], -i))
-    error, param = errors[best], paths[best] or None
+    error = max(exc.errors(include_url=False), key=_depth)      # the first of the deepest
+    param = field_path(error.get("loc", ())) or None
     if error.get("type") == "extra_forbidden":
         name = error["loc"][-1]
         return bad_request(f"{param}: this server does not support the request field `{name}`", param)
@@ -106,6 +103,10 @@ def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
         elif not _is_union_tag(part):
             path += f".{part}" if path else str(part)
     return path
+
+
+def _depth(error: Any) -> int:
+    return sum(not _is_union_tag(part) for part in error.get("loc", ()))
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "any"})
