@@ -57,6 +57,16 @@ def test_unknown_nested_key_is_400_naming_its_path(client, body, param):
     _assert_400(client.post("/v1/chat/completions", json=body), param, "does not support")
 
 
+@pytest.mark.parametrize("extra,param", [
+    ({"stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"},
+                                                                 "foo": 1}}}, "response_format.json_schema.foo"),
+])
+def test_completions_nested_objects_are_strict(client, extra, param):
+    body = {"model": MODEL, "prompt": "The quick", "max_tokens": 2, **extra}
+    _assert_400(client.post("/v1/completions", json=body), param, "does not support")
+
+
 def test_tokenize_messages_are_strict_too(client):
     _assert_400(client.post("/tokenize", json={"messages": [USER, {"role": "user", "content": "x", "foo": 1}]}),
                 "messages[1].foo")
