@@ -1,6 +1,7 @@
 """Tool calling on /v1/chat/completions: validation of `tools` / `tool_choice` /
-`parallel_tool_calls`, tool-call messages in the shape chat templates expect, and the parser that
-turns each choice's output into OpenAI tool calls (vLLM's serving_chat.py and protocol.py).
+`parallel_tool_calls` (unknown keys a 400 naming their path), and the parser that turns each
+choice's output into OpenAI tool calls (vLLM's serving_chat.py and protocol.py). Tool-call messages
+in the shape chat templates expect are built in chat_messages.py.
 
 `tool_choice` "none" renders the tools but parses nothing; "auto" needs the server's
 `--enable-auto-tool-choice --tool-call-parser NAME` and parses that format; "required" and a named
