@@ -77,17 +77,44 @@ def validate(model: type[ModelT], data: Any) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise validation_error(exc) from None
 
 
-def _validation_error(exc: ValidationError) -> APIError:
-    first = exc.errors(include_url=False)[0]
-    loc = [str(part) for part in first.get("loc", ())]
-    param = ".".join(loc) if loc else None
-    top = loc[0] if loc else None
-    if first.get("type") == "extra_forbidden":
-        return bad_request(f"{param}: this server does not support the request field `{loc[-1]}`", top)
-    return bad_request(f"{param or 'body'}: {first.get('msg', 'invalid value')}", top if top else param)
+def validation_error(exc: ValidationError) -> APIError:
+    """A 400 naming the full path of the offending field (`messages[2].foo`, `stream_options.bogus`), as
+    OpenAI's `param` does. Of the errors pydantic reports (one per union branch), the deepest is kept:
+    it is the branch the client meant (a list of content parts, not a string)."""
+    error = max(exc.errors(include_url=False), key=_depth)      # the first of the deepest
+    param = field_path(error.get("loc", ())) or None
+    if error.get("type") == "extra_forbidden":
+        name = error["loc"][-1]
+        return bad_request(f"{param}: this server does not support the request field `{name}`", param)
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return bad_request(f"{param or 'body'}: {message}", param)
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """`("messages", 2, "content", "list[ContentPart]", 0, "type")` -> `messages[2].content[0].type`
+    (pydantic's union-branch tags dropped)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _is_union_tag(part):
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _depth(error: Any) -> int:
+    return sum(not _is_union_tag(part) for part in error.get("loc", ()))
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "any"})
+
+
+def _is_union_tag(part: Any) -> bool:
+    """Whether a loc element names a union branch (`str`, `list[ContentPart]`, ...), not a field."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
 
 
 async def parse_request(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:

@@ -46,3 +46,11 @@ def from_value_error(exc: ValueError, default_param: str | None = None,
         param = renames[param]
         message = f"{param}{message[len(head):]}" if sep else message
     return APIError(400, message, param)
+
+
+def check_keys(value: dict, allowed: set[str] | frozenset[str], where: str) -> None:
+    """400 naming `where.key` for the first key of the JSON object `value` outside `allowed`."""
+    extra = sorted(set(value) - set(allowed))
+    if extra:
+        raise bad_request(f"{where}.{extra[0]}: this server does not support the request field `{extra[0]}`",
+                          f"{where}.{extra[0]}")

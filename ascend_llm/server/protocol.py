@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -84,17 +84,55 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
 
 
-class ContentPart(OpenAIModel):
+class ContentPart(RequestModel):
+    """A content part of a chat message. This model takes text only: `text` parts, and the `refusal`
+    parts of assistant messages (read as text, as vLLM's chat_utils.py does); a part of any other type
+    (`image_url`, `input_audio`, `file`, ...) is a 400 naming `messages[i].content[j].type`."""
     type: str
     text: str | None = None
+    refusal: str | None = None
+    prompt_cache_breakpoint: dict[str, Any] | None = None   # OpenAI cache hint: prefix caching here is automatic
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value not in ("text", "refusal"):
+            raise ValueError(f"content parts of type {value!r} are not supported: this model takes text only "
+                             "(parts of type 'text')")
+        return value
+
+    @model_validator(mode="after")
+    def _has_its_text(self) -> "ContentPart":
+        given = {"text": self.text, "refusal": self.refusal}
+        if not isinstance(given.pop(self.type), str):
+            raise ValueError(f"a {self.type!r} part needs a string `{self.type}`")
+        stray = [key for key, value in given.items() if value is not None]
+        if stray:
+            raise ValueError(f"a {self.type!r} part does not take `{stray[0]}`")
+        return self
+
+    @property
+    def value(self) -> str:
+        """The part's text (a refusal part's refusal)."""
+        return self.text if self.type == "text" else self.refusal
 
 
-class ChatMessageIn(OpenAIModel):
+class ChatMessageIn(RequestModel):
+    """One chat message: the fields of OpenAI's ChatCompletion*MessageParam types (and what the openai SDK
+    serialises when a response's message is sent back) plus vLLM's `reasoning` / `reasoning_content`.
+    Fields that cannot be honoured here (`audio`, `function_call`, non-empty `annotations`) are accepted
+    only when null / empty; chat_messages.py checks them, with the message's index."""
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = None                           # passed to the chat template, as vLLM does
     tool_calls: list[dict[str, Any]] | None = None    # assistant turns that called tools
     tool_call_id: str | None = None                   # tool turns: the call this result answers
+    refusal: str | None = None                        # assistant: a refusal, rendered as the message's text
+    reasoning: str | None = None                      # vLLM: assistant's thinking, passed to the template
+    reasoning_content: str | None = None              # vLLM's deprecated spelling of `reasoning`
+    annotations: list[Any] | None = None              # SDK round trip: url citations; only null or []
+    audio: Any = None                                 # SDK round trip: an audio reply; only null
+    function_call: Any = None                         # deprecated by OpenAI; only null (use tool_calls)
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ascend_llm.server.body import validation_error
 from ascend_llm.server.errors import APIError, bad_request
 from ascend_llm.server.protocol import ChatCompletionRequest, ChatMessageIn
 from ascend_llm.server.responses_protocol import ResponsesRequest
@@ -57,9 +58,7 @@ def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as exc:     # fields were checked above; this names whatever slipped through
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in first.get("loc", ())) or None
-        raise responses_error(bad_request(f"{param}: {first.get('msg')}", param)) from None
+        raise responses_error(validation_error(exc)) from None
 
 
 def responses_error(exc: APIError) -> APIError:

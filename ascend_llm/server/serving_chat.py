@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ascend_llm.outputs import CompletionOutput, RequestOutput
 from ascend_llm.sampling_params import SamplingParams
+from ascend_llm.server.chat_messages import content_text, template_message
 from ascend_llm.server.errors import APIError, bad_request
 from ascend_llm.server.logprobs import chat_logprobs, prompt_logprobs_json
 from ascend_llm.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -16,7 +17,7 @@ from ascend_llm.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCom
                                         ChatStreamChoice, DeltaMessage, UsageInfo, random_id)
 from ascend_llm.server.serving_completion import usage
 from ascend_llm.server.serving_engine import OutputStream, PromptInput, ServingContext
-from ascend_llm.server.serving_tools import ToolRequest, resolve_tools, template_message
+from ascend_llm.server.serving_tools import ToolRequest, resolve_tools
 from ascend_llm.server.streaming import DONE, SSE_HEADERS, DeltaTracker, sse, sse_error
 from ascend_llm.server.structured_request import structured_renames, structured_source
 from ascend_llm.server.tool_parsers import ToolParser
@@ -79,7 +80,7 @@ class ChatServing:
         last message's content (as transformers' `apply_chat_template(continue_final_message=True)`)."""
         if not messages:
             raise bad_request("messages: must contain at least one message", "messages")
-        conversation = [template_message(m, i, _content_text(m, i)) for i, m in enumerate(messages)]
+        conversation = [template_message(m, i) for i, m in enumerate(messages)]
         tokenizer = self.ctx.tokenizer
         extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
         try:
@@ -174,7 +175,7 @@ def _generation_prompt(req: ChatCompletionRequest) -> bool:
 def _echo_text(req: ChatCompletionRequest, role: str) -> str:
     """`echo`: the last message's content when it has the response's role (vLLM's rule), else nothing."""
     last = req.messages[-1]
-    return _content_text(last, len(req.messages) - 1) if req.echo and last.role == role else ""
+    return content_text(last, len(req.messages) - 1) if req.echo and last.role == role else ""
 
 
 def _cut_after_final_message(text: str, final: str) -> str:
@@ -225,18 +226,3 @@ def _top_logprobs(req: ChatCompletionRequest) -> int | None:
     if not req.logprobs:
         return None
     return req.top_logprobs or 0
-
-
-def _content_text(message: ChatMessageIn, index: int) -> str:
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise bad_request(f"messages.{index}.content: part type {part.type!r} is not supported "
-                              "(only 'text')", "messages")
-        texts.append(part.text)
-    return "".join(texts)

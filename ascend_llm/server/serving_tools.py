@@ -1,6 +1,7 @@
 """Tool calling on /v1/chat/completions: validation of `tools` / `tool_choice` /
-`parallel_tool_calls`, tool-call messages in the shape chat templates expect, and the parser that
-turns each choice's output into OpenAI tool calls (vLLM's serving_chat.py and protocol.py).
+`parallel_tool_calls` (unknown keys a 400 naming their path), and the parser that turns each
+choice's output into OpenAI tool calls (vLLM's serving_chat.py and protocol.py). Tool-call messages
+in the shape chat templates expect are built in chat_messages.py.
 
 `tool_choice` "none" renders the tools but parses nothing; "auto" needs the server's
 `--enable-auto-tool-choice --tool-call-parser NAME` and parses that format; "required" and a named
@@ -8,15 +9,14 @@ function set a JSON schema the grammar engine enforces, and the JSON it yields i
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from ascend_llm.sampling_params import StructuredOutputsParams
 from ascend_llm.server.args import ServerConfig
-from ascend_llm.server.errors import bad_request
-from ascend_llm.server.protocol import ChatCompletionRequest, ChatMessageIn
+from ascend_llm.server.errors import bad_request, check_keys
+from ascend_llm.server.protocol import ChatCompletionRequest
 from ascend_llm.server.tool_choice_schema import named_tool_schema, required_tools_schema
 from ascend_llm.server.tool_parsers import (NamedToolCallParser, RequiredToolCallsParser, ToolParser,
                                             get_tool_parser)
@@ -25,6 +25,8 @@ FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")     # OpenAI's rule for funct
 AUTO_NEEDS_FLAGS = ('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                     'to be set')
 _CHOICES = ("none", "auto", "required")
+_TOOL_KEYS = {"type", "function"}                                   # also a named tool_choice's keys
+_FUNCTION_KEYS = {"name", "description", "parameters", "strict"}    # OpenAI's FunctionDefinition
 _NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
 
@@ -108,9 +110,11 @@ def _check_tool(tool: Any, i: int) -> dict[str, Any]:
     if tool.get("type") != "function":
         raise bad_request(f"Invalid '{where}.type': only 'function' tools are supported, got "
                           f"{tool.get('type')!r}", f"{where}.type")
+    check_keys(tool, _TOOL_KEYS, where)
     function = tool.get("function")
     if not isinstance(function, dict):
         raise bad_request(f"Missing required parameter: '{where}.function'", f"{where}.function")
+    check_keys(function, _FUNCTION_KEYS, f"{where}.function")
     name = function.get("name")
     if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
         raise bad_request(f"Invalid '{where}.function.name': {name!r} does not match the pattern "
@@ -155,6 +159,8 @@ def _check_tool_choice(value: Any, tools: list[dict[str, Any]]) -> tuple[str, st
     function = value.get("function") if isinstance(value, dict) else None
     if not isinstance(value, dict) or value.get("type", "function") != "function" or not isinstance(function, dict):
         raise bad_request(f"Invalid value for `tool_choice`: {value!r}. {_NAMED_USAGE}", "tool_choice")
+    check_keys(value, _TOOL_KEYS, "tool_choice")
+    check_keys(function, {"name"}, "tool_choice.function")
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise bad_request(f"Expected field `name` in `function` in `tool_choice`! {_NAMED_USAGE}", "tool_choice")
@@ -162,41 +168,3 @@ def _check_tool_choice(value: Any, tools: list[dict[str, Any]]) -> tuple[str, st
         raise bad_request(f"tool_choice: the function {name!r} does not match any of the specified `tools`",
                           "tool_choice")
     return "function", name
-
-
-# ------------------------------------------------------------------ messages
-def template_message(message: ChatMessageIn, index: int, content: str) -> dict[str, Any]:
-    """One message as chat templates expect it: tool-call arguments as dicts (as transformers and
-    vLLM pass them), `tool_call_id` on tool results."""
-    out: dict[str, Any] = {"role": message.role, "content": content}
-    if message.tool_calls is not None:
-        if message.role != "assistant":
-            raise bad_request(f"messages[{index}].tool_calls: only assistant messages have tool calls",
-                              f"messages[{index}].tool_calls")
-        out["tool_calls"] = [_template_tool_call(call, index, j) for j, call in enumerate(message.tool_calls)]
-    if message.role == "tool":
-        if not message.tool_call_id:
-            raise bad_request(f"Missing required parameter: 'messages[{index}].tool_call_id'",
-                              f"messages[{index}].tool_call_id")
-        out["tool_call_id"] = message.tool_call_id
-        if message.name:
-            out["name"] = message.name
-    return out
-
-
-def _template_tool_call(call: Any, index: int, j: int) -> dict[str, Any]:
-    where = f"messages[{index}].tool_calls[{j}]"
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise bad_request(f"Invalid '{where}': expected {{\"id\", \"type\": \"function\", \"function\": "
-                          f"{{\"name\", \"arguments\"}}}}", where)
-    arguments = function.get("arguments")
-    if isinstance(arguments, str) and arguments.strip():
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as exc:
-            raise bad_request(f"Invalid '{where}.function.arguments': not JSON ({exc})",
-                              f"{where}.function.arguments") from None
-    elif not isinstance(arguments, (dict, list)):
-        arguments = {}
-    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}

@@ -11,12 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from ascend_llm.sampling_params import StructuredOutputsParams
-from ascend_llm.server.errors import bad_request
+from ascend_llm.server.errors import bad_request, check_keys
 
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                  "guided_grammar": "grammar"}
 GUIDED_BACKENDS = ("xgrammar", "auto")
 _UNSUPPORTED = ("guided_whitespace_pattern",)
+# OpenAI's ResponseFormatText / JSONObject / JSONSchema keys (vLLM's protocol.py ResponseFormat)
+_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+_JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}
 
 
 def structured_source(req: Any) -> str | None:
@@ -68,7 +71,9 @@ def _spec(req: Any, source: str) -> StructuredOutputsParams:
 def _format_type(fmt: Any) -> Any:
     if not isinstance(fmt, dict):
         raise bad_request(f"response_format: must be an object, got {fmt!r}", "response_format")
-    return fmt.get("type")
+    kind = fmt.get("type")
+    check_keys(fmt, _FORMAT_KEYS.get(kind, {"type"}), "response_format")
+    return kind
 
 
 def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
@@ -80,6 +85,7 @@ def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict):
         raise ValueError("json_schema: must be an object with a 'schema'")
+    check_keys(spec, _JSON_SCHEMA_KEYS, "response_format.json_schema")
     schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise ValueError(f"json_schema.schema: must be a JSON schema object, got {schema!r}")

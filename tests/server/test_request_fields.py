@@ -35,8 +35,7 @@ def test_unimplemented_field_is_400_naming_it(client, path, base, field, value):
 def test_unknown_stream_option_is_400(client):
     resp = client.post("/v1/completions", json={**COMPLETION, "stream": True,
                                                  "stream_options": {"include_usage": True, "bogus": True}})
-    _assert_400(resp, "stream_options")
-    assert "stream_options.bogus" in resp.json()["error"]["message"]
+    _assert_400(resp, "stream_options.bogus")      # the full path, as OpenAI's `param` names nested fields
 
 
 @pytest.mark.parametrize("path,body", [("/tokenize", {"prompt": "hi", "return_token_strs": True}),

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.tool_fixtures import QUESTION, SYSTEM, TOOLS, TWO_TURNS, smollm2_server
+from tests.server.tool_fixtures import CALL, QUESTION, SYSTEM, TOOLS, TWO_TURNS, smollm2_server
 
 MAX_TOKENS = 3
 pytestmark = pytest.mark.slow
@@ -99,3 +99,30 @@ def test_langchain_bind_tools(base_url, model):
     assert isinstance(message.content, str) and isinstance(message.tool_calls, list)
     assert all(call["name"] == "get_weather" and isinstance(call["args"], dict) for call in message.tool_calls)
     assert not message.invalid_tool_calls
+
+
+def test_clients_send_the_response_message_back(sdk, model):
+    # the openai SDK's round trip `messages.append(resp.choices[0].message)`: a ChatCompletionMessage (this
+    # server's, and one shaped as OpenAI returns it, with refusal / annotations / audio / function_call), which
+    # the SDK itself serialises; then LangChain's: the AIMessage it parses from that response
+    # (`_convert_dict_to_message`, as `invoke` does), an AIMessage with tool calls and a ToolMessage. Nested
+    # request objects are strict (test_nested_fields.py); what these clients send back must still be accepted.
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+    from langchain_openai.chat_models.base import _convert_dict_to_message
+    from openai.types.chat import ChatCompletionMessage
+
+    reply = sdk.chat.completions.create(model=model, messages=[SYSTEM, QUESTION], max_tokens=1).choices[0].message
+    called = ChatCompletionMessage.model_validate({"role": "assistant", "content": None, "refusal": None,
+                                                   "annotations": [], "audio": None, "function_call": None,
+                                                   "tool_calls": [CALL]})
+    messages = [SYSTEM, QUESTION, reply, QUESTION, called,
+                {"role": "tool", "tool_call_id": CALL["id"], "content": "sunny"}]
+    answer = sdk.chat.completions.create(model=model, messages=messages, max_tokens=1).choices[0].message
+    assert isinstance(answer.content, str)
+    llm = ChatOpenAI(base_url=str(sdk.base_url), api_key="unused", model=model, max_tokens=1, max_retries=0)
+    lc_call = AIMessage("", tool_calls=[{"id": "call_1", "name": "get_weather", "args": {"city": "Paris"}}])
+    lc_answer = llm.invoke([("system", SYSTEM["content"]), ("user", QUESTION["content"]),
+                            _convert_dict_to_message(reply.model_dump()), ("user", QUESTION["content"]), lc_call,
+                            ToolMessage("sunny", tool_call_id="call_1")])
+    assert isinstance(lc_answer.content, str)
