@@ -23,6 +23,7 @@ from ascend_llm.server.body import validation_error
 from ascend_llm.server.errors import APIError, bad_request
 from ascend_llm.server.protocol import ChatCompletionRequest, ChatMessageIn
 from ascend_llm.server.responses_protocol import ResponsesRequest
+from ascend_llm.server.serving_tools import require_function_tool
 
 OUTPUT_LOGPROBS = "message.output_text.logprobs"      # the one `include` value this server produces
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
@@ -228,11 +229,7 @@ def chat_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
 
 def _chat_tool(tool: Any, i: int) -> dict[str, Any]:
     where = f"tools[{i}]"
-    if not isinstance(tool, dict):
-        raise bad_request(f"Invalid '{where}': expected an object", where)
-    if tool.get("type") != "function":
-        raise bad_request(f"Invalid '{where}.type': {tool.get('type')!r} tools are not supported by this "
-                          "server; only 'function' tools (the client runs them)", f"{where}.type")
+    require_function_tool(tool, where)
     extra = sorted(set(tool) - _TOOL_KEYS)
     if extra:
         raise bad_request(f"{where}.{extra[0]}: this server does not support the field `{extra[0]}` on function "

@@ -103,14 +103,20 @@ def check_tools(tools: list[Any]) -> list[dict[str, Any]]:
     return [_check_tool(tool, i) for i, tool in enumerate(tools)]
 
 
-def _check_tool(tool: Any, i: int) -> dict[str, Any]:
-    where = f"tools[{i}]"
+def require_function_tool(tool: Any, where: str) -> dict[str, Any]:
+    """`tool` if it is an object of type "function" (chat's or Responses' shape), else a 400 naming
+    `where` / `where.type`: built-in tools (web_search, file_search, ...) have nothing to run them here."""
     if not isinstance(tool, dict):
         raise bad_request(f"Invalid '{where}': expected an object", where)
     if tool.get("type") != "function":
-        raise bad_request(f"Invalid '{where}.type': only 'function' tools are supported, got "
-                          f"{tool.get('type')!r}", f"{where}.type")
-    check_keys(tool, _TOOL_KEYS, where)
+        raise bad_request(f"Invalid '{where}.type': {tool.get('type')!r} tools are not supported by this server; "
+                          "only 'function' tools (the client runs them)", f"{where}.type")
+    return tool
+
+
+def _check_tool(tool: Any, i: int) -> dict[str, Any]:
+    where = f"tools[{i}]"
+    check_keys(require_function_tool(tool, where), _TOOL_KEYS, where)
     function = tool.get("function")
     if not isinstance(function, dict):
         raise bad_request(f"Missing required parameter: '{where}.function'", f"{where}.function")
