@@ -51,22 +51,23 @@ def test_w8a8_on_the_float64_reference_is_reported_by_strict_mode(monkeypatch):
     assert all(a.path == "reference" for a in quantized)
     assert quantized[0].to_dict()["kernels"][1]["rejected"] == [
         "cpu.int8_quant_matmul: disabled by ASCEND_LLM_DISABLE_KERNELS"]
-    lines = strict_violations(quantized)
-    assert len(lines) == 2 * LINEARS_PER_LAYER
-    assert lines[0] == ("model.layers.0.self_attn.qkv_proj [W8A8 static]: quant_matmul runs "
-                        "cpu.quant_matmul (reference)")
-    with pytest.raises(ValueError, match=r"--quantization-strict: 8 quantized layer\(s\)"):
-        check_strict(quantized)
+    assert_strict_names_every_layer(quantized, "model.layers.0.self_attn.qkv_proj [W8A8 static]: quant_matmul "
+                                               "runs cpu.quant_matmul (reference)")
 
 
 def test_strict_mode_names_layers_that_dequantize_on_cpu():
     _, model = build("msmodelslim/llama_w4a16_g32", build_op_set("cpu"), torch.float32)
     audits = audit_model(model)
     assert {a.scheme for a in audits if a.quantized} == {"W4A16 g32"}
+    assert_strict_names_every_layer(audits, "model.layers.0.self_attn.qkv_proj [W4A16 g32]: "
+                                            "weight_only_group_matmul runs cpu.weight_only_group_matmul (dequantize)")
+
+
+def assert_strict_names_every_layer(audits, first_line: str) -> None:
+    """Strict mode lists all 8 quantized Linears of the tiny llama (first line given) and refuses."""
     lines = strict_violations(audits)
     assert len(lines) == 2 * LINEARS_PER_LAYER
-    assert lines[0] == ("model.layers.0.self_attn.qkv_proj [W4A16 g32]: weight_only_group_matmul runs "
-                        "cpu.weight_only_group_matmul (dequantize)")
+    assert lines[0] == first_line
     with pytest.raises(ValueError, match=r"--quantization-strict: 8 quantized layer\(s\)"):
         check_strict(audits)
 
