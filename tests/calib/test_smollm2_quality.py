@@ -3,7 +3,8 @@ calibrate -> write the ascendV1 checkpoint -> serve it with the runtime -> perpl
 eval_tempest.txt against the float model served the same way.
 
 - every Linear static W8A8 (`w8a8_static_rot`: m3, and smoothing + online Hadamard before
-  down_proj; issue 28 target 1) within 1.05x of float on both eval texts;
+  down_proj; issue 28 target 1) within 1.05x of float on both eval texts, and with the down_proj
+  W8A8_DYNAMIC (`w8a8_static_dynamic_down`, target 2) within 1.02x;
 - every anti-outlier method beats no smoothing at the same act_method / disable_level (small
   calibration set and 1024 evaluation tokens, one calibration per method).
 Numbers of the full grid: benchmarks/bench_calib.py -> benchmarks/results/calib_smollm2_*.json
@@ -68,26 +69,39 @@ def calibrate(out: Path, **options) -> CalibReport:
     return report
 
 
+@pytest.fixture(scope="module")
+def float_ppl_4k(smollm2_dir, one_torch_thread) -> dict[str, tuple[list[int], float]]:
+    """text name -> (its first 4096 token ids, the float model's perplexity on them)."""
+    out = {}
+    for text in (EVAL_TEMPEST, EVAL_PARADISE):
+        ids = eval_ids(smollm2_dir, 4096, text)
+        out[text.name] = (ids, served_perplexity(smollm2_dir, ids))
+    return out
+
+
+# Issue 28 targets 1 and 2 on the real model, scaled down for the suite: 16 x 128 calibration tokens
+# (the recipes: 64 x 512) and the first 4096 tokens of each eval text (the benchmark: 16384;
+# benchmarks/results/calib_w8a8_targets_smollm2_*.json). Measured here (2026-12-07, EPYC): T1
+# 1.012x / 1.007x; T2 1.005x / 1.008x.
 @pytest.mark.slow
-def test_every_linear_static_w8a8_within_1_05x_of_float_on_both_texts(tmp_path, smollm2_dir, one_torch_thread):
-    """Issue 28 target 1: all 210 Linears static W8A8 (no float, no dynamic layer), recipe
-    w8a8_static_rot (m3 + smoothing and online Hadamard before down_proj), <= 1.05x float on both
-    eval texts. Scaled down for the suite: 16 x 128 calibration tokens (the recipe: 64 x 512) and
-    the first 4096 tokens of each text (the benchmark: 16384); measured here 1.012x / 1.007x
-    (benchmarks/results/calib_w8a8_targets_smollm2_*.json has the full-size numbers)."""
-    out = tmp_path / "static"
-    report = calibrate(out, recipe="w8a8_static_rot", num_samples=16, max_tokens=128)
+@pytest.mark.parametrize("recipe, bound, dynamic", [("w8a8_static_rot", 1.05, 0),
+                                                    ("w8a8_static_dynamic_down", 1.02, 30)])
+def test_every_linear_int8_within_the_target_on_both_texts(recipe, bound, dynamic, tmp_path, float_ppl_4k):
+    """T1: all 210 Linears static W8A8 (m3, smoothing + online Hadamard before down_proj) <= 1.05x;
+    T2: the same with the 30 down_proj W8A8_DYNAMIC <= 1.02x. No Linear stays float."""
+    out = tmp_path / recipe
+    report = run_calibration(build_config({"model_path": "smollm2-135m-instruct", "save_directory": str(out),
+                                           "calib_file": str(CALIB_PROSE), "progress": False, "recipe": recipe,
+                                           "num_samples": 16, "max_tokens": 128}))
     assert len(report.layers) == 210 and report.float_layers == {}
-    assert {r.quant_type for r in report.layers} == {"W8A8"}
+    types = [r.quant_type for r in report.layers]
+    assert types.count("W8A8_DYNAMIC") == dynamic and types.count("W8A8") == 210 - dynamic
     description = json.loads((out / "quant_model_description.json").read_text())
     down_projs = [f"model.layers.{i}.mlp.down_proj" for i in range(30)]
     assert description["online_hadamard"] == {"block_size": 512, "layers": down_projs}
-    assert {description[f"{name}.weight"] for name in down_projs} == {"W8A8"}
-    for text in (EVAL_TEMPEST, EVAL_PARADISE):
-        ids = eval_ids(smollm2_dir, 4096, text)
-        float_ppl = served_perplexity(smollm2_dir, ids)
+    for name, (ids, float_ppl) in float_ppl_4k.items():
         ppl = served_perplexity(out, ids)
-        assert ppl < 1.05 * float_ppl, (text.name, ppl, float_ppl)
+        assert ppl < bound * float_ppl, (recipe, name, ppl, float_ppl)
 
 
 @pytest.fixture(scope="module")
