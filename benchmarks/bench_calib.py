@@ -1,24 +1,28 @@
-"""Calibration quality table: (anti_method, act_method, disable_level / names) -> perplexity.
+"""Calibration quality grid: method x act_method x which Linears are float / dynamic -> perplexity.
 
-Each row calibrates SmolLM2-135M-Instruct with `calib.pipeline.run_calibration` (16 texts x 128
-tokens of calib_prose.jsonl unless given), loads the written checkpoint in the runtime and
-measures perplexity on the first `--eval_tokens` tokens of eval_tempest.txt in `--window`-token
-windows; the float model is the reference row. Calibration time per row is the report's total.
+Each row calibrates SmolLM2-135M-Instruct with `calib.pipeline.run_calibration` on `--num_samples`
+x `--max_tokens` tokens of calib_prose.jsonl, loads the written checkpoint in the runtime and
+measures perplexity on the first `--eval_tokens` tokens of BOTH eval_tempest.txt and
+eval_paradise_regained.txt in `--window`-token windows; the float model is the reference row. Each
+row records the calibration time (the report's stage total) and how many of the 210 Linears ended
+in each format (W8A8 static, W8A8_DYNAMIC, FLOAT).
 
-Default grid (pruned for a 2-core CPU, ~20 rows): float; the best recipe (w8a8_best) and its
-neighbours; no smoothing x act_method 1/2/3 at L0; every anti-outlier method (m1 m2 m3 m4 m6) x
-act_method 1 at L0; m2 x act_method 3; L4 (the best fixed Lk measured so far) for none / m2.
-Rows run in priority order and the JSON is rewritten after each, so a cut-short run keeps what
-it measured. Writes benchmarks/results/calib_smollm2_<date>.json.
+Default grid (issue 28; ~20 rows, priority order): no smoothing and every anti-outlier method (m1
+m2 m3 m4 m6) with every Linear static; the rotation recipes (T1 static, T2 dynamic down_proj, T3
+dynamic + GPTQ); the same without rotation; down_proj float (the old best); act_method 2 / 3; the
+fixed disable level L4. Rows are rewritten into the JSON after each, so a cut-short run keeps what
+it measured. Writes benchmarks/results/calib_grid_smollm2_<date>.json.
+
+`--targets`: only issue 28's three W8A8 targets (and, given `--llmcompressor`, llm-compressor's
+checkpoint measured in the same run). Writes calib_w8a8_targets_smollm2_<date>.json.
 
 `--w4a16`: the weight-only int4 grid instead (calib/weight_only.py; issue 28 target 4): float,
 GPTQ and round-to-nearest (MinMax) at group 192 (in place of 128, which does not divide
 SmolLM2's hidden size 576) / 64 and per channel, symmetric, msModelSlim
-W4A16 written and served by the runtime, perplexity on BOTH eval_tempest.txt and
-eval_paradise_regained.txt. GPTQ calibrates on `--num_samples` x `--max_tokens` tokens of
-calib_prose.jsonl (64 x 512 in the committed run); the MinMax rows use no calibration data for
-their weights (4 x 128 tokens only feed the report's output errors). Writes
-benchmarks/results/calib_w4a16_smollm2_<date>.json.
+W4A16 written and served by the runtime, perplexity on BOTH eval texts. GPTQ calibrates on
+`--num_samples` x `--max_tokens` tokens of calib_prose.jsonl (64 x 512 in the committed run); the
+MinMax rows use no calibration data for their weights (4 x 128 tokens only feed the report's
+output errors). Writes benchmarks/results/calib_w4a16_smollm2_<date>.json.
 """
 from __future__ import annotations
 
@@ -42,25 +46,32 @@ from bench_offline import cpu_model_name     # benchmarks/ is on sys.path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
-DOWN_PROJ = ("*.mlp.down_proj",)
-# (label, anti_method, act_method, disable_level, disable_names)
-GRID: tuple[tuple[str, str | None, int, str, tuple[str, ...]], ...] = (
-    ("best: m3 act1 down_proj float", "m3", 1, "L0", DOWN_PROJ),
-    ("none act1", None, 1, "L0", ()),
-    ("m1 act1", "m1", 1, "L0", ()),
-    ("m2 act1", "m2", 1, "L0", ()),
-    ("m3 act1", "m3", 1, "L0", ()),
-    ("m4 act1", "m4", 1, "L0", ()),
-    ("m6 act1", "m6", 1, "L0", ()),
-    ("none act3", None, 3, "L0", ()),
-    ("m2 act1 down_proj float", "m2", 1, "L0", DOWN_PROJ),
-    ("none act1 down_proj float", None, 1, "L0", DOWN_PROJ),
-    ("m3 act3 down_proj float", "m3", 3, "L0", DOWN_PROJ),
-    ("none act2", None, 2, "L0", ()),
-    ("m2 act3", "m2", 3, "L0", ()),
-    ("none act1 L4", None, 1, "L4", ()),
-    ("m2 act1 L4", "m2", 1, "L4", ()),
-    ("m6 act1 down_proj float", "m6", 1, "L0", DOWN_PROJ),
+DOWN_PROJ = ["*.mlp.down_proj"]
+ROT = dict(rotation="hadamard")
+# (label, options for CalibConfig) in priority order: every Linear static first
+GRID: tuple[tuple[str, dict], ...] = (
+    ("none act1 all static", dict(act_method=1)),
+    ("m3 act1 + hadamard all static (T1)", dict(anti_method="m3", act_method=1, **ROT)),
+    ("m3 act1 + hadamard, down_proj dynamic (T2)", dict(anti_method="m3", act_method=1, dynamic_names=DOWN_PROJ, **ROT)),
+    ("m1 + hadamard + GPTQ all dynamic (T3)", dict(anti_method="m1", is_dynamic=True, w_method="GPTQ", **ROT)),
+    ("m1 act1 all static", dict(anti_method="m1", act_method=1)),
+    ("m2 act1 all static", dict(anti_method="m2", act_method=1)),
+    ("m3 act1 all static", dict(anti_method="m3", act_method=1)),
+    ("m4 act1 all static", dict(anti_method="m4", act_method=1)),
+    ("m6 act1 all static", dict(anti_method="m6", act_method=1)),
+    ("m3 act1, down_proj float (old best)", dict(anti_method="m3", act_method=1, disable_names=DOWN_PROJ)),
+    ("m3 act1, down_proj dynamic", dict(anti_method="m3", act_method=1, dynamic_names=DOWN_PROJ)),
+    ("m1 all dynamic", dict(anti_method="m1", is_dynamic=True)),
+    ("m1 + hadamard all dynamic", dict(anti_method="m1", is_dynamic=True, **ROT)),
+    ("m2 act1 + hadamard all static", dict(anti_method="m2", act_method=1, **ROT)),
+    ("m6 act1 + hadamard all static", dict(anti_method="m6", act_method=1, **ROT)),
+    ("none act1 + hadamard all static", dict(act_method=1, **ROT)),
+    ("m3 act1 + hadamard + GPTQ all static", dict(anti_method="m3", act_method=1, w_method="GPTQ", **ROT)),
+    ("none act2 all static", dict(act_method=2)),
+    ("none act3 all static", dict(act_method=3)),
+    ("m3 act3 + hadamard all static", dict(anti_method="m3", act_method=3, **ROT)),
+    ("none act1 L4", dict(act_method=1, disable_level="L4")),
+    ("m2 act1 L4", dict(anti_method="m2", act_method=1, disable_level="L4")),
 )
 
 
@@ -105,29 +116,6 @@ def measure(model_dir: str, ids: list[int], window: int) -> float:
     """Perplexity of the checkpoint in `model_dir` served by the runtime."""
     llm = LLM(model_dir, max_model_len=window + 64, enforce_eager=True)
     return perplexity(llm, ids, window).perplexity
-
-
-def calibrate_row(row, args, work: Path) -> dict:
-    label, anti, act, level, names = row
-    out = work / "ckpt"
-    report = run_calibration(CalibConfig(
-        model_path="smollm2-135m-instruct", save_directory=str(out), calib_file=str(SHARED / "calib_prose.jsonl"),
-        num_samples=args.num_samples, max_tokens=args.max_tokens, act_method=act, anti_method=anti,
-        disable_level=level, disable_names=list(names), progress=False, overwrite=True))
-    return {"label": label, "anti_method": anti or "none", "act_method": act, "disable_level": level,
-            "disable_names": list(names), "float_linears": len(report.float_layers),
-            "total_linears": len(report.layers), "calib_seconds": round(sum(report.stage_seconds.values()), 1),
-            "stage_seconds": report.stage_seconds, "ckpt": str(out)}
-
-
-def print_table(rows: list[dict], float_ppl: float | None) -> None:
-    print(f"{'row':34} {'anti':5} {'act':3} {'level':5} {'float':>7} {'ppl':>8} {'x float':>7} {'calib s':>7}")
-    for r in rows:
-        ratio = f"{r['perplexity'] / float_ppl:.3f}" if float_ppl else "-"
-        floats = f"{r.get('float_linears', 0)}/{r.get('total_linears', '-')}"
-        print(f"{r['label']:34} {r.get('anti_method', '-'):5} {str(r.get('act_method', '-')):3} "
-              f"{r.get('disable_level', '-'):5} {floats:>7} {r['perplexity']:8.3f} {ratio:>7} "
-              f"{r.get('calib_seconds', 0):7.1f}")
 
 
 def calibrate_w4a16_row(row, args, work: Path) -> dict:
@@ -192,12 +180,19 @@ def main_w4a16(args, model_dir: Path) -> None:
     print(f"wrote {out_path}")
 
 
-def main_targets(args, model_dir: Path) -> None:
-    """Issue 28's W8A8 targets: float, each TARGET_GRID row and (given) llm-compressor's checkpoint,
-    perplexity on both eval texts, calibration time; rows in priority order, JSON after each."""
+def format_counts(types: list[str]) -> dict:
+    """How many Linears ended in each format, and the fraction of all Linears."""
+    return {t: {"count": types.count(t), "fraction": round(types.count(t) / len(types), 4)}
+            for t in sorted(set(types))}
+
+
+def main_grid(args, model_dir: Path, grid, out_name: str) -> None:
+    """Float, then each (label, options, target) row of `grid` (and, given, llm-compressor's
+    checkpoint): perplexity on both eval texts, calibration time, Linears per format. Rows in
+    priority order; the JSON is rewritten after each."""
     from transformers import AutoTokenizer
 
-    out_path = Path(args.out) if args.out else RESULTS / f"calib_w8a8_targets_smollm2_{dt.date.today().isoformat()}.json"
+    out_path = Path(args.out) if args.out else RESULTS / f"{out_name}_{dt.date.today().isoformat()}.json"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = {name: eval_ids(tokenizer, args.eval_tokens, name) for name in EVAL_TEXTS}
     meta = {"model": "smollm2-135m-instruct", "eval_tokens": {n: len(i) for n, i in texts.items()},
@@ -228,30 +223,37 @@ def main_targets(args, model_dir: Path) -> None:
         add({"label": "llm-compressor SmoothQuant 0.8 + GPTQ W8A8 (dynamic)", "target": "the yardstick of T3",
              "tool": json.loads(manifest.read_text()) if manifest.exists() else None}, args.llmcompressor)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, options, target in TARGET_GRID[:args.rows or len(TARGET_GRID)]:
+        for label, options, target in grid[:args.rows or len(grid)]:
             out = Path(tmp) / "ckpt"
             report = run_calibration(CalibConfig(
                 model_path="smollm2-135m-instruct", save_directory=str(out),
                 calib_file=str(SHARED / "calib_prose.jsonl"), num_samples=args.num_samples,
                 max_tokens=args.max_tokens, progress=False, overwrite=True, **options))
-            types = [r.quant_type for r in report.layers]
             add({"label": label, "target": target, "options": options,
-                 "linears": {t: types.count(t) for t in sorted(set(types))},
+                 "linears": format_counts([r.quant_type for r in report.layers]),
                  "calib_seconds": round(sum(report.stage_seconds.values()), 1),
                  "stage_seconds": report.stage_seconds}, str(out))
-    print(f"{'row':48} {'tempest':>8} {'x float':>7} {'paradise':>8} {'x float':>7} {'calib s':>7}")
-    for r in rows:
-        cells = " ".join(f"{r['perplexity'][t]:8.3f} {r['perplexity'][t] / ppl[t]:7.3f}" for t in EVAL_TEXTS)
-        print(f"{r['label']:48} {cells} {r.get('calib_seconds', 0):7.1f}")
+    print_grid(rows)
     print(f"wrote {out_path}")
+
+
+def print_grid(rows: list[dict]) -> None:
+    base = rows[0]["perplexity"]
+    print(f"{'row':46} {'tempest':>8} {'x float':>7} {'paradise':>8} {'x float':>7} {'static/dyn/float':>16} "
+          f"{'calib s':>7}")
+    for r in rows:
+        cells = " ".join(f"{r['perplexity'][t]:8.3f} {r['perplexity'][t] / base[t]:7.3f}" for t in EVAL_TEXTS)
+        n = {t: c["count"] for t, c in r.get("linears", {}).items()}
+        mix = f"{n.get('W8A8', 0)}/{n.get('W8A8_DYNAMIC', 0)}/{n.get('FLOAT', 0)}" if n else "-"
+        print(f"{r['label']:46} {cells} {mix:>16} {r.get('calib_seconds', 0):7.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval_tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--num_samples", type=int, default=16)
-    parser.add_argument("--max_tokens", type=int, default=128)
+    parser.add_argument("--num_samples", type=int, default=32)
+    parser.add_argument("--max_tokens", type=int, default=512)
     parser.add_argument("--rows", type=int, default=None, help="run only the first N grid rows")
     parser.add_argument("--w4a16", action="store_true", help="the W4A16 (int4 weight-only) grid, both eval texts")
     parser.add_argument("--targets", action="store_true",
@@ -259,39 +261,18 @@ def main() -> None:
     parser.add_argument("--llmcompressor", default=None,
                         help="with --targets: llm-compressor's checkpoint (scripts/peer_llmcompressor_smollm2.py)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (shared machine: 1)")
-    parser.add_argument("--out", default=None, help="JSON path (default results/calib_smollm2_<date>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default results/<grid>_smollm2_<date>.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    out_path = Path(args.out) if args.out else RESULTS / f"calib_smollm2_{dt.date.today().isoformat()}.json"
     model_dir = resolve_model_path("smollm2-135m-instruct")
     if args.w4a16:
         main_w4a16(args, Path(model_dir))
         return
     if args.targets:
-        main_targets(args, Path(model_dir))
+        main_grid(args, Path(model_dir), TARGET_GRID, "calib_w8a8_targets_smollm2")
         return
-    start = time.perf_counter()
-    from transformers import AutoTokenizer
-    ids = eval_ids(AutoTokenizer.from_pretrained(model_dir), args.eval_tokens)
-    float_ppl = measure(str(model_dir), ids, args.window)
-    rows = [{"label": "float", "perplexity": float_ppl, "eval_seconds": round(time.perf_counter() - start, 1)}]
-    meta = {"model": "smollm2-135m-instruct", "eval_tokens": len(ids), "window": args.window,
-            "calib": f"calib_prose.jsonl, {args.num_samples} x {args.max_tokens} tokens",
-            "threads": args.threads, "machine": platform.platform(), "note": "shared 2-core CPU"}
-    with tempfile.TemporaryDirectory() as tmp:
-        for row in GRID[:args.rows or len(GRID)]:
-            result = calibrate_row(row, args, Path(tmp))
-            t0 = time.perf_counter()
-            result["perplexity"] = measure(result.pop("ckpt"), ids, args.window)
-            result["eval_seconds"] = round(time.perf_counter() - t0, 1)
-            result["ratio_to_float"] = round(result["perplexity"] / float_ppl, 4)
-            rows.append(result)
-            out_path.write_text(json.dumps({**meta, "float_perplexity": float_ppl, "rows": rows}, indent=2))
-            logging.warning("%s: ppl %.3f (%.3fx) calib %.0fs", row[0], result["perplexity"],
-                            result["ratio_to_float"], result["calib_seconds"])
-    print_table(rows, float_ppl)
-    print(f"wrote {out_path}")
+    main_grid(args, Path(model_dir), [(label, options, "") for label, options in GRID], "calib_grid_smollm2")
 
 
 if __name__ == "__main__":
