@@ -20,15 +20,18 @@ from calib.smoothing.stats import ChannelStats, collect_input_stats, outlier_rat
 
 logger = logging.getLogger(__name__)
 
-_COMMON_OPTIONS = {"w_bit": 8, "a_bit": 8, "is_dynamic": False, "num_search_tokens": 128, "skip_down_proj": False}
+_COMMON_OPTIONS = {"w_bit": 8, "a_bit": 8, "is_dynamic": False, "num_search_tokens": 128, "skip_down_proj": False,
+                   "group_size": 0}
 _METHOD_OPTIONS = {
     "m1": {"alpha": 0.5},
     "m2": {"alpha": 0.5},
-    "m3": {"grid": tuple(i / 10 for i in range(11))},
+    "m3": {"grid": tuple(i / 10 for i in range(11)), "statistic": "absmax"},
     "m4": {"step": 0.125, "iterations": 6},
     "m6": {"grid": (0.2, 0.35, 0.5, 0.65, 0.8)},
 }
-_PLANNERS = {"m1": (plan_m1, "alpha"), "m2": (plan_m2, "alpha"), "m3": (plan_m3, "grid"), "m6": (plan_m6, "grid")}
+# method -> (planner, the options it takes after (data, spec))
+_PLANNERS = {"m1": (plan_m1, ("alpha",)), "m2": (plan_m2, ("alpha",)), "m3": (plan_m3, ("grid", "statistic")),
+             "m6": (plan_m6, ("grid",))}
 _CHECKS = {   # option -> (valid?, what it must be)
     "alpha": (lambda v: isinstance(v, (int, float)) and 0.0 <= v <= 1.0, "a number in [0, 1]"),
     "step": (lambda v: isinstance(v, (int, float)) and 0.0 < v <= 0.5, "a number in (0, 0.5]"),
@@ -37,6 +40,9 @@ _CHECKS = {   # option -> (valid?, what it must be)
              and all(isinstance(a, (int, float)) and 0.0 <= a <= 1.0 for a in v),
              "a non-empty list of numbers in [0, 1]"),
     "w_bit": (lambda v: v in (4, 8), "4 or 8"),
+    "group_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                   "0 (per channel) or a positive number of input columns"),
+    "statistic": (lambda v: v in ("absmax", "mean"), "'absmax' or 'mean'"),
     "a_bit": (lambda v: v in (8, 16), "8 or 16"),
     "is_dynamic": (lambda v: isinstance(v, bool), "a bool"),
     "skip_down_proj": (lambda v: isinstance(v, bool), "a bool"),
@@ -120,8 +126,8 @@ def _plan_once(groups: list[SmoothGroup], stats: dict[str, ChannelStats], method
     """m1 / m2 / m3 / m6: one plan per group from one set of statistics, folded group by group."""
     plans = {}
     for group in groups:
-        planner, option = _PLANNERS[method]
-        plan = planner(group_data(group, stats[group.linear_names[0]]), spec, opts[option])
+        planner, names = _PLANNERS[method]
+        plan = planner(group_data(group, stats[group.linear_names[0]]), spec, *(opts[n] for n in names))
         if plan.applied:
             fold_group(group, plan.scale, plan.shift)
         plans[group.name] = (plan, None)
@@ -191,7 +197,7 @@ def apply_anti_outlier(model: nn.Module, method: str, calib_batches: list[torch.
     """
     opts = resolve_options(method, options)
     _check_batches(calib_batches)
-    spec = QuantSpec(opts["w_bit"], opts["a_bit"], opts["is_dynamic"])
+    spec = QuantSpec(opts["w_bit"], opts["a_bit"], opts["is_dynamic"], opts["group_size"])
     groups = find_groups(model)
     names = [group.linear_names[0] for group in groups]
 

@@ -365,13 +365,14 @@ def _cap_tokens(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 def smooth(model: nn.Module, cfg: CalibConfig, batches: list[torch.Tensor]) -> Any:
     """AWQ-style (m3) or another msModelSlim anti-outlier smoothing folded into the float model
-    before rounding, its search measuring per-channel `w_bit` weight error with float
+    before rounding, its search measuring the output error of the `w_bit` weight quantizer of
+    the run (per channel, or per group of `group_size` columns, as AWQ does) with float
     activations, on the first ANTI_OUTLIER_ROWS calibration rows."""
     from calib.anti_outlier import apply_anti_outlier
 
     rows = [row[None] for batch in batches for row in batch][:ANTI_OUTLIER_ROWS]     # [1, seq] each
     try:
-        return apply_anti_outlier(model, cfg.anti_method, rows, w_bit=cfg.w_bit, a_bit=16)
+        return apply_anti_outlier(model, cfg.anti_method, rows, w_bit=cfg.w_bit, a_bit=16, group_size=cfg.group_size)
     except ValueError as exc:
         raise CalibError(f"--anti_method {cfg.anti_method}: {exc}") from exc
 

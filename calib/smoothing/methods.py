@@ -4,7 +4,8 @@ Every method returns a `ScalePlan` for one `SmoothGroup`: a scale s per producer
 m2 a shift z), chosen from the group's input statistics. The searches measure, on subsampled
 calibration rows, the mean squared error between the float output X @ W^T and the output of the
 quantization that will follow smoothing:
-- weights: per-output-channel symmetric int `w_bit` (4 or 8);
+- weights: symmetric int `w_bit` (4 or 8) per output channel, or per output channel and group of
+  `group_size` input columns (weight-only W4A16 / W8A16 runs: AWQ measures the group quantizer);
 - activations (a_bit 8): static per-tensor asymmetric int8 over the calibration range, or, with
   is_dynamic, per-token symmetric int8; a_bit 16 leaves activations in float.
 """
@@ -31,6 +32,7 @@ class QuantSpec:
     w_bit: int = 8
     a_bit: int = 8
     is_dynamic: bool = False
+    group_size: int = 0          # weight scale per group of input columns (0 = per channel)
 
 
 @dataclass(slots=True)
@@ -76,6 +78,11 @@ class GroupData:
         return self.per_prev(torch.maximum(self.act_min.abs(), self.act_max.abs()))
 
     @property
+    def act_mean(self) -> torch.Tensor:
+        """mean |x| per producer channel over the sampled rows, [c] (AWQ's activation statistic)."""
+        return self.per_prev(self.samples.abs().mean(dim=0))
+
+    @property
     def weight_absmax(self) -> torch.Tensor:
         """max |W| per producer channel, [c]."""
         return self.per_prev(self.w_absmax)
@@ -93,10 +100,15 @@ def group_data(group: SmoothGroup, stats: ChannelStats) -> GroupData:
 
 # ---------------------------------------------------------------- simulated quantization
 
-def fake_quant_weight(weight: torch.Tensor, w_bit: int) -> torch.Tensor:
-    """Per-output-channel symmetric quantize + dequantize, [n, k] -> [n, k]."""
-    q, scale = quantize_per_channel(weight, w_bit)
-    return dequantize_per_channel(q, scale)
+def fake_quant_weight(weight: torch.Tensor, w_bit: int, group_size: int = 0) -> torch.Tensor:
+    """Symmetric quantize + dequantize per output channel (or per channel and group of
+    `group_size` input columns, which must divide k), [n, k] -> [n, k]."""
+    if not group_size or group_size == weight.shape[1]:
+        q, scale = quantize_per_channel(weight, w_bit)
+        return dequantize_per_channel(q, scale)
+    n, k = weight.shape
+    q, scale = quantize_per_channel(weight.reshape(n * (k // group_size), group_size), w_bit)
+    return dequantize_per_channel(q, scale).reshape(n, k)
 
 
 def fake_quant_activation(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -119,7 +131,7 @@ def quant_error(data: GroupData, scale: torch.Tensor, shift: torch.Tensor | None
     x = (data.samples - z) / s                                                          # [t, k]
     lo, hi = ((data.act_min - z) / s).min(), ((data.act_max - z) / s).max()
     xq = fake_quant_activation(x, lo, hi, spec)
-    wq = fake_quant_weight(data.weight * s, spec.w_bit)                                 # [n', k]
+    wq = fake_quant_weight(data.weight * s, spec.w_bit, spec.group_size)                # [n', k]
     out = xq @ wq.T + data.weight @ z                                                   # [t, n'] (+ bias W @ z)
     return float((out - data.ref_out).pow(2).mean())
 
@@ -176,11 +188,13 @@ def _best(data: GroupData, spec: QuantSpec, candidates: list[tuple[float, float 
     return best
 
 
-def plan_m3(data: GroupData, spec: QuantSpec, grid: Sequence[float]) -> ScalePlan:
-    """m3 AWQ-style search: s = max|X|^a (normalised to geometric-centre 1), a from `grid`, least error wins."""
+def plan_m3(data: GroupData, spec: QuantSpec, grid: Sequence[float], statistic: str = "absmax") -> ScalePlan:
+    """m3 AWQ-style search: s = A^a (normalised to geometric-centre 1), a from `grid`, least error
+    wins; A = max|X| per channel ("absmax") or, as AWQ, mean |X| ("mean")."""
+    stat = data.act_mean if statistic == "mean" else data.act_absmax
     candidates = []
     for a in grid:
-        s = data.act_absmax.clamp_min(_EPS).pow(a)
+        s = stat.clamp_min(_EPS).pow(a)
         candidates.append((a, None, s / (s.max() * s.min()).sqrt()))
     return _best(data, spec, candidates, _unsmoothed_error(data, spec))
 

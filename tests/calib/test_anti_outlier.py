@@ -325,6 +325,8 @@ def test_report_rows_and_json(tiny_llama_dir):
     ("m4", {"iterations": 0}, "iterations=0"),
     ("m1", {"w_bit": 3}, "w_bit=3"),
     ("m1", {"a_bit": 4}, "a_bit=4"),
+    ("m3", {"statistic": "median"}, "statistic='median': must be 'absmax' or 'mean'"),
+    ("m1", {"group_size": -8}, "group_size=-8"),
 ])
 def test_bad_method_or_option(tiny_llama_dir, method, options, match):
     model = _load(tiny_llama_dir, inject=False)
@@ -375,3 +377,37 @@ def test_smollm2_logits_unchanged_and_fast(smollm2, method):
     folded = [e for e in report.entries if e.folded]
     assert len(folded) >= len(report.entries) - 2
     assert sum(e.error_after for e in folded) < sum(e.error_before for e in folded)
+
+
+def test_fake_quant_weight_groups_are_per_channel_quantization_of_each_group():
+    from calib.smoothing.methods import fake_quant_weight
+
+    w = torch.randn(6, 48, generator=torch.Generator().manual_seed(3))
+    w[2, 5] = 40.0                                         # one outlier: only its group's scale grows
+    grouped = fake_quant_weight(w, 4, 16)
+    by_hand = torch.cat([fake_quant_weight(w[:, g:g + 16], 4) for g in range(0, 48, 16)], dim=1)
+    assert torch.equal(grouped, by_hand)
+    assert torch.equal(fake_quant_weight(w, 4, 48), fake_quant_weight(w, 4))
+    assert (grouped - w).pow(2).sum() < (fake_quant_weight(w, 4) - w).pow(2).sum()
+
+
+def test_weight_only_search_measures_the_group_quantizer(model_dir):
+    """AWQ (the group-wise int4 weight-only case): the search's error is the output error of the
+    group quantizer with float activations, and the mean-|x| statistic (AWQ's s = mean|x|^a)
+    lowers every smoothed group's error."""
+    from calib.smoothing.methods import QuantSpec, group_data, quant_error
+
+    fresh = _load(model_dir)
+    group = find_groups(fresh)[0]
+    stats = collect_input_stats(fresh, [group.linear_names[0]], CALIB, 128, runner=fresh.model)
+    data = group_data(group, stats[group.linear_names[0]])
+    ones = torch.ones(group.num_channels)
+    by_hand = {g: quant_error(data, ones, None, QuantSpec(4, 16, False, g)) for g in (0, 16)}
+    assert by_hand[0] != by_hand[16]
+    for g in (0, 16):
+        report = apply_anti_outlier(_load(model_dir), "m3", CALIB, w_bit=4, a_bit=16, group_size=g)
+        assert report.entries[0].error_before == pytest.approx(by_hand[g], rel=1e-5)
+    mean = apply_anti_outlier(_load(model_dir), "m3", CALIB, w_bit=4, a_bit=16, group_size=16, statistic="mean")
+    assert mean.options["group_size"] == 16 and mean.options["statistic"] == "mean"
+    assert all(e.error_after <= e.error_before for e in mean.entries)
+    assert any(e.folded and e.error_after < 0.9 * e.error_before for e in mean.entries)
