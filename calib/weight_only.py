@@ -367,12 +367,16 @@ def smooth(model: nn.Module, cfg: CalibConfig, batches: list[torch.Tensor]) -> A
     """AWQ-style (m3) or another msModelSlim anti-outlier smoothing folded into the float model
     before rounding, its search measuring the output error of the `w_bit` weight quantizer of
     the run (per channel, or per group of `group_size` columns, as AWQ does) with float
-    activations, on the first ANTI_OUTLIER_ROWS calibration rows."""
+    activations, on the first ANTI_OUTLIER_ROWS calibration rows. m3 scales by mean |x| (AWQ's
+    statistic): SmolLM2 W4A16 RTN g64, 4096 tokens of each eval text, 1.507x / 1.548x float
+    without smoothing, m3 with max |x| 1.288x / 1.327x, with mean |x| 1.263x / 1.309x."""
     from calib.anti_outlier import apply_anti_outlier
 
     rows = [row[None] for batch in batches for row in batch][:ANTI_OUTLIER_ROWS]     # [1, seq] each
     try:
-        return apply_anti_outlier(model, cfg.anti_method, rows, w_bit=cfg.w_bit, a_bit=16, group_size=cfg.group_size)
+        awq = {"statistic": "mean"} if cfg.anti_method == "m3" else {}     # AWQ's s = mean|x|^a
+        return apply_anti_outlier(model, cfg.anti_method, rows, w_bit=cfg.w_bit, a_bit=16, group_size=cfg.group_size,
+                                  **awq)
     except ValueError as exc:
         raise CalibError(f"--anti_method {cfg.anti_method}: {exc}") from exc
 
