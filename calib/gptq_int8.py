@@ -22,7 +22,7 @@ from tqdm import tqdm
 from calib.export import LinearPlan
 from calib.gptq import output_error
 from calib.model_spec import LinearGroup
-from calib.weight_only import TOKEN_CAP, decoder_hessians, gptq_codes, make_grid
+from calib.weight_only import GPTQ_DAMP, TOKEN_CAP, decoder_hessians, gptq_codes, make_grid
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +31,24 @@ INT8_TYPES = ("W8A8", "W8A8_DYNAMIC", "W8A16")
 
 @dataclass
 class GptqSummary:
-    """Output errors (relative, on the calibration Hessian) of nearest rounding and of GPTQ."""
+    """Output errors (relative, on the calibration Hessian) of nearest rounding and of GPTQ, and
+    per layer the dampening GPTQ needed (raised x10 from GPTQ_DAMP while the damped Hessian's
+    Cholesky fails) and its input channels that saw no input (a singular Hessian's zero rows)."""
 
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)   # name -> (rtn, gptq)
     damp_used: float = 0.0
+    damps: dict[str, float] = field(default_factory=dict)                  # name -> dampening used
+    dead_channels: dict[str, int] = field(default_factory=dict)            # name -> channels with H[j, j] == 0
 
     def to_dict(self) -> dict:
         rtn = [r for r, _ in self.layers.values()]
         gptq = [g for _, g in self.layers.values()]
         mean = (lambda v: sum(v) / len(v) if v else 0.0)
         return {"mean_output_error_rtn": mean(rtn), "mean_output_error_gptq": mean(gptq),
-                "damp_used": self.damp_used, "layers": {n: list(v) for n, v in self.layers.items()}}
+                "damp_used": self.damp_used, "layer_damp": dict(self.damps),
+                "raised_damp": sorted(n for n, d in self.damps.items() if d > GPTQ_DAMP),
+                "dead_input_channels": {n: c for n, c in self.dead_channels.items() if c},
+                "layers": {n: list(v) for n, v in self.layers.items()}}
 
 
 @torch.no_grad()
@@ -63,6 +70,8 @@ def gptq_int8(model: nn.Module, groups: list[LinearGroup], plans: Mapping[str, L
             codes, damp = gptq_codes(weight, grid, hessian)
             values = grid.dequantize(codes)
             summary.damp_used = max(summary.damp_used, damp)
+            summary.damps[name] = damp
+            summary.dead_channels[name] = int((torch.diagonal(hessian) <= 0).sum())
             summary.layers[name] = (output_error(weight, grid.dequantize(grid.codes(weight)), hessian),
                                     output_error(weight, values, hessian))
             linear.weight.data = values.to(linear.weight.device, linear.weight.dtype)

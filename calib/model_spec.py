@@ -33,14 +33,31 @@ class LinearGroup:
     layer_index: int
 
 
-def check_architecture(config: Any, source: str) -> str:
-    """The supported architecture named in `config`, else CalibError listing the supported ones."""
+def check_architecture(config: Any, source: str, rotation: str | None = None) -> str:
+    """The supported architecture named in `config`, else CalibError listing the supported ones;
+    with `rotation` the error says why that architecture cannot be rotated."""
     architectures = list(getattr(config, "architectures", None) or [])
     for arch in architectures:
         if arch in SUPPORTED_ARCHITECTURES:
             return arch
-    raise CalibError(f"{source}: unsupported architecture {architectures or '(none in config.json)'}; "
+    named = architectures or "(none in config.json)"
+    if rotation:
+        raise CalibError(f"{source}: --rotation {rotation}: cannot rotate architecture {named}: "
+                         f"{_why_not_rotatable(config)}; the rotation is implemented for "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)} (a dense gated MLP in every decoder layer, "
+                         f"whose mlp.down_proj input is smoothed from mlp.up_proj and rotated)")
+    raise CalibError(f"{source}: unsupported architecture {named}; "
                      f"the calibrator supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _why_not_rotatable(config: Any) -> str:
+    moe = [k for k in ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts")
+           if getattr(config, k, None)]
+    if moe:
+        return (f"its MLPs are mixtures of experts ({moe[0]}={getattr(config, moe[0])}): neither this calibrator "
+                f"nor the runtime rotates an expert's down_proj input (the runtime refuses 'online_hadamard' "
+                f"on fused MoE experts)")
+    return "the calibrator does not handle this architecture at all (its Linear layout is unknown to it)"
 
 
 def find_groups(model: nn.Module) -> list[LinearGroup]:

@@ -72,8 +72,10 @@ def resolve_device(device_type: str) -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(model_path: str, device: torch.device) -> tuple[nn.Module, Any, Path, torch.dtype]:
-    """(HF model in float32 on `device`, tokenizer, model dir, the checkpoint's own dtype)."""
+def load_model(model_path: str, device: torch.device,
+               rotation: str | None = None) -> tuple[nn.Module, Any, Path, torch.dtype]:
+    """(HF model in float32 on `device`, tokenizer, model dir, the checkpoint's own dtype);
+    `rotation` (the requested --rotation) words the error for an architecture that cannot take it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ascend_llm.loader.resolve import resolve_model_path
@@ -83,7 +85,7 @@ def load_model(model_path: str, device: torch.device) -> tuple[nn.Module, Any, P
     except ValueError as exc:
         raise CalibError(f"--model_path: {exc}") from exc
     config = AutoConfig.from_pretrained(model_dir)
-    check_architecture(config, str(model_dir / "config.json"))
+    check_architecture(config, str(model_dir / "config.json"), rotation)
     source_dtype = _config_dtype(config)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -234,7 +236,7 @@ def run_calibration(cfg: CalibConfig, speed_clock: Callable[[], float] | None = 
     with timer.stage("load"):
         texts = load_calib_texts(cfg.calib_file, cfg.num_samples)
         device = resolve_device(cfg.device_type)
-        model, tokenizer, model_dir, source_dtype = load_model(cfg.model_path, device)
+        model, tokenizer, model_dir, source_dtype = load_model(cfg.model_path, device, cfg.rotation)
         check_finite_weights(model, "in the checkpoint")
         batches = tokenize_texts(tokenizer, texts, cfg.max_tokens)
         groups = find_groups(model)

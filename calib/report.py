@@ -86,6 +86,9 @@ class CalibReport:
         if self.gptq is not None:
             lines.append(f"GPTQ int8 weights: mean output error {self.gptq['mean_output_error_rtn']:.4g} (nearest) "
                          f"-> {self.gptq['mean_output_error_gptq']:.4g}, dampening {self.gptq['damp_used']:g}")
+            if self.gptq.get("raised_damp") or self.gptq.get("dead_input_channels"):
+                lines.append(f"  singular Hessians: dampening raised for {self.gptq.get('raised_damp', [])}; input "
+                             f"channels that saw no input: {self.gptq.get('dead_input_channels', {})}")
         floats = self.float_layers
         lines.append(f"float fall-backs ({len(floats)}):" + ("" if floats else " none"))
         lines.extend(f"  {name}: {why}" for name, why in floats.items())

@@ -24,6 +24,7 @@ from ascend_llm.layers.isolated_sampling import sample_isolated
 from ascend_llm.layers.sampler import Sampler, SamplerOutput, compute_logprobs
 from ascend_llm.loader import iter_safetensors_weights
 from ascend_llm.models.forward_batch import ForwardBatch
+from ascend_llm.models.hadamard_layers import check_online_hadamard_layers
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.models.weight_utils import fused_shards, process_weights_after_loading
 from ascend_llm.quant.audit import audit_model, check_strict, summary_line
@@ -156,6 +157,7 @@ class ModelRunner:
                              f"parallelism yet; use tensor_parallel_size 1")
         with torch.device(self.device):
             model = model_cls(hf_config, ops, quant_config, self.dtype, **extra)
+        check_online_hadamard_layers(model, quant_config)
         weights = tqdm(iter_safetensors_weights(model_dir), desc="Loading weights", unit="tensor",
                        leave=False)
         model.load_weights(cast_to_model_dtype(model, weights, self.dtype))

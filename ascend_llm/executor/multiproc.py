@@ -12,6 +12,7 @@ the wait for a rank that hangs without dying.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 
 from ascend_llm.distributed.parallel_state import (ParallelContext, destroy_parallel_context, free_port,
@@ -23,9 +24,12 @@ from ascend_llm.executor.worker import WorkerSpec, broadcast_step
 from ascend_llm.executor.worker_processes import (await_reports, first_failure, start_workers,
                                                   stop_processes)
 
+_SIGNAL_WAIT_S = 2.0     # after terminating the workers: how long the blocked collective may take to fail
+
 logger = logging.getLogger(__name__)
 
 _STARTUP_POLL_S = 15.0   # after a failed start-up: how long to wait for a worker's own report
+STOP_TIMEOUT_S = 10.0    # shutdown: how long the stop message and leaving the group may take
 
 
 class MultiprocExecutor(DriverExecutor):
@@ -74,10 +78,27 @@ class MultiprocExecutor(DriverExecutor):
         return first_failure(self._workers)
 
     def shutdown(self) -> None:
+        """Send the stop message and leave the group, bounded by STOP_TIMEOUT_S: a worker that is
+        alive but does not take part (stopped, stuck, dying slowly) would otherwise block the
+        broadcast, whose control group has no practical timeout. Past the bound the workers are
+        terminated (which fails the blocked collective) instead of waited for."""
         if getattr(self, "_stopped", True):
             return
         self._stopped = True
         alive = self.failure is None and self._dead_worker() is None
+        leaving = threading.Thread(target=self._leave_group, args=(alive,), name="ascend-llm-tp-stop", daemon=True)
+        leaving.start()
+        leaving.join(STOP_TIMEOUT_S)
+        if leaving.is_alive():
+            logger.warning("tensor parallel: the stop message / leaving the process group did not finish within "
+                           "%.0f s (a worker rank is alive but not answering): terminating the workers",
+                           STOP_TIMEOUT_S)
+            stop_processes([w.process for w in self._workers], grace_s=0.0)
+            leaving.join(_SIGNAL_WAIT_S)
+            return
+        stop_processes([w.process for w in self._workers])
+
+    def _leave_group(self, alive: bool) -> None:
         if alive:
             try:
                 broadcast_step(self.parallel, None)
@@ -85,4 +106,3 @@ class MultiprocExecutor(DriverExecutor):
                 logger.warning("could not send the stop message to the workers: %s", exc)
                 alive = False
         destroy_parallel_context(self.parallel, barrier=alive)
-        stop_processes([w.process for w in self._workers])

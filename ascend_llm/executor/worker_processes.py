@@ -10,6 +10,7 @@ rendezvous time-out.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from ascend_llm.executor.errors import TensorParallelError, WorkerDiedError
 from ascend_llm.executor.start_method import StartMethod, hidden_main_file
 from ascend_llm.executor.worker import WorkerSpec, mp_worker_entry
 
+logger = logging.getLogger(__name__)
+
 EXIT_GRACE_S = 5.0      # how long a worker may take to exit after the stop message
+_SIGNAL_WAIT_S = 2.0    # how long to wait after SIGTERM, then after SIGKILL
 
 
 @dataclass
@@ -120,15 +124,19 @@ def first_failure(workers: list[WorkerProcess], timeout_s: float = 0.0) -> str |
                  timeout=left)
 
 
-def stop_processes(procs: list[Any]) -> None:
-    """Wait briefly for workers to exit on their own, then terminate (and kill) the rest."""
-    deadline = time.monotonic() + EXIT_GRACE_S
+def stop_processes(procs: list[Any], grace_s: float = EXIT_GRACE_S) -> None:
+    """Wait up to `grace_s` for workers to exit on their own, then terminate (and kill) the rest,
+    logging each escalation; returns within grace_s + 4 s."""
+    deadline = time.monotonic() + grace_s
     for proc in procs:
         proc.join(timeout=max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.is_alive():
+            logger.warning("tensor parallel: worker %s (pid %s) still running %.0f s after the stop message: "
+                           "SIGTERM", proc.name, proc.pid, grace_s)
             proc.terminate()
-            proc.join(timeout=2.0)
+            proc.join(timeout=_SIGNAL_WAIT_S)
         if proc.is_alive():
+            logger.warning("tensor parallel: worker %s (pid %s) ignored SIGTERM: SIGKILL", proc.name, proc.pid)
             proc.kill()
-            proc.join(timeout=2.0)
+            proc.join(timeout=_SIGNAL_WAIT_S)

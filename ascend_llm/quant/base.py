@@ -42,3 +42,13 @@ class QuantConfig(ABC):
         """The block size of the online Hadamard rotation the layer at `prefix` applies to its input
         (its checkpoint weight holds the folded rotation), or None for no rotation."""
         return None
+
+    def online_hadamard_layers(self) -> list[str]:
+        """The checkpoint layer names whose weights hold a folded online rotation (every one must
+        be built as a Linear that applies it: models/hadamard_layers.py checks), else []."""
+        return []
+
+    def hadamard_rotated_names(self, prefix: str) -> list[str]:
+        """The listed checkpoint names the layer at `prefix` rotates for (its own name, or the
+        shards of a fused layer); [] when it applies no rotation."""
+        return []

@@ -149,10 +149,18 @@ class AscendW8A8Config(QuantConfig):
     def input_hadamard_block(self, prefix: str) -> int | None:
         """The `online_hadamard` block size when the description lists the layer at `prefix` (a
         fused layer: all of its shards, which share one input), else None."""
-        spec = self.description.get(ONLINE_HADAMARD_KEY)
-        if spec is None:
+        if not self.hadamard_rotated_names(prefix):
             return None
-        listed = set(spec["layers"])
+        return int(self.description[ONLINE_HADAMARD_KEY]["block_size"])
+
+    def online_hadamard_layers(self) -> list[str]:
+        spec = self.description.get(ONLINE_HADAMARD_KEY)
+        return list(spec["layers"]) if spec else []
+
+    def hadamard_rotated_names(self, prefix: str) -> list[str]:
+        listed = set(self.online_hadamard_layers())
+        if not listed:
+            return []
         parent, _, name = prefix.rpartition(".")
         shards = self.packed_modules.get(name, ()) if prefix not in listed else ()
         names = [f"{parent}.{s}" if parent else s for s in shards] or [prefix]
@@ -161,7 +169,7 @@ class AscendW8A8Config(QuantConfig):
             raise ValueError(f"{self.source}: '{ONLINE_HADAMARD_KEY}' lists {rotated} but not "
                              f"{sorted(set(names) - set(rotated))}: the shards of fused {prefix} share "
                              f"one input, so all or none of them are rotated")
-        return int(spec["block_size"]) if rotated else None
+        return rotated
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
         if getattr(layer, "is_fused_moe", False):      # MoE experts: quant/moe_*.py

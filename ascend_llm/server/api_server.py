@@ -24,6 +24,7 @@ from ascend_llm.loader import resolve_model_path
 from ascend_llm.server.accuracy import AccuracyGuard, install
 from ascend_llm.server.app import build_app
 from ascend_llm.server.args import ServerConfig, make_parser
+from ascend_llm.server.exit_deadline import EXIT_MARGIN_S, arm_exit_deadline
 
 logger = logging.getLogger("ascend_llm.server")
 
@@ -39,12 +40,14 @@ _ENGINE_MARGIN_S = 1.0
 class _DrainingServer(uvicorn.Server):
     """uvicorn.Server that tells the engine to stop admitting requests when a signal arrives,
     drains the engine alongside uvicorn's graceful wait, and exits normally afterwards instead
-    of re-raising the signal."""
+    of re-raising the signal. The first signal also arms the exit deadline (drain time plus
+    EXIT_MARGIN_S): past it the process ends with its stacks on stderr, never hangs."""
 
     def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, drain_timeout: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.drain_timeout = drain_timeout
+        self._deadline_armed = False
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown (stop accepting, wait up to the grace for in-flight responses, cancel
@@ -63,6 +66,8 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         logger.info("received signal %d: draining (in-flight requests finish, new ones get 503)", sig)
+        if not self._deadline_armed:
+            self._deadline_armed = arm_exit_deadline(self.drain_timeout + EXIT_MARGIN_S)
         self.engine.begin_drain()
         super().handle_exit(sig, frame)
         captured = getattr(self, "_captured_signals", None)

@@ -15,7 +15,8 @@ from calib.pipeline import run_calibration
 from ascend_llm.numerics.hadamard import hadamard_matrix, rotate_input_blocks
 from calib.rotation import apply_down_proj_rotation, auto_block_size, block_hadamard
 from tests.shared_data import CALIB_PROSE
-from tests.tiny_models import make_tiny_model_dir, tiny_config
+from tests.calib.test_cli import base_args, run_cli
+from tests.tiny_models import make_tiny_model_dir, make_tokenizer, tiny_config, tiny_moe_config
 
 
 def test_block_hadamard_acts_blockwise() -> None:
@@ -104,3 +105,27 @@ def test_dynamic_names_must_cover_fused_groups(tmp_path) -> None:
         run_calibration(CalibConfig(model_path=str(model_dir), save_directory=str(tmp_path / "o"),
                                     calib_file=str(CALIB_PROSE), num_samples=2, max_tokens=16, progress=False,
                                     dynamic_names=["model.layers.0.mlp.gate_proj"]))
+
+
+# --- issue 28 "Bad input": the CLI exits 2 naming what cannot be rotated and why -------------------
+
+def test_cli_rotation_of_a_moe_architecture_names_it_and_why(tmp_path, capsys) -> None:
+    config, _ = tiny_moe_config("qwen2_moe")
+    config.architectures = ["Qwen2MoeForCausalLM"]
+    config.save_pretrained(tmp_path / "moe")                 # the architecture check reads config.json only
+    code, _, err = run_cli(capsys, *base_args(tmp_path / "moe", tmp_path / "out"), "--rotation", "hadamard")
+    assert code == 2 and "Traceback" not in err
+    assert ("config.json: --rotation hadamard: cannot rotate architecture ['Qwen2MoeForCausalLM']: its MLPs are "
+            "mixtures of experts (num_experts=8)") in err
+    assert "the rotation is implemented for LlamaForCausalLM, Qwen2ForCausalLM" in err
+
+
+def test_cli_rotation_of_an_input_size_without_a_hadamard_block_names_it(tmp_path, capsys) -> None:
+    config, cls = tiny_config("llama")
+    config.intermediate_size = 40                            # 8 x 5: no power-of-two factor >= 16
+    cls(config).save_pretrained(tmp_path / "m", safe_serialization=True)
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    code, _, err = run_cli(capsys, *base_args(tmp_path / "m", tmp_path / "out"), "--rotation", "hadamard")
+    assert code == 2 and "Traceback" not in err
+    assert ("--rotation hadamard: cannot rotate mlp.down_proj: its input size 40 has no power-of-two factor "
+            ">= 16") in err

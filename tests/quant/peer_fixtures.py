@@ -18,6 +18,7 @@ from ascend_llm.layers.attention import Attention
 from ascend_llm.layers.kv_scales import bind_kv_cache_scales
 from ascend_llm.loader import iter_safetensors_weights, load_hf_config
 from ascend_llm.models.forward_batch import ForwardBatch
+from ascend_llm.models.hadamard_layers import check_online_hadamard_layers
 from ascend_llm.models.registry import get_model_class
 from ascend_llm.models.weight_utils import process_weights_after_loading
 from ascend_llm.ops import AttentionMetadata, build_op_set
@@ -63,7 +64,9 @@ def build_dir(model_dir: Path, ops: OpSet | None = None, dtype: torch.dtype = to
     KV scales and cache kernels, as the model runner binds them."""
     ops = build_op_set("cpu") if ops is None else ops
     config = load_hf_config(model_dir)
-    model = get_model_class(config)(config, ops, get_quant_config(None, config, model_dir), dtype)
+    quant_config = get_quant_config(None, config, model_dir)
+    model = get_model_class(config)(config, ops, quant_config, dtype)
+    check_online_hadamard_layers(model, quant_config)
     model.load_weights(iter_safetensors_weights(model_dir))
     model.to(device)
     process_weights_after_loading(model)

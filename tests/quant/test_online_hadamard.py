@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ascend_llm import LLM, SamplingParams
 from ascend_llm.layers.linear import RowParallelLinear
@@ -105,6 +106,39 @@ def test_block_that_does_not_divide_the_input_names_layer_and_sizes(dirs, tmp_pa
                                          r"does not divide the layer's input size 96; block sizes that fit: "
                                          r"\[2, 4, 8, 16, 32\]"):
         build_dir(_edited(dirs["rotated_w8a8"], tmp_path, change))
+
+
+_NOT_BUILT = ("model.layers.7.mlp.down_proj", "model.layers.0.self_attn")
+
+
+def _list_layers_the_model_lacks(description):
+    for name in _NOT_BUILT:
+        description[f"{name}.weight"] = "FLOAT"        # passes the description check: listed tensors
+        description["online_hadamard"]["layers"].append(name)
+
+
+def _with_layers_the_model_lacks(src, tmp_path):
+    """The rotated checkpoint plus tensors (and description entries) for layers the model does not build."""
+    dst = _edited(src, tmp_path, _list_layers_the_model_lacks)
+    save_file({f"{name}.weight": torch.zeros(64, 96) for name in _NOT_BUILT}, str(dst / "extra.safetensors"))
+    return dst
+
+
+_NOT_ROTATABLE = (r"'online_hadamard'\.layers names 2 layer\(s\) that the built LlamaForCausalLM cannot rotate: "
+                  r"'model\.layers\.7\.mlp\.down_proj' \(no such layer in the built model\), "
+                  r"'model\.layers\.0\.self_attn' \(a LlamaAttention, not a Linear layer\); "
+                  r"only its Linear layers take an online rotation")
+
+
+def test_listed_layer_missing_from_the_built_model_or_not_a_linear_is_named(dirs, tmp_path):
+    with pytest.raises(ValueError, match=r"quant_model_description\.json: " + _NOT_ROTATABLE):
+        build_dir(_with_layers_the_model_lacks(dirs["rotated_w8a8"], tmp_path))
+
+
+def test_engine_load_refuses_a_layer_it_cannot_rotate(dirs, tmp_path):
+    """The same check on the engine's own load path (ModelRunner), before any weight is read."""
+    with pytest.raises(ValueError, match=_NOT_ROTATABLE):
+        LLM(str(_with_layers_the_model_lacks(dirs["rotated_w8a8"], tmp_path)), max_model_len=64)
 
 
 def _description(spec: object, **extra: str) -> dict:
