@@ -100,6 +100,8 @@ def _summary(checkpoint: NeutralCheckpoint, written: dict[str, str], target_form
                           **({"note": note} if note else {})}
     summary = {"layers": layers, "lossless": all(entry["lossless"] for entry in layers.values()),
                "float_tensors": len(checkpoint.floats)}
+    if checkpoint.online_hadamard:      # carried as ascendV1 online_hadamard / compressed-tensors transform_config
+        summary["online_hadamard"] = dict(checkpoint.online_hadamard)
     if gaps:
         summary["not_loaded_by_vllm_ascend"] = sorted(gaps)
     return summary
