@@ -23,7 +23,9 @@ package) and how it maps onto this runtime's `online_hadamard` (ascendV1 descrip
   `module.weight` being overwritten in place (`factory/base.py` `_apply_to_module`). The saved
   checkpoint holds W' (already rotated), like our `rotate_input_blocks`. No loader applies an
   offline location again: vLLM keeps only `args.is_online()` entries
-  (compressed_tensors/transform/linear.py `get_linear_transform_schemes`), and neither
+  (vllm/model_executor/layers/quantization/compressed_tensors/transform/linear.py
+  `get_linear_transform_schemes`; its transform/module.py `HadamardTransform` runs type
+  "hadamard" with the hadacore kernel per head_dim block, normalized), and neither
   compressed-tensors' decompression nor transformers' quantizer reads transform_config.
 - llm-compressor's `SpinQuantModifier(rotations=["R4"], transform_block_size=b)` (its R4 = online
   Hadamard before `down_proj`) writes, checked by running it on a tiny Llama:

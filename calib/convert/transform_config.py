@@ -24,6 +24,9 @@ from ascend_llm.quant.compressed_tensors_transform import OnlineHadamard, check_
 from calib.config import CalibError
 
 SCHEME = "R4"                    # llm-compressor's name for the online rotation before down_proj
+# what loading the written transform_config needs in vLLM (transform/module.py `HadamardTransform`)
+VLLM_NOTE = ("vLLM runs the online Hadamard with its CUDA hadacore kernel and refuses online transforms "
+             "with tensor_parallel_size > 1; this runtime runs it on every backend and with TP")
 
 
 def transform_config(online_hadamard: dict) -> dict:

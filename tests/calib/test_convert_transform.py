@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calib.convert.cli import convert, main
+from calib.convert.transform_config import VLLM_NOTE
 from tests.quant.hadamard_writer import write_rotated_checkpoint
 from tests.quant.peer_fixtures import batch_logits, build_dir
 
@@ -48,7 +49,7 @@ def test_rotation_survives_both_directions_exactly(converted):
     back = json.loads((converted["back"] / "quant_model_description.json").read_text())
     assert back["online_hadamard"] == {"block_size": 32, "layers": DOWNS}
     report = json.loads((converted["ct"] / "convert_report.json").read_text())
-    assert report["online_hadamard"] == {"block_size": 32, "layers": DOWNS}
+    assert report["online_hadamard"] == {"block_size": 32, "layers": DOWNS, "vllm": VLLM_NOTE}
 
 
 def test_the_transform_config_is_spinquant_r4_and_the_matrix_is_saved_once(converted):

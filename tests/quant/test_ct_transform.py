@@ -8,7 +8,8 @@ scripts/peer_ct_transform.py in the llm-compressor virtualenv; tests/fixtures/ct
 - llmcompressor_spinquant_r4: llm-compressor's SpinQuantModifier(rotations=["R4"],
   transform_block_size=32) + W8A8 dynamic on a tiny Llama. Reference logits: transformers'
   decompressed model with compressed-tensors applying the config's online entries (what vLLM
-  runs: compressed_tensors/transform/linear.py keeps `args.is_online()` only). Bound: the
+  runs: vllm/model_executor/layers/quantization/compressed_tensors/transform/linear.py
+  `get_linear_transform_schemes` keeps `args.is_online()` entries only). Bound: the
   dynamic int8 bound of tests/calib/test_convert.py (0.1 max / 0.02 mean: compressed-tensors'
   per-token grid is amax / 127.5, ours amax / 127); measured 0.036 / 0.0082. Without the rotation
   the logits are off by 2.27 max (the `logits_without_transform` transformers alone computes);
