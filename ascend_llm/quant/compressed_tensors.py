@@ -5,7 +5,10 @@ the format llm-compressor writes and most quantized models on the HF hub use.
 ({name: {targets, weights, input_activations, output_activations, format}}), `ignore` (module
 names or `re:` regexes), `kv_cache_scheme` (null, or fp8 static per-tensor: `self_attn.k_scale` /
 `v_scale` for `--kv-cache-dtype fp8`), `quantization_status` (must be
-"compressed" when given). Each quantization-args dict holds num_bits, type (int | float),
+"compressed" when given), `transform_config` (online input Hadamards of type "hadamard" with a
+power-of-two head_dim, run by the `hadamard_transform` op like ascendV1's `online_hadamard`;
+anything else refused naming the scheme: `compressed_tensors_transform.py`). Each
+quantization-args dict holds num_bits, type (int | float),
 strategy (tensor | channel | group | token | block), group_size, block_structure, symmetric,
 dynamic, actorder (null, "static" or "weight": no `weight_g_idx`), plus observer settings that
 only the calibration tool reads. An unknown key, format, strategy or combination is a ValueError
@@ -33,7 +36,6 @@ Every scheme maps onto a method that already exists for another format (tensors 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,9 @@ from ascend_llm.distributed.communication import splits_input
 from ascend_llm.numerics import primitives as P
 from ascend_llm.ops.collectives import all_reduce
 from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.compressed_tensors_transform import (OnlineHadamard, add_transform_matrix,
+                                                          parse_transform_config, transform_for)
+from ascend_llm.quant.compressed_tensors_transform import name_matches as _matches
 from ascend_llm.quant.fp8_checkpoint import BlockFp8CheckpointLinearMethod, Fp8CheckpointLinearMethod
 from ascend_llm.quant.module_patterns import check_regex_entries
 from ascend_llm.quant.param_loading import add_param, check_loaded, shard_names_for
@@ -329,9 +334,11 @@ class CompressedTensorsConfig(QuantConfig):
     """A compressed-tensors checkpoint: each Linear gets the method of the config group targeting it."""
 
     def __init__(self, schemes: list[Scheme], ignore: tuple[str, ...],
-                 packed_modules: dict[str, tuple[str, ...]] | None = None) -> None:
+                 packed_modules: dict[str, tuple[str, ...]] | None = None,
+                 transforms: list[OnlineHadamard] | None = None) -> None:
         self.schemes, self.ignore = schemes, ignore
         self.packed_modules = dict(packed_modules or {})
+        self.transforms = list(transforms or [])       # transform_config's online input Hadamards
 
     @classmethod
     def get_name(cls) -> str:
@@ -352,8 +359,7 @@ class CompressedTensorsConfig(QuantConfig):
             _check_kv_cache_scheme(config["kv_cache_scheme"], f"{where}.kv_cache_scheme")
         if config.get("sparsity_config"):
             raise ValueError(f"{where}.sparsity_config: sparse compressed-tensors checkpoints are not supported")
-        if config.get("transform_config"):
-            raise ValueError(f"{where}.transform_config: transforms (e.g. Hadamard rotations) are not supported")
+        transforms = parse_transform_config(config.get("transform_config"), f"{where}.transform_config")
         top_format = config.get("format", "dense")
         if top_format not in FORMATS:
             raise ValueError(f"{where}.format: {top_format!r} is not supported ({', '.join(FORMATS)})")
@@ -375,11 +381,31 @@ class CompressedTensorsConfig(QuantConfig):
                 _matches(t, "lm_head") or t in ("Linear", "re:.*") for s in schemes for t in s.targets):
             raise ValueError(f"{where}.ignore: the LM head is quantized (not in ignore); quantized "
                              f"lm_head is not supported")
-        return cls(schemes, tuple(ignore), packed_modules)
+        rotated_head = [t.scheme for t in transforms if t.applies_to("lm_head")]
+        if rotated_head:
+            raise ValueError(f"{where}.transform_config: scheme {rotated_head[0]!r} rotates the input of "
+                             f"lm_head online; not supported (ignore it, as llm-compressor's QuIP does)")
+        return cls(schemes, tuple(ignore), packed_modules, transforms)
+
+    def input_hadamard_block(self, prefix: str) -> int | None:
+        transform = self.transform_for(prefix)
+        return None if transform is None else transform.block_size
+
+    def transform_for(self, prefix: str) -> OnlineHadamard | None:
+        """The `transform_config` online input Hadamard of the layer at `prefix` (None if none)."""
+        if not self.transforms:
+            return None
+        shard_names = shard_names_for(prefix, self.packed_modules)
+        parent = prefix.rpartition(".")[0]
+        names = [f"{parent}.{s}" if parent else s for s in shard_names] or [prefix]
+        return transform_for(self.transforms, names, prefix)
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> QuantMethod | None:
         if getattr(layer, "is_fused_moe", False):
             raise ValueError(f"{prefix}: compressed-tensors MoE expert checkpoints are not supported")
+        transform = self.transform_for(prefix)
+        if transform is not None:          # its matrix tensor, if the checkpoint has one, loads here
+            add_transform_matrix(layer, transform)
         shard_names = shard_names_for(prefix, self.packed_modules)
         parent = prefix.rpartition(".")[0]
         names = [f"{parent}.{s}" if parent else s for s in shard_names] or [prefix]
@@ -452,9 +478,3 @@ def _parse_group(name: str, group: Any, top_format: str, where: str) -> Scheme:
     return Scheme(name, tuple(targets), weights, inputs, fmt)
 
 
-def _matches(entry: str, name: str) -> bool:
-    """compressed-tensors target / ignore matching: `re:<regex>` (re.match) or the exact module
-    name, or its last component (e.g. "lm_head")."""
-    if entry.startswith("re:"):
-        return re.match(entry[3:], name) is not None
-    return entry == name or name.endswith(f".{entry}")

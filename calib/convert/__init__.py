@@ -19,6 +19,11 @@ it per layer; "lossless" = the same codes and scales):
 | fp8 per-tensor W, static per-tensor A (AutoFP8, compressed-tensors FP8) | W8A8FP8_DYNAMIC: weights kept, activations become dynamic per token (vllm-ascend has no static FP8) | float-quantized static, lossless |
 | fp8 per-tensor W, dynamic A (AutoFP8 dynamic)   | W8A8FP8_DYNAMIC, activations per token instead of per tensor | float-quantized, the same change |
 
+A rotated checkpoint (`python -m calib --rotation hadamard`: our ascendV1 key `online_hadamard`,
+the weights already rotated) converts both ways to compressed-tensors' `transform_config` in
+llm-compressor's SpinQuant R4 form (an online "hadamard" input transform, head_dim = block size,
+on the same Linears; `transform_config.py`); other transforms are refused naming the scheme.
+
 Refused, naming the layer and the reason: group-wise weight-only (this runtime's ascendV1 reader
 has no group scales yet), asymmetric weights, KV-cache quantization (C8 int8 and fp8 KV scales
 have no counterpart in the other format), block-wise FP8, anti-outlier norm biases toward

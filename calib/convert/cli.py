@@ -20,6 +20,7 @@ from calib.convert.read_compressed_tensors import read_compressed_tensors
 from calib.convert.read_fastdeploy import read_fastdeploy
 from calib.convert.write_ascendv1 import (ASCEND_CHANGES, description_group_size, static_bias_rounding,
                                          vllm_ascend_gap, write_ascendv1)
+from calib.convert.transform_config import VLLM_NOTE
 from calib.convert.write_compressed_tensors import write_compressed_tensors
 from calib.export import copy_side_files
 from calib.output_dir import check_output_dir, staged_output
@@ -100,6 +101,10 @@ def _summary(checkpoint: NeutralCheckpoint, written: dict[str, str], target_form
                           **({"note": note} if note else {})}
     summary = {"layers": layers, "lossless": all(entry["lossless"] for entry in layers.values()),
                "float_tensors": len(checkpoint.floats)}
+    if checkpoint.online_hadamard:      # carried as ascendV1 online_hadamard / compressed-tensors transform_config
+        summary["online_hadamard"] = dict(checkpoint.online_hadamard)
+        if target_format == "compressed-tensors":
+            summary["online_hadamard"]["vllm"] = VLLM_NOTE
     if gaps:
         summary["not_loaded_by_vllm_ascend"] = sorted(gaps)
     return summary

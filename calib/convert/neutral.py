@@ -69,6 +69,9 @@ class NeutralCheckpoint:
     floats: dict[str, torch.Tensor] = field(default_factory=dict)
     linears: dict[str, QuantLinear] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)        # module -> what the conversion changed
+    # online Hadamard before some Linears, whose stored weights already hold W @ blockdiag(H_b):
+    # {"block_size": b, "layers": [module names]} (ascendV1's `online_hadamard`), None if none
+    online_hadamard: dict | None = None
 
     def model_dtype(self) -> torch.dtype:
         """config.json's torch_dtype (or dtype), float32 when absent."""

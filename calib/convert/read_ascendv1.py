@@ -3,7 +3,8 @@
 The description is found and validated by the runtime's own reader (`quant/formats.py`). A W8A8
 static layer's effective float bias is what vllm-ascend computes with:
 deq_scale * (quant_bias + input_offset * sum_k W_q) (the float `bias` msModelSlim also writes is
-already folded into quant_bias; it is checked against it, not used).
+already folded into quant_bias; it is checked against it, not used). Our `online_hadamard` key
+(python -m calib --rotation hadamard) is carried as `NeutralCheckpoint.online_hadamard`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ascend_llm.quant.formats import detect_quant_format, norm_module_alias
+from ascend_llm.quant.formats import ONLINE_HADAMARD_KEY, detect_quant_format, norm_module_alias
 from ascend_llm.quant.modelslim_weight_only import unpack_modelslim_int4
 from ascend_llm.quant.w8a8 import decode_deq_scale
 from calib.config import CalibError
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 SCHEMES = {"W8A8": "int8_static", "W8A8_DYNAMIC": "int8_dynamic", "W8A16": "int8_weight_only",
            "W4A16": "int4_weight_only", "W8A8FP8_DYNAMIC": "fp8_dynamic", "WFP8AFP8_DYNAMIC": "fp8_dynamic"}
 WEIGHT_ONLY = ("W8A16", "W4A16")
-META_KEYS = frozenset({"model_quant_type", "version", "group_size", "metadata", "optional"})
+META_KEYS = frozenset({"model_quant_type", "version", "group_size", "metadata", "optional", ONLINE_HADAMARD_KEY})
 
 
 def read_ascendv1(src: Path) -> NeutralCheckpoint:
@@ -41,6 +42,9 @@ def read_ascendv1(src: Path) -> NeutralCheckpoint:
     config.pop("quantization_config", None)
     tensors = read_tensors(src)
     checkpoint = NeutralCheckpoint(config)
+    if ONLINE_HADAMARD_KEY in description:      # validated by the runtime's reader (formats.py)
+        spec = description[ONLINE_HADAMARD_KEY]
+        checkpoint.online_hadamard = {"block_size": spec["block_size"], "layers": list(spec["layers"])}
     for name, quant_type in sorted(description.items()):
         if name in META_KEYS or not name.endswith(".weight") or quant_type == "FLOAT":
             continue
@@ -62,11 +66,6 @@ def group_size(description: dict) -> int:
 
 
 def _refuse_unconvertible(description: dict, source: str) -> None:
-    if "online_hadamard" in description:
-        raise CalibError(f"{source}: online_hadamard: the checkpoint rotates some Linears' inputs online "
-                         f"(python -m calib --rotation hadamard); the converter has no target format that "
-                         f"carries the rotation (compressed-tensors' transform config is not written), and "
-                         f"without it the layers compute wrong outputs: not converted")
     for name, value in description.items():
         if name in META_KEYS or name in ("kv_cache_type", "kv_quant_type"):
             continue

@@ -2,7 +2,9 @@
 
 The config is validated by the runtime's own parser (`quant/compressed_tensors.py`), so a
 checkpoint converts exactly when it would load here; each Linear's scheme is the config group
-that targets it (`CompressedTensorsConfig.scheme_for`).
+that targets it (`CompressedTensorsConfig.scheme_for`). A `transform_config` the runtime runs (online
+"hadamard" input rotations, e.g. llm-compressor's SpinQuant R4) becomes our `online_hadamard`
+(`transform_config.py`); anything else is refused by that parser, naming the scheme.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from calib.config import CalibError
 from calib.convert.checkpoint_files import (check_finite_positive, linear_modules, per_channel,
                                             read_config, read_tensors, take)
 from calib.convert.neutral import NeutralCheckpoint, QuantLinear
+from calib.convert.transform_config import online_hadamard_from, pop_transform_tensors
 
 QUANT_LEAVES = ("weight_scale", "weight_packed")
 
@@ -35,6 +38,7 @@ def read_compressed_tensors(src: Path) -> NeutralCheckpoint:
     except ValueError as exc:
         raise CalibError(str(exc)) from None
     tensors = read_tensors(src)
+    pop_transform_tensors(tensors, parsed.transforms)
     checkpoint = NeutralCheckpoint(config)
     for module in linear_modules(tensors, QUANT_LEAVES):
         scheme = parsed.scheme_for(module)
@@ -49,7 +53,15 @@ def read_compressed_tensors(src: Path) -> NeutralCheckpoint:
         raise CalibError(f"{leftovers[0]}: not read by any converted scheme ({len(leftovers)} such "
                          f"tensor(s)); e.g. activation-ordered weight_g_idx is not supported")
     checkpoint.floats = tensors
+    checkpoint.online_hadamard = online_hadamard_from(parsed.transforms, _linears(checkpoint))
     return checkpoint
+
+
+def _linears(checkpoint: NeutralCheckpoint) -> list[str]:
+    """Every decoder Linear: the quantized ones and the float 2-D weights (not embeddings, lm_head)."""
+    floats = [name.rpartition(".")[0] for name, t in checkpoint.floats.items()
+              if name.endswith(".weight") and t.dim() == 2 and "embed" not in name and name != "lm_head.weight"]
+    return sorted(set(checkpoint.linears) | set(floats))
 
 
 def _check_unquantized_targets(tensors: dict[str, torch.Tensor], parsed: CompressedTensorsConfig) -> None:

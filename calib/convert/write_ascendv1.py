@@ -9,6 +9,7 @@ import torch
 
 from calib.config import CalibError
 from ascend_llm.numerics.primitives import pack_int4
+from ascend_llm.quant.formats import ONLINE_HADAMARD_KEY
 from calib.convert.neutral import NeutralCheckpoint, QuantLinear
 from calib.export import VLLM_ASCEND_FP8_TYPE, deq_scale_is_int64, quant_description, write_checkpoint
 from calib.quantize import static_scale_tensors
@@ -37,7 +38,10 @@ def write_ascendv1(checkpoint: NeutralCheckpoint, dst: Path) -> dict[str, str]:
             tensors[f"{module}.{leaf}"] = value.contiguous()
             types[f"{module}.{leaf}"] = "FLOAT" if leaf == "bias" else quant_type
         written[module] = quant_type
-    write_checkpoint(dst, dict(sorted(tensors.items())), quant_description(types, group))
+    description = quant_description(types, group)
+    if checkpoint.online_hadamard:
+        description[ONLINE_HADAMARD_KEY] = dict(checkpoint.online_hadamard)
+    write_checkpoint(dst, dict(sorted(tensors.items())), description)
     (dst / "config.json").write_text(json.dumps(checkpoint.config, indent=2))
     return written
 

@@ -10,7 +10,8 @@ the fixtures in tests/fixtures/peer_checkpoints/llmcompressor/ show it):
   [n, ceil(k / f)], f = 32 / bits, holding code + 2^(bits-1), lowest bits first, `weight_scale`
   [n, 1] or [n, k / g], `weight_shape` [2]; asymmetric adds `weight_zero_point` int32
   [ceil(n / f), G], the signed zero points packed the same way along n.
-Scales stay float32 (as read; nothing is re-rounded). One config group per scheme; a single
+Scales stay float32 (as read; nothing is re-rounded). A rotated checkpoint's `online_hadamard`
+becomes the `transform_config` of llm-compressor's SpinQuant R4 (`transform_config.py`). One config group per scheme; a single
 scheme targets "Linear" with the float Linears in `ignore`, several list their modules by name.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 
 from calib.config import CalibError
 from calib.convert.neutral import NeutralCheckpoint, QuantLinear
+from calib.convert.transform_config import transform_config, transform_tensors
 
 WEIGHTS_FILE = "model.safetensors"
 _FORMATS = {"int8_dynamic": "int-quantized", "int8_static": "int-quantized",
@@ -117,7 +119,8 @@ def quantization_config(checkpoint: NeutralCheckpoint) -> dict:
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "config_groups": groups,
             "ignore": sorted(set(float_linears) | {"lm_head"}) if single else ["lm_head"],
-            "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {}}
+            "kv_cache_scheme": None, "sparsity_config": {},
+            "transform_config": transform_config(checkpoint.online_hadamard) if checkpoint.online_hadamard else {}}
 
 
 def _refuse_norm_biases(checkpoint: NeutralCheckpoint) -> None:
@@ -142,6 +145,8 @@ def write_compressed_tensors(checkpoint: NeutralCheckpoint, dst: Path) -> dict[s
         for leaf, value in linear_tensors(linear).items():
             tensors[f"{module}.{leaf}"] = value.contiguous()
         written[module] = _FORMATS[linear.scheme]
+    if checkpoint.online_hadamard:
+        tensors.update(transform_tensors(checkpoint.online_hadamard, checkpoint.model_dtype()))
     save_file(dict(sorted(tensors.items())), str(dst / WEIGHTS_FILE), metadata={"format": "pt"})
     config = dict(checkpoint.config, quantization_config=quantization_config(checkpoint))
     (dst / "config.json").write_text(json.dumps(config, indent=2))

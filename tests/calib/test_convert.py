@@ -195,23 +195,6 @@ def test_unconvertible_input_exits_2_with_one_line(source, src, match, tmp_path,
     assert not (tmp_path / "o").exists()                 # nothing half-written
 
 
-def test_a_rotated_checkpoint_is_refused_naming_the_rotation(tmp_path, capsys):
-    """`online_hadamard` (python -m calib --rotation hadamard) has no counterpart the converter
-    writes: refused in one line, nothing written (a copy of a fixture with the key added)."""
-    import shutil
-
-    src = tmp_path / "src"
-    shutil.copytree(MSMS / "llama_w8a8", src)
-    desc_path = src / "quant_model_description.json"
-    desc = json.loads(desc_path.read_text())
-    desc["online_hadamard"] = {"block_size": 32, "layers": ["model.layers.0.mlp.down_proj"]}
-    desc_path.write_text(json.dumps(desc))
-    assert main(["--from", "ascendv1", "--to", "compressed-tensors", str(src), str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "online_hadamard: the checkpoint rotates" in err, err
-    assert not (tmp_path / "o").exists()
-
-
 def test_output_conventions(tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
