@@ -15,8 +15,10 @@ The float model's outputs are unchanged (up to rounding).
 
 msModelSlim's QuaRot rotates the residual stream offline (R1) and, for W4A4, the down_proj input
 online; vllm-ascend (as of 2026-12) has no online rotation for W8A8 and MindIE documents none,
-so a checkpoint written with it runs in this runtime only (the converter and the vllm-ascend
-conformance check say so).
+so the ascendV1 checkpoint written with it runs in this runtime only (the export and the
+vllm-ascend conformance check say so). `python -m calib.convert --to compressed-tensors` writes
+the same rotation as compressed-tensors' `transform_config` in llm-compressor's SpinQuant R4 form
+(ascend_llm/quant/compressed_tensors_transform.py), which vLLM runs on CUDA at TP 1.
 """
 from __future__ import annotations
 
