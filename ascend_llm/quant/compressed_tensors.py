@@ -46,6 +46,7 @@ from ascend_llm.distributed.communication import splits_input
 from ascend_llm.numerics import primitives as P
 from ascend_llm.ops.collectives import all_reduce
 from ascend_llm.quant.base import QuantConfig, QuantMethod
+from ascend_llm.quant.config_fields import check_known_fields, check_object
 from ascend_llm.quant.compressed_tensors_transform import (OnlineHadamard, add_transform_matrix,
                                                           parse_transform_config, transform_for)
 from ascend_llm.quant.compressed_tensors_transform import name_matches as _matches
@@ -83,11 +84,7 @@ class QuantArgs:
 
     @classmethod
     def parse(cls, args: Any, where: str) -> "QuantArgs":
-        if not isinstance(args, dict):
-            raise ValueError(f"{where}: must be an object, got {type(args).__name__}")
-        unknown = sorted(set(args) - ARG_KEYS)
-        if unknown:
-            raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(ARG_KEYS))})")
+        check_object(args, ARG_KEYS, where)
         num_bits, qtype = args.get("num_bits", 8), args.get("type", "int")
         strategy, group_size = args.get("strategy"), args.get("group_size")
         symmetric, dynamic = args.get("symmetric", True), args.get("dynamic", False)
@@ -348,9 +345,7 @@ class CompressedTensorsConfig(QuantConfig):
     def from_config(cls, config: dict[str, Any], packed_modules: dict[str, tuple[str, ...]] | None = None,
                     source: str = "quantization_config") -> "CompressedTensorsConfig":
         where = f"{source}: quantization_config"
-        unknown = sorted(set(config) - CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
+        check_known_fields(config, CONFIG_KEYS, where)
         status = config.get("quantization_status", "compressed")
         if status != "compressed":
             raise ValueError(f"{where}.quantization_status: {status!r} is not supported (a checkpoint "
@@ -455,11 +450,7 @@ def _check_kv_cache_scheme(scheme: Any, where: str) -> None:
 
 
 def _parse_group(name: str, group: Any, top_format: str, where: str) -> Scheme:
-    if not isinstance(group, dict):
-        raise ValueError(f"{where}: must be an object, got {type(group).__name__}")
-    unknown = sorted(set(group) - GROUP_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(GROUP_KEYS))})")
+    check_object(group, GROUP_KEYS, where)
     targets = group.get("targets")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{where}.targets: must be a non-empty list of strings, got {targets!r}")

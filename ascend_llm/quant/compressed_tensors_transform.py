@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 
 from ascend_llm.numerics.hadamard import hadamard_matrix, is_power_of_two
+from ascend_llm.quant.config_fields import check_object
 
 SCHEME_KEYS = frozenset({"type", "apply", "randomize", "requires_grad", "head_dim", "precision"})
 ARGS_KEYS = frozenset({"targets", "location", "inverse", "ignore"})
@@ -107,11 +108,7 @@ def parse_transform_config(raw: Any, where: str) -> list[OnlineHadamard]:
 
 
 def _parse_scheme(name: str, scheme: Any, where: str) -> list[OnlineHadamard]:
-    if not isinstance(scheme, dict):
-        raise ValueError(f"{where}: must be an object, got {type(scheme).__name__}")
-    unknown = sorted(set(scheme) - SCHEME_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(SCHEME_KEYS))})")
+    check_object(scheme, SCHEME_KEYS, where)
     kind = scheme.get("type")
     if kind != "hadamard":
         raise ValueError(f"{where}: transform type {kind!r} is not supported (only 'hadamard', the "
@@ -132,11 +129,7 @@ def _parse_scheme(name: str, scheme: Any, where: str) -> list[OnlineHadamard]:
 
 
 def _parse_args(name: str, scheme: dict, args: Any, where: str) -> OnlineHadamard | None:
-    if not isinstance(args, dict):
-        raise ValueError(f"{where}: must be an object, got {type(args).__name__}")
-    unknown = sorted(set(args) - ARGS_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(ARGS_KEYS))})")
+    check_object(args, ARGS_KEYS, where)
     targets, ignore = _names(args.get("targets"), f"{where}.targets"), _names(args.get("ignore", []), f"{where}.ignore")
     if not targets:
         raise ValueError(f"{where}.targets: must name at least one module")
