@@ -17,12 +17,13 @@ it measured. Writes benchmarks/results/calib_grid_smollm2_<date>.json.
 checkpoint measured in the same run). Writes calib_w8a8_targets_smollm2_<date>.json.
 
 `--w4a16`: the weight-only int4 grid instead (calib/weight_only.py; issue 28 target 4): float,
-GPTQ and round-to-nearest (MinMax) at group 192 (in place of 128, which does not divide
-SmolLM2's hidden size 576) / 64 and per channel, symmetric, msModelSlim
+AWQ-style smoothing (m3) + GPTQ or round-to-nearest, plain GPTQ and round-to-nearest (MinMax) at
+group 192 (in place of 128, which does not divide SmolLM2's hidden size 576) / 64 and per
+channel, symmetric (one asymmetric round-to-nearest row), msModelSlim
 W4A16 written and served by the runtime, perplexity on BOTH eval texts. GPTQ calibrates on
 `--num_samples` x `--max_tokens` tokens of calib_prose.jsonl (64 x 512 in the committed run); the
-MinMax rows use no calibration data for their weights (4 x 128 tokens only feed the report's
-output errors). Writes benchmarks/results/calib_w4a16_smollm2_<date>.json.
+MinMax rows without smoothing use no calibration data for their weights (4 x 128 tokens only
+feed the report's output errors). Writes benchmarks/results/calib_w4a16_smollm2_<date>.json.
 """
 from __future__ import annotations
 
@@ -75,17 +76,23 @@ GRID: tuple[tuple[str, dict], ...] = (
 )
 
 
-# (label, w_method, group_size) in priority order
+# (label, options for CalibConfig) in priority order, every row int4 weight-only (--w_bit 4 --a_bit 16).
 # SmolLM2's hidden size 576 is not a multiple of 128 (the calibrator refuses g128, naming the
-# layer): 192 = 576 / 3, the group size above 128 that divides every input dim (576, 1536),
-# stands in for it (coarser groups: its error bounds g128's from above).
-W4A16_GRID: tuple[tuple[str, str, int], ...] = (
-    ("W4A16 GPTQ g192", "GPTQ", 192),
-    ("W4A16 RTN g192", "MinMax", 192),
-    ("W4A16 GPTQ g64", "GPTQ", 64),
-    ("W4A16 RTN g64", "MinMax", 64),
-    ("W4A16 RTN per-channel", "MinMax", 0),
-    ("W4A16 GPTQ per-channel", "GPTQ", 0),
+# layer, as compressed-tensors' own quantizer does): 192 = 576 / 3, the group size above 128 that
+# divides every input dim (576, 1536), stands in for it (coarser groups: its error bounds g128's
+# from above). "AWQ" = --anti_method m3 (group-aware scale search, s = mean|x|^a).
+W4A16_GRID: tuple[tuple[str, dict], ...] = (
+    ("W4A16 AWQ + GPTQ g192", dict(w_method="GPTQ", group_size=192, anti_method="m3")),
+    ("W4A16 AWQ + GPTQ g64", dict(w_method="GPTQ", group_size=64, anti_method="m3")),
+    ("W4A16 AWQ RTN g64", dict(w_method="MinMax", group_size=64, anti_method="m3")),
+    ("W4A16 AWQ RTN g192", dict(w_method="MinMax", group_size=192, anti_method="m3")),
+    ("W4A16 RTN g64 asymmetric", dict(w_method="MinMax", group_size=64, w_sym=False)),
+    ("W4A16 GPTQ g192", dict(w_method="GPTQ", group_size=192)),
+    ("W4A16 RTN g192", dict(w_method="MinMax", group_size=192)),
+    ("W4A16 GPTQ g64", dict(w_method="GPTQ", group_size=64)),
+    ("W4A16 RTN g64", dict(w_method="MinMax", group_size=64)),
+    ("W4A16 RTN per-channel", dict(w_method="MinMax", group_size=0)),
+    ("W4A16 GPTQ per-channel", dict(w_method="GPTQ", group_size=0)),
 )
 EVAL_TEXTS = ("eval_tempest.txt", "eval_paradise_regained.txt")
 
@@ -119,17 +126,17 @@ def measure(model_dir: str, ids: list[int], window: int) -> float:
 
 
 def calibrate_w4a16_row(row, args, work: Path) -> dict:
-    label, method, group = row
+    label, options = row
     out = work / "ckpt"
-    gptq = method == "GPTQ"
+    data = options["w_method"] == "GPTQ" or "anti_method" in options      # rows that learn from calibration text
     report = run_calibration(CalibConfig(
         model_path="smollm2-135m-instruct", save_directory=str(out), calib_file=str(SHARED / "calib_prose.jsonl"),
-        w_bit=4, a_bit=16, w_method=method, group_size=group,
-        num_samples=args.num_samples if gptq else 4, max_tokens=args.max_tokens if gptq else 128,
-        progress=False, overwrite=True))
+        w_bit=4, a_bit=16, num_samples=args.num_samples if data else 4, max_tokens=args.max_tokens if data else 128,
+        progress=False, overwrite=True, **options))
     summary = report.weight_only
-    return {"label": label, "w_method": method, "group_size": group, "w_sym": True,
-            "calib_tokens": f"{args.num_samples} x {args.max_tokens}" if gptq else "none (MinMax)",
+    return {"label": label, "options": options, "w_method": options["w_method"], "group_size": options["group_size"],
+            "w_sym": options.get("w_sym", True), "anti_method": options.get("anti_method", "none"),
+            "calib_tokens": f"{args.num_samples} x {args.max_tokens}" if data else "none (MinMax)",
             "quantized_linears": sum(r.quant_type == "W4A16" for r in report.layers),
             "total_linears": len(report.layers), "calib_seconds": round(sum(report.stage_seconds.values()), 1),
             "stage_seconds": report.stage_seconds,
@@ -140,13 +147,13 @@ def calibrate_w4a16_row(row, args, work: Path) -> dict:
 
 def print_w4a16_table(rows: list[dict]) -> None:
     base = rows[0]["perplexity"]
-    print(f"{'row':24} {'tempest':>8} {'x float':>7} {'paradise':>8} {'x float':>7} {'out err':>7} {'calib s':>7}")
+    print(f"{'row':28} {'tempest':>8} {'x float':>7} {'paradise':>8} {'x float':>7} {'out err':>7} {'calib s':>7}")
     for r in rows:
         ppl = r["perplexity"]
         cells = " ".join(f"{ppl[t]:8.3f} {ppl[t] / base[t]:7.3f}" if t in ppl else f"{'-':>8} {'-':>7}"
                          for t in EVAL_TEXTS)
         err = f"{r['mean_output_error_written']:.4f}" if "mean_output_error_written" in r else "-"
-        print(f"{r['label']:24} {cells} {err:>7} {r.get('calib_seconds', 0):7.1f}")
+        print(f"{r['label']:28} {cells} {err:>7} {r.get('calib_seconds', 0):7.1f}")
 
 
 def main_w4a16(args, model_dir: Path) -> None:
@@ -158,7 +165,7 @@ def main_w4a16(args, model_dir: Path) -> None:
     meta = {"model": "smollm2-135m-instruct", "eval_tokens": {n: len(i) for n, i in texts.items()},
             "window": args.window, "calib": f"calib_prose.jsonl, {args.num_samples} x {args.max_tokens} "
             f"tokens (GPTQ rows)", "threads": args.threads, "machine": platform.platform(),
-            "cpu": cpu_model_name(), "note": "shared 2-core CPU; symmetric int4, lm_head / embeddings float"}
+            "cpu": cpu_model_name(), "note": "shared 2-core CPU; int4 symmetric unless w_sym false, lm_head / embeddings float"}
 
     def evaluate(ckpt: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
