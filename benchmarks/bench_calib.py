@@ -82,17 +82,17 @@ GRID: tuple[tuple[str, dict], ...] = (
 # divides every input dim (576, 1536), stands in for it (coarser groups: its error bounds g128's
 # from above). "AWQ" = --anti_method m3 (group-aware scale search, s = mean|x|^a).
 W4A16_GRID: tuple[tuple[str, dict], ...] = (
-    ("W4A16 AWQ + GPTQ g192", dict(w_method="GPTQ", group_size=192, anti_method="m3")),
-    ("W4A16 AWQ + GPTQ g64", dict(w_method="GPTQ", group_size=64, anti_method="m3")),
+    ("W4A16 GPTQ g64", dict(w_method="GPTQ", group_size=64)),
+    ("W4A16 GPTQ g192", dict(w_method="GPTQ", group_size=192)),
     ("W4A16 AWQ RTN g64", dict(w_method="MinMax", group_size=64, anti_method="m3")),
     ("W4A16 AWQ RTN g192", dict(w_method="MinMax", group_size=192, anti_method="m3")),
+    ("W4A16 AWQ + GPTQ g192", dict(w_method="GPTQ", group_size=192, anti_method="m3")),
     ("W4A16 RTN g64 asymmetric", dict(w_method="MinMax", group_size=64, w_sym=False)),
-    ("W4A16 GPTQ g192", dict(w_method="GPTQ", group_size=192)),
-    ("W4A16 RTN g192", dict(w_method="MinMax", group_size=192)),
-    ("W4A16 GPTQ g64", dict(w_method="GPTQ", group_size=64)),
     ("W4A16 RTN g64", dict(w_method="MinMax", group_size=64)),
+    ("W4A16 RTN g192", dict(w_method="MinMax", group_size=192)),
     ("W4A16 RTN per-channel", dict(w_method="MinMax", group_size=0)),
     ("W4A16 GPTQ per-channel", dict(w_method="GPTQ", group_size=0)),
+    ("W4A16 AWQ + GPTQ g64", dict(w_method="GPTQ", group_size=64, anti_method="m3")),
 )
 EVAL_TEXTS = ("eval_tempest.txt", "eval_paradise_regained.txt")
 

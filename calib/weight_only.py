@@ -17,7 +17,9 @@ clips each row and group's range (CLIP_SHRINK, least diag(H)-weighted rounding e
 scales (computed from the float weights before rounding: "static groups") and rounds column by
 column (in decreasing diag(H) order: act-order),
 pushing each column's error onto the columns not yet rounded through the inverse Hessian of the
-layer's calibration inputs (H = X^T X, float model inputs, calib/hessians.py); the Linears of one
+layer's calibration inputs (H = X^T X). The inputs are those of the model quantized so far: the
+decoder layers are calibrated in order, each on the outputs of the layers before it with their
+rounded weights (calib/sequential.py; SEQUENTIAL). The Linears of one
 group (q/k/v, gate/up) share H and are rounded together; every token enters H at unit norm
 (TOKEN_CAP), so a few massive-activation tokens cannot dominate it. A Hessian whose damped Cholesky factor
 fails (singular, e.g. from too few tokens) is retried with 10x the dampening until it succeeds;
@@ -54,6 +56,7 @@ from calib.gptq import gptq_round, output_error
 from calib.model_spec import LinearGroup, find_groups
 from calib.output_dir import check_output_dir, staged_output
 from calib.report import CalibReport, LayerRecord, timed_stage
+from calib.sequential import quantize_sequentially
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,9 @@ CLIP_SHRINK = tuple(1 - 0.05 * i for i in range(7))          # 1.0 .. 0.7
 TOKEN_CAP = 0.0
 ANTI_OUTLIER_ROWS = 16    # calibration rows the anti-outlier scale search sees (2 forwards each)
 MIN_GROUP = 8             # smallest group size offered when one does not divide
+# GPTQ layer by layer on the quantized model's own activations (calib/sequential.py) instead of
+# every Hessian from the float model
+SEQUENTIAL = True
 
 
 @dataclass
@@ -259,47 +265,60 @@ def run_weight_only(cfg: CalibConfig) -> CalibReport:
         with timed_stage(seconds, "anti_outlier"):
             smooth_report = smooth(model, cfg, batches)
             check_finite_weights(model, f"after anti-outlier {cfg.anti_method}")
-    with timed_stage(seconds, "hessians"):            # also for MinMax: the report's output errors
-        hessians = decoder_hessians(model, groups, batches, cfg.progress, token_cap=TOKEN_CAP)
     modules = dict(model.named_modules())
     linears: dict[str, QuantLinear] = {}
     records: list[LayerRecord] = []
     errors: dict[str, dict[str, float]] = {}
     scheme = "int4_weight_only" if cfg.w_bit == 4 else "int8_weight_only"
     quant_type = "W4A16" if cfg.w_bit == 4 else "W8A16"
-    with timed_stage(seconds, "quantize"):
-        for group in tqdm(groups, desc=f"{quant_type} ({cfg.w_method_name})", disable=not cfg.progress):
-            names = [n for n in group.names if not is_float(n, cfg.disable_names)]
-            for name in sorted(set(group.names) - set(names)):
-                records.append(LayerRecord(name, "FLOAT", "-", float_reason="--disable_names"))
-            if not names:
-                continue
-            hessian = hessians[group.key]
-            weights = [modules[n].weight.detach().float().cpu() for n in names]
-            stacked = torch.cat(weights)                                   # [sum n, k]
-            minmax = make_grid(stacked, cfg.w_bit, cfg.group_size, cfg.w_sym)
-            rtn = round_to_nearest(stacked, minmax)
-            grid, codes, damp = minmax, rtn, None
-            if gptq:
-                grid = make_grid(stacked, cfg.w_bit, cfg.group_size, cfg.w_sym,
-                                 importance=torch.diagonal(hessian), shrink=CLIP_SHRINK)
-                codes, damp = gptq_codes(stacked, grid, hessian)
-            start = 0
-            for name, weight in zip(names, weights):
-                rows = slice(start, start + weight.shape[0])
-                start += weight.shape[0]
-                part, base = _rows(grid, rows), _rows(minmax, rows)
-                bias = modules[name].bias
-                linears[name] = QuantLinear(
-                    scheme, codes[rows].to(torch.int8), part.scale.contiguous(),
-                    bias=None if bias is None else bias.detach().float().cpu(),
-                    group_size=cfg.group_size,
-                    weight_zero_point=None if part.zero is None else part.zero.to(torch.int8).contiguous())
-                err_rtn = output_error(weight, base.dequantize(rtn[rows]), hessian)
-                err = output_error(weight, part.dequantize(codes[rows]), hessian) if gptq else err_rtn
-                errors[name] = {"rtn": round(err_rtn, 6), "written": round(err, 6),
-                                **({"damp": damp} if damp is not None else {})}
-                records.append(LayerRecord(name, quant_type, cfg.w_method_name))
+
+    def quantize_group(group: LinearGroup, hessian: torch.Tensor | None, write_back: bool) -> None:
+        names = [n for n in group.names if not is_float(n, cfg.disable_names)]
+        for name in sorted(set(group.names) - set(names)):
+            records.append(LayerRecord(name, "FLOAT", "-", float_reason="--disable_names"))
+        if not names:
+            return
+        weights = [modules[n].weight.detach().float().cpu() for n in names]
+        stacked = torch.cat(weights)                                   # [sum n, k]
+        minmax = make_grid(stacked, cfg.w_bit, cfg.group_size, cfg.w_sym)
+        rtn = round_to_nearest(stacked, minmax)
+        grid, codes, damp = minmax, rtn, None
+        if gptq:
+            grid = make_grid(stacked, cfg.w_bit, cfg.group_size, cfg.w_sym,
+                             importance=torch.diagonal(hessian), shrink=CLIP_SHRINK)
+            codes, damp = gptq_codes(stacked, grid, hessian)
+        start = 0
+        for name, weight in zip(names, weights):
+            rows = slice(start, start + weight.shape[0])
+            start += weight.shape[0]
+            part, base = _rows(grid, rows), _rows(minmax, rows)
+            bias = modules[name].bias
+            linears[name] = QuantLinear(
+                scheme, codes[rows].to(torch.int8), part.scale.contiguous(),
+                bias=None if bias is None else bias.detach().float().cpu(),
+                group_size=cfg.group_size,
+                weight_zero_point=None if part.zero is None else part.zero.to(torch.int8).contiguous())
+            err_rtn = output_error(weight, base.dequantize(rtn[rows]), hessian)
+            err = output_error(weight, part.dequantize(codes[rows]), hessian) if gptq else err_rtn
+            errors[name] = {"rtn": round(err_rtn, 6), "written": round(err, 6),
+                            **({"damp": damp} if damp is not None else {})}
+            records.append(LayerRecord(name, quant_type, cfg.w_method_name))
+            if write_back:               # the later layers see this layer's quantized output
+                target_weight = modules[name].weight
+                target_weight.copy_(part.dequantize(codes[rows]).to(target_weight.dtype))
+
+    if gptq and SEQUENTIAL:
+        with timed_stage(seconds, "quantize"):
+            quantize_sequentially(
+                model, groups, batches, lambda group, store: hessian_hook(group, store, TOKEN_CAP),
+                lambda layer_groups, store: [quantize_group(g, store[g.key], True) for g in layer_groups],
+                cfg.progress)
+    else:
+        with timed_stage(seconds, "hessians"):            # also for MinMax: the report's output errors
+            hessians = decoder_hessians(model, groups, batches, cfg.progress, token_cap=TOKEN_CAP)
+        with timed_stage(seconds, "quantize"):
+            for group in tqdm(groups, desc=f"{quant_type} ({cfg.w_method_name})", disable=not cfg.progress):
+                quantize_group(group, hessians[group.key], False)
     checkpoint = NeutralCheckpoint(config=_config(model_dir))
     dtype = checkpoint.model_dtype()
     for name, tensor in _float_state(model).items():
@@ -328,21 +347,7 @@ def decoder_hessians(model: nn.Module, groups: list[LinearGroup], batches: list[
     runs alone (nobody needs the lm_head logits)."""
     modules = dict(model.named_modules())
     hessians: dict[str, torch.Tensor] = {}
-
-    def hook(group: LinearGroup):
-        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()          # [T, k]
-            check_finite_activation(x, group.names[0])
-            if token_cap is not None:
-                x = _cap_tokens(x, token_cap)
-            product = (x.T @ x).double()
-            if group.key in hessians:
-                hessians[group.key] += product
-            else:
-                hessians[group.key] = product
-        return record
-
-    handles = [modules[g.names[0]].register_forward_pre_hook(hook(g)) for g in groups]
+    handles = [modules[g.names[0]].register_forward_pre_hook(hessian_hook(g, hessians, token_cap)) for g in groups]
     device = next(model.parameters()).device
     try:
         for ids in tqdm(batches, desc="hessians", disable=not progress):
@@ -351,6 +356,22 @@ def decoder_hessians(model: nn.Module, groups: list[LinearGroup], batches: list[
         for handle in handles:
             handle.remove()
     return hessians
+
+
+def hessian_hook(group: LinearGroup, hessians: dict[str, torch.Tensor], token_cap: float | None):
+    """A forward pre-hook adding the group's input X^T X (each batch in float32, summed in float64)
+    to hessians[group.key]; `token_cap` as in `_cap_tokens` (None: tokens as they are)."""
+    def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()          # [T, k]
+        check_finite_activation(x, group.names[0])
+        if token_cap is not None:
+            x = _cap_tokens(x, token_cap)
+        product = (x.T @ x).double()
+        if group.key in hessians:
+            hessians[group.key] += product
+        else:
+            hessians[group.key] = product
+    return record
 
 
 def _cap_tokens(x: torch.Tensor, cap: float) -> torch.Tensor:

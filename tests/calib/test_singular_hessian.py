@@ -48,6 +48,19 @@ def _with_indefinite_hessian(monkeypatch, module) -> None:
         found[INDEFINITE] = torch.ones(k, k, dtype=torch.float64) * 2 - torch.eye(k, dtype=torch.float64)
         return found
     monkeypatch.setattr(module, "decoder_hessians", hessians)
+    if hasattr(module, "hessian_hook"):          # weight_only's layer-sequential GPTQ (calib/sequential.py)
+        real_hook = module.hessian_hook
+
+        def hook(group, store, token_cap):
+            record = real_hook(group, store, token_cap)
+
+            def replaced(*args):
+                record(*args)
+                if group.key == INDEFINITE:
+                    k = store[INDEFINITE].shape[0]
+                    store[INDEFINITE] = torch.ones(k, k, dtype=torch.float64) * 2 - torch.eye(k, dtype=torch.float64)
+            return replaced
+        monkeypatch.setattr(module, "hessian_hook", hook)
 
 
 def _calibrate(capsys, model_dir: Path, out: Path, *flags: str) -> dict:
