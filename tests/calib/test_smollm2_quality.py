@@ -7,7 +7,8 @@ eval_tempest.txt against the float model served the same way.
   W8A8_DYNAMIC (`w8a8_static_dynamic_down`, target 2) within 1.02x;
 - every anti-outlier method beats no smoothing at the same act_method / disable_level (small
   calibration set and 1024 evaluation tokens, one calibration per method).
-Numbers of the full grid: benchmarks/bench_calib.py -> benchmarks/results/calib_smollm2_*.json
+Numbers of the full grid: benchmarks/bench_calib.py -> benchmarks/results/calib_grid_smollm2_*.json (both texts;
+calib_smollm2_2026-11-23.json: the Tempest only)
 (measured 2026-11-23: float 39.96, w8a8_best 40.36 = 1.010x, no smoothing 76.57 = 1.92x). The
 16k-token evaluations dominate the run time.
 """
