@@ -36,7 +36,6 @@ class GptqSummary:
     Cholesky fails) and its input channels that saw no input (a singular Hessian's zero rows)."""
 
     layers: dict[str, tuple[float, float]] = field(default_factory=dict)   # name -> (rtn, gptq)
-    damp_used: float = 0.0
     damps: dict[str, float] = field(default_factory=dict)                  # name -> dampening used
     dead_channels: dict[str, int] = field(default_factory=dict)            # name -> channels with H[j, j] == 0
 
@@ -45,7 +44,7 @@ class GptqSummary:
         gptq = [g for _, g in self.layers.values()]
         mean = (lambda v: sum(v) / len(v) if v else 0.0)
         return {"mean_output_error_rtn": mean(rtn), "mean_output_error_gptq": mean(gptq),
-                "damp_used": self.damp_used, "layer_damp": dict(self.damps),
+                "damp_used": max(self.damps.values(), default=0.0), "layer_damp": dict(self.damps),
                 "raised_damp": sorted(n for n, d in self.damps.items() if d > GPTQ_DAMP),
                 "dead_input_channels": {n: c for n, c in self.dead_channels.items() if c},
                 "layers": {n: list(v) for n, v in self.layers.items()}}
@@ -69,7 +68,6 @@ def gptq_int8(model: nn.Module, groups: list[LinearGroup], plans: Mapping[str, L
             grid = make_grid(weight, 8, 0, True)                              # scale [n, 1] = max|W| / 127
             codes, damp = gptq_codes(weight, grid, hessian)
             values = grid.dequantize(codes)
-            summary.damp_used = max(summary.damp_used, damp)
             summary.damps[name] = damp
             summary.dead_channels[name] = int((torch.diagonal(hessian) <= 0).sum())
             summary.layers[name] = (output_error(weight, grid.dequantize(grid.codes(weight)), hessian),

@@ -21,10 +21,8 @@ from ascend_llm.executor.base import DriverExecutor
 from ascend_llm.executor.errors import TensorParallelError, WorkerDiedError
 from ascend_llm.executor.start_method import ProcessFacts, choose_start_method
 from ascend_llm.executor.worker import WorkerSpec, broadcast_step
-from ascend_llm.executor.worker_processes import (await_reports, first_failure, start_workers,
+from ascend_llm.executor.worker_processes import (SIGNAL_WAIT_S, await_reports, first_failure, start_workers,
                                                   stop_processes)
-
-_SIGNAL_WAIT_S = 2.0     # after terminating the workers: how long the blocked collective may take to fail
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ class MultiprocExecutor(DriverExecutor):
                            "%.0f s (a worker rank is alive but not answering): terminating the workers",
                            STOP_TIMEOUT_S)
             stop_processes([w.process for w in self._workers], grace_s=0.0)
-            leaving.join(_SIGNAL_WAIT_S)
+            leaving.join(SIGNAL_WAIT_S)      # the terminated workers fail the blocked collective
             return
         stop_processes([w.process for w in self._workers])
 

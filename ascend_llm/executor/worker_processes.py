@@ -24,7 +24,7 @@ from ascend_llm.executor.worker import WorkerSpec, mp_worker_entry
 logger = logging.getLogger(__name__)
 
 EXIT_GRACE_S = 5.0      # how long a worker may take to exit after the stop message
-_SIGNAL_WAIT_S = 2.0    # how long to wait after SIGTERM, then after SIGKILL
+SIGNAL_WAIT_S = 2.0     # how long to wait after SIGTERM, then after SIGKILL
 
 
 @dataclass
@@ -135,8 +135,8 @@ def stop_processes(procs: list[Any], grace_s: float = EXIT_GRACE_S) -> None:
             logger.warning("tensor parallel: worker %s (pid %s) still running %.0f s after the stop message: "
                            "SIGTERM", proc.name, proc.pid, grace_s)
             proc.terminate()
-            proc.join(timeout=_SIGNAL_WAIT_S)
+            proc.join(timeout=SIGNAL_WAIT_S)
         if proc.is_alive():
             logger.warning("tensor parallel: worker %s (pid %s) ignored SIGTERM: SIGKILL", proc.name, proc.pid)
             proc.kill()
-            proc.join(timeout=_SIGNAL_WAIT_S)
+            proc.join(timeout=SIGNAL_WAIT_S)
