@@ -156,47 +156,30 @@ def print_w4a16_table(rows: list[dict]) -> None:
         print(f"{r['label']:28} {cells} {err:>7} {r.get('calib_seconds', 0):7.1f}")
 
 
-def main_w4a16(args, model_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    out_path = Path(args.out) if args.out else RESULTS / f"calib_w4a16_smollm2_{dt.date.today().isoformat()}.json"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = {name: eval_ids(tokenizer, args.eval_tokens, name) for name in EVAL_TEXTS}
-    meta = {"model": "smollm2-135m-instruct", "eval_tokens": {n: len(i) for n, i in texts.items()},
-            "window": args.window, "calib": f"calib_prose.jsonl, {args.num_samples} x {args.max_tokens} "
-            f"tokens (GPTQ rows)", "threads": args.threads, "machine": platform.platform(),
-            "cpu": cpu_model_name(), "note": "shared 2-core CPU; int4 symmetric unless w_sym false, lm_head / embeddings float"}
-
-    def evaluate(ckpt: str) -> tuple[dict, float]:
-        t0 = time.perf_counter()
-        return ({name: measure(ckpt, ids, args.window) for name, ids in texts.items()},
-                round(time.perf_counter() - t0, 1))
-
-    ppl, seconds = evaluate(str(model_dir))
-    rows = [{"label": "float", "perplexity": ppl, "eval_seconds": seconds}]
-    with tempfile.TemporaryDirectory() as tmp:
-        for row in W4A16_GRID[:args.rows or len(W4A16_GRID)]:
-            result = calibrate_w4a16_row(row, args, Path(tmp))
-            result["perplexity"], result["eval_seconds"] = evaluate(result.pop("ckpt"))
-            result["ratio_to_float"] = {t: round(result["perplexity"][t] / ppl[t], 4) for t in EVAL_TEXTS}
-            rows.append(result)
-            out_path.write_text(json.dumps({**meta, "float_perplexity": ppl, "rows": rows}, indent=2))
-            logging.warning("%s: %s calib %.0fs", row[0], result["ratio_to_float"], result["calib_seconds"])
-    out_path.write_text(json.dumps({**meta, "float_perplexity": ppl, "rows": rows}, indent=2))
-    print_w4a16_table(rows)
-    print(f"wrote {out_path}")
-
-
 def format_counts(types: list[str]) -> dict:
     """How many Linears ended in each format, and the fraction of all Linears."""
     return {t: {"count": types.count(t), "fraction": round(types.count(t) / len(types), 4)}
             for t in sorted(set(types))}
 
 
-def main_grid(args, model_dir: Path, grid, out_name: str) -> None:
-    """Float, then each (label, options, target) row of `grid` (and, given, llm-compressor's
-    checkpoint): perplexity on both eval texts, calibration time, Linears per format. Rows in
-    priority order; the JSON is rewritten after each."""
+def calibrate_w8a8_row(row, args, work: Path) -> dict:
+    """Calibrate one (label, options, target) W8A8 row into work/ckpt; its report fields."""
+    label, options, target = row
+    out = work / "ckpt"
+    report = run_calibration(CalibConfig(
+        model_path="smollm2-135m-instruct", save_directory=str(out), calib_file=str(SHARED / "calib_prose.jsonl"),
+        num_samples=args.num_samples, max_tokens=args.max_tokens, progress=False, overwrite=True, **options))
+    return {"label": label, "target": target, "options": options,
+            "linears": format_counts([r.quant_type for r in report.layers]),
+            "calib_seconds": round(sum(report.stage_seconds.values()), 1),
+            "stage_seconds": report.stage_seconds, "ckpt": str(out)}
+
+
+def main_grid(args, model_dir: Path, grid, out_name: str, calibrate=calibrate_w8a8_row, printer=None,
+              note: str = "shared 2-core CPU; lm_head / embeddings float") -> None:
+    """Float, then each row of `grid` calibrated by `calibrate` (and, given, llm-compressor's
+    checkpoint): perplexity on both eval texts in the same run, ratio to float, calibration time.
+    Rows in priority order; the JSON is rewritten after each; `printer` prints the table."""
     from transformers import AutoTokenizer
 
     out_path = Path(args.out) if args.out else RESULTS / f"{out_name}_{dt.date.today().isoformat()}.json"
@@ -204,8 +187,7 @@ def main_grid(args, model_dir: Path, grid, out_name: str) -> None:
     texts = {name: eval_ids(tokenizer, args.eval_tokens, name) for name in EVAL_TEXTS}
     meta = {"model": "smollm2-135m-instruct", "eval_tokens": {n: len(i) for n, i in texts.items()},
             "window": args.window, "calib": f"calib_prose.jsonl, {args.num_samples} x {args.max_tokens} tokens",
-            "threads": args.threads, "machine": platform.platform(), "cpu": cpu_model_name(),
-            "note": "shared 2-core CPU; lm_head / embeddings float"}
+            "threads": args.threads, "machine": platform.platform(), "cpu": cpu_model_name(), "note": note}
 
     def evaluate(ckpt: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
@@ -223,24 +205,17 @@ def main_grid(args, model_dir: Path, grid, out_name: str) -> None:
         result["ratio_to_float"] = {t: round(result["perplexity"][t] / ppl[t], 4) for t in EVAL_TEXTS}
         rows.append(result)
         save(rows)
-        logging.warning("%s: %s", result["label"], result["ratio_to_float"])
+        logging.warning("%s: %s calib %.0fs", result["label"], result["ratio_to_float"], result.get("calib_seconds", 0))
 
     if args.llmcompressor:
         manifest = Path(args.llmcompressor) / "MANIFEST.json"
         add({"label": "llm-compressor SmoothQuant 0.8 + GPTQ W8A8 (dynamic)", "target": "the yardstick of T3",
              "tool": json.loads(manifest.read_text()) if manifest.exists() else None}, args.llmcompressor)
     with tempfile.TemporaryDirectory() as tmp:
-        for label, options, target in grid[:args.rows or len(grid)]:
-            out = Path(tmp) / "ckpt"
-            report = run_calibration(CalibConfig(
-                model_path="smollm2-135m-instruct", save_directory=str(out),
-                calib_file=str(SHARED / "calib_prose.jsonl"), num_samples=args.num_samples,
-                max_tokens=args.max_tokens, progress=False, overwrite=True, **options))
-            add({"label": label, "target": target, "options": options,
-                 "linears": format_counts([r.quant_type for r in report.layers]),
-                 "calib_seconds": round(sum(report.stage_seconds.values()), 1),
-                 "stage_seconds": report.stage_seconds}, str(out))
-    print_grid(rows)
+        for row in grid[:args.rows or len(grid)]:
+            result = calibrate(row, args, Path(tmp))
+            add(result, result.pop("ckpt"))
+    (printer or print_grid)(rows)
     print(f"wrote {out_path}")
 
 
@@ -274,7 +249,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_path("smollm2-135m-instruct")
     if args.w4a16:
-        main_w4a16(args, Path(model_dir))
+        main_grid(args, Path(model_dir), W4A16_GRID, "calib_w4a16_smollm2", calibrate_w4a16_row, print_w4a16_table,
+                  note="shared 2-core CPU; int4 symmetric unless w_sym false, lm_head / embeddings float; MinMax rows "
+                       "without smoothing calibrate on 4 x 128 tokens (report only)")
         return
     if args.targets:
         main_grid(args, Path(model_dir), TARGET_GRID, "calib_w8a8_targets_smollm2")
